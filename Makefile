@@ -1,0 +1,33 @@
+# Two entry points, each doing its own set-up in a virtual environment (.venv):
+#   make train   trains a small DiT-MoE on the embedded digits (CPU is enough)
+#   make test    runs the test suite (Triton kernels through the interpreter on CPU)
+# If the Python you run this with already has torch (say a CUDA build), the venv sees and keeps
+# it; otherwise $(TORCH) is installed, the CPU build by default here.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: train test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+train: $(VENV)/.installed
+	$(BIN)/python -m dit.train $(ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m pytest benchmarks/ --benchmark-only $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,14 @@
+"""Fused Triton kernels for sparse Mixture-of-Experts, behind a small PyTorch API.
+
+``topk_gating``, ``balance_loss``, ``grouped_mm`` and ``moe_ffn`` are differentiable ops; ``MoE``
+is a drop-in layer. Every op takes ``backend=None|"auto"|"triton"|"torch"``: ``auto`` means
+Triton on CUDA tensors and PyTorch elsewhere, and ``MOE_KERNELS_BACKEND`` overrides it.
+"""
+
+from .ffn import moe_ffn
+from .gating import balance_loss, topk_gating
+from .grouped_gemm import grouped_mm
+from .layer import MoE
+
+__all__ = ["MoE", "balance_loss", "grouped_mm", "moe_ffn", "topk_gating"]
+__version__ = "0.1.0"

@@ -1,0 +1,474 @@
+"""Grouped GEMM over variable-size groups of rows: ``y[rows of e] = x[rows of e] @ w[e]``.
+
+Two Triton kernels serve every matrix product of the MoE layer, forward and backward:
+
+* ``_grouped_mm_kernel`` tiles each group's rows into ``BLOCK_M`` tiles. The tile-to-group map
+  is computed inside the kernel from ``offsets``, and the grid is sized from the host-known bound
+  ``cdiv(M, BLOCK_M) + E`` tiles, so nothing is read back to the host and an empty group costs
+  nothing but idle programs. Options fuse the MoE data movement into the GEMM: a row gather in
+  the A load (no permuted copy of the tokens), a per-row scale, the activation (and the store of
+  its input for the backward pass) or the activation's gradient in the epilogue, and a row
+  scatter in the store.
+* ``_grouped_wgrad_kernel`` computes ``dw[e] = a[rows of e]^T @ b[rows of e]``: a grouped GEMM
+  whose reduction length varies per group, with the same gather and scale options.
+
+Rows are never padded in memory: partial tiles are masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .backend import autotune_configs, resolve_backend
+from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
+
+
+def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages
+    )
+
+
+_INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1)
+# Candidates for Hopper-class GPUs. Row kernel: BLOCK_M rows x BLOCK_N columns, BLOCK_K reduction.
+_ROW_CONFIGS = autotune_configs(
+    [
+        _config(128, 128, 64, 8, 3),
+        _config(128, 256, 64, 8, 3),
+        _config(128, 64, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+    ],
+    _INTERPRETER_CONFIG,
+)
+# Weight-gradient kernel: BLOCK_K x BLOCK_N output tile, BLOCK_M rows of reduction per step.
+_WGRAD_CONFIGS = autotune_configs(
+    [
+        _config(64, 128, 128, 8, 3),
+        _config(64, 128, 64, 4, 4),
+        _config(128, 128, 128, 8, 3),
+        _config(64, 64, 64, 4, 4),
+    ],
+    _INTERPRETER_CONFIG,
+)
+_ROW_KEYS = ["M", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C"]
+
+
+@triton.jit
+def _act(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "silu":
+        return x * tl.sigmoid(x)
+    elif ACTIVATION == "gelu":
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return x * tl.sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
+    else:
+        return tl.maximum(x, 0.0)
+
+
+@triton.jit
+def _act_grad(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "silu":
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    elif ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif ACTIVATION == "gelu_tanh":
+        s = tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return s + x * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    else:
+        return (x > 0.0).to(tl.float32)
+
+
+@triton.jit
+def _group_of_tile(offsets_ptr, tile, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Map a row tile to ``(group, first row, row end)``; ``group >= E`` past the last tile."""
+    groups = tl.arange(0, BLOCK_E)
+    ends = tl.load(offsets_ptr + groups, mask=groups < E, other=0).to(tl.int32)
+    starts = tl.load(offsets_ptr + groups - 1, mask=(groups > 0) & (groups < E), other=0).to(tl.int32)
+    tiles = tl.cdiv(ends - starts, BLOCK_M)
+    tile_ends = tl.cumsum(tiles, axis=0)
+    group = tl.sum((tile_ends <= tile).to(tl.int32), axis=0)
+    this = groups == group
+    first_tile = tl.sum(tl.where(this, tile_ends - tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(this, starts, 0), axis=0) + (tile - first_tile) * BLOCK_M
+    return group, row_start, tl.sum(tl.where(this, ends, 0), axis=0)
+
+
+@triton.autotune(configs=_ROW_CONFIGS, key=_ROW_KEYS)
+@triton.jit
+def _grouped_mm_kernel(
+    a_ptr, b_ptr, c_ptr, offsets_ptr, a_rows_ptr, c_rows_ptr, scale_ptr, scale_rows_ptr, aux_ptr,
+    M, N, K, E,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
+    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, STORE_AUX: tl.constexpr,
+    GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """``c[rows] = epilogue(a[rows] @ b[group])`` for one ``BLOCK_M x BLOCK_N`` tile.
+
+    EPILOGUE "none": c = acc (times the row scale if SCALE).
+    EPILOGUE "act": c = act(acc), or act(acc) * acc_up with GLU, where acc_up multiplies b's
+    columns N:2N; with STORE_AUX the pre-activation (both halves) is written to aux.
+    EPILOGUE "act_grad": acc is dL/d(act output) (times the row scale); aux holds the saved
+    pre-activation; c = dL/d(pre-activation), 2N columns wide with GLU.
+    """
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    group, row_start, row_end = _group_of_tile(offsets_ptr, pid // num_n, E, BLOCK_M, BLOCK_E)
+    if group >= E:
+        return
+    rm = row_start + tl.arange(0, BLOCK_M)
+    rn = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rm < row_end
+    col_ok = rn < N
+    if GATHER_A:
+        a_rows = tl.load(a_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+    else:
+        a_rows = rm.to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + group.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GLU and EPILOGUE == "act":
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if SCALE:
+        slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
+        acc *= tl.load(scale_ptr + slots, mask=row_ok, other=0.0)[:, None]
+    if SCATTER_C:
+        c_rows = tl.load(c_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+    else:
+        c_rows = rm.to(tl.int64)
+    mask = row_ok[:, None] & col_ok[None, :]
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + rn[None, :] * stride_cn
+    aux_ptrs = aux_ptr + rm.to(tl.int64)[:, None] * stride_xm + rn[None, :] * stride_xn
+    if EPILOGUE == "act":
+        if STORE_AUX:
+            tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+            if GLU:
+                tl.store(aux_ptrs + N * stride_xn, acc_up.to(aux_ptr.dtype.element_ty), mask=mask)
+        out = _act(acc, ACTIVATION)
+        if GLU:
+            out = out * acc_up
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == "act_grad":
+        pre = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if GLU:
+            up = tl.load(aux_ptrs + N * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            tl.store(c_ptrs, (acc * up * _act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs + N * stride_cn, (acc * _act(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(c_ptrs, (acc * _act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "N", "K", "GATHER_A", "GATHER_B", "SCALE"])
+@triton.jit
+def _grouped_wgrad_kernel(
+    a_ptr, b_ptr, c_ptr, offsets_ptr, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
+    M, N, K, E,
+    stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_ck, stride_cn,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``c[e] = a[rows of e]^T @ (scale * b[rows of e])`` for one ``BLOCK_K x BLOCK_N`` tile of ``c[e]``."""
+    num_k = tl.cdiv(K, BLOCK_K)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    group = pid // (num_k * num_n)
+    rk = (pid // num_n % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = rk < K
+    n_ok = rn < N
+    row_end = tl.load(offsets_ptr + group).to(tl.int32)
+    row_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0).to(tl.int32)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rm < row_end
+        if GATHER_A:
+            a_rows = tl.load(a_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+        else:
+            a_rows = rm.to(tl.int64)
+        if GATHER_B:
+            b_rows = tl.load(b_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+        else:
+            b_rows = rm.to(tl.int64)
+        a = tl.load(a_ptr + a_rows[None, :] * stride_am + rk[:, None] * stride_ak, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + rn[None, :] * stride_bn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        if SCALE:
+            slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
+            b = (b * tl.load(scale_ptr + slots, mask=row_ok, other=0.0)[:, None]).to(a.dtype)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    c_ptrs = c_ptr + group.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's matmul setting, so both backends round alike.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _split_activation(activation: str) -> tuple[str, bool]:
+    """``"swiglu"`` is SiLU gated by a second projection; the rest act on one projection."""
+    return ("silu", True) if activation == "swiglu" else (activation, False)
+
+
+def _launch_rows(
+    a, b, offsets, c, num_rows, num_cols, *, epilogue="none", activation="silu", glu=False, aux=None,
+    store_aux=False, a_rows=None, c_rows=None, scale=None, scale_rows=None,
+):
+    E, K = b.shape[0], b.shape[1]
+    if num_rows == 0 or num_cols == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    # Pointers of disabled options are never read; any tensor stands in for them.
+    unused = offsets
+    aux = c if aux is None else aux
+
+    def grid(meta):
+        return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(num_cols, meta["BLOCK_N"]),)
+
+    _grouped_mm_kernel[grid](
+        a, b, c, offsets,
+        unused if a_rows is None else a_rows, unused if c_rows is None else c_rows,
+        c if scale is None else scale, unused if scale_rows is None else scale_rows, aux,
+        num_rows, num_cols, K, E,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        aux.stride(0), aux.stride(1),
+        EPILOGUE=epilogue, ACTIVATION=activation, GLU=glu, STORE_AUX=store_aux,
+        GATHER_A=a_rows is not None, SCATTER_C=c_rows is not None, SCALE=scale is not None,
+        PRECISION=_precision(a.dtype), BLOCK_E=triton.next_power_of_2(E),
+    )
+    return c
+
+
+def gmm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    a_rows: torch.Tensor | None = None,
+    c_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``c[c_rows[r]] = a[a_rows[r]] @ b[group of r]`` for the rows ``r`` that ``offsets`` groups.
+
+    Args:
+        a: ``[*, K]``; b: ``[E, K, N]`` (any strides); offsets: ``[E]`` cumulative row ends.
+        a_rows, c_rows: ``[M]`` int32 gather / scatter indices, identity when ``None``.
+    Returns:
+        ``c [M, N]`` in ``a.dtype``.
+    """
+    num_rows = a.shape[0] if a_rows is None else a_rows.shape[0]
+    c = a.new_empty((num_rows, b.shape[2]))
+    return _launch_rows(a, b, offsets, c, num_rows, b.shape[2], a_rows=a_rows, c_rows=c_rows)
+
+
+def gmm_act(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    activation: str,
+    *,
+    a_rows: torch.Tensor | None = None,
+    save_preact: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``h = act(a[a_rows] @ b[group])``, the MoE's first GEMM with its activation fused.
+
+    Args:
+        a: ``[*, K]``; b: ``[E, K, 2H]`` for swiglu (gate columns, then up columns), else ``[E, K, H]``.
+    Returns:
+        ``h [M, H]`` and, with ``save_preact``, the pre-activation ``[M, 2H]`` (or ``[M, H]``).
+    """
+    name, glu = _split_activation(activation)
+    num_rows = a.shape[0] if a_rows is None else a_rows.shape[0]
+    hidden = b.shape[2] // 2 if glu else b.shape[2]
+    h = a.new_empty((num_rows, hidden))
+    preact = a.new_empty((num_rows, b.shape[2])) if save_preact else None
+    _launch_rows(
+        a, b, offsets, h, num_rows, hidden, epilogue="act", activation=name, glu=glu,
+        aux=preact, store_aux=save_preact, a_rows=a_rows,
+    )
+    return h, preact
+
+
+def gmm_act_grad(
+    grad: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    preact: torch.Tensor,
+    activation: str,
+    *,
+    a_rows: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    scale_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient of the pre-activation from ``dh = scale * grad[a_rows] @ b[group]``.
+
+    Args:
+        grad: ``[*, K]``; b: ``[E, K, H]`` (the transposed second-GEMM weights);
+        preact: ``[M, 2H]`` for swiglu, else ``[M, H]``; scale: flat per-slot factors indexed by ``scale_rows``.
+    Returns:
+        ``[M, 2H]`` (swiglu) or ``[M, H]``, in ``preact.dtype``.
+    """
+    name, glu = _split_activation(activation)
+    num_rows = preact.shape[0]
+    out = torch.empty_like(preact)
+    _launch_rows(
+        grad, b, offsets, out, num_rows, b.shape[2], epilogue="act_grad", activation=name, glu=glu,
+        aux=preact, a_rows=a_rows, scale=scale, scale_rows=scale_rows,
+    )
+    return out
+
+
+def gmm_wgrad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    out_dtype: torch.dtype,
+    *,
+    a_rows: torch.Tensor | None = None,
+    b_rows: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    scale_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``c[e] = a[a_rows of e]^T @ (scale * b[b_rows of e])``: a weight gradient.
+
+    Args:
+        a: ``[*, K]``; b: ``[*, N]``; offsets: ``[E]``.
+    Returns:
+        ``c [E, K, N]`` in ``out_dtype``; an empty group's slice is zero.
+    """
+    E, K, N = offsets.shape[0], a.shape[1], b.shape[1]
+    c = a.new_empty((E, K, N), dtype=out_dtype)
+    if K == 0 or N == 0:
+        return c
+    unused = offsets
+
+    def grid(meta):
+        return (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _grouped_wgrad_kernel[grid](
+        a, b, c, offsets,
+        unused if a_rows is None else a_rows, unused if b_rows is None else b_rows,
+        c if scale is None else scale, unused if scale_rows is None else scale_rows,
+        a.shape[0] if a_rows is None else a_rows.shape[0], N, K, E,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2),
+        GATHER_A=a_rows is not None, GATHER_B=b_rows is not None, SCALE=scale is not None,
+        PRECISION=_precision(a.dtype),
+    )
+    return c
+
+
+class GroupedMMFunction(torch.autograd.Function):
+    """Triton ``grouped_mm``: ``x [M, K], w [E, K, N], offsets [E] -> y [M, N]``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w, offsets)
+        return gmm(x, w, offsets)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, offsets = ctx.saved_tensors
+        grad_x = gmm(grad, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+        grad_w = gmm_wgrad(x, grad, offsets, w.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    # torch._grouped_mm wants 16-byte aligned data and strides.
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
+
+
+def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    return F.pad(t, (0, -t.shape[-1] % multiple))
+
+
+def torch_gmm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(a [M, K], b [E, K, N])``, padding K and N where its alignment rules demand."""
+    if not (_aligned(a) and _aligned(b)):
+        multiple = 16 // a.element_size()
+        N = b.shape[2]
+        a = _pad_last(a, multiple).contiguous()
+        b = _pad_last(F.pad(b, (0, 0, 0, a.shape[1] - b.shape[1])), multiple).contiguous()
+        return torch._grouped_mm(a, b, offs=offsets)[:, :N]
+    return torch._grouped_mm(a, b, offs=offsets)
+
+
+def torch_gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``c[e] = a[rows of e]^T @ b[rows of e]`` through ``torch._grouped_mm``: ``[E, K, N]``."""
+    K, N = a.shape[1], b.shape[1]
+    if not (_aligned(a.t()) and _aligned(b)):
+        multiple = 16 // a.element_size()
+        a, b = _pad_last(a, multiple).contiguous(), _pad_last(b, multiple).contiguous()
+        return torch._grouped_mm(a.t(), b, offs=offsets)[:, :K, :N]
+    return torch._grouped_mm(a.t(), b, offs=offsets)
+
+
+class TorchGroupedMMFunction(torch.autograd.Function):
+    """PyTorch ``grouped_mm`` with an explicit backward, so any gradient layout works."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w, offsets)
+        return torch_gmm(x, w, offsets)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch_gmm(grad, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+        grad_w = torch_gmm_wgrad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+def grouped_mm(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str | None = None
+) -> torch.Tensor:
+    """Multiply consecutive groups of rows of ``x`` by their own matrix.
+
+    Args:
+        x: ``[M, K]`` (fp16, bf16 or fp32, any strides).
+        w: ``[E, K, N]``, same dtype.
+        offsets: ``[E]`` int32 (or int64) cumulative row ends, non-decreasing, ``offsets[-1] == M``;
+            rows ``offsets[e-1]:offsets[e]`` are multiplied by ``w[e]``. Empty groups are allowed.
+        backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``.
+    Returns:
+        ``y [M, N]`` in ``x.dtype``, differentiable in ``x`` and ``w``.
+    """
+    check_tensor("x", x, 2, FLOAT_DTYPES)
+    check_tensor("w", w, 3, FLOAT_DTYPES)
+    check_tensor("offsets", offsets, 1, INDEX_DTYPES)
+    if w.dtype != x.dtype:
+        raise TypeError(f"w must have the dtype of x ({x.dtype}), got {w.dtype}")
+    check_dim("w", w, 1, x.shape[1], "K, the columns of x")
+    check_dim("offsets", offsets, 0, w.shape[0], "E, the groups of w")
+    if w.shape[0] == 0:
+        raise ValueError("w must hold at least one group, got shape " + str(tuple(w.shape)))
+    device = check_same_device(x=x, w=w, offsets=offsets)
+    check_offsets(offsets, x.shape[0])
+    offsets = offsets.to(torch.int32)
+    if resolve_backend(backend, device) == "triton":
+        return GroupedMMFunction.apply(x, w, offsets)
+    return TorchGroupedMMFunction.apply(x, w, offsets)

@@ -1,0 +1,122 @@
+"""``MoE``: a drop-in sparse replacement for a transformer MLP, with shared experts and the
+expert-level balance loss of DiT-MoE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .backend import BACKENDS, resolve_backend
+from .ffn import moe_ffn_unchecked
+from .gating import gating_with_stats, loss_from_stats
+from .reference import ACTIVATIONS, activation_fn
+from .validation import FLOAT_DTYPES, check_k, check_positive_int
+
+
+class SharedExpert(nn.Module):
+    """A dense MLP that every token visits: ``proj_out(act(proj_in(x)))``, no biases.
+
+    For ``"swiglu"``, ``proj_in`` maps to ``2 * hidden_dim`` features, gate half first.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "swiglu"):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * hidden_dim if activation == "swiglu" else hidden_dim, bias=False)
+        self.proj_out = nn.Linear(hidden_dim, dim, bias=False)
+        self.act = activation_fn(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.act(self.proj_in(x)))
+
+
+class MoE(nn.Module):
+    """Sparse mixture of experts: router, top-k routed experts, shared experts, balance loss.
+
+    ``forward(x [..., dim]) -> y [..., dim]``. The router is a bias-free ``Linear(dim, E)``;
+    the routed experts are stored stacked, ``w_in [E, dim, 2 * hidden_dim]`` for ``"swiglu"``
+    (else ``[E, dim, hidden_dim]``) and ``w_out [E, hidden_dim, dim]``; the shared experts are
+    one MLP of hidden width ``shared_hidden_dim`` (default ``num_shared_experts * dim``, as the
+    DiT-MoE code does), added unweighted. After a forward in training mode ``aux_loss`` holds
+    the balance loss (a scalar with grad); in eval mode it is ``None``.
+
+    Under autocast the experts run in the autocast dtype; otherwise in the dtype of ``x``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int,
+        num_shared_experts: int = 2,
+        shared_hidden_dim: int | None = None,
+        activation: str = "swiglu",
+        normalize_weights: bool = False,
+        balance_loss_alpha: float = 0.05,
+        backend: str | None = "auto",
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
+            check_positive_int(name, value)
+        check_k(top_k, num_experts, name="top_k")
+        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        if shared_hidden_dim is not None:
+            check_positive_int("shared_hidden_dim", shared_hidden_dim)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
+        self.activation = activation
+        self.normalize_weights = bool(normalize_weights)
+        self.balance_loss_alpha = float(balance_loss_alpha)
+        self.backend = backend
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        width_in = 2 * hidden_dim if activation == "swiglu" else hidden_dim
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, width_in))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.shared = None
+        if num_shared_experts > 0:
+            self.shared = SharedExpert(dim, shared_hidden_dim or num_shared_experts * dim, activation)
+        self.aux_loss: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert matrix as ``nn.Linear`` initialises its weight: ``U(+-1/sqrt(fan_in))``."""
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [..., {self.dim}], got {tuple(x.shape)}")
+        if x.device != self.w_in.device:
+            raise ValueError(f"x is on {x.device} but the MoE's parameters are on {self.w_in.device}")
+        backend = resolve_backend(self.backend, x.device)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        tokens = x.reshape(-1, self.dim)
+        weights, experts, _, counts, prob_sums = gating_with_stats(
+            self.router(tokens), self.top_k, self.normalize_weights, backend
+        )
+        y = moe_ffn_unchecked(
+            tokens.to(dtype), weights, experts, self.w_in.to(dtype), self.w_out.to(dtype), self.activation, backend
+        )
+        if self.shared is not None:
+            y = y + self.shared(tokens)
+        self.aux_loss = None
+        if self.training:
+            self.aux_loss = loss_from_stats(counts, prob_sums, tokens.shape[0], self.top_k, self.balance_loss_alpha)
+        return y.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        shared = 0 if self.shared is None else self.shared.proj_out.in_features
+        return (
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"shared_hidden_dim={shared}, activation={self.activation!r}, backend={self.backend!r}"
+        )

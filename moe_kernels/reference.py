@@ -1,0 +1,105 @@
+"""Plain PyTorch implementations of every op: the executable specification.
+
+They favour obviousness over speed (loops over experts, explicit masks) and are what the
+tests compare both backends against. Shapes: ``T`` tokens, ``D`` model width, ``E`` experts,
+``k`` experts per token, ``H`` expert hidden width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "silu", "relu")
+
+
+def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The elementwise map from the first GEMM's output to the second GEMM's input.
+
+    ``"swiglu"`` takes ``[..., 2H]`` (gate half first, then up half) to ``[..., H]``; the others
+    keep the width.
+    """
+    if activation == "swiglu":
+        return lambda a: F.silu(a[..., : a.shape[-1] // 2]) * a[..., a.shape[-1] // 2 :]
+    if activation == "gelu":
+        return F.gelu
+    if activation == "gelu_tanh":
+        return lambda a: F.gelu(a, approximate="tanh")
+    if activation == "silu":
+        return F.silu
+    if activation == "relu":
+        return F.relu
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def topk_gating(
+    logits: torch.Tensor, k: int, normalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over ``E`` experts, then the ``k`` largest probabilities.
+
+    Args:
+        logits: ``[T, E]``.
+    Returns:
+        ``weights [T, k]`` fp32, ``experts [T, k]`` int64 (descending probability, lower index
+        first on ties), ``probs [T, E]`` fp32.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, experts = ordered[:, :k], order[:, :k]
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts, probs
+
+
+def balance_loss(
+    probs: torch.Tensor, experts: torch.Tensor, num_experts: int, alpha: float = 0.05
+) -> torch.Tensor:
+    """Expert-level balance loss (DiT-MoE eq. 5): ``alpha * sum_i f_i * P_i``.
+
+    ``f_i = E * count_i / (T * k)`` is expert ``i``'s share of the ``T * k`` routed slots, times
+    ``E``; ``P_i`` is its mean router probability. Equals ``alpha`` under perfect balance.
+    """
+    num_tokens, k = experts.shape
+    one_hot = F.one_hot(experts.reshape(-1), num_experts).float()
+    f = num_experts * one_hot.sum(dim=0) / (num_tokens * k)
+    return alpha * (f * probs.float().mean(dim=0)).sum()
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``y[offsets[e-1]:offsets[e]] = x[offsets[e-1]:offsets[e]] @ w[e]``.
+
+    Args:
+        x: ``[M, K]``; w: ``[E, K, N]``; offsets: ``[E]`` cumulative row ends.
+    Returns:
+        ``[M, N]``.
+    """
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
+
+
+def moe_ffn(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """``y[t] = sum_j weights[t, j] * act(x[t] @ w_in[e]) @ w_out[e]`` with ``e = experts[t, j]``.
+
+    Args:
+        x: ``[T, D]``; weights: ``[T, k]``; experts: ``[T, k]``;
+        w_in: ``[E, D, 2H]`` for swiglu, else ``[E, D, H]``; w_out: ``[E, H, D]``.
+    Returns:
+        ``[T, D]`` in ``x.dtype``; the weighted combine is accumulated in fp32.
+    """
+    act = activation_fn(activation)
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w_in.shape[0]):
+        token, slot = (experts == e).nonzero(as_tuple=True)
+        out = act(x[token] @ w_in[e]) @ w_out[e]
+        y = y.index_add(0, token, weights[token, slot, None].float() * out.float())
+    return y.to(x.dtype)

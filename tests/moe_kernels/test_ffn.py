@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import reference
+from tests.moe_kernels.helpers import BACKENDS, DEVICE, DTYPES, assert_close_to_reference, grads, non_contiguous
+
+ACTIVATIONS = ["swiglu", "gelu", "gelu_tanh", "silu", "relu"]
+# (T, D, H, E, k, routing): k=1, k=E, T=1, sizes off the block, empty experts, one expert for all.
+CASES = [
+    (19, 24, 20, 4, 2, "random"),
+    (1, 16, 16, 3, 3, "random"),
+    (33, 40, 36, 5, 1, "one expert"),
+    (25, 16, 24, 6, 2, "empty experts"),
+]
+
+
+def _inputs(T, D, H, E, k, routing, activation, dtype):
+    x = torch.randn(T, D, device=DEVICE).to(dtype).requires_grad_()
+    weights = torch.rand(T, k, device=DEVICE).requires_grad_()
+    if routing == "one expert":
+        experts = torch.full((T, k), 0, device=DEVICE) + torch.arange(k, device=DEVICE)
+    elif routing == "empty experts":
+        experts = torch.rand(T, 2, device=DEVICE).argsort(dim=1)[:, :k] + 2
+    else:
+        experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
+    width = 2 * H if activation == "swiglu" else H
+    w_in = (torch.randn(E, D, width, device=DEVICE) / D**0.5).to(dtype).requires_grad_()
+    w_out = (torch.randn(E, H, D, device=DEVICE) / H**0.5).to(dtype).requires_grad_()
+    return x, weights, experts, w_in, w_out
+
+
+def _reference(x, weights, experts, w_in, w_out, activation):
+    return reference.moe_ffn(x.double(), weights.double(), experts, w_in.double(), w_out.double(), activation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("T,D,H,E,k,routing", CASES)
+def test_moe_ffn_matches_reference(backend, dtype, activation, T, D, H, E, k, routing):
+    x, weights, experts, w_in, w_out = _inputs(T, D, H, E, k, routing, activation, dtype)
+    y = mk.moe_ffn(x, weights, experts, w_in, w_out, activation=activation, backend=backend)
+    ref = _reference(x, weights, experts, w_in, w_out, activation)
+    assert y.shape == (T, D) and y.dtype == dtype
+    assert_close_to_reference(y, ref, dtype, "y")
+    grad_y = torch.randn_like(ref)
+    inputs = [x, weights, w_in, w_out]
+    for name, got, want in zip(("dx", "dweights", "dw_in", "dw_out"), grads(y, inputs, grad_y), grads(ref, inputs, grad_y)):
+        assert got.dtype == (weights.dtype if name == "dweights" else dtype)
+        assert_close_to_reference(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_int32_experts_and_expanded_gradient(backend):
+    x, weights, experts, w_in, w_out = _inputs(11, 24, 16, 4, 2, "random", "swiglu", torch.float32)
+    x_nc, weights_nc = non_contiguous(x), non_contiguous(weights)
+    w_in_nc = w_in.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    w_out_nc = w_out.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    y = mk.moe_ffn(x_nc, weights_nc, experts.int().t().contiguous().t(), w_in_nc, w_out_nc, backend=backend)
+    y.sum().backward()
+    ref = _reference(x, weights, experts, w_in, w_out, "swiglu")
+    ref.sum().backward()
+    assert_close_to_reference(y, ref, torch.float32)
+    for name, got, want in [("dx", x_nc, x), ("dweights", weights_nc, weights), ("dw_in", w_in_nc, w_in), ("dw_out", w_out_nc, w_out)]:
+        assert_close_to_reference(got.grad, want.grad, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_for_a_subset_of_inputs(backend):
+    x, weights, experts, w_in, w_out = _inputs(9, 16, 16, 3, 2, "random", "gelu", torch.float32)
+    (dw_in,) = torch.autograd.grad(mk.moe_ffn(x, weights.detach(), experts, w_in, w_out.detach(), "gelu", backend).sum(), [w_in])
+    (ref,) = torch.autograd.grad(_reference(x, weights, experts, w_in, w_out, "gelu").sum(), [w_in])
+    assert_close_to_reference(dw_in, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens(backend):
+    x, weights, experts, w_in, w_out = _inputs(0, 16, 16, 3, 2, "random", "swiglu", torch.float32)
+    y = mk.moe_ffn(x, weights, experts, w_in, w_out, backend=backend)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert torch.count_nonzero(w_in.grad) == 0
+
+
+def test_triton_backend_never_falls_back_to_torch(monkeypatch):
+    """With backend="triton" every step runs in Triton: make the PyTorch paths explode."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("PyTorch path used under backend='triton'")
+
+    for name in ("_grouped_mm", "sort", "searchsorted", "softmax", "index_add", "index_copy", "bincount"):
+        monkeypatch.setattr(torch, name, boom)
+    for name in ("topk_gating", "moe_ffn", "grouped_mm", "balance_loss"):
+        monkeypatch.setattr(reference, name, boom)
+    layer = mk.MoE(16, 16, 4, 2, backend="triton").to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    (y.square().mean() + layer.aux_loss).backward()
+    assert x.grad is not None and layer.router.weight.grad is not None and layer.w_in.grad is not None
+
+
+def _bad(**changes):
+    args = dict(
+        x=torch.randn(4, 8),
+        weights=torch.rand(4, 2),
+        experts=torch.randint(0, 3, (4, 2)),
+        w_in=torch.randn(3, 8, 12),
+        w_out=torch.randn(3, 6, 8),
+        activation="swiglu",
+    )
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (_bad(x=torch.randn(4, 8, 1)), ValueError, "x"),
+        (_bad(x=torch.randn(4, 8).double()), TypeError, "x"),
+        (_bad(weights=torch.rand(4, 3)), ValueError, "weights"),
+        (_bad(weights=torch.ones(4, 2, dtype=torch.long)), TypeError, "weights"),
+        (_bad(experts=torch.randint(0, 3, (4, 2)).float()), TypeError, "experts"),
+        (_bad(experts=torch.randint(0, 3, (5, 2)), weights=torch.rand(5, 2)), ValueError, "experts"),
+        (_bad(experts=torch.full((4, 2), 3)), ValueError, "experts"),
+        (_bad(experts=torch.full((4, 2), -1)), ValueError, "experts"),
+        (_bad(experts=torch.zeros(4, 4, dtype=torch.long), weights=torch.rand(4, 4)), ValueError, "number of experts"),
+        (_bad(w_in=torch.randn(3, 7, 12)), ValueError, "w_in"),
+        (_bad(w_in=torch.randn(3, 8, 11)), ValueError, "w_in"),
+        (_bad(w_in=torch.randn(3, 8, 12).half()), TypeError, "w_in"),
+        (_bad(w_out=torch.randn(3, 5, 8)), ValueError, "w_out"),
+        (_bad(w_out=torch.randn(2, 6, 8)), ValueError, "w_out"),
+        (_bad(activation="gelu"), ValueError, "w_out"),
+        (_bad(activation="tanh"), ValueError, "activation"),
+    ],
+)
+def test_bad_input_raises(args, error, match):
+    for backend in BACKENDS:
+        with pytest.raises(error, match=match):
+            mk.moe_ffn(**args, backend=backend)

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import reference
+from tests.moe_kernels.helpers import BACKENDS, DEVICE, DTYPES, assert_close_to_reference, grads, non_contiguous
+
+# (group sizes, K, N): empty groups, one group holding every row, M=1, sizes off the block.
+CASES = [
+    ([5, 0, 25, 7], 20, 24),
+    ([0, 1], 8, 16),
+    ([70, 0, 0], 48, 40),
+    ([17, 33], 33, 17),
+    ([0, 0, 0, 0], 16, 8),
+]
+
+
+def _inputs(sizes, K, N, dtype):
+    M, E = sum(sizes), len(sizes)
+    x = torch.randn(M, K, device=DEVICE).to(dtype).requires_grad_()
+    w = (torch.randn(E, K, N, device=DEVICE) / K**0.5).to(dtype).requires_grad_()
+    offsets = torch.tensor(sizes, device=DEVICE).cumsum(0).to(torch.int32)
+    return x, w, offsets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes,K,N", CASES)
+def test_grouped_mm_matches_reference(backend, dtype, sizes, K, N):
+    x, w, offsets = _inputs(sizes, K, N, dtype)
+    y = mk.grouped_mm(x, w, offsets, backend=backend)
+    ref = reference.grouped_mm(x.double(), w.double(), offsets)
+    assert y.shape == (sum(sizes), N) and y.dtype == dtype
+    assert_close_to_reference(y, ref, dtype, "y")
+    grad_y = torch.randn_like(ref)
+    for name, got, want in zip(("dx", "dw"), grads(y, [x, w], grad_y), grads(ref, [x, w], grad_y)):
+        assert_close_to_reference(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_and_expanded_gradient(backend):
+    x, w, offsets = _inputs([6, 0, 11], 12, 20, torch.float32)
+    x_nc = non_contiguous(x)
+    w_nc = w.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    y = mk.grouped_mm(x_nc, w_nc, offsets.long(), backend=backend)
+    y.sum().backward()
+    ref = reference.grouped_mm(x.double(), w.double(), offsets)
+    ref.sum().backward()
+    assert_close_to_reference(y, ref, torch.float32)
+    assert_close_to_reference(x_nc.grad, x.grad, torch.float32, "dx")
+    assert_close_to_reference(w_nc.grad, w.grad, torch.float32, "dw")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_stanford_stk_block_sparse_products(dtype):
+    """MegaBlocks' formulation: the first expert GEMM as ``sdd`` (a block-diagonal sparse output),
+    the second as ``dsd``. stk needs blocks of 128 rows and columns."""
+    stk = pytest.importorskip("stk")
+    sizes, K, N, E = [128, 0, 256], 32, 128, 3
+    x, w, offsets = _inputs(sizes, K, N, dtype)
+    x, w = x.detach(), w.detach()
+    mask = torch.zeros(sum(sizes), E * N, dtype=dtype, device=DEVICE)
+    starts = [0, *offsets.tolist()[:-1]]
+    for e, (start, size) in enumerate(zip(starts, sizes)):
+        mask[start : start + size, e * N : (e + 1) * N] = 1
+    topology = stk.ops.to_sparse(mask, 128)
+
+    sparse_h = stk.ops.sdd(x, w.permute(1, 0, 2).reshape(K, E * N), topology)
+    h = mk.grouped_mm(x, w, offsets, backend="triton")
+    dense_h = stk.ops.to_dense(sparse_h)
+    for e, (start, size) in enumerate(zip(starts, sizes)):
+        torch.testing.assert_close(h[start : start + size], dense_h[start : start + size, e * N : (e + 1) * N])
+
+    w2 = (torch.randn(E, N, 128, device=DEVICE) / N**0.5).to(dtype)
+    y_stk = stk.ops.dsd(sparse_h, w2.reshape(E * N, 128))
+    torch.testing.assert_close(mk.grouped_mm(h, w2, offsets, backend="triton"), y_stk, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([1.0, 4.0])), TypeError, "offsets"),
+        ((torch.randn(4, 3), torch.randn(2, 4, 5), torch.tensor([1, 4], dtype=torch.int32)), ValueError, "w"),
+        ((torch.randn(4, 3), torch.randn(3, 3, 5), torch.tensor([1, 4], dtype=torch.int32)), ValueError, "offsets"),
+        ((torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([3, 1], dtype=torch.int32)), ValueError, "offsets"),
+        ((torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([1, 5], dtype=torch.int32)), ValueError, "offsets"),
+        ((torch.randn(4, 3), torch.randn(2, 3, 5).half(), torch.tensor([1, 4], dtype=torch.int32)), TypeError, "w"),
+        ((torch.randn(4, 3, 1), torch.randn(2, 3, 5), torch.tensor([1, 4], dtype=torch.int32)), ValueError, "x"),
+        (([[1.0]], torch.randn(2, 3, 5), torch.tensor([1, 4], dtype=torch.int32)), TypeError, "x"),
+    ],
+)
+def test_bad_input_raises(args, error, match):
+    with pytest.raises(error, match=match):
+        mk.grouped_mm(*args)

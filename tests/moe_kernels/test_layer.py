@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import reference
+from tests.moe_kernels.helpers import BACKENDS, DEVICE
+
+
+def _reference_forward(layer: mk.MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = x.reshape(-1, layer.dim)
+    weights, experts, probs = reference.topk_gating(layer.router(tokens), layer.top_k, layer.normalize_weights)
+    y = reference.moe_ffn(tokens, weights, experts, layer.w_in, layer.w_out, layer.activation)
+    if layer.shared is not None:
+        y = y + layer.shared(tokens)
+    aux = reference.balance_loss(probs, experts, layer.num_experts, layer.balance_loss_alpha)
+    return y.reshape(x.shape), aux
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_experts=4, top_k=2),
+        dict(num_experts=3, top_k=1, num_shared_experts=0, activation="gelu"),
+        dict(num_experts=4, top_k=4, normalize_weights=True, shared_hidden_dim=24, balance_loss_alpha=0.01),
+    ],
+)
+def test_forward_backward_match_reference(backend, kwargs):
+    layer = mk.MoE(16, 24, backend=backend, **kwargs).to(DEVICE)
+    x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    ref_y, ref_aux = _reference_forward(layer, x)
+    torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.aux_loss, ref_aux)
+
+    params = [x, *layer.parameters()]
+    got = torch.autograd.grad(y.square().sum() + layer.aux_loss, params)
+    want = torch.autograd.grad(ref_y.square().sum() + ref_aux, params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_aux_loss_only_in_training():
+    layer = mk.MoE(8, 8, 4, 2).to(DEVICE)
+    layer(torch.randn(3, 8, device=DEVICE))
+    assert layer.aux_loss is not None and layer.aux_loss.requires_grad and layer.aux_loss.dim() == 0
+    layer.eval()
+    layer(torch.randn(3, 8, device=DEVICE))
+    assert layer.aux_loss is None
+
+
+def test_default_shared_width_and_parameter_shapes():
+    layer = mk.MoE(12, 48, 8, 2)
+    assert layer.w_in.shape == (8, 12, 96) and layer.w_out.shape == (8, 48, 12)
+    assert layer.router.weight.shape == (8, 12) and layer.router.bias is None
+    assert layer.shared.proj_in.weight.shape == (2 * 2 * 12, 12)  # SwiGLU of hidden num_shared_experts * dim
+    assert layer.shared.proj_out.weight.shape == (12, 24)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU autocast")
+def test_autocast_runs_experts_in_the_autocast_dtype():
+    layer = mk.MoE(16, 16, 4, 2, backend="torch")
+    x = torch.randn(6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), atol=0.1, rtol=0.1)
+
+
+def test_backend_environment_variable(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "triton")
+    layer = mk.MoE(8, 8, 2, 1).to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE)
+    y_env = layer(x)
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "torch")
+    torch.testing.assert_close(y_env, layer(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(top_k=5), ValueError, "top_k"),
+        (dict(top_k=0), ValueError, "top_k"),
+        (dict(num_experts=0), ValueError, "num_experts"),
+        (dict(dim=8.0), TypeError, "dim"),
+        (dict(activation="tanh"), ValueError, "activation"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(num_shared_experts=-1), ValueError, "num_shared_experts"),
+    ],
+)
+def test_bad_construction_raises(kwargs, error, match):
+    args = dict(dim=8, hidden_dim=8, num_experts=4, top_k=2) | kwargs
+    with pytest.raises(error, match=match):
+        mk.MoE(**args)
+
+
+def test_bad_input_raises():
+    layer = mk.MoE(8, 8, 4, 2)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="x"):
+        layer(torch.ones(3, 8, dtype=torch.long))
