@@ -19,7 +19,7 @@ import torch
 from .backend import resolve_backend
 from .combine import combine, combine_weight_grad
 from .grouped_gemm import TorchGroupedMMFunction, gmm, gmm_act, gmm_act_grad, gmm_wgrad
-from .reference import ACTIVATIONS, activation_fn
+from .activations import ACTIVATIONS, activation_fn
 from .routing import route
 from .validation import (
     FLOAT_DTYPES,
@@ -83,8 +83,11 @@ def _moe_ffn_torch(x, weights, experts, w_in, w_out, activation):
     slot_of_row, token_of_row, offsets = route(experts, w_in.shape[0], "torch")
     h = activation_fn(activation)(TorchGroupedMMFunction.apply(x.index_select(0, token_of_row), w_in, offsets))
     out = TorchGroupedMMFunction.apply(h, w_out, offsets)
-    out = torch.zeros_like(out).index_copy(0, slot_of_row.long(), out).view(T, k, x.shape[1])
-    return (weights.float().unsqueeze(-1) * out.float()).sum(dim=1).to(x.dtype)
+    # Back to slot order through the inverse permutation: a gather, whose backward scatters
+    # each row once, so it stays deterministic.
+    row_of_slot = torch.empty_like(slot_of_row).scatter_(0, slot_of_row.long(), torch.arange(T * k, dtype=slot_of_row.dtype, device=x.device))
+    out = out.index_select(0, row_of_slot).view(T, k, x.shape[1])
+    return torch.bmm(weights.float().unsqueeze(1), out.float()).squeeze(1).to(x.dtype)
 
 
 def moe_ffn_unchecked(x, weights, experts, w_in, w_out, activation: str, backend: str) -> torch.Tensor:

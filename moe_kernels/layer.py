@@ -11,7 +11,7 @@ from torch import nn
 from .backend import BACKENDS, resolve_backend
 from .ffn import moe_ffn_unchecked
 from .gating import gating_with_stats, loss_from_stats
-from .reference import ACTIVATIONS, activation_fn
+from .activations import ACTIVATIONS, activation_fn
 from .validation import FLOAT_DTYPES, check_k, check_positive_int
 
 
@@ -39,7 +39,8 @@ class MoE(nn.Module):
     (else ``[E, dim, hidden_dim]``) and ``w_out [E, hidden_dim, dim]``; the shared experts are
     one MLP of hidden width ``shared_hidden_dim`` (default ``num_shared_experts * dim``, as the
     DiT-MoE code does), added unweighted. After a forward in training mode ``aux_loss`` holds
-    the balance loss (a scalar with grad); in eval mode it is ``None``.
+    the balance loss (a scalar with grad); in eval mode it is ``None``. ``expert_counts`` holds the
+last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the gating kernel.
 
     Under autocast the experts run in the autocast dtype; otherwise in the dtype of ``x``.
     """
@@ -82,6 +83,7 @@ class MoE(nn.Module):
         if num_shared_experts > 0:
             self.shared = SharedExpert(dim, shared_hidden_dim or num_shared_experts * dim, activation)
         self.aux_loss: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -109,6 +111,7 @@ class MoE(nn.Module):
         )
         if self.shared is not None:
             y = y + self.shared(tokens)
+        self.expert_counts = counts
         self.aux_loss = None
         if self.training:
             self.aux_loss = loss_from_stats(counts, prob_sums, tokens.shape[0], self.top_k, self.balance_loss_alpha)

@@ -1,0 +1,362 @@
+"""DiT and DiT-MoE.
+
+DiT-MoE is DiT with every block's MLP replaced by a sparse MoE (``moe_kernels.MoE``): SwiGLU
+experts of width 4D, top-k of a softmax router without renormalisation, one shared SwiGLU
+expert of width 2D, and the expert-level balance loss. Sections: embedders, blocks, the model,
+configs (Table 1 names such as ``DiT-XL/2`` and ``DiT-MoE-S/2-8E2A``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moe_kernels import MoE
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                       Embedders for patches, timesteps, labels                #
+#################################################################################
+
+
+class PatchEmbed(nn.Module):
+    """``[N, C, H, W] -> [N, (H/p)*(W/p), D]``: non-overlapping p x p patches, linearly embedded."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> ``[N, D]``: sinusoidal features (cos, then sin) through a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        angles = t.float()[:, None] * freqs[None]
+        embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return F.pad(embedding, (0, dim % 2))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoidal(t, self.frequency_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> ``[N, D]``. With dropout, label ``num_classes`` is the null class that
+    classifier-free guidance conditions on, and training replaces labels by it at random."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+def sincos_pos_embed(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding ``[grid_size**2, dim]``: half the channels encode
+    the row, half the column (each half: sin, then cos)."""
+
+    def one_axis(positions: np.ndarray, width: int) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(width // 2, dtype=np.float64) / (width / 2))
+        angles = np.outer(positions.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    table = np.concatenate([one_axis(cols, dim // 2), one_axis(rows, dim // 2)], axis=1)
+    return torch.from_numpy(table).float()
+
+
+#################################################################################
+#                                   Blocks                                      #
+#################################################################################
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``; optional q/k
+    LayerNorm over each head (as in the flash-attention variant of DiT-MoE)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    """The dense DiT MLP: ``fc2(gelu_tanh(fc1(x)))``."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block; its feed-forward is a dense MLP or a sparse MoE."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, ffn: nn.Module, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.ffn = ffn
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+#################################################################################
+#                                   The model                                   #
+#################################################################################
+
+
+@dataclass
+class DiTConfig:
+    """Everything that shapes a DiT; ``num_experts = 0`` means the dense DiT."""
+
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    num_experts: int = 0
+    top_k: int = 2
+    num_shared_experts: int = 2
+    balance_loss_alpha: float = 0.05
+    qk_norm: bool = False
+    name: str = ""
+    # How the model's inputs and outputs are read: the training objective ("diffusion" or
+    # "rectified-flow") and whether it works on VAE latents rather than pixels.
+    objective: str = "diffusion"
+    latent: bool = False
+
+
+class DiT(nn.Module):
+    """Diffusion transformer: ``forward(x [N, C, H, W], t [N], y [N]) -> [N, C or 2C, H, W]``.
+
+    After a training-mode forward of DiT-MoE, ``aux_loss`` holds the sum over MoE layers of the
+    balance loss, and ``moe_layers()`` yields the layers (each with its own ``aux_loss`` and
+    ``expert_counts``).
+    """
+
+    def __init__(self, config: DiTConfig, moe_backend: str | None = "auto"):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.in_channels = config.in_channels
+        self.out_channels = 2 * config.in_channels if config.learn_sigma else config.in_channels
+        self.patch_size = config.patch_size
+        if config.input_size % config.patch_size:
+            raise ValueError(f"input_size ({config.input_size}) must be a multiple of patch_size ({config.patch_size})")
+        self.grid_size = config.input_size // config.patch_size
+        self.grad_checkpointing = False
+        self.aux_loss: torch.Tensor | None = None
+
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        self.register_buffer("pos_embed", sincos_pos_embed(D, self.grid_size)[None], persistent=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(D, config.num_heads, config.mlp_ratio, self._ffn(config, moe_backend), config.qk_norm)
+            for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @staticmethod
+    def _ffn(config: DiTConfig, moe_backend: str | None) -> nn.Module:
+        D = config.hidden_size
+        hidden = int(D * config.mlp_ratio)
+        if config.num_experts == 0:
+            return Mlp(D, hidden)
+        return MoE(
+            D, hidden, config.num_experts, config.top_k, num_shared_experts=config.num_shared_experts,
+            balance_loss_alpha=config.balance_loss_alpha, backend=moe_backend,
+        )
+
+    def initialize_weights(self) -> None:
+        """DiT's scheme: Xavier-uniform linear layers (each expert matrix as its own linear
+        layer), zeroed adaLN and output layers; the router as ``nn.Linear`` by default."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for moe in self.moe_layers():
+            moe.router.reset_parameters()
+            _xavier_by_blocks(moe.w_in, moe.hidden_dim)
+            _xavier_by_blocks(moe.w_out, moe.dim)
+            if moe.shared is not None:
+                _xavier_by_blocks(moe.shared.proj_in.weight.T, moe.shared.proj_out.in_features)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [*(block.adaLN_modulation[-1] for block in self.blocks), self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, T, p*p*C] -> [N, C, H, W]``."""
+        p, g, c = self.patch_size, self.grid_size, self.out_channels
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        moe_losses = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
+        self.aux_loss = torch.stack(moe_losses).sum() if moe_losses else None
+        return self.unpatchify(self.final_layer(x, c))
+
+
+def _xavier_by_blocks(weight: torch.Tensor, block_width: int) -> None:
+    """Xavier-uniform init of ``weight [..., fan_in, width]`` seen as ``width / block_width``
+    separate linear layers of ``block_width`` outputs each."""
+    bound = math.sqrt(6.0 / (weight.shape[-2] + block_width))
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+
+
+#################################################################################
+#                                   Configs                                     #
+#################################################################################
+
+# depth, hidden size, heads; Ti is a small size of our own, for CPU runs.
+SIZES = {
+    "Ti": (4, 96, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    "G": (40, 1408, 16),
+}
+_NAME = re.compile(r"^DiT-(?:(?P<moe>MoE)-)?(?P<size>Ti|S|B|L|XL|G)/(?P<patch>2|4|8)(?:-(?P<experts>\d+)E(?P<k>\d+)A)?$")
+OVERRIDES = (
+    "input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads", "num_experts", "top_k",
+    "num_shared_experts", "learn_sigma", "class_dropout_prob", "balance_loss_alpha", "qk_norm", "mlp_ratio",
+    "objective", "latent",
+)
+
+
+def model_names() -> list[str]:
+    """The names of the paper's configs (any ``DiT-MoE-{size}/{patch}-{E}E{k}A`` also works)."""
+    dense = [f"DiT-{s}/{p}" for s in SIZES for p in (2, 4, 8)]
+    moe = [f"DiT-MoE-{s}/2-{e}E2A" for s in SIZES for e in (8, 16)]
+    return dense + moe
+
+
+def parse_model_name(name: str) -> DiTConfig:
+    """``DiT-{Ti,S,B,L,XL,G}/{2,4,8}`` or ``DiT-MoE-{size}/{patch}-{E}E{k}A`` -> its config."""
+    match = _NAME.match(name)
+    if match is None or bool(match["moe"]) != bool(match["experts"]):
+        raise ValueError(
+            f"unknown model {name!r}: expected DiT-{{Ti,S,B,L,XL,G}}/{{2,4,8}} or DiT-MoE-{{size}}/{{patch}}-{{E}}E{{k}}A, "
+            "e.g. DiT-XL/2 or DiT-MoE-S/2-8E2A"
+        )
+    depth, hidden, heads = SIZES[match["size"]]
+    experts = int(match["experts"] or 0)
+    top_k = int(match["k"] or 2)
+    if experts and not 1 <= top_k <= experts:
+        raise ValueError(f"model {name!r}: top-k ({top_k}) must be between 1 and the number of experts ({experts})")
+    return DiTConfig(
+        patch_size=int(match["patch"]), depth=depth, hidden_size=hidden, num_heads=heads,
+        num_experts=experts, top_k=top_k, name=name,
+    )
+
+
+def create_model(name: str, moe_backend: str | None = "auto", **overrides) -> DiT:
+    """Build a named DiT / DiT-MoE, e.g. ``create_model("DiT-MoE-S/2-8E2A", input_size=32)``.
+
+    Overrides: ``input_size, in_channels, num_classes, depth, hidden_size, num_heads,
+    num_experts, top_k, num_shared_experts, learn_sigma, class_dropout_prob,
+    balance_loss_alpha, qk_norm, mlp_ratio, objective, latent``.
+    """
+    unknown = set(overrides) - set(OVERRIDES)
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; allowed: {', '.join(OVERRIDES)}")
+    config = parse_model_name(name)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return DiT(config, moe_backend=moe_backend)
+
+
+def config_to_dict(config: DiTConfig) -> dict:
+    return asdict(config)
+
+
+def config_from_dict(values: dict) -> DiTConfig:
+    known = DiTConfig.__dataclass_fields__
+    return DiTConfig(**{k: v for k, v in values.items() if k in known})

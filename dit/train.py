@@ -1,0 +1,325 @@
+"""Train DiT / DiT-MoE: ``python -m dit.train``.
+
+With no arguments it trains a small DiT-MoE on the handwritten digits that ship inside
+scikit-learn, on the CPU, in a few minutes, and writes a grid of EMA samples. Several
+processes or GPUs: ``torchrun --nproc_per_node N -m dit.train ...`` (NCCL on CUDA, gloo on CPU).
+
+Layout of a run: ``<results-dir>/<NNN>-<model>/`` with ``log.txt``, ``samples.png`` and
+``checkpoints/<step>/`` (see ``dit.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .data import batches, encode, load_dataset, load_vae, steps_per_epoch
+from .diffusion import RectifiedFlow, create_diffusion
+from .models import DiT, create_model
+from .sampling import generate, save_grid, to_uint8
+
+DIGITS_MODEL = "DiT-MoE-Ti/2-8E2A"
+DIGITS_STEPS = 3000
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help=f"config name, e.g. DiT-MoE-S/2-8E2A (default: {DIGITS_MODEL} on digits, DiT-MoE-S/2-8E2A otherwise)")
+    p.add_argument("--data", default="digits", help="'digits', an image folder (DIR/<class>/<image>), or a directory of latent shards")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: 8 for digits, 256 for folders)")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL: train on its latents (x0.18215) of the images")
+    p.add_argument("--global-batch-size", type=int, default=None, help="images per step over all processes (default 128 on digits, 256 otherwise)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {DIGITS_STEPS} on digits, 400000 otherwise)")
+    length.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (the last step is always saved)")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--resume", default=None, help="a checkpoint or run directory, or 'latest' (the newest run in --results-dir)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 runs the model under autocast")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--objective", choices=("diffusion", "rectified-flow"), default="diffusion")
+    p.add_argument("--balance-alpha", type=float, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on for image folders; off for digits, which mirroring changes, and latents)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the final sample grid")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps of the final grid (default 250 DDPM or 50 Euler)")
+    p.add_argument("--moe-backend", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+class Distributed:
+    """Rank, world size and device; a process group when launched by torchrun."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1:
+            dist.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@torch.no_grad()
+def update_ema(ema: DiT, model: DiT, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """The EMA decay at ``step``, warmed up as ``(1 + step) / (10 + step)`` so that a short run's
+    EMA is not mostly its initialisation; it reaches ``decay`` after ~10 / (1 - decay) steps."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def expert_load(model: DiT) -> list[dict]:
+    """Per MoE layer: min, max and coefficient of variation of the tokens routed per expert."""
+    stats = []
+    for moe in model.moe_layers():
+        counts = moe.expert_counts.float()
+        stats.append({"min": int(counts.min()), "max": int(counts.max()), "cv": float(counts.std(unbiased=False) / counts.mean())})
+    return stats
+
+
+def find_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The run directory and, when resuming, the checkpoint to start from."""
+    results = Path(args.results_dir)
+    if args.resume is None:
+        results.mkdir(parents=True, exist_ok=True)
+        index = max((int(p.name[:3]) for p in results.iterdir() if p.name[:3].isdigit()), default=-1) + 1
+        name = (args.model or DIGITS_MODEL).replace("/", "-")
+        return results / f"{index:03d}-{name}", None
+    if args.resume == "latest":
+        runs = sorted((p for p in results.glob("[0-9][0-9][0-9]-*") if ckpt.latest_checkpoint(p / "checkpoints")), key=lambda p: int(p.name[:3]))
+        if not runs:
+            raise ValueError(f"--resume latest: no run with a checkpoint in {results}")
+        return runs[-1], ckpt.latest_checkpoint(runs[-1] / "checkpoints")
+    path = Path(args.resume)
+    if ckpt.is_checkpoint(path):
+        return path.parent.parent, path
+    latest = ckpt.latest_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise ValueError(f"--resume {path}: neither a checkpoint directory nor a run directory with checkpoints")
+    return path, latest
+
+
+def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> DiT:
+    if checkpoint is not None:
+        _, config = ckpt.load_weights(checkpoint, "model")
+        if args.model and args.model != config.name:
+            raise ValueError(f"--model {args.model} does not match the checkpoint's model {config.name}")
+        return DiT(config, moe_backend=args.moe_backend)
+    channels, size, _ = dataset.shape
+    if args.vae:
+        channels, size = 4, size // 8
+    overrides = dict(
+        input_size=size, in_channels=channels, num_classes=dataset.num_classes,
+        learn_sigma=args.objective == "diffusion", objective=args.objective,
+        latent=bool(args.vae) or dataset.is_latent,
+    )
+    name = args.model or (DIGITS_MODEL if args.data == "digits" else "DiT-MoE-S/2-8E2A")
+    model = create_model(name, moe_backend=args.moe_backend, **overrides)
+    for moe in model.moe_layers():
+        moe.balance_loss_alpha = args.balance_alpha
+    model.config.balance_loss_alpha = args.balance_alpha
+    return model
+
+
+def train(args: argparse.Namespace) -> Path:
+    env = Distributed()
+    try:
+        return _train(args, env)
+    finally:
+        env.close()
+
+
+def _train(args: argparse.Namespace, env: Distributed) -> Path:
+    device = env.device
+    digits = args.data == "digits"
+    global_batch = args.global_batch_size or (128 if digits else 256)
+    if global_batch % env.world_size:
+        raise ValueError(f"--global-batch-size {global_batch} must be divisible by the number of processes ({env.world_size})")
+    batch = global_batch // env.world_size
+    dataset = load_dataset(args.data, args.image_size)
+    if args.epochs is not None:
+        total_steps = args.epochs * steps_per_epoch(dataset, global_batch)
+    else:
+        total_steps = args.steps if args.steps is not None else (DIGITS_STEPS if digits else 400_000)
+    hflip = args.hflip if args.hflip is not None else not (digits or dataset.is_latent)
+    vae = load_vae(args.vae, device) if args.vae else None
+
+    run_dir, checkpoint = find_run(args)
+    torch.manual_seed(args.seed * env.world_size + env.rank)
+    np.random.seed((args.seed * env.world_size + env.rank) % 2**32)
+    random.seed(args.seed * env.world_size + env.rank)
+    model = build_model(args, dataset, checkpoint).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    start_step = 0
+    if checkpoint is not None:
+        state = ckpt.load_state(checkpoint)
+        model_sd, _ = ckpt.load_weights(checkpoint, "model")
+        ema_sd, _ = ckpt.load_weights(checkpoint, "ema")
+        ckpt.load_into(model, model_sd, checkpoint)
+        ckpt.load_into(ema, ema_sd, checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        if len(state["rng"]) == env.world_size:
+            set_rng_state(state["rng"][env.rank], device)
+    objective = RectifiedFlow() if model.config.objective == "rectified-flow" else create_diffusion(learn_sigma=model.config.learn_sigma)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else model
+
+    log_file = None
+    if env.main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        log_file = open(run_dir / "log.txt", "a")
+        n_params = sum(p.numel() for p in model.parameters())
+        log(log_file, f"run {run_dir} | {model.config.name} | {n_params / 1e6:.2f}M parameters | data {args.data} ({len(dataset)} items) "
+            f"| {total_steps} steps of {global_batch} | {env.world_size} process(es) on {device}")
+        log(log_file, "args " + json.dumps(vars(args)))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+
+    model.train()
+    data = batches(dataset, batch, args.seed, start_step, env.rank, env.world_size)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not env.main, desc="train", dynamic_ncols=True)
+    window_loss = window_aux = 0.0
+    window_steps, window_start = 0, time.perf_counter()
+    for step in range(start_step, total_steps):
+        x, y = next(data)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if hflip:
+            flip = torch.rand(x.shape[0]) < 0.5
+            x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+        if vae is not None:
+            x = encode(vae, x)
+        with autocast:
+            losses = objective.training_losses(ddp, x, {"y": y})
+        loss = losses["loss"].mean()
+        aux = model.aux_loss if model.aux_loss is not None else torch.zeros((), device=device)
+        optimizer.zero_grad(set_to_none=True)
+        (loss + aux).backward()
+        optimizer.step()
+        update_ema(ema, model, ema_decay(step, args.ema_decay))
+
+        window_loss += loss.item()
+        window_aux += aux.item()
+        window_steps += 1
+        bar.update(1)
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            elapsed = time.perf_counter() - window_start
+            mean_loss, mean_aux = env.mean(window_loss / window_steps), env.mean(window_aux / window_steps)
+            images_per_s = window_steps * global_batch / elapsed
+            load = expert_load(model)
+            if env.main:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", balance=f"{mean_aux:.4f}", img_s=f"{images_per_s:.0f}")
+                load_text = " ".join(f"L{i}:{s['min']}/{s['max']}/cv{s['cv']:.2f}" for i, s in enumerate(load))
+                log(log_file, f"step {done:7d} | loss {mean_loss:.5f} | balance {mean_aux:.5f} | {images_per_s:.1f} img/s"
+                    + (f" | expert load min/max/cv {load_text}" if load else ""), echo=False)
+            window_loss = window_aux = 0.0
+            window_steps, window_start = 0, time.perf_counter()
+        if done % args.ckpt_every == 0 or done == total_steps:
+            rng = env.gather(rng_state(device))
+            if env.main:
+                state = {"optimizer": optimizer.state_dict(), "rng": rng, "args": vars(args), "world_size": env.world_size}
+                path = ckpt.save_checkpoint(run_dir / "checkpoints", done, model, ema, state)
+                log(log_file, f"saved checkpoint {path}", echo=False)
+    bar.close()
+
+    if env.main:
+        write_sample_grid(args, ema, vae, run_dir / "samples.png", log_file)
+        log_file.close()
+    return run_dir
+
+
+def write_sample_grid(args, ema: DiT, vae, path: Path, log_file) -> None:
+    config = ema.config
+    if config.latent and vae is None:
+        log(log_file, "no sample grid: the model makes latents and no --vae was given")
+        return
+    per_class = 8 if config.num_classes <= 16 else 1
+    labels = torch.arange(min(config.num_classes, 64)).repeat_interleave(per_class)
+    steps = args.sample_steps or (50 if config.objective == "rectified-flow" else 250)
+    images = generate(ema, labels, args.cfg_scale, steps, generator=torch.Generator().manual_seed(args.seed))
+    if vae is not None:
+        images = torch.cat([vae.decode(chunk / 0.18215).sample for chunk in images.split(16)])
+    save_grid(to_uint8(images), path, nrow=per_class if per_class > 1 else 8)
+    log(log_file, f"wrote {len(labels)} EMA samples (cfg {args.cfg_scale}, {steps} steps) to {path}")
+
+
+def log(log_file, message: str, echo: bool = True) -> None:
+    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+    if echo:
+        tqdm.write(line)
+    if log_file is not None:
+        log_file.write(line + "\n")
+        log_file.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()

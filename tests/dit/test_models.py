@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from dit.models import create_model, model_names, parse_model_name
+
+# Table 1 of the paper: total and activated parameters.
+TABLE_1 = {
+    "DiT-MoE-S/2-8E2A": (199e6, 71e6),
+    "DiT-MoE-S/2-16E2A": (369e6, 71e6),
+    "DiT-MoE-B/2-8E2A": (795e6, 286e6),
+    "DiT-MoE-L/2-8E2A": (2.8e9, 1.0e9),
+    "DiT-MoE-XL/2-8E2A": (4.1e9, 1.5e9),
+    "DiT-MoE-G/2-16E2A": (16.5e9, 3.1e9),
+}
+
+
+def tiny(name="DiT-MoE-Ti/2-4E2A", **overrides):
+    args = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2) | overrides
+    return create_model(name, **args)
+
+
+@pytest.mark.parametrize("name", TABLE_1)
+def test_parameter_counts_match_table_1(name):
+    total_paper, active_paper = TABLE_1[name]
+    with torch.device("meta"):
+        model = create_model(name)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(moe.w_in.numel() + moe.w_out.numel() for moe in model.moe_layers())
+    config = model.config
+    active = total - routed + routed * config.top_k / config.num_experts
+    assert abs(total / total_paper - 1) < 0.03
+    assert abs(active / active_paper - 1) < 0.03
+
+
+def test_every_block_is_moe_with_the_papers_shapes():
+    with torch.device("meta"):
+        model = create_model("DiT-MoE-S/2-8E2A")
+    moes = model.moe_layers()
+    assert len(moes) == 12
+    moe = moes[0]
+    D = 384
+    assert moe.w_in.shape == (8, D, 2 * 4 * D) and moe.w_out.shape == (8, 4 * D, D)
+    assert moe.shared.proj_in.weight.shape == (2 * 2 * D, D) and moe.top_k == 2
+    assert moe.normalize_weights is False and moe.balance_loss_alpha == 0.05
+    assert model.blocks[0].attn.qkv.weight.shape == (3 * D, D) and model.config.learn_sigma
+
+
+def test_names():
+    assert "DiT-XL/2" in model_names() and "DiT-MoE-G/2-16E2A" in model_names()
+    config = parse_model_name("DiT-MoE-XL/4-32E4A")
+    assert (config.num_experts, config.top_k, config.patch_size, config.depth) == (32, 4, 4, 28)
+    assert parse_model_name("DiT-G/2").num_experts == 0
+    for bad in ("DiT-M/2", "DiT-MoE-S/2", "DiT-S/2-8E2A", "DiT-MoE-S/3-8E2A", "DiT-MoE-S/2-2E4A"):
+        with pytest.raises(ValueError):
+            parse_model_name(bad)
+    with pytest.raises(TypeError, match="width"):
+        create_model("DiT-S/2", width=3)
+
+
+@pytest.mark.parametrize("name", ["DiT-MoE-Ti/2-4E2A", "DiT-Ti/2"])
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_forward_shapes_and_aux_loss(name, learn_sigma):
+    model = tiny(name, learn_sigma=learn_sigma)
+    x = torch.randn(3, 1, 8, 8)
+    out = model(x, torch.tensor([0, 10, 999]), torch.tensor([1, 2, 3]))
+    assert out.shape == (3, 2 if learn_sigma else 1, 8, 8)
+    if "MoE" in name:
+        assert model.aux_loss is not None and model.aux_loss.requires_grad
+        model.eval()
+        model(x, torch.tensor([0, 10, 999]), torch.tensor([1, 2, 3]))
+        assert model.aux_loss is None
+    else:
+        assert model.aux_loss is None
+
+
+def test_adaln_zero_init_makes_the_output_zero():
+    model = tiny()
+    assert torch.count_nonzero(model(torch.randn(2, 1, 8, 8), torch.tensor([5, 6]), torch.tensor([0, 1]))) == 0
+
+
+def _randomize(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = _randomize(tiny())
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([4, 5])
+    torch.manual_seed(1)
+    (model(x, t, y).square().mean() + model.aux_loss).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.grad_checkpointing = True
+    torch.manual_seed(1)
+    (model(x, t, y).square().mean() + model.aux_loss).backward()
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_triton_and_torch_backends_agree_in_the_model():
+    torch.manual_seed(0)
+    model = _randomize(tiny(depth=1)).eval()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([4, 5])
+    outputs = []
+    for backend in ("torch", "triton"):
+        for moe in model.moe_layers():
+            moe.backend = backend
+        outputs.append(model(x, t, y))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_qk_norm_adds_per_head_layernorms():
+    model = tiny(qk_norm=True)
+    assert model.blocks[0].attn.q_norm.weight.shape == (16,)

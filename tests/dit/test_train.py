@@ -1,0 +1,118 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dit import checkpoint as ckpt
+from dit.sample import main as sample_main
+from dit.train import main as train_main
+
+FAST = ["--model", "DiT-MoE-Ti/2-4E2A", "--global-batch-size", "16", "--sample-steps", "2", "--log-every", "1"]
+
+
+def run(tmp_path: Path, *args: str) -> Path:
+    train_main([*FAST, "--results-dir", str(tmp_path), *args])
+    return sorted(tmp_path.glob("[0-9][0-9][0-9]-*"))[-1]
+
+
+def weights(checkpoint: Path) -> dict:
+    return {name: load_file(checkpoint / name) for name in ckpt.WEIGHT_FILES}
+
+
+def test_train_writes_checkpoint_log_and_samples(tmp_path):
+    run_dir = run(tmp_path, "--steps", "3")
+    assert (run_dir / "samples.png").is_file()
+    log = (run_dir / "log.txt").read_text()
+    assert "balance" in log and "expert load" in log
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert latest.name == "0000003" and ckpt.is_checkpoint(latest)
+    state = ckpt.load_state(latest)
+    assert state["step"] == 3 and "optimizer" in state and len(state["rng"]) == 1
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = run(tmp_path / "a", "--steps", "4", "--ckpt-every", "2")
+    run(tmp_path / "b", "--steps", "2")
+    resumed = run(tmp_path / "b", "--steps", "4", "--resume", "latest")
+    assert resumed.name.startswith("000")
+    expected = weights(straight / "checkpoints" / "0000004")
+    got = weights(resumed / "checkpoints" / "0000004")
+    for name in ckpt.WEIGHT_FILES:
+        assert expected[name].keys() == got[name].keys()
+        for key in expected[name]:
+            assert torch.equal(expected[name][key], got[name][key]), (name, key)
+
+
+def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run_dir = run(tmp_path, "--steps", "2")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        run(tmp_path, "--steps", "3", "--resume", str(run_dir))
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "0000002"
+    ckpt.load_state(run_dir / "checkpoints" / "0000002")
+
+
+def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
+    run_dir = run(tmp_path, "--steps", "1")
+    checkpoint = run_dir / "checkpoints" / "0000001"
+    (checkpoint / "ema.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        ckpt.build_from_checkpoint(checkpoint)
+    with pytest.raises(SystemExit, match="does not match"):
+        train_main([*FAST, "--results-dir", str(tmp_path), "--model", "DiT-MoE-Ti/2-8E2A", "--steps", "2", "--resume", str(checkpoint)])
+    state, config = ckpt.load_weights(checkpoint, "model")
+    state["blocks.0.ffn.w_in"] = state["blocks.0.ffn.w_in"][:2]
+    from dit.models import DiT
+
+    with pytest.raises(ValueError, match="blocks.0.ffn.w_in"):
+        ckpt.load_into(DiT(config), state, checkpoint)
+    with pytest.raises(SystemExit, match="not a directory"):
+        train_main(["--data", str(tmp_path / "missing")])
+
+
+def test_sample_cli(tmp_path):
+    run_dir = run(tmp_path, "--steps", "1")
+    checkpoint = run_dir / "checkpoints" / "0000001"
+    out, grid = tmp_path / "s.npz", tmp_path / "g.png"
+    sample_main(["--ckpt", str(checkpoint), "--num-samples", "12", "--steps", "3", "--out", str(out), "--grid", str(grid)])
+    data = np.load(out)
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (12, 8, 8, 1)
+    assert data["arr_1"].dtype == np.int64 and data["arr_1"].tolist() == [i % 10 for i in range(12)]
+    assert grid.is_file()
+    sample_main(["--ckpt", str(checkpoint), "--num-samples", "3", "--steps", "2", "--class", "7", "--sampler", "ddim", "--out", str(out)])
+    assert np.load(out)["arr_1"].tolist() == [7, 7, 7]
+    with pytest.raises(SystemExit, match="class"):
+        sample_main(["--ckpt", str(checkpoint), "--class", "10", "--out", str(out)])
+
+
+def test_rectified_flow_objective(tmp_path):
+    run_dir = run(tmp_path, "--steps", "2", "--objective", "rectified-flow")
+    _, config = ckpt.load_weights(run_dir / "checkpoints" / "0000002")
+    assert config.objective == "rectified-flow" and not config.learn_sigma
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "dit.train", *FAST, "--steps", "2", "--results-dir", str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = sorted(tmp_path.glob("[0-9][0-9][0-9]-*"))[-1]
+    state = ckpt.load_state(run_dir / "checkpoints" / "0000002")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
