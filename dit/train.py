@@ -32,20 +32,22 @@ from .diffusion import RectifiedFlow, create_diffusion
 from .models import DiT, create_model
 from .sampling import generate, save_grid, to_uint8
 
-DIGITS_MODEL = "DiT-MoE-Ti/2-8E2A"
-DIGITS_STEPS = 3000
+# Defaults of the flags left unset: DiT's for real data, and a preset that learns the embedded
+# digits on a CPU in minutes (a small model, a short run, hence a larger learning rate).
+DEFAULTS = {"model": "DiT-MoE-S/2-8E2A", "steps": 400_000, "global_batch_size": 256, "lr": 1e-4}
+DIGITS_DEFAULTS = {"model": "DiT-MoE-Ti/2-8E2A", "steps": 1500, "global_batch_size": 128, "lr": 2e-3}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help=f"config name, e.g. DiT-MoE-S/2-8E2A (default: {DIGITS_MODEL} on digits, DiT-MoE-S/2-8E2A otherwise)")
+    p.add_argument("--model", default=None, help=f"config name, e.g. DiT-XL/2 or DiT-MoE-S/2-8E2A (default: {DEFAULTS['model']}; {DIGITS_DEFAULTS['model']} on digits)")
     p.add_argument("--data", default="digits", help="'digits', an image folder (DIR/<class>/<image>), or a directory of latent shards")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: 8 for digits, 256 for folders)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL: train on its latents (x0.18215) of the images")
-    p.add_argument("--global-batch-size", type=int, default=None, help="images per step over all processes (default 128 on digits, 256 otherwise)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--global-batch-size", type=int, default=None, help=f"images per step over all processes (default {DEFAULTS['global_batch_size']}; {DIGITS_DEFAULTS['global_batch_size']} on digits)")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {DEFAULTS['lr']:g}; {DIGITS_DEFAULTS['lr']:g} on digits)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {DIGITS_STEPS} on digits, 400000 otherwise)")
+    length.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULTS['steps']}; {DIGITS_DEFAULTS['steps']} on digits)")
     length.add_argument("--epochs", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (the last step is always saved)")
     p.add_argument("--log-every", type=int, default=100)
@@ -61,7 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps of the final grid (default 250 DDPM or 50 Euler)")
     p.add_argument("--moe-backend", choices=("auto", "triton", "torch"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # A resumed run keeps its checkpoint's model unless --model names one (then they must agree).
+    args.model_given = args.model is not None
+    presets = DIGITS_DEFAULTS if args.data == "digits" else DEFAULTS
+    for name, value in presets.items():
+        if getattr(args, name) is None and not (name == "steps" and args.epochs is not None):
+            setattr(args, name, value)
+    return args
 
 
 class Distributed:
@@ -143,7 +152,7 @@ def find_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
     if args.resume is None:
         results.mkdir(parents=True, exist_ok=True)
         index = max((int(p.name[:3]) for p in results.iterdir() if p.name[:3].isdigit()), default=-1) + 1
-        name = (args.model or DIGITS_MODEL).replace("/", "-")
+        name = args.model.replace("/", "-")
         return results / f"{index:03d}-{name}", None
     if args.resume == "latest":
         runs = sorted((p for p in results.glob("[0-9][0-9][0-9]-*") if ckpt.latest_checkpoint(p / "checkpoints")), key=lambda p: int(p.name[:3]))
@@ -162,7 +171,7 @@ def find_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
 def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> DiT:
     if checkpoint is not None:
         _, config = ckpt.load_weights(checkpoint, "model")
-        if args.model and args.model != config.name:
+        if args.model_given and args.model != config.name:
             raise ValueError(f"--model {args.model} does not match the checkpoint's model {config.name}")
         return DiT(config, moe_backend=args.moe_backend)
     channels, size, _ = dataset.shape
@@ -173,8 +182,7 @@ def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> D
         learn_sigma=args.objective == "diffusion", objective=args.objective,
         latent=bool(args.vae) or dataset.is_latent,
     )
-    name = args.model or (DIGITS_MODEL if args.data == "digits" else "DiT-MoE-S/2-8E2A")
-    model = create_model(name, moe_backend=args.moe_backend, **overrides)
+    model = create_model(args.model, moe_backend=args.moe_backend, **overrides)
     for moe in model.moe_layers():
         moe.balance_loss_alpha = args.balance_alpha
     model.config.balance_loss_alpha = args.balance_alpha
@@ -192,15 +200,12 @@ def train(args: argparse.Namespace) -> Path:
 def _train(args: argparse.Namespace, env: Distributed) -> Path:
     device = env.device
     digits = args.data == "digits"
-    global_batch = args.global_batch_size or (128 if digits else 256)
+    global_batch = args.global_batch_size
     if global_batch % env.world_size:
         raise ValueError(f"--global-batch-size {global_batch} must be divisible by the number of processes ({env.world_size})")
     batch = global_batch // env.world_size
     dataset = load_dataset(args.data, args.image_size)
-    if args.epochs is not None:
-        total_steps = args.epochs * steps_per_epoch(dataset, global_batch)
-    else:
-        total_steps = args.steps if args.steps is not None else (DIGITS_STEPS if digits else 400_000)
+    total_steps = args.steps if args.epochs is None else args.epochs * steps_per_epoch(dataset, global_batch)
     hflip = args.hflip if args.hflip is not None else not (digits or dataset.is_latent)
     vae = load_vae(args.vae, device) if args.vae else None
 

@@ -1,0 +1,150 @@
+"""One prepared GPU run: check every op in bf16 against the reference, then time the MoE layer.
+
+    PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --out benchmarks/results
+
+Part 1 compares each op (forward and gradients) of the ``triton`` backend with
+``moe_kernels.reference`` in bf16 and fp32. Part 2 times one MoE FFN layer (router, top-2
+gating, SwiGLU experts, weighted combine; DESIGN.md section 5 shapes) forward and
+forward+backward for the ``triton`` and ``torch`` backends and for ``dense-eq`` (one dense
+SwiGLU MLP over the T*k token copies: the same FLOPs without routing). Results are printed and
+written as JSON named after the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import moe_kernels as mk
+from moe_kernels import reference
+
+# name: (T, D, E, k); H = 4D
+SHAPES = {
+    "S/2-8E2A T=32768": (32768, 384, 8, 2),
+    "S/2-16E2A T=32768": (32768, 384, 16, 2),
+    "XL/2-8E2A T=16384": (16384, 1152, 8, 2),
+    "G/2-16E2A T=16384": (16384, 1408, 16, 2),
+    "XL sampling T=4096": (4096, 1152, 8, 2),
+    "S sampling T=512": (512, 384, 8, 2),
+}
+TOL = {torch.bfloat16: dict(atol=5e-2, rtol=5e-2), torch.float32: dict(atol=1e-3, rtol=1e-3)}
+
+
+def check(dtype: torch.dtype) -> list[str]:
+    """Compare every op to the reference; return failures as text."""
+    failures = []
+    dev = "cuda"
+    T, D, H, E, k = 777, 256, 320, 8, 2
+
+    def compare(name, got, want):
+        try:
+            torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+        except AssertionError as error:
+            failures.append(f"{dtype} {name}: {str(error).splitlines()[1:3]}")
+
+    logits = torch.randn(T, E, device=dev, dtype=dtype, requires_grad=True)
+    got = mk.topk_gating(logits, k, backend="triton")
+    want = reference.topk_gating(logits, k)
+    compare("topk_gating weights", got[0], want[0])
+    compare("topk_gating probs", got[2], want[2])
+    g1 = torch.autograd.grad(got[0].sum() + got[2].square().sum(), logits)[0]
+    g2 = torch.autograd.grad(want[0].sum() + want[2].square().sum(), logits)[0]
+    compare("topk_gating dlogits", g1, g2)
+
+    probs = torch.softmax(torch.randn(T, E, device=dev), -1).requires_grad_()
+    experts = torch.rand(T, E, device=dev).argsort(1)[:, :k]
+    compare("balance_loss", mk.balance_loss(probs, experts, E, backend="triton"), reference.balance_loss(probs, experts, E))
+
+    sizes = torch.tensor([0, 300, 1, 0, 476, 200, 400, 177], device=dev)
+    offsets = sizes.cumsum(0).int()
+    x = torch.randn(int(sizes.sum()), D, device=dev, dtype=dtype, requires_grad=True)
+    w = (torch.randn(E, D, H, device=dev) / D**0.5).to(dtype).requires_grad_()
+    y = mk.grouped_mm(x, w, offsets, backend="triton")
+    ref = reference.grouped_mm(x.float(), w.float(), offsets)
+    compare("grouped_mm", y, ref)
+    dy = torch.randn_like(ref)
+    for name, a, b in zip(("dx", "dw"), torch.autograd.grad((y.float() * dy).sum(), [x, w]), torch.autograd.grad((ref * dy).sum(), [x, w])):
+        compare(f"grouped_mm {name}", a, b)
+
+    for activation in ("swiglu", "gelu", "gelu_tanh", "silu", "relu"):
+        width = 2 * H if activation == "swiglu" else H
+        x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=True)
+        weights = torch.rand(T, k, device=dev, requires_grad=True)
+        w_in = (torch.randn(E, D, width, device=dev) / D**0.5).to(dtype).requires_grad_()
+        w_out = (torch.randn(E, H, D, device=dev) / H**0.5).to(dtype).requires_grad_()
+        y = mk.moe_ffn(x, weights, experts, w_in, w_out, activation, backend="triton")
+        ref = reference.moe_ffn(x.float(), weights, experts, w_in.float(), w_out.float(), activation)
+        compare(f"moe_ffn {activation}", y, ref)
+        dy = torch.randn_like(ref)
+        params = [x, weights, w_in, w_out]
+        for name, a, b in zip(("dx", "dweights", "dw_in", "dw_out"), torch.autograd.grad((y.float() * dy).sum(), params), torch.autograd.grad((ref * dy).sum(), params)):
+            compare(f"moe_ffn {activation} {name}", a, b)
+    return failures
+
+
+def layer_fn(backend: str, T: int, D: int, E: int, k: int, backward: bool):
+    H = 4 * D
+    dev, dtype = "cuda", torch.bfloat16
+    x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=backward)
+    router = (torch.randn(D, E, device=dev) / D**0.5).to(dtype).requires_grad_(backward)
+    w_in = (torch.randn(E, D, 2 * H, device=dev) / D**0.5).to(dtype).requires_grad_(backward)
+    w_out = (torch.randn(E, H, D, device=dev) / H**0.5).to(dtype).requires_grad_(backward)
+    grad = torch.randn(T, D, device=dev, dtype=dtype)
+
+    def moe():
+        weights, experts, _ = mk.topk_gating(x @ router, k, backend=backend)
+        return mk.moe_ffn(x, weights, experts, w_in, w_out, backend=backend)
+
+    def dense():
+        xs = x.repeat_interleave(k, dim=0)
+        gate, up = (xs @ w_in[0]).chunk(2, dim=-1)
+        return ((F.silu(gate) * up) @ w_out[0]).view(T, k, D).sum(1)
+
+    fn = dense if backend == "dense-eq" else moe
+    if not backward:
+        return lambda: fn()
+    return lambda: fn().backward(grad)
+
+
+def flops(T, D, E, k, backward):
+    forward = 2 * T * k * (D * 8 * D + 4 * D * D)
+    return forward * (3 if backward else 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    card = torch.cuda.get_device_name()
+    started = time.time()
+    report = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "checks": {}, "timings": {}}
+    for dtype in (torch.float32, torch.bfloat16):
+        failures = check(dtype)
+        report["checks"][str(dtype)] = failures or "ok"
+        print(f"check {dtype}: {'ok' if not failures else failures}", flush=True)
+    print(f"{'shape':24s} {'backend':9s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s fwd':>12s}", flush=True)
+    for name, (T, D, E, k) in SHAPES.items():
+        for backend in ("triton", "torch", "dense-eq"):
+            row = {}
+            for backward in (False, True):
+                ms = triton.testing.do_bench(layer_fn(backend, T, D, E, k, backward), warmup=25, rep=100)
+                row["fwd+bwd" if backward else "fwd"] = ms
+            row["tflops_fwd"] = flops(T, D, E, k, False) / row["fwd"] / 1e9
+            report["timings"][f"{name} | {backend}"] = row
+            print(f"{name:24s} {backend:9s} {row['fwd']:8.3f} {row['fwd+bwd']:11.3f} {row['tflops_fwd']:12.1f}", flush=True)
+    report["seconds"] = time.time() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_check_{card.replace(' ', '_')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
