@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import random
 import time

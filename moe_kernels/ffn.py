@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from .activations import ACTIVATIONS, activation_fn
 from .backend import resolve_backend
 from .combine import combine, combine_weight_grad
-from .grouped_gemm import TorchGroupedMMFunction, gmm, gmm_act, gmm_act_grad, gmm_wgrad
-from .activations import ACTIVATIONS, activation_fn
+from .grouped_gemm import GroupedMMFunction, gmm, gmm_act, gmm_act_grad, gmm_wgrad
 from .routing import route
 from .validation import (
     FLOAT_DTYPES,
@@ -40,14 +40,18 @@ class MoEFFNFunction(torch.autograd.Function):
         T, D = x.shape
         k = experts.shape[1]
         routing = route(experts, w_in.shape[0], "triton")
-        needs_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 3, 4))
+        needs_x, needs_weights, _, needs_w_in, needs_w_out, _ = ctx.needs_input_grad
+        # The pre-activation feeds only the gradients of x and w_in.
         h, preact = gmm_act(
-            x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=needs_grad
+            x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=needs_x or needs_w_in
         )
         out = gmm(h, w_out, routing.offsets, c_rows=routing.slot_of_row).view(T, k, D)
         y = combine(out, weights, x.dtype)
-        if needs_grad:
-            ctx.save_for_backward(x, weights, w_in, w_out, preact, h, out, *routing)
+        if needs_x or needs_weights or needs_w_in or needs_w_out:
+            # Keep only what the requested gradients read: out for d weights, h for d w_out.
+            keep_out = out if needs_weights else None
+            keep_h = h if needs_w_out else None
+            ctx.save_for_backward(x, weights, w_in, w_out, preact, keep_h, keep_out, *routing)
         ctx.activation = activation
         return y
 
@@ -55,7 +59,7 @@ class MoEFFNFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weights, w_in, w_out, preact, h, out, slot_of_row, token_of_row, offsets = ctx.saved_tensors
         needs_x, needs_weights, _, needs_w_in, needs_w_out, _ = ctx.needs_input_grad
-        T, k, D = out.shape
+        (T, D), k = x.shape, weights.shape[1]
         # Per-slot factors, indexed by slot_of_row inside the kernels.
         scale = weights.reshape(-1).float().contiguous()
         grad_x = grad_weights = grad_w_in = grad_w_out = None
@@ -81,8 +85,8 @@ class MoEFFNFunction(torch.autograd.Function):
 def _moe_ffn_torch(x, weights, experts, w_in, w_out, activation):
     T, k = experts.shape
     slot_of_row, token_of_row, offsets = route(experts, w_in.shape[0], "torch")
-    h = activation_fn(activation)(TorchGroupedMMFunction.apply(x.index_select(0, token_of_row), w_in, offsets))
-    out = TorchGroupedMMFunction.apply(h, w_out, offsets)
+    h = activation_fn(activation)(GroupedMMFunction.apply(x.index_select(0, token_of_row), w_in, offsets, "torch"))
+    out = GroupedMMFunction.apply(h, w_out, offsets, "torch")
     # Back to slot order through the inverse permutation: a gather, whose backward scatters
     # each row once, so it stays deterministic.
     row_of_slot = torch.empty_like(slot_of_row).scatter_(0, slot_of_row.long(), torch.arange(T * k, dtype=slot_of_row.dtype, device=x.device))

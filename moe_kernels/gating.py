@@ -29,17 +29,23 @@ _BLOCK_T = 32
 
 
 @triton.jit
+def _row_block(T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's rows of a ``[T, E]`` table and its masks."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < T
+    col_ok = cols < E
+    return rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def _topk_gating_kernel(
     logits_ptr, probs_ptr, weights_ptr, experts_ptr, counts_ptr, prob_sums_ptr,
     T, E, stride_lt, stride_le,
     K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < T
-    col_ok = cols < E
-    mask = row_ok[:, None] & col_ok[None, :]
+    rows, cols, row_ok, col_ok, mask = _row_block(T, E, BLOCK_T, BLOCK_E)
     logits = tl.load(
         logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le, mask=mask, other=-float("inf")
     ).to(tl.float32)
@@ -81,12 +87,7 @@ def _topk_gating_backward_kernel(
     K: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr, HAS_GRAD_PROBS: tl.constexpr,
     HAS_GRAD_SUMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < T
-    col_ok = cols < E
-    mask = row_ok[:, None] & col_ok[None, :]
+    rows, cols, row_ok, col_ok, mask = _row_block(T, E, BLOCK_T, BLOCK_E)
     probs = tl.load(probs_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0.0)
     grad = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     if HAS_GRAD_PROBS:
@@ -178,11 +179,7 @@ def _expert_stats_kernel(
     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < T
-    col_ok = cols < E
-    mask = row_ok[:, None] & col_ok[None, :]
+    rows, cols, row_ok, col_ok, mask = _row_block(T, E, BLOCK_T, BLOCK_E)
     probs = tl.load(probs_ptr + rows[:, None] * stride_pt + cols[None, :] * stride_pe, mask=mask, other=0.0)
     tl.store(prob_sums_ptr + pid * E + cols, tl.sum(probs.to(tl.float32), axis=0), mask=col_ok)
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)

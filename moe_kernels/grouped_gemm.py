@@ -379,22 +379,6 @@ def gmm_wgrad(
     return c
 
 
-class GroupedMMFunction(torch.autograd.Function):
-    """Triton ``grouped_mm``: ``x [M, K], w [E, K, N], offsets [E] -> y [M, N]``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w, offsets)
-        return gmm(x, w, offsets)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, w, offsets = ctx.saved_tensors
-        grad_x = gmm(grad, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
-        grad_w = gmm_wgrad(x, grad, offsets, w.dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
-
-
 def _aligned(t: torch.Tensor) -> bool:
     # torch._grouped_mm wants 16-byte aligned data and strides.
     size = t.element_size()
@@ -426,21 +410,32 @@ def torch_gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> 
     return torch._grouped_mm(a.t(), b, offs=offsets)
 
 
-class TorchGroupedMMFunction(torch.autograd.Function):
-    """PyTorch ``grouped_mm`` with an explicit backward, so any gradient layout works."""
+class GroupedMMFunction(torch.autograd.Function):
+    """``grouped_mm`` for either backend: ``x [M, K], w [E, K, N], offsets [E] -> y [M, N]``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
         ctx.save_for_backward(x, w, offsets)
-        return torch_gmm(x, w, offsets)
+        ctx.backend = backend
+        return gmm(x, w, offsets) if backend == "triton" else torch_gmm(x, w, offsets)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, w, offsets = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = torch_gmm(grad, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
-        grad_w = torch_gmm_wgrad(x, grad, offsets) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
+        grad_x = grad_w = None
+        if ctx.backend == "triton":
+            if ctx.needs_input_grad[0]:
+                grad_x = gmm(grad, w.transpose(1, 2), offsets)
+            if ctx.needs_input_grad[1]:
+                grad_w = gmm_wgrad(x, grad, offsets, w.dtype)
+        else:
+            # torch._grouped_mm rejects expanded gradients (such as the one of .sum()).
+            grad = grad.contiguous()
+            if ctx.needs_input_grad[0]:
+                grad_x = torch_gmm(grad, w.transpose(1, 2), offsets)
+            if ctx.needs_input_grad[1]:
+                grad_w = torch_gmm_wgrad(x, grad, offsets)
+        return grad_x, grad_w, None, None
 
 
 def grouped_mm(
@@ -469,6 +464,4 @@ def grouped_mm(
     device = check_same_device(x=x, w=w, offsets=offsets)
     check_offsets(offsets, x.shape[0])
     offsets = offsets.to(torch.int32)
-    if resolve_backend(backend, device) == "triton":
-        return GroupedMMFunction.apply(x, w, offsets)
-    return TorchGroupedMMFunction.apply(x, w, offsets)
+    return GroupedMMFunction.apply(x, w, offsets, resolve_backend(backend, device))

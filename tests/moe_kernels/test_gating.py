@@ -92,7 +92,7 @@ def test_balance_loss_matches_reference(backend, T, E, k):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_balance_loss_is_alpha_when_perfectly_balanced(backend):
-    E, k = 4, 2
+    E = 4
     probs = torch.full((8, E), 1 / E, device=DEVICE)
     experts = torch.tensor([[0, 1], [2, 3]] * 4, device=DEVICE)
     torch.testing.assert_close(mk.balance_loss(probs, experts, E, alpha=0.05, backend=backend), torch.tensor(0.05))
