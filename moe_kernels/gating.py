@@ -257,7 +257,7 @@ def topk_gating(
         first on ties), ``probs [T, E]`` fp32 ``softmax(logits)``. Differentiable in ``logits``.
     """
     check_tensor("logits", logits, 2, FLOAT_DTYPES)
-    check_k(k, logits.shape[1])
+    k = check_k(k, logits.shape[1])
     backend = resolve_backend(backend, logits.device)
     weights, experts, probs, _, _ = gating_with_stats(logits, k, bool(normalize), backend)
     return weights, experts, probs
@@ -284,7 +284,7 @@ def balance_loss(
     """
     check_tensor("probs", probs, 2, FLOAT_DTYPES)
     check_tensor("experts", experts, 2, INDEX_DTYPES)
-    check_positive_int("num_experts", num_experts)
+    num_experts = check_positive_int("num_experts", num_experts)
     check_dim("probs", probs, 1, num_experts, "num_experts")
     check_dim("experts", experts, 0, probs.shape[0], "tokens, as in probs")
     check_k(experts.shape[1], num_experts, name="experts.shape[1]")

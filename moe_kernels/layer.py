@@ -59,9 +59,10 @@ last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the
         backend: str | None = "auto",
     ):
         super().__init__()
-        for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
-            check_positive_int(name, value)
-        check_k(top_k, num_experts, name="top_k")
+        dim = check_positive_int("dim", dim)
+        hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+        num_experts = check_positive_int("num_experts", num_experts)
+        top_k = check_k(top_k, num_experts, name="top_k")
         if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
         if shared_hidden_dim is not None:

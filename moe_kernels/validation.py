@@ -3,6 +3,8 @@ argument, never later inside a kernel."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -45,9 +47,13 @@ def check_dim(name: str, tensor: torch.Tensor, dim: int, expected: int, meaning:
 
 
 def check_positive_int(name: str, value: object) -> int:
-    """Check that ``value`` is a positive Python int."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """Check that ``value`` is a positive integer (a Python int or anything with ``__index__``)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
@@ -55,7 +61,7 @@ def check_positive_int(name: str, value: object) -> int:
 
 def check_k(k: object, num_experts: int, name: str = "k") -> int:
     """Check ``1 <= k <= num_experts``."""
-    check_positive_int(name, k)
+    k = check_positive_int(name, k)
     if k > num_experts:
         raise ValueError(f"{name} must be <= the number of experts ({num_experts}), got {k}")
     return k
