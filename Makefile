@@ -24,7 +24,7 @@ train: $(VENV)/.installed
 	$(BIN)/python -m dit.train $(ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --benchmark-disable $(ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only $(ARGS)

@@ -1,0 +1,94 @@
+"""What the benchmark groups share: the device, the shapes, FLOP and byte counts, and the
+helper that runs a benchmark and records its ``extra_info``."""
+
+from __future__ import annotations
+
+import platform
+from typing import Callable
+
+import torch
+
+from moe_kernels.backend import INTERPRET
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DEVICE_NAME = torch.cuda.get_device_name() if CUDA else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+# The interpreter is for correctness: it sees only tiny shapes, and its timings are marked.
+TINY = dict(T=48, D=32, H=64, E=4, k=2)
+
+
+def layer_flops(T: int, D: int, H: int, E: int, k: int, shared_hidden: int = 0, backward: bool = False) -> int:
+    """FLOPs of one MoE FFN: router, k SwiGLU experts of width H per token, shared SwiGLU expert."""
+    forward = 2 * T * D * E + 2 * T * k * 3 * D * H + 2 * T * 3 * D * shared_hidden
+    return forward * (3 if backward else 1)
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def measure(benchmark, fn: Callable[[], object], *, group: str, case: str, variant: str, op: str,
+            flops: int | None = None, bytes_moved: int | None = None, dtype: torch.dtype = torch.float32,
+            tokens: int | None = None, images: int | None = None, backend: str | None = None) -> None:
+    """Benchmark ``fn`` (synchronising CUDA) and record what the report needs in ``extra_info``.
+
+    ``backend`` is the moe_kernels backend ``fn`` runs (``None`` for baselines); the one that
+    ``auto`` picks on this device is "ours", the reference of the report's ratios.
+    """
+    interpreted = backend == "triton" and not CUDA and INTERPRET
+
+    def run():
+        fn()
+        sync()
+
+    benchmark.extra_info.update(
+        group=group, case=case, variant=variant, op=op, flops=flops, bytes=bytes_moved, tokens=tokens, images=images,
+        device=DEVICE_NAME, dtype=str(dtype).removeprefix("torch."), backend=backend,
+        interpreted=interpreted, ours=backend == ("triton" if CUDA else "torch"),
+    )
+    if interpreted:
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    else:
+        benchmark(run)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and flops and not interpreted:
+        seconds = stats.stats.median
+        benchmark.extra_info["tflops" if CUDA else "gflops"] = flops / seconds / (1e12 if CUDA else 1e9)
+        if bytes_moved:
+            benchmark.extra_info["gb_per_s"] = bytes_moved / seconds / 1e9
+
+# name -> (T tokens, D width, H expert width, E experts, k); H = 4D as in DiT-MoE.
+PAPER_CASES = {
+    "S/2-8E2A T=32768": dict(T=32768, D=384, H=1536, E=8, k=2),
+    "S/2-16E2A T=32768": dict(T=32768, D=384, H=1536, E=16, k=2),
+    "XL/2-8E2A T=16384": dict(T=16384, D=1152, H=4608, E=8, k=2),
+    "G/2-16E2A T=16384": dict(T=16384, D=1408, H=5632, E=16, k=2),
+    "XL sampling T=4096": dict(T=4096, D=1152, H=4608, E=8, k=2),
+    "S sampling T=512": dict(T=512, D=384, H=1536, E=8, k=2),
+}
+SMALL_CASES = {"T=1024 D=128 E=8": dict(T=1024, D=128, H=512, E=8, k=2)}
+
+
+def layer_cases(paper: bool) -> dict[str, dict]:
+    """The layer group: the paper's shapes, or a sweep over tokens (the throughput plot)."""
+    if paper:
+        return PAPER_CASES
+    D, E = (384, 8) if CUDA else (128, 8)
+    sweep = (512, 4096, 16384, 32768) if CUDA else (256, 1024, 2048)
+    return {f"T={T} D={D} E={E}": dict(T=T, D=D, H=4 * D, E=E, k=2) for T in sweep}
+
+
+def dtype_for(paper: bool) -> torch.dtype:
+    return torch.bfloat16 if CUDA else torch.float32
+
+
+def cases(paper: bool) -> dict[str, dict]:
+    return PAPER_CASES if paper else SMALL_CASES
+
+
+def shape_for(case: dict, backend: str) -> tuple[str | None, dict]:
+    """The interpreter gets the tiny shape instead of ``case``; returns (label suffix, dims)."""
+    if backend == "triton" and not CUDA:
+        return " (interpreter, tiny)", TINY
+    return None, case

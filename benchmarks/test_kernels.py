@@ -1,0 +1,72 @@
+"""Kernel group: gating, routing and grouped_mm (forward, forward+backward); the triton and torch
+backends against a dense ``torch.mm`` of the same FLOPs."""
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from benchmarks.common import DEVICE, dtype_for, measure, shape_for
+from moe_kernels.routing import route
+
+BACKENDS = ["triton", "torch"]
+
+
+def _label(name, suffix):
+    return name + (suffix or "")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gating(benchmark, case, backend, paper_shapes):
+    name, dims = case
+    suffix, dims = shape_for(dims, backend)
+    T, E, k = dims["T"], dims["E"], dims["k"]
+    logits = torch.randn(T, E, device=DEVICE, dtype=dtype_for(paper_shapes))
+    measure(benchmark, lambda: mk.topk_gating(logits, k, backend=backend), group="kernels", op="gating",
+            case=_label(name, suffix), variant=backend, backend=backend, dtype=logits.dtype, tokens=T,
+            bytes_moved=T * E * (logits.element_size() + 4) + T * k * 12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routing(benchmark, case, backend):
+    name, dims = case
+    suffix, dims = shape_for(dims, backend)
+    T, E, k = dims["T"], dims["E"], dims["k"]
+    experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
+    measure(benchmark, lambda: route(experts, E, backend), group="kernels", op="routing",
+            case=_label(name, suffix), variant=backend, backend=backend, tokens=T, bytes_moved=T * k * (8 + 4 * 4))
+
+
+def _grouped_inputs(dims, dtype, grad):
+    T, D, H, E, k = (dims[key] for key in ("T", "D", "H", "E", "k"))
+    M = T * k
+    sizes = torch.distributions.Multinomial(M, torch.ones(E)).sample().long()
+    offsets = sizes.cumsum(0).to(torch.int32).to(DEVICE)
+    x = torch.randn(M, D, device=DEVICE, dtype=dtype, requires_grad=grad)
+    w = (torch.randn(E, D, H, device=DEVICE) / D**0.5).to(dtype).requires_grad_(grad)
+    return x, w, offsets
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("variant", ["triton", "torch", "dense-mm"])
+def test_grouped_mm(benchmark, case, variant, backward, paper_shapes):
+    name, dims = case
+    suffix, dims = shape_for(dims, variant)
+    dtype = dtype_for(paper_shapes)
+    x, w, offsets = _grouped_inputs(dims, dtype, backward)
+    grad = torch.randn(x.shape[0], w.shape[2], device=DEVICE, dtype=dtype)
+    if variant == "dense-mm":
+        w0 = w[0].detach().requires_grad_(backward)
+
+        def forward():
+            return x @ w0
+    else:
+
+        def forward():
+            return mk.grouped_mm(x, w, offsets, backend=variant)
+
+    fn = (lambda: forward().backward(grad)) if backward else forward
+    M, K, N = x.shape[0], w.shape[1], w.shape[2]
+    flops = 2 * M * K * N * (3 if backward else 1)
+    measure(benchmark, fn, group="kernels", op="grouped_mm " + ("fwd+bwd" if backward else "fwd"),
+            case=_label(name, suffix), variant=variant, flops=flops, dtype=dtype, tokens=dims["T"],
+            bytes_moved=(M * K + w.numel() + M * N) * x.element_size(), backend=None if variant == "dense-mm" else variant)
