@@ -29,15 +29,15 @@ def _rows(results: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def markdown(results: list[dict]) -> str:
-    """One table per group: median ms, FLOP rate (and images/s for the model group) and time
-    relative to ours, per variant."""
+    """One table per group: FLOPs per call, median ms, FLOP rate (and images/s for the model
+    group) and time relative to ours, per variant."""
     lines = []
     by_group = defaultdict(list)
     for key, entries in _rows(results).items():
         by_group[key[0]].append((key, entries))
     for group, rows in by_group.items():
         device = rows[0][1][0]["extra_info"]["device"]
-        lines += [f"### {group} ({device})", "", "| op | case | variant | dtype | median ms | rate | time / ours |", "|---|---|---|---|---|---|---|"]
+        lines += [f"### {group} ({device})", "", "| op | case | variant | dtype | GFLOP | median ms | rate | time / ours |", "|---|---|---|---|---|---|---|---|"]
         for (_, op, case), entries in rows:
             ours = [e for e in entries if e["extra_info"].get("ours")]
             base = ours[0]["stats"]["median"] if ours else None
@@ -52,7 +52,8 @@ def markdown(results: list[dict]) -> str:
                     rate += f", {info['images'] / median:.1f} img/s"
                 ratio = f"{median / base:.2f}" if base else ""
                 variant = info["variant"] + (" (interpreter)" if info.get("interpreted") else "")
-                lines.append(f"| {op} | {case} | {variant} | {info['dtype']} | {median * 1e3:.3f} | {rate} | {ratio} |")
+                gflop = f"{info['flops'] / 1e9:.3g}" if info.get("flops") else ""
+                lines.append(f"| {op} | {case} | {variant} | {info['dtype']} | {gflop} | {median * 1e3:.3f} | {rate} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 
