@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the final sample grid")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps of the final grid (default 250 DDPM or 50 Euler)")
     p.add_argument("--moe-backend", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model setting, e.g. --set mlp_ratio=15 --set num_shared_experts=0 (see dit.models.OVERRIDES)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     # A resumed run keeps its checkpoint's model unless --model names one (then they must agree).
@@ -181,11 +183,30 @@ def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> D
         learn_sigma=args.objective == "diffusion", objective=args.objective,
         latent=bool(args.vae) or dataset.is_latent,
     )
-    model = create_model(args.model, moe_backend=args.moe_backend, **overrides)
+    overrides.update(parse_overrides(args.model_overrides))
+    try:
+        model = create_model(args.model, moe_backend=args.moe_backend, **overrides)
+    except TypeError as error:
+        raise ValueError(str(error)) from error
     for moe in model.moe_layers():
         moe.balance_loss_alpha = args.balance_alpha
     model.config.balance_loss_alpha = args.balance_alpha
     return model
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["mlp_ratio=15", "qk_norm=true"]`` -> ``{"mlp_ratio": 15, "qk_norm": True}``."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text.lower() if text.lower() in ("true", "false") else text)
+        except json.JSONDecodeError:
+            value = text
+        overrides[key.strip()] = value
+    return overrides
 
 
 def train(args: argparse.Namespace) -> Path:

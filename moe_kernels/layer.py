@@ -4,6 +4,7 @@ expert-level balance loss of DiT-MoE."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,6 +42,8 @@ class MoE(nn.Module):
     DiT-MoE code does), added unweighted. After a forward in training mode ``aux_loss`` holds
     the balance loss (a scalar with grad); in eval mode it is ``None``. ``expert_counts`` holds the
 last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the gating kernel.
+``on_route``, when set, is called after gating with ``(experts [T, k], weights [T, k])`` for
+the flattened tokens, for routing analysis; it is ``None`` by default and then costs nothing.
 
     Under autocast the experts run in the autocast dtype; otherwise in the dtype of ``x``.
     """
@@ -85,6 +88,7 @@ last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the
             self.shared = SharedExpert(dim, shared_hidden_dim or num_shared_experts * dim, activation)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
+        self.on_route: Callable[[torch.Tensor, torch.Tensor], None] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,6 +111,8 @@ last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the
         weights, experts, _, counts, prob_sums = gating_with_stats(
             self.router(tokens), self.top_k, self.normalize_weights, backend
         )
+        if self.on_route is not None:
+            self.on_route(experts, weights)
         y = moe_ffn_unchecked(
             tokens.to(dtype), weights, experts, self.w_in.to(dtype), self.w_out.to(dtype), self.activation, backend
         )

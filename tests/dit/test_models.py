@@ -1,27 +1,17 @@
 import pytest
 import torch
 
+from dit.flops import PAPER_PARAMS
 from dit.models import create_model, model_names, parse_model_name
-
-# Table 1 of the paper: total and activated parameters.
-TABLE_1 = {
-    "DiT-MoE-S/2-8E2A": (199e6, 71e6),
-    "DiT-MoE-S/2-16E2A": (369e6, 71e6),
-    "DiT-MoE-B/2-8E2A": (795e6, 286e6),
-    "DiT-MoE-L/2-8E2A": (2.8e9, 1.0e9),
-    "DiT-MoE-XL/2-8E2A": (4.1e9, 1.5e9),
-    "DiT-MoE-G/2-16E2A": (16.5e9, 3.1e9),
-}
-
 
 def tiny(name="DiT-MoE-Ti/2-4E2A", **overrides):
     args = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2) | overrides
     return create_model(name, **args)
 
 
-@pytest.mark.parametrize("name", TABLE_1)
+@pytest.mark.parametrize("name", PAPER_PARAMS)
 def test_parameter_counts_match_table_1(name):
-    total_paper, active_paper = TABLE_1[name]
+    total_paper, active_paper = PAPER_PARAMS[name]
     with torch.device("meta"):
         model = create_model(name)
     total = sum(p.numel() for p in model.parameters())

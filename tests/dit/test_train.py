@@ -116,3 +116,16 @@ def test_two_process_ddp_on_gloo(tmp_path):
     run_dir = sorted(tmp_path.glob("[0-9][0-9][0-9]-*"))[-1]
     state = ckpt.load_state(run_dir / "checkpoints" / "0000002")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_model_overrides(tmp_path):
+    from dit.train import parse_overrides
+
+    assert parse_overrides(["mlp_ratio=15", "qk_norm=true", "num_shared_experts=0"]) == {"mlp_ratio": 15, "qk_norm": True, "num_shared_experts": 0}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["mlp_ratio"])
+    with pytest.raises(SystemExit, match="width"):
+        run(tmp_path, "--steps", "1", "--set", "width=3")
+    run_dir = run(tmp_path, "--steps", "1", "--set", "num_shared_experts=0")
+    _, config = ckpt.load_weights(run_dir / "checkpoints" / "0000001")
+    assert config.num_shared_experts == 0
