@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +86,13 @@ class Inception:
     def __init__(self, path: str | Path, device: torch.device):
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"--inception-weights {path} does not exist (a TorchScript inception-2015-12-05.pt)")
+            raise ValueError(f"--inception-weights {path} does not exist (TorchScript inception-2015-12-05.pt or .pkl)")
         try:
-            self.net = torch.jit.load(str(path), map_location=device).eval()
+            if path.suffix == ".pkl":  # StyleGAN3's download: the same TorchScript module, pickled
+                with open(path, "rb") as handle:
+                    self.net = pickle.load(handle).to(device).eval()
+            else:
+                self.net = torch.jit.load(str(path), map_location=device).eval()
         except Exception as error:
             raise ValueError(f"cannot load {path} as a TorchScript Inception: {error}") from error
         self.device = device

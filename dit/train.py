@@ -264,7 +264,9 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
     model.train()
     data = batches(dataset, batch, args.seed, start_step, env.rank, env.world_size)
     bar = tqdm(total=total_steps, initial=start_step, disable=not env.main, desc="train", dynamic_ncols=True)
-    window_loss = window_aux = 0.0
+    # Running sums stay on the device: reading them back every step would stall a GPU.
+    window_loss = torch.zeros((), device=device)
+    window_aux = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     for step in range(start_step, total_steps):
         x, y = next(data)
@@ -283,14 +285,14 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         optimizer.step()
         update_ema(ema, model, ema_decay(step, args.ema_decay))
 
-        window_loss += loss.item()
-        window_aux += aux.item()
+        window_loss += loss.detach()
+        window_aux += aux.detach()
         window_steps += 1
         bar.update(1)
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             elapsed = time.perf_counter() - window_start
-            mean_loss, mean_aux = env.mean(window_loss / window_steps), env.mean(window_aux / window_steps)
+            mean_loss, mean_aux = env.mean(window_loss.item() / window_steps), env.mean(window_aux.item() / window_steps)
             images_per_s = window_steps * global_batch / elapsed
             load = expert_load(model)
             if env.main:
@@ -298,7 +300,8 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
                 load_text = " ".join(f"L{i}:{s['min']}/{s['max']}/cv{s['cv']:.2f}" for i, s in enumerate(load))
                 log(log_file, f"step {done:7d} | loss {mean_loss:.5f} | balance {mean_aux:.5f} | {images_per_s:.1f} img/s"
                     + (f" | expert load min/max/cv {load_text}" if load else ""), echo=False)
-            window_loss = window_aux = 0.0
+            window_loss.zero_()
+            window_aux.zero_()
             window_steps, window_start = 0, time.perf_counter()
         if done % args.ckpt_every == 0 or done == total_steps:
             rng = env.gather(rng_state(device))

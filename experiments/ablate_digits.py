@@ -56,14 +56,14 @@ def evaluate(checkpoint: Path, per_class: int, sample_steps: int, seed: int) -> 
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--results-dir", default="results/ablation")
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--sample-steps", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows = {}
     for name, flags in MODELS.items():
         run_dir = Path(args.results_dir) / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
@@ -86,6 +86,7 @@ def main() -> None:
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.results_dir) / "table.md").write_text(table + "\n")
     print(table)
+    return table
 
 
 if __name__ == "__main__":
