@@ -129,3 +129,27 @@ def test_model_overrides(tmp_path):
     run_dir = run(tmp_path, "--steps", "1", "--set", "num_shared_experts=0")
     _, config = ckpt.load_weights(run_dir / "checkpoints" / "0000001")
     assert config.num_shared_experts == 0
+
+
+def test_image_folder_and_latent_directories(tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "images"
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.random.default_rng(i).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / label / f"{i}.png")
+    run_dir = run(tmp_path / "runs", "--data", str(folder), "--image-size", "8", "--steps", "1", "--global-batch-size", "2")
+    _, config = ckpt.load_weights(run_dir / "checkpoints" / "0000001")
+    assert (config.in_channels, config.input_size, config.num_classes, config.latent) == (3, 8, 2, False)
+    assert (run_dir / "samples.png").is_file()
+
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    save_file({"latents": torch.randn(6, 4, 4, 4).half(), "labels": torch.tensor([0, 1, 2, 0, 1, 2])}, str(latents / "00000.safetensors"))
+    run_dir = run(tmp_path / "runs", "--data", str(latents), "--steps", "1", "--global-batch-size", "2")
+    _, config = ckpt.load_weights(run_dir / "checkpoints" / "0000001")
+    assert (config.in_channels, config.input_size, config.num_classes, config.latent) == (4, 4, 3, True)
+    assert "no sample grid" in (run_dir / "log.txt").read_text()
