@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import build_from_checkpoint
 from .data import decode, load_vae
-from .sampling import SAMPLERS, generate, save_grid, to_uint8
+from .sampling import SAMPLERS, default_steps, generate, save_grid, to_uint8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +51,7 @@ def sample(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
         labels = torch.arange(args.num_samples) % config.num_classes
     else:
         labels = torch.full((args.num_samples,), args.class_label)
-    steps = args.steps or (50 if config.objective == "rectified-flow" else 250)
+    steps = args.steps or default_steps(config)
     generator = torch.Generator().manual_seed(args.seed)
     images = []
     for chunk in tqdm(labels.split(args.batch_size), desc="batches", disable=len(labels) <= args.batch_size):

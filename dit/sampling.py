@@ -14,6 +14,11 @@ from .models import DiT
 SAMPLERS = ("ddpm", "ddim", "euler")
 
 
+def default_steps(config) -> int:
+    """Sampling steps when none are asked for: DiT's 250 DDPM steps, or 50 Euler steps."""
+    return 50 if config.objective == "rectified-flow" else 250
+
+
 def guided(model: DiT, labels: torch.Tensor, cfg_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The model as a function of ``(x, t)``, conditioned on ``labels``; with ``cfg_scale != 1``,
     classifier-free guidance: ``uncond + s * (cond - uncond)`` on the predicted channels (the
@@ -38,7 +43,7 @@ def generate(
     model: DiT,
     labels: torch.Tensor,
     cfg_scale: float = 1.0,
-    steps: int = 250,
+    steps: int | None = None,
     sampler: str | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -46,9 +51,10 @@ def generate(
     """Samples ``[N, C, H, W]`` for ``labels [N]``: pixels in about [-1, 1], or latents.
 
     ``sampler``: ``"ddpm"`` (default for diffusion; ``steps`` respaced steps), ``"ddim"``, or
-    ``"euler"`` (rectified flow, the only one it takes).
+    ``"euler"`` (rectified flow, the only one it takes). ``steps`` defaults to ``default_steps``.
     """
     config = model.config
+    steps = steps or default_steps(config)
     if sampler is None:
         sampler = "euler" if config.objective == "rectified-flow" else "ddpm"
     if sampler not in SAMPLERS:

@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .data import batches, encode, load_dataset, load_vae, steps_per_epoch
+from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
 from .models import DiT, create_model
-from .sampling import generate, save_grid, to_uint8
+from .sampling import default_steps, generate, save_grid, to_uint8
 
 # Defaults of the flags left unset: DiT's for real data, and a preset that learns the embedded
 # digits on a CPU in minutes (a small model, a short run, hence a larger learning rate).
@@ -181,16 +181,13 @@ def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> D
     overrides = dict(
         input_size=size, in_channels=channels, num_classes=dataset.num_classes,
         learn_sigma=args.objective == "diffusion", objective=args.objective,
-        latent=bool(args.vae) or dataset.is_latent,
+        latent=bool(args.vae) or dataset.is_latent, balance_loss_alpha=args.balance_alpha,
     )
     overrides.update(parse_overrides(args.model_overrides))
     try:
         model = create_model(args.model, moe_backend=args.moe_backend, **overrides)
     except TypeError as error:
         raise ValueError(str(error)) from error
-    for moe in model.moe_layers():
-        moe.balance_loss_alpha = args.balance_alpha
-    model.config.balance_loss_alpha = args.balance_alpha
     return model
 
 
@@ -324,10 +321,10 @@ def write_sample_grid(args, ema: DiT, vae, path: Path, log_file) -> None:
         return
     per_class = 8 if config.num_classes <= 16 else 1
     labels = torch.arange(min(config.num_classes, 64)).repeat_interleave(per_class)
-    steps = args.sample_steps or (50 if config.objective == "rectified-flow" else 250)
+    steps = args.sample_steps or default_steps(config)
     images = generate(ema, labels, args.cfg_scale, steps, generator=torch.Generator().manual_seed(args.seed))
     if vae is not None:
-        images = torch.cat([vae.decode(chunk / 0.18215).sample for chunk in images.split(16)])
+        images = torch.cat([decode(vae, chunk) for chunk in images.split(16)])
     save_grid(to_uint8(images), path, nrow=per_class if per_class > 1 else 8)
     log(log_file, f"wrote {len(labels)} EMA samples (cfg {args.cfg_scale}, {steps} steps) to {path}")
 
