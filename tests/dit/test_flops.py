@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dit.flops import PAPER_PARAMS, count, main
+from dit.flops import PAPER, count, main
 from dit.models import create_model, parse_model_name
 
 
@@ -18,24 +18,37 @@ def test_parameter_count_matches_the_model(name, qk_norm):
     assert counts.active_params == expected_active
 
 
-def test_flops_of_dense_dit_xl_match_the_dit_paper():
-    """DiT reports 118.6 Gflops for DiT-XL/2: multiply-accumulates, attention's N x N products
-    included. Our thop-style count leaves those out; adding them back gives DiT's figure."""
-    config = parse_model_name("DiT-XL/2")
+@pytest.mark.parametrize("name", PAPER)
+def test_counts_reproduce_the_published_figures(name):
+    """DiT-MoE's Table 1 counts linear layers only and matches to its printed 0.01 Gflops; DiT's
+    Table 4 also counts attention's N x N products and matches to 0.02%."""
+    paper = PAPER[name]
+    counts = count(parse_model_name(name))
+    gmacs = counts.published_convention(paper.source) / 1e9
+    within_rounding = pytest.approx(paper.gmacs, abs=0.005)
+    assert gmacs == (within_rounding if "MoE" in name else pytest.approx(paper.gmacs, abs=0.005, rel=2e-4))
+    assert counts.params == pytest.approx(paper.params, rel=0.03)
+    assert counts.active_params == pytest.approx(paper.active_params, rel=0.03)
+
+
+def test_attention_products_are_the_only_difference_between_the_conventions():
+    config = parse_model_name("DiT-MoE-XL/2-8E2A")
     counts = count(config)
-    attention_macs = config.depth * 2 * 256**2 * config.hidden_size
-    assert (counts.thop_macs + attention_macs) / 1e9 == pytest.approx(118.6, abs=0.2)
+    tokens = (config.input_size // config.patch_size) ** 2
+    assert counts.macs - counts.linear_macs == config.depth * 2 * tokens**2 * config.hidden_size
+    assert counts.flops == 2 * counts.macs
 
 
-def test_sparse_model_flops_follow_activated_parameters():
+def test_sparse_model_compute_follows_activated_parameters():
     s8, s16 = count(parse_model_name("DiT-MoE-S/2-8E2A")), count(parse_model_name("DiT-MoE-S/2-16E2A"))
     assert s16.params > 1.8 * s8.params and s16.flops == pytest.approx(s8.flops, rel=1e-3)
-    for name, (total, active) in PAPER_PARAMS.items():
-        counts = count(parse_model_name(name))
-        assert counts.params == pytest.approx(total, rel=0.03) and counts.active_params == pytest.approx(active, rel=0.03)
 
 
 def test_cli_prints_the_table(capsys):
     main([])
     out = capsys.readouterr().out
-    assert "DiT-MoE-G/2-16E2A" in out and "thop GMACs" in out
+    assert "DiT-MoE-G/2-16E2A" in out and "690.94" in out and "+attn" in out
+    main(["--image-size", "512"])
+    assert "690.94" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--image-size", "100"])
