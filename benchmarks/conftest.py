@@ -40,7 +40,9 @@ def _seed():
 
 def pytest_sessionfinish(session):
     bench_session = getattr(session.config, "_benchmarksession", None)
-    if bench_session is None or bench_session.disabled:
+    # Only the documented `--benchmark-only` run saves: a plain `pytest` times the benchmarks
+    # between tests, and its numbers must not replace the committed ones.
+    if bench_session is None or bench_session.disabled or not session.config.getoption("benchmark_only"):
         return
     results = [b.as_dict(include_data=False) for b in bench_session.benchmarks if b.stats]
     if not results:

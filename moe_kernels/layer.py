@@ -41,9 +41,9 @@ class MoE(nn.Module):
     one MLP of hidden width ``shared_hidden_dim`` (default ``num_shared_experts * dim``, as the
     DiT-MoE code does), added unweighted. After a forward in training mode ``aux_loss`` holds
     the balance loss (a scalar with grad); in eval mode it is ``None``. ``expert_counts`` holds the
-last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the gating kernel.
-``on_route``, when set, is called after gating with ``(experts [T, k], weights [T, k])`` for
-the flattened tokens, for routing analysis; it is ``None`` by default and then costs nothing.
+    last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the gating kernel.
+    ``on_route``, when set, is called after gating with ``(experts [T, k], weights [T, k])`` for
+    the flattened tokens, for routing analysis; it is ``None`` by default and then costs nothing.
 
     Under autocast the experts run in the autocast dtype; otherwise in the dtype of ``x``.
     """

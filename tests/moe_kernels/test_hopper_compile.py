@@ -1,0 +1,47 @@
+"""Every kernel launch of the public ops also compiles for a Hopper GPU (sm_90a), with the
+Triton installed here, although no GPU is present: the interpreter alone would accept kernels
+that the GPU compiler rejects."""
+
+import pytest
+import torch
+
+from moe_kernels.backend import INTERPRET
+
+from .hopper_compile import SHARED_MEMORY_LIMIT, compile_launches, moe_workload, nvidia_backend_missing, record_launches
+
+_NO_COMPILER = nvidia_backend_missing()
+pytestmark = [
+    pytest.mark.skipif(not INTERPRET, reason="records launches through the interpreter; on a GPU the tests compile the kernels anyway"),
+    pytest.mark.skipif(_NO_COMPILER is not None, reason=str(_NO_COMPILER)),
+]
+
+
+def test_every_launch_compiles_for_hopper():
+    # fp16 lowers like bf16. One autotune config per launch keeps this short;
+    # `python -m tests.moe_kernels.hopper_compile` compiles them all.
+    launches = record_launches(moe_workload((torch.float32, torch.bfloat16)))
+    kernels = {launch["kernel"] for launch in launches}
+    assert {"_topk_gating_kernel", "_topk_gating_backward_kernel", "_expert_stats_kernel", "_rank_kernel",
+            "_scan_kernel", "_scatter_kernel", "_grouped_mm_kernel", "_grouped_wgrad_kernel", "_combine_kernel",
+            "_combine_weight_grad_kernel"} <= kernels
+    results = compile_launches(launches, full_report=False)
+    failures = [f"{r['kernel']} {r['dtype']} {r['constants']}: {r['error']}" for r in results if not r["ok"]]
+    assert not failures, "\n\n".join(failures)
+    too_big = [r for r in results if r["shared_bytes"] > SHARED_MEMORY_LIMIT]
+    assert not too_big, f"the first config of these launches needs more shared memory than Hopper has: {too_big}"
+
+
+def test_launches_are_recorded_with_the_jit_specialization():
+    from moe_kernels import grouped_mm
+
+    def workload():
+        x = torch.randn(20, 32, requires_grad=False)
+        grouped_mm(x, torch.randn(3, 32, 48), torch.tensor([5, 5, 20], dtype=torch.int32), backend="triton")
+
+    (launch,) = record_launches(workload)
+    assert launch["kernel"] == "_grouped_mm_kernel"
+    signature, constants, attrs = launch["signature"], launch["constants"], launch["attrs"]
+    assert signature["a_ptr"] == "*fp32" and attrs["a_ptr"] == "D"
+    assert signature["M"] == "i32" and "M" not in attrs  # 20 is not a multiple of 16
+    assert signature["stride_bn"] == "constexpr" and constants["stride_bn"] == 1  # Triton folds 1s
+    assert signature["EPILOGUE"] == "constexpr" and constants["EPILOGUE"] == "none"
