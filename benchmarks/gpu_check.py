@@ -1,20 +1,25 @@
 """One prepared GPU run: check every op in bf16 against the reference, then time the MoE layer.
 
     PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --out benchmarks/results
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke --out /tmp/x   # the same code on CPU, tiny
 
 Part 1 compares each op (forward and gradients) of the ``triton`` backend with
 ``moe_kernels.reference`` in bf16 and fp32. Part 2 times one MoE FFN layer (router, top-2
 gating, SwiGLU experts, weighted combine; DESIGN.md section 5 shapes) forward and
 forward+backward for the ``triton`` and ``torch`` backends and for ``dense-eq`` (one dense
 SwiGLU MLP over the T*k token copies: the same FLOPs without routing). Results are printed and
-written as JSON named after the card.
+written as JSON named after the card. ``--smoke`` runs every step on CPU through the Triton
+interpreter at tiny sizes, in fp32, timing each call once, so that the script a short GPU lease
+depends on is itself tested (``tests/test_gpu_check.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +28,7 @@ import triton
 
 import moe_kernels as mk
 from moe_kernels import reference
+from moe_kernels.backend import INTERPRET
 
 # name: (T, D, E, k); H = 4D
 SHAPES = {
@@ -33,14 +39,18 @@ SHAPES = {
     "XL sampling T=4096": (4096, 1152, 8, 2),
     "S sampling T=512": (512, 384, 8, 2),
 }
+SMOKE_SHAPES = {"smoke T=40": (40, 32, 4, 2)}
 TOL = {torch.bfloat16: dict(atol=5e-2, rtol=5e-2), torch.float32: dict(atol=1e-3, rtol=1e-3)}
 
 
-def check(dtype: torch.dtype) -> list[str]:
-    """Compare every op to the reference; return failures as text."""
+def check(
+    dtype: torch.dtype, dev: str = "cuda", T: int = 777, D: int = 256, H: int = 320,
+    group_sizes: tuple[int, ...] = (0, 300, 1, 0, 476, 200, 400, 177),
+) -> list[str]:
+    """Compare every op to the reference on ``T`` tokens of width ``D`` (expert width ``H``, 8
+    experts, top-2; ``grouped_mm`` on rows grouped by ``group_sizes``); return failures as text."""
     failures = []
-    dev = "cuda"
-    T, D, H, E, k = 777, 256, 320, 8, 2
+    E, k = 8, 2
 
     def compare(name, got, want):
         try:
@@ -61,7 +71,7 @@ def check(dtype: torch.dtype) -> list[str]:
     experts = torch.rand(T, E, device=dev).argsort(1)[:, :k]
     compare("balance_loss", mk.balance_loss(probs, experts, E, backend="triton"), reference.balance_loss(probs, experts, E))
 
-    sizes = torch.tensor([0, 300, 1, 0, 476, 200, 400, 177], device=dev)
+    sizes = torch.tensor(group_sizes, device=dev)
     offsets = sizes.cumsum(0).int()
     x = torch.randn(int(sizes.sum()), D, device=dev, dtype=dtype, requires_grad=True)
     w = (torch.randn(E, D, H, device=dev) / D**0.5).to(dtype).requires_grad_()
@@ -88,9 +98,8 @@ def check(dtype: torch.dtype) -> list[str]:
     return failures
 
 
-def layer_fn(backend: str, T: int, D: int, E: int, k: int, backward: bool):
+def layer_fn(backend: str, T: int, D: int, E: int, k: int, backward: bool, dev: str = "cuda", dtype=torch.bfloat16):
     H = 4 * D
-    dev, dtype = "cuda", torch.bfloat16
     x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=backward)
     router = (torch.randn(D, E, device=dev) / D**0.5).to(dtype).requires_grad_(backward)
     w_in = (torch.randn(E, D, 2 * H, device=dev) / D**0.5).to(dtype).requires_grad_(backward)
@@ -117,23 +126,40 @@ def flops(T, D, E, k, backward):
     return forward * (3 if backward else 1)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def _time_once(fn: Callable[[], object]) -> float:
+    """Milliseconds of one call: the smoke run's stand-in for ``do_bench``, which needs CUDA."""
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args()
-    card = torch.cuda.get_device_name()
+    p.add_argument("--smoke", action="store_true", help="run every step on CPU, tiny, through the Triton interpreter")
+    args = p.parse_args(argv)
+    if args.smoke and not INTERPRET:
+        p.error("--smoke runs the kernels through the interpreter: set TRITON_INTERPRET=1")
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("no CUDA device; --smoke runs the script on CPU")
+    dev = "cpu" if args.smoke else "cuda"
+    card = "smoke (CPU, interpreter)" if args.smoke else torch.cuda.get_device_name()
     started = time.time()
     report = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "checks": {}, "timings": {}}
-    for dtype in (torch.float32, torch.bfloat16):
-        failures = check(dtype)
+    # The interpreter's bf16 tl.dot is wrong, so the smoke run checks fp32 only.
+    for dtype in (torch.float32,) if args.smoke else (torch.float32, torch.bfloat16):
+        tiny = dict(T=45, D=16, H=24, group_sizes=(0, 7, 1, 0, 12, 5, 9, 3))
+        failures = check(dtype, dev, **tiny) if args.smoke else check(dtype)
         report["checks"][str(dtype)] = failures or "ok"
         print(f"check {dtype}: {'ok' if not failures else failures}", flush=True)
+    bench = _time_once if args.smoke else lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
     print(f"{'shape':24s} {'backend':9s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s fwd':>12s}", flush=True)
-    for name, (T, D, E, k) in SHAPES.items():
+    for name, (T, D, E, k) in (SMOKE_SHAPES if args.smoke else SHAPES).items():
         for backend in ("triton", "torch", "dense-eq"):
             row = {}
             for backward in (False, True):
-                ms = triton.testing.do_bench(layer_fn(backend, T, D, E, k, backward), warmup=25, rep=100)
+                ms = bench(layer_fn(backend, T, D, E, k, backward, dev, dtype))
                 row["fwd+bwd" if backward else "fwd"] = ms
             row["tflops_fwd"] = flops(T, D, E, k, False) / row["fwd"] / 1e9
             report["timings"][f"{name} | {backend}"] = row
@@ -141,9 +167,10 @@ def main() -> None:
     report["seconds"] = time.time() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_check_{card.replace(' ', '_')}.json"
+    path = out / f"gpu_check_{re.sub(r'[^A-Za-z0-9._-]+', '_', card).strip('_')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":
