@@ -54,7 +54,10 @@ _WGRAD_CONFIGS = autotune_configs(
     ],
     _INTERPRETER_CONFIG,
 )
-_ROW_KEYS = ["M", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C"]
+# The kernels read row counts from ``offsets``; ``M_BUCKET``, the row count rounded up to a power
+# of two, only keys the autotuner, so a new token count reuses the config tuned for its bucket
+# instead of benchmarking every config again.
+_ROW_KEYS = ["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C"]
 
 
 @triton.jit
@@ -104,7 +107,7 @@ def _group_of_tile(offsets_ptr, tile, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.cons
 @triton.jit
 def _grouped_mm_kernel(
     a_ptr, b_ptr, c_ptr, offsets_ptr, a_rows_ptr, c_rows_ptr, scale_ptr, scale_rows_ptr, aux_ptr,
-    M, N, K, E,
+    M_BUCKET, N, K, E,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
     EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, STORE_AUX: tl.constexpr,
     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
@@ -178,11 +181,11 @@ def _grouped_mm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "N", "K", "GATHER_A", "GATHER_B", "SCALE"])
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE"])
 @triton.jit
 def _grouped_wgrad_kernel(
     a_ptr, b_ptr, c_ptr, offsets_ptr, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
-    M, N, K, E,
+    M_BUCKET, N, K, E,
     stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_ck, stride_cn,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -252,7 +255,7 @@ def _launch_rows(
         a, b, c, offsets,
         unused if a_rows is None else a_rows, unused if c_rows is None else c_rows,
         c if scale is None else scale, unused if scale_rows is None else scale_rows, aux,
-        num_rows, num_cols, K, E,
+        triton.next_power_of_2(num_rows), num_cols, K, E,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         aux.stride(0), aux.stride(1),
         EPILOGUE=epilogue, ACTIVATION=activation, GLU=glu, STORE_AUX=store_aux,
@@ -371,7 +374,7 @@ def gmm_wgrad(
         a, b, c, offsets,
         unused if a_rows is None else a_rows, unused if b_rows is None else b_rows,
         c if scale is None else scale, unused if scale_rows is None else scale_rows,
-        a.shape[0] if a_rows is None else a_rows.shape[0], N, K, E,
+        triton.next_power_of_2(a.shape[0] if a_rows is None else a_rows.shape[0]), N, K, E,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2),
         GATHER_A=a_rows is not None, GATHER_B=b_rows is not None, SCALE=scale is not None,
         PRECISION=_precision(a.dtype),

@@ -92,3 +92,29 @@ def test_matches_stanford_stk_block_sparse_products(dtype):
 def test_bad_input_raises(args, error, match):
     with pytest.raises(error, match=match):
         mk.grouped_mm(*args)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="spies on the interpreter's launches")
+def test_autotune_key_buckets_the_row_count(monkeypatch):
+    """Row counts in one power-of-two bucket share one autotuned config, so a new token count
+    does not benchmark every config again."""
+    from moe_kernels import grouped_gemm
+
+    buckets = []
+    for kernel in (grouped_gemm._grouped_mm_kernel, grouped_gemm._grouped_wgrad_kernel):
+        assert "M_BUCKET" in kernel.keys
+        inner = kernel.fn
+        run = inner.run
+
+        def spy(*args, _inner=inner, _run=run, **kwargs):
+            buckets.append(dict(zip(_inner.arg_names, args))["M_BUCKET"])
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(inner, "run", spy)
+    for rows in (17, 32):
+        x = torch.randn(rows, 8, requires_grad=True)
+        w = torch.randn(2, 8, 8, requires_grad=True)
+        offsets = torch.tensor([rows // 2, rows], dtype=torch.int32)
+        y = mk.grouped_mm(x, w, offsets, backend="triton")
+        y.backward(torch.randn_like(y))
+    assert set(buckets) == {32} and len(buckets) == 6  # forward, dx and dw, twice

@@ -42,6 +42,7 @@ def test_launches_are_recorded_with_the_jit_specialization():
     assert launch["kernel"] == "_grouped_mm_kernel"
     signature, constants, attrs = launch["signature"], launch["constants"], launch["attrs"]
     assert signature["a_ptr"] == "*fp32" and attrs["a_ptr"] == "D"
-    assert signature["M"] == "i32" and "M" not in attrs  # 20 is not a multiple of 16
+    assert signature["K"] == "i32" and attrs["K"] == "D"
+    assert signature["E"] == "i32" and "E" not in attrs  # 3 is not a multiple of 16
     assert signature["stride_bn"] == "constexpr" and constants["stride_bn"] == 1  # Triton folds 1s
     assert signature["EPILOGUE"] == "constexpr" and constants["EPILOGUE"] == "none"
