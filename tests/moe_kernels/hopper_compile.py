@@ -99,6 +99,14 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(registers.group(1)) if registers else None, "spill_bytes": int(spills.group(1)) if spills else 0}
 
 
+def _mma_kind(ptx: str) -> str:
+    """Which tensor-core instruction the kernel's dots became: Hopper's asynchronous warpgroup
+    MMA, the older per-warp MMA, or none (CUDA-core FMAs)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if "mma.sync" in ptx else "none"
+
+
 def _compile_one(launch: dict, full_report: bool) -> list[dict]:
     """Compile one recorded launch with its first autotune config or, for ``full_report``, with
     every config the GPU autotuner would try, adding ptxas's register and spill counts (this
@@ -137,7 +145,7 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
             compiled = triton.compile(source, target=target, options=options)
             result |= {"ok": True, "shared_bytes": compiled.metadata.shared}
             if full_report:
-                result |= _ptxas_report(compiled.asm["ptx"])
+                result |= _ptxas_report(compiled.asm["ptx"]) | {"mma": _mma_kind(compiled.asm["ptx"])}
         except Exception as error:  # noqa: BLE001 - every failure is reported with its launch
             result |= {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
         results.append(result)
@@ -207,18 +215,18 @@ _VARIANT_KEYS = ("EPILOGUE", "ACTIVATION", "GLU", "STORE_AUX", "GATHER_A", "GATH
 def table(results: list[dict]) -> str:
     """A markdown table of ``compile_launches`` results; fits Hopper's limits or says why not."""
     lines = [
-        "kernel | dtype | variant | aligned | config | compiles | registers | spill bytes | shared KiB",
-        "---|---|---|---|---|---|---|---|---",
+        "kernel | dtype | variant | aligned | config | compiles | tensor cores | registers | spill bytes | shared KiB",
+        "---|---|---|---|---|---|---|---|---|---",
     ]
     for r in results:
         variant = " ".join(f"{k}={r['constants'][k]}" for k in _VARIANT_KEYS if r["constants"].get(k) not in (None, False))
         config = " ".join(f"{k}={v}" for k, v in r["config"].items())
         head = f"{r['kernel']} | {r['dtype']} | {variant} | {'yes' if r['aligned'] else 'no'} | {config}"
         if not r["ok"]:
-            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | |")
+            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | |")
             continue
         shared = f"{r['shared_bytes'] / 1024:.0f}" + (" (over the limit)" if r["shared_bytes"] > SHARED_MEMORY_LIMIT else "")
-        lines.append(f"{head} | yes | {r['registers']} | {r['spill_bytes']} | {shared}")
+        lines.append(f"{head} | yes | {r['mma']} | {r['registers']} | {r['spill_bytes']} | {shared}")
     return "\n".join(lines)
 
 
@@ -226,7 +234,9 @@ def summary(results: list[dict]) -> str:
     """What a reader of the table needs first: what compiled, what cannot launch, what spills."""
     compiled = [r for r in results if r["ok"]]
     too_big = [r for r in compiled if r["shared_bytes"] > SHARED_MEMORY_LIMIT]
-    spilling = [r for r in compiled if r["aligned"] and r["dtype"] in ("bf16", "fp16") and r.get("spill_bytes")]
+    half = [r for r in compiled if r["aligned"] and r["dtype"] in ("bf16", "fp16") and "grouped" in r["kernel"]]
+    spilling = [r for r in half if r["spill_bytes"]]
+    wgmma = [r for r in half if r["mma"] == "wgmma"]
     return "\n".join([
         (f"Every launch of the public ops' forward and backward (`moe_workload`), compiled for "
          f"sm_{TARGET_CAPABILITY}a by Triton {results[0]['triton']} with each autotune config: "
@@ -235,7 +245,8 @@ def summary(results: list[dict]) -> str:
         f"- {len(compiled)} of {len(results)} launch x config pairs compile.",
         (f"- {len(too_big)} need more shared memory than Hopper's {SHARED_MEMORY_LIMIT // 1024} KiB; "
          "the autotuner skips those configs on the GPU."),
-        f"- {len(spilling)} aligned bf16/fp16 pairs spill registers (spill bytes per thread, from ptxas).",
+        (f"- {len(wgmma)} of the {len(half)} aligned bf16/fp16 GEMM pairs use wgmma; {len(spilling)} spill registers "
+         "(spill bytes per thread, from ptxas)."),
         ("- *aligned*: every runtime stride is a multiple of 16 elements, as at real model sizes; the "
          "unaligned launches (rows of 16 x 24) show the fallback Triton takes without 16-byte alignment."),
         ("- fp32 runs `tl.dot` in IEEE fp32 (torch's default, `allow_tf32=False`) on CUDA cores, "
