@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import build_from_checkpoint
 from .data import decode, load_vae
+from .precision import PRECISIONS, use_precision
 from .sampling import SAMPLERS, default_steps, generate, save_grid, to_uint8
 
 
@@ -33,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL, to decode a latent model's samples")
     p.add_argument("--moe-backend", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="tf32",
+                   help="tf32: fp32 with TF32 matmuls on GPU, as DiT samples; fp32: IEEE matmuls; bf16: autocast")
     return p.parse_args(argv)
 
 
@@ -53,9 +56,11 @@ def sample(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
         labels = torch.full((args.num_samples,), args.class_label)
     steps = args.steps or default_steps(config)
     generator = torch.Generator().manual_seed(args.seed)
+    precision = use_precision(args.precision, device)
     images = []
     for chunk in tqdm(labels.split(args.batch_size), desc="batches", disable=len(labels) <= args.batch_size):
-        out = generate(model, chunk, args.cfg_scale, steps, args.sampler, generator=generator, progress=True)
+        with precision:
+            out = generate(model, chunk, args.cfg_scale, steps, args.sampler, generator=generator, progress=True)
         images.append(to_uint8(decode(vae, out) if vae is not None else out))
     arr = np.concatenate(images)
     labels_np = labels.numpy().astype(np.int64)

@@ -11,7 +11,6 @@ Layout of a run: ``<results-dir>/<NNN>-<model>/`` with ``log.txt``, ``samples.pn
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -29,6 +28,7 @@ from . import checkpoint as ckpt
 from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
 from .models import DiT, create_model
+from .precision import PRECISIONS, use_precision
 from .sampling import default_steps, generate, save_grid, to_uint8
 
 # Defaults of the flags left unset: DiT's for real data, and a preset that learns the embedded
@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--results-dir", default="results")
     p.add_argument("--resume", default=None, help="a checkpoint or run directory, or 'latest' (the newest run in --results-dir)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 runs the model under autocast")
+    p.add_argument("--precision", choices=PRECISIONS, default="tf32",
+                   help="tf32: fp32 with TF32 matmuls on GPU, as DiT trains; fp32: IEEE matmuls; bf16: autocast")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--objective", choices=("diffusion", "rectified-flow"), default="diffusion")
     p.add_argument("--balance-alpha", type=float, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
@@ -256,7 +257,7 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         log(log_file, f"run {run_dir} | {model.config.name} | {n_params / 1e6:.2f}M parameters | data {args.data} ({len(dataset)} items) "
             f"| {total_steps} steps of {global_batch} | {env.world_size} process(es) on {device}")
         log(log_file, "args " + json.dumps(vars(args)))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+    autocast = use_precision(args.precision, device)
 
     model.train()
     data = batches(dataset, batch, args.seed, start_step, env.rank, env.world_size)

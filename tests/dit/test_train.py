@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from dit import checkpoint as ckpt
+from dit.precision import use_precision
 from dit.sample import main as sample_main
 from dit.train import main as train_main
 
@@ -93,6 +94,19 @@ def test_sample_cli(tmp_path):
     assert np.load(out)["arr_1"].tolist() == [7, 7, 7]
     with pytest.raises(SystemExit, match="class"):
         sample_main(["--ckpt", str(checkpoint), "--class", "10", "--out", str(out)])
+
+
+def test_precisions(tmp_path):
+    run_dir = run(tmp_path, "--steps", "1", "--precision", "bf16")
+    assert torch.backends.cuda.matmul.allow_tf32  # bf16 leaves fp32 leftovers on TF32
+    out = tmp_path / "s.npz"
+    for precision in ("bf16", "fp32"):
+        sample_main(["--ckpt", str(run_dir / "checkpoints" / "0000001"), "--num-samples", "2", "--steps", "2",
+                     "--precision", precision, "--out", str(out)])
+        assert np.load(out)["arr_0"].shape == (2, 8, 8, 1)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    with pytest.raises(ValueError, match="precision"):
+        use_precision("fp16", torch.device("cpu"))
 
 
 def test_rectified_flow_objective(tmp_path):

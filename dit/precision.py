@@ -1,0 +1,29 @@
+"""The ``--precision`` of the trainer and the sampler: how the model's arithmetic runs.
+
+- ``"tf32"`` (default): fp32 values, matrix products on tensor cores in TF32, as DiT's and
+  DiT-MoE's own scripts run (``allow_tf32 = True``). The Triton GEMMs follow the same switch.
+- ``"fp32"``: IEEE fp32 matrix products: exact, and much slower on a GPU.
+- ``"bf16"``: the model under bf16 autocast; the weights stay fp32.
+
+On a CPU ``"tf32"`` and ``"fp32"`` are the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("tf32", "fp32", "bf16")
+
+
+def use_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Set torch's fp32 matmul mode for ``precision`` and return the context to run the model in."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
