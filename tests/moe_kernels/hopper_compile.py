@@ -8,9 +8,9 @@ fail to build on the GPU. This module closes that gap in two steps:
    records each distinct kernel launch: argument types, ``tl.constexpr`` values and the
    specialization Triton's JIT would give it on the GPU.
 2. ``compile_launches`` builds each one for ``sm_90a`` with Triton's NVIDIA backend and the
-   ``ptxas`` it ships, in processes started without the interpreter: with the first autotune
-   config, or with every config the GPU autotuner would try, reading registers and spills
-   from ``ptxas``.
+   ``ptxas`` it ships, in processes started without the interpreter: with the smallest autotune
+   config (the one the autotuner can always fall back on), or with every config the GPU
+   autotuner would try, reading registers and spills from ``ptxas``.
 
     python -m tests.moe_kernels.hopper_compile      # the table of kernels x configs
 """
@@ -107,8 +107,16 @@ def _mma_kind(ptx: str) -> str:
     return "mma" if "mma.sync" in ptx else "none"
 
 
+def _pipeline_size(config) -> int:
+    """Elements a config's software pipeline holds: its tiles times its stages."""
+    if config is None:
+        return 0
+    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return config.num_stages * (m * k + k * n)
+
+
 def _compile_one(launch: dict, full_report: bool) -> list[dict]:
-    """Compile one recorded launch with its first autotune config or, for ``full_report``, with
+    """Compile one recorded launch with its smallest autotune config or, for ``full_report``, with
     every config the GPU autotuner would try, adding ptxas's register and spill counts (this
     process must have imported triton without the interpreter)."""
     import triton
@@ -118,7 +126,8 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
 
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
     configs = kernel.configs if isinstance(kernel, Autotuner) else [None]
-    configs = configs if full_report else configs[:1]
+    if not full_report:
+        configs = [min(configs, key=_pipeline_size)]
     while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn
     target = GPUTarget("cuda", TARGET_CAPABILITY, 32)
@@ -186,25 +195,38 @@ def nvidia_backend_missing() -> str | None:
     return None if os.path.isfile(ptxas) else f"no ptxas at {ptxas}"
 
 
-def moe_workload(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)) -> Callable[[], None]:
-    """Forward and backward of every public op, in each dtype, on tiny CPU tensors."""
+def moe_workload(
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16), tf32: bool = True
+) -> Callable[[], None]:
+    """Forward and backward of every public op, in each dtype, on tiny CPU tensors; with ``tf32``,
+    fp32 once more with TF32 products (the trainer's default), which lowers ``tl.dot`` differently."""
     from moe_kernels import MoE, balance_loss, grouped_mm, topk_gating
+
+    def run_ops(dtype: torch.dtype) -> None:
+        for activation in ("swiglu", "gelu"):
+            layer = MoE(32, 32, num_experts=4, top_k=2, activation=activation, backend="triton").to(dtype)
+            x = torch.randn(24, 32, dtype=dtype, requires_grad=True)
+            out = layer(x)
+            (out.float().square().mean() + layer.aux_loss).backward()
+        logits = torch.randn(24, 4, dtype=dtype, requires_grad=True)
+        _, experts, probs = topk_gating(logits, 2, normalize=True, backend="triton")
+        balance_loss(probs, experts, 4, backend="triton").backward()
+        for k, n in ((32, 48), (16, 24)):  # 16-byte aligned rows, as at real sizes, and not
+            x = torch.randn(20, k, dtype=dtype, requires_grad=True)
+            w = torch.randn(3, k, n, dtype=dtype, requires_grad=True)
+            y = grouped_mm(x, w, torch.tensor([5, 5, 20], dtype=torch.int32), backend="triton")
+            y.backward(torch.randn_like(y))  # a dense gradient: sum()'s would have stride 0
 
     def run() -> None:
         for dtype in dtypes:
-            for activation in ("swiglu", "gelu"):
-                layer = MoE(32, 32, num_experts=4, top_k=2, activation=activation, backend="triton").to(dtype)
-                x = torch.randn(24, 32, dtype=dtype, requires_grad=True)
-                out = layer(x)
-                (out.float().square().mean() + layer.aux_loss).backward()
-            logits = torch.randn(24, 4, dtype=dtype, requires_grad=True)
-            _, experts, probs = topk_gating(logits, 2, normalize=True, backend="triton")
-            balance_loss(probs, experts, 4, backend="triton").backward()
-            for k, n in ((32, 48), (16, 24)):  # 16-byte aligned rows, as at real sizes, and not
-                x = torch.randn(20, k, dtype=dtype, requires_grad=True)
-                w = torch.randn(3, k, n, dtype=dtype, requires_grad=True)
-                y = grouped_mm(x, w, torch.tensor([5, 5, 20], dtype=torch.int32), backend="triton")
-                y.backward(torch.randn_like(y))  # a dense gradient: sum()'s would have stride 0
+            run_ops(dtype)
+        if tf32:
+            saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                run_ops(torch.float32)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = saved
 
     return run
 
@@ -249,8 +271,8 @@ def summary(results: list[dict]) -> str:
          "(spill bytes per thread, from ptxas)."),
         ("- *aligned*: every runtime stride is a multiple of 16 elements, as at real model sizes; the "
          "unaligned launches (rows of 16 x 24) show the fallback Triton takes without 16-byte alignment."),
-        ("- fp32 runs `tl.dot` in IEEE fp32 (torch's default, `allow_tf32=False`) on CUDA cores, "
-         "hence its registers; bf16 is the GPU dtype."),
+        ("- fp32 with PRECISION=ieee (torch's default `allow_tf32=False`, and `--precision fp32`) runs "
+         "`tl.dot` on CUDA cores, hence its registers; PRECISION=tf32 (the trainer's default) uses tensor cores."),
     ])
 
 
