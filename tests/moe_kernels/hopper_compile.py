@@ -144,7 +144,7 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
             "kernel": launch["kernel"],
             "dtype": next(t[1:] for t in launch["signature"].values() if t.startswith("*")),
             "constants": launch["constants"],
-            # Strides Triton cannot prove 16-byte aligned rule out vector loads and wgmma.
+            # Strides Triton cannot prove 16-byte aligned rule out vectorised loads.
             "aligned": all(name in launch["attrs"] for name, kind in launch["signature"].items()
                            if name.startswith("stride") and kind != "constexpr"),
             "config": {**(config.kwargs if config else {}), **options},
