@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moe_kernels.backend import BACKENDS
+
 from .checkpoint import build_from_checkpoint
 from .models import DiT
 from .sampling import SAMPLERS, generate
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="routing")
-    p.add_argument("--moe-backend", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--moe-backend", choices=BACKENDS, default="auto")
     args = p.parse_args(argv)
     try:
         analyze(args)

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from moe_kernels.backend import BACKENDS
+
 from .checkpoint import build_from_checkpoint
 from .data import decode, load_vae
-from .precision import PRECISIONS, use_precision
+from .precision import add_precision_argument, use_precision
 from .sampling import SAMPLERS, default_steps, generate, save_grid, to_uint8
 
 
@@ -33,9 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL, to decode a latent model's samples")
-    p.add_argument("--moe-backend", choices=("auto", "triton", "torch"), default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="tf32",
-                   help="tf32: fp32 with TF32 matmuls on GPU, as DiT samples; fp32: IEEE matmuls; bf16: autocast")
+    p.add_argument("--moe-backend", choices=BACKENDS, default="auto")
+    add_precision_argument(p)
     return p.parse_args(argv)
 
 

@@ -24,11 +24,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from moe_kernels.backend import BACKENDS
+
 from . import checkpoint as ckpt
 from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
 from .models import DiT, create_model
-from .precision import PRECISIONS, use_precision
+from .precision import add_precision_argument, use_precision
 from .sampling import default_steps, generate, save_grid, to_uint8
 
 # Defaults of the flags left unset: DiT's for real data, and a preset that learns the embedded
@@ -52,8 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--results-dir", default="results")
     p.add_argument("--resume", default=None, help="a checkpoint or run directory, or 'latest' (the newest run in --results-dir)")
-    p.add_argument("--precision", choices=PRECISIONS, default="tf32",
-                   help="tf32: fp32 with TF32 matmuls on GPU, as DiT trains; fp32: IEEE matmuls; bf16: autocast")
+    add_precision_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--objective", choices=("diffusion", "rectified-flow"), default="diffusion")
     p.add_argument("--balance-alpha", type=float, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on for image folders; off for digits, which mirroring changes, and latents)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the final sample grid")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps of the final grid (default 250 DDPM or 50 Euler)")
-    p.add_argument("--moe-backend", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--moe-backend", choices=BACKENDS, default="auto")
     p.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model setting, e.g. --set mlp_ratio=15 --set num_shared_experts=0 (see dit.models.OVERRIDES)")
     p.add_argument("--seed", type=int, default=0)
