@@ -5,12 +5,14 @@
 
 Part 1 compares each op (forward and gradients) of the ``triton`` backend with
 ``moe_kernels.reference`` in bf16 and fp32. Part 2 times one MoE FFN layer (router, top-2
-gating, SwiGLU experts, weighted combine; DESIGN.md section 5 shapes) forward and
-forward+backward for the ``triton`` and ``torch`` backends and for ``dense-eq`` (one dense
-SwiGLU MLP over the T*k token copies: the same FLOPs without routing). Results are printed and
-written as JSON named after the card. ``--smoke`` runs every step on CPU through the Triton
-interpreter at tiny sizes, in fp32, timing each call once, so that the script a short GPU lease
-depends on is itself tested (``tests/test_gpu_check.py``).
+gating, SwiGLU experts, weighted combine: ``MoE`` without shared experts, called as a model
+calls it) at the paper's shapes (``benchmarks.common.PAPER_CASES``), forward and
+forward+backward, for the ``triton`` and ``torch`` backends and for ``dense-eq`` (one dense
+SwiGLU MLP over the T*k token copies: the same FLOPs without routing), with CUDA events and
+peak memory. Results are printed and written as JSON named after the card. ``--smoke`` runs
+every step on CPU through the Triton interpreter at tiny sizes, in fp32, timing each call once,
+so that the script a short GPU lease depends on is itself tested
+(``benchmarks/test_gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -23,23 +25,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 
 import moe_kernels as mk
+from benchmarks.baselines import DenseSwiGLU
+from benchmarks.common import PAPER_CASES, cuda_time_ms, layer_flops, peak_memory_mb
 from moe_kernels import reference
+from moe_kernels.activations import ACTIVATIONS
 from moe_kernels.backend import INTERPRET
 
-# name: (T, D, E, k); H = 4D
-SHAPES = {
-    "S/2-8E2A T=32768": (32768, 384, 8, 2),
-    "S/2-16E2A T=32768": (32768, 384, 16, 2),
-    "XL/2-8E2A T=16384": (16384, 1152, 8, 2),
-    "G/2-16E2A T=16384": (16384, 1408, 16, 2),
-    "XL sampling T=4096": (4096, 1152, 8, 2),
-    "S sampling T=512": (512, 384, 8, 2),
-}
-SMOKE_SHAPES = {"smoke T=40": (40, 32, 4, 2)}
+SMOKE_CASES = {"smoke T=40": dict(T=40, D=32, H=128, E=4, k=2)}
 TOL = {torch.bfloat16: dict(atol=5e-2, rtol=5e-2), torch.float32: dict(atol=1e-3, rtol=1e-3)}
 
 
@@ -82,7 +77,7 @@ def check(
     for name, a, b in zip(("dx", "dw"), torch.autograd.grad((y.float() * dy).sum(), [x, w]), torch.autograd.grad((ref * dy).sum(), [x, w])):
         compare(f"grouped_mm {name}", a, b)
 
-    for activation in ("swiglu", "gelu", "gelu_tanh", "silu", "relu"):
+    for activation in ACTIVATIONS:
         width = 2 * H if activation == "swiglu" else H
         x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=True)
         weights = torch.rand(T, k, device=dev, requires_grad=True)
@@ -98,32 +93,22 @@ def check(
     return failures
 
 
-def layer_fn(backend: str, T: int, D: int, E: int, k: int, backward: bool, dev: str = "cuda", dtype=torch.bfloat16):
-    H = 4 * D
+def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=torch.bfloat16) -> Callable[[], object]:
+    """One call of the layer at ``case`` (``T, D, H, E, k``): ``MoE`` on ``backend``, or ``dense-eq``."""
+    T, D, H, E, k = (case[key] for key in ("T", "D", "H", "E", "k"))
     x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=backward)
-    router = (torch.randn(D, E, device=dev) / D**0.5).to(dtype).requires_grad_(backward)
-    w_in = (torch.randn(E, D, 2 * H, device=dev) / D**0.5).to(dtype).requires_grad_(backward)
-    w_out = (torch.randn(E, H, D, device=dev) / H**0.5).to(dtype).requires_grad_(backward)
     grad = torch.randn(T, D, device=dev, dtype=dtype)
+    if backend == "dense-eq":
+        mlp = DenseSwiGLU(D, H).to(dev, dtype)
 
-    def moe():
-        weights, experts, _ = mk.topk_gating(x @ router, k, backend=backend)
-        return mk.moe_ffn(x, weights, experts, w_in, w_out, backend=backend)
-
-    def dense():
-        xs = x.repeat_interleave(k, dim=0)
-        gate, up = (xs @ w_in[0]).chunk(2, dim=-1)
-        return ((F.silu(gate) * up) @ w_out[0]).view(T, k, D).sum(1)
-
-    fn = dense if backend == "dense-eq" else moe
+        def fn(x):
+            return mlp(x.repeat_interleave(k, dim=0)).view(T, k, D).sum(1)
+    else:
+        fn = mk.MoE(D, H, E, k, num_shared_experts=0, backend=backend).to(dev, dtype)
+        fn.requires_grad_(backward)
     if not backward:
-        return lambda: fn()
-    return lambda: fn().backward(grad)
-
-
-def flops(T, D, E, k, backward):
-    forward = 2 * T * k * (D * 8 * D + 4 * D * D)
-    return forward * (3 if backward else 1)
+        return lambda: fn(x)
+    return lambda: fn(x).backward(grad)
 
 
 def _time_once(fn: Callable[[], object]) -> float:
@@ -152,18 +137,22 @@ def main(argv: list[str] | None = None) -> Path:
         failures = check(dtype, dev, **tiny) if args.smoke else check(dtype)
         report["checks"][str(dtype)] = failures or "ok"
         print(f"check {dtype}: {'ok' if not failures else failures}", flush=True)
-    bench = _time_once if args.smoke else lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
+    bench = _time_once if args.smoke else cuda_time_ms
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    print(f"{'shape':24s} {'backend':9s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s fwd':>12s}", flush=True)
-    for name, (T, D, E, k) in (SMOKE_SHAPES if args.smoke else SHAPES).items():
+    print(f"{'shape':24s} {'backend':9s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s fwd':>12s} {'peak MiB':>9s}", flush=True)
+    for name, case in (SMOKE_CASES if args.smoke else PAPER_CASES).items():
         for backend in ("triton", "torch", "dense-eq"):
             row = {}
             for backward in (False, True):
-                ms = bench(layer_fn(backend, T, D, E, k, backward, dev, dtype))
-                row["fwd+bwd" if backward else "fwd"] = ms
-            row["tflops_fwd"] = flops(T, D, E, k, False) / row["fwd"] / 1e9
+                fn = layer_fn(backend, case, backward, dev, dtype)
+                row["fwd+bwd" if backward else "fwd"] = bench(fn)
+                if not args.smoke:
+                    row["peak_mb fwd+bwd" if backward else "peak_mb fwd"] = peak_memory_mb(fn)
+            dims = (case[key] for key in ("T", "D", "H", "E", "k"))
+            row["tflops_fwd"] = layer_flops(*dims) / row["fwd"] / 1e9
             report["timings"][f"{name} | {backend}"] = row
-            print(f"{name:24s} {backend:9s} {row['fwd']:8.3f} {row['fwd+bwd']:11.3f} {row['tflops_fwd']:12.1f}", flush=True)
+            print(f"{name:24s} {backend:9s} {row['fwd']:8.3f} {row['fwd+bwd']:11.3f} {row['tflops_fwd']:12.1f} "
+                  f"{row.get('peak_mb fwd+bwd', 0):9.0f}", flush=True)
     report["seconds"] = time.time() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,12 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
+def seconds(result: dict) -> float:
+    """A result's median time: by CUDA events where they were recorded, else pytest-benchmark's."""
+    info = result.get("extra_info", {})
+    return info["cuda_median_ms"] / 1e3 if info.get("cuda_median_ms") else result["stats"]["median"]
+
+
 def _rows(results: list[dict]) -> dict[tuple, list[dict]]:
     rows = defaultdict(list)
     for result in results:
@@ -30,19 +36,19 @@ def _rows(results: list[dict]) -> dict[tuple, list[dict]]:
 
 def markdown(results: list[dict]) -> str:
     """One table per group: FLOPs per call, median ms, FLOP rate (and images/s for the model
-    group) and time relative to ours, per variant."""
+    group), time relative to ours and, on CUDA, peak memory, per variant."""
     lines = []
     by_group = defaultdict(list)
     for key, entries in _rows(results).items():
         by_group[key[0]].append((key, entries))
     for group, rows in by_group.items():
         device = rows[0][1][0]["extra_info"]["device"]
-        lines += [f"### {group} ({device})", "", "| op | case | variant | dtype | GFLOP | median ms | rate | time / ours |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {group} ({device})", "", "| op | case | variant | dtype | GFLOP | median ms | rate | time / ours | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
         for (_, op, case), entries in rows:
             ours = [e for e in entries if e["extra_info"].get("ours")]
-            base = ours[0]["stats"]["median"] if ours else None
-            for e in sorted(entries, key=lambda e: e["stats"]["median"]):
-                info, median = e["extra_info"], e["stats"]["median"]
+            base = seconds(ours[0]) if ours else None
+            for e in sorted(entries, key=seconds):
+                info, median = e["extra_info"], seconds(e)
                 rate = ""
                 if info.get("tflops"):
                     rate = f"{info['tflops']:.1f} TFLOP/s"
@@ -53,7 +59,8 @@ def markdown(results: list[dict]) -> str:
                 ratio = f"{median / base:.2f}" if base else ""
                 variant = info["variant"] + (" (interpreter)" if info.get("interpreted") else "")
                 gflop = f"{info['flops'] / 1e9:.3g}" if info.get("flops") else ""
-                lines.append(f"| {op} | {case} | {variant} | {info['dtype']} | {gflop} | {median * 1e3:.3f} | {rate} | {ratio} |")
+                peak = f"{info['peak_mb']:.0f}" if info.get("peak_mb") else ""
+                lines.append(f"| {op} | {case} | {variant} | {info['dtype']} | {gflop} | {median * 1e3:.3f} | {rate} | {ratio} | {peak} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -69,7 +76,7 @@ def plot(results: list[dict], path: Path) -> Path | None:
     for result in results:
         info = result.get("extra_info", {})
         if info.get("group") == "layer" and info.get("tokens") and not info.get("interpreted"):
-            series[(info["variant"], info["op"])].append((info["tokens"], info["tokens"] / result["stats"]["median"]))
+            series[(info["variant"], info["op"])].append((info["tokens"], info["tokens"] / seconds(result)))
     if not series:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)

@@ -212,7 +212,6 @@ class DiT(nn.Module):
             raise ValueError(f"input_size ({config.input_size}) must be a multiple of patch_size ({config.patch_size})")
         self.grid_size = config.input_size // config.patch_size
         self.grad_checkpointing = False
-        self.aux_loss: torch.Tensor | None = None
 
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
@@ -263,6 +262,12 @@ class DiT(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
 
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The sum over MoE layers of the last training-mode forward's balance loss, or ``None``."""
+        losses = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, T, p*p*C] -> [N, C, H, W]``."""
         p, g, c = self.patch_size, self.grid_size, self.out_channels
@@ -277,8 +282,6 @@ class DiT(nn.Module):
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
-        moe_losses = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
-        self.aux_loss = torch.stack(moe_losses).sum() if moe_losses else None
         return self.unpatchify(self.final_layer(x, c))
 
 

@@ -7,7 +7,7 @@ Triton on CUDA tensors and PyTorch elsewhere, and ``MOE_KERNELS_BACKEND`` overri
 
 from .ffn import moe_ffn
 from .gating import balance_loss, topk_gating
-from .grouped_gemm import grouped_mm
+from .grouped_mm import grouped_mm
 from .layer import MoE
 
 __all__ = ["MoE", "balance_loss", "grouped_mm", "moe_ffn", "topk_gating"]

@@ -11,7 +11,9 @@ import os
 import torch
 import triton
 
-BACKENDS = ("auto", "triton", "torch")
+# The two implementations an op can run, and the values ``backend=`` accepts.
+IMPLEMENTATIONS = ("triton", "torch")
+BACKENDS = ("auto", *IMPLEMENTATIONS)
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted, so what
 # matters is the setting when this package was imported, not the current environment.

@@ -19,7 +19,7 @@ import torch
 from .activations import ACTIVATIONS, activation_fn
 from .backend import resolve_backend
 from .combine import combine, combine_weight_grad
-from .grouped_gemm import GroupedMMFunction, gmm, gmm_act, gmm_act_grad, gmm_wgrad
+from .grouped_mm import GroupedMMFunction, grouped_mm_triton, grouped_mm_act, grouped_mm_act_grad, grouped_mm_wgrad
 from .routing import route
 from .validation import (
     FLOAT_DTYPES,
@@ -42,10 +42,10 @@ class MoEFFNFunction(torch.autograd.Function):
         routing = route(experts, w_in.shape[0], "triton")
         needs_x, needs_weights, _, needs_w_in, needs_w_out, _ = ctx.needs_input_grad
         # The pre-activation feeds only the gradients of x and w_in.
-        h, preact = gmm_act(
+        h, preact = grouped_mm_act(
             x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=needs_x or needs_w_in
         )
-        out = gmm(h, w_out, routing.offsets, c_rows=routing.slot_of_row).view(T, k, D)
+        out = grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row).view(T, k, D)
         y = combine(out, weights, x.dtype)
         if needs_x or needs_weights or needs_w_in or needs_w_out:
             # Keep only what the requested gradients read: out for d weights, h for d w_out.
@@ -66,19 +66,19 @@ class MoEFFNFunction(torch.autograd.Function):
         if needs_weights:
             grad_weights = combine_weight_grad(grad_y, out).to(weights.dtype)
         if needs_w_out:
-            grad_w_out = gmm_wgrad(
+            grad_w_out = grouped_mm_wgrad(
                 h, grad_y, offsets, w_out.dtype, b_rows=token_of_row, scale=scale, scale_rows=slot_of_row
             )
         if needs_x or needs_w_in:
-            grad_preact = gmm_act_grad(
+            grad_preact = grouped_mm_act_grad(
                 grad_y, w_out.transpose(1, 2), offsets, preact, ctx.activation,
                 a_rows=token_of_row, scale=scale, scale_rows=slot_of_row,
             )
             if needs_x:
-                grad_slots = gmm(grad_preact, w_in.transpose(1, 2), offsets, c_rows=slot_of_row)
+                grad_slots = grouped_mm_triton(grad_preact, w_in.transpose(1, 2), offsets, c_rows=slot_of_row)
                 grad_x = grad_slots if k == 1 else combine(grad_slots.view(T, k, D), None, x.dtype)
             if needs_w_in:
-                grad_w_in = gmm_wgrad(x, grad_preact, offsets, w_in.dtype, a_rows=token_of_row)
+                grad_w_in = grouped_mm_wgrad(x, grad_preact, offsets, w_in.dtype, a_rows=token_of_row)
         return grad_x, grad_weights, None, grad_w_in, grad_w_out, None
 
 

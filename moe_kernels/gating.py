@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 
 from .backend import resolve_backend
-from . import reference
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -57,8 +56,10 @@ def _topk_gating_kernel(
     tl.store(prob_sums_ptr + pid * E + cols, tl.sum(tl.where(mask, probs, 0.0), axis=0), mask=col_ok)
 
     # Top-k by k rounds of argmax. Chosen and padded entries are set to -1, below any probability,
-    # so a round never picks them again while k <= E real entries remain.
-    remaining = tl.where(mask, probs, -1.0)
+    # so a round never picks them again while k <= E real entries remain. A NaN (from a NaN or
+    # infinite logit) ranks above every probability, as in torch.sort: NaN equals nothing, so
+    # left in place it would match no column and yield the id BLOCK_E, outside [0, E).
+    remaining = tl.where(mask, tl.where(probs != probs, 2.0, probs), -1.0)
     slots = tl.arange(0, BLOCK_K)
     top_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     top_e = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
@@ -69,7 +70,9 @@ def _topk_gating_kernel(
         chosen = cols[None, :] == idx[:, None]
         remaining = tl.where(chosen, -1.0, remaining)
         counts += tl.sum((chosen & row_ok[:, None]).to(tl.int32), axis=0)
-        top_w = tl.where(slots[None, :] == j, best[:, None], top_w)
+        # The probability itself, NaN included, so a bad row's NaN reaches the layer's output.
+        weight = tl.sum(tl.where(chosen, probs, 0.0), axis=1)
+        top_w = tl.where(slots[None, :] == j, weight[:, None], top_w)
         top_e = tl.where(slots[None, :] == j, idx[:, None], top_e)
     if NORMALIZE:
         top_w = top_w / tl.sum(top_w, axis=1)[:, None]
@@ -228,7 +231,12 @@ def gating_with_stats(logits: torch.Tensor, k: int, normalize: bool, backend: st
     """
     if backend == "triton":
         return TopKGatingFunction.apply(logits, k, normalize)
-    weights, experts, probs = reference.topk_gating(logits, k, normalize)
+    probs = torch.softmax(logits.float(), dim=-1)
+    # A stable descending sort keeps ties in index order and ranks NaN first: the kernel's rule.
+    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, experts = ordered[:, :k], order[:, :k]
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
     counts, prob_sums = _expert_stats_torch(probs, experts, logits.shape[1])
     return weights, experts, probs, counts, prob_sums
 
@@ -253,8 +261,14 @@ def topk_gating(
         normalize: divide the ``k`` weights by their sum (DiT-MoE does not).
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``.
     Returns:
-        ``weights [T, k]`` fp32, ``experts [T, k]`` int64 in descending probability (lower index
-        first on ties), ``probs [T, E]`` fp32 ``softmax(logits)``. Differentiable in ``logits``.
+        ``weights [T, k]`` fp32, ``experts [T, k]`` int64 in descending probability, ``probs
+        [T, E]`` fp32 ``softmax(logits)``. Differentiable in ``logits``.
+
+    Ties go to the lower expert index, on both backends (``torch.topk`` does not promise an order
+    for ties). Every id lies in ``[0, E)`` whatever the logits: a row with a NaN or infinite logit
+    has a NaN softmax, which ranks above every number (as in ``torch.sort``), so it picks experts
+    ``0..k-1`` with NaN weights, and the NaN reaches the output and the loss instead of an
+    out-of-range index reaching memory.
     """
     check_tensor("logits", logits, 2, FLOAT_DTYPES)
     k = check_k(k, logits.shape[1])

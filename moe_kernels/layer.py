@@ -124,6 +124,11 @@ class MoE(nn.Module):
             self.aux_loss = loss_from_stats(counts, prob_sums, tokens.shape[0], self.top_k, self.balance_loss_alpha)
         return y.reshape(x.shape)
 
+    def __getstate__(self) -> dict:
+        # aux_loss belongs to the last forward's autograd graph, which deepcopy and pickle cannot
+        # copy (an EMA copy taken mid-training); a copy starts without one, as after eval.
+        return {**self.__dict__, "aux_loss": None}
+
     def extra_repr(self) -> str:
         shared = 0 if self.shared is None else self.shared.proj_out.in_features
         return (

@@ -25,17 +25,29 @@ def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def topk_gating(
     logits: torch.Tensor, k: int, normalize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax over ``E`` experts, then the ``k`` largest probabilities.
+    """Softmax over ``E`` experts, then the ``k`` largest probabilities, one argmax at a time.
+
+    Ties go to the lower expert index. A NaN probability (a NaN or infinite logit makes the whole
+    softmax row NaN) ranks above every number, as ``torch.sort`` ranks it, so such a row still
+    names ``k`` valid experts and its NaN weights carry on to the output.
 
     Args:
         logits: ``[T, E]``.
     Returns:
-        ``weights [T, k]`` fp32, ``experts [T, k]`` int64 (descending probability, lower index
-        first on ties), ``probs [T, E]`` fp32.
+        ``weights [T, k]`` fp32, ``experts [T, k]`` int64, ``probs [T, E]`` fp32.
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights, experts = ordered[:, :k], order[:, :k]
+    num_experts = probs.shape[1]
+    ids = torch.arange(num_experts, device=probs.device)
+    rank = torch.where(probs.isnan(), torch.inf, probs)
+    weights, experts = [], []
+    for _ in range(k):
+        best = rank.max(dim=-1, keepdim=True).values
+        choice = torch.where(rank == best, ids, num_experts).min(dim=-1, keepdim=True).values
+        experts.append(choice)
+        weights.append(probs.gather(1, choice))
+        rank = rank.scatter(1, choice, -torch.inf)
+    weights, experts = torch.cat(weights, dim=1), torch.cat(experts, dim=1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, experts, probs

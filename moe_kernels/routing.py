@@ -90,6 +90,9 @@ def _scatter_kernel(
     ok = slots < S
     tokens = slots // K
     experts = tl.load(experts_ptr + tokens * stride_t + (slots % K) * stride_k, mask=ok, other=0)
+    # An id outside [0, E) was counted nowhere and has no row: writing it would reach past the
+    # tables. The public ops reject such ids on the host; this guards the paths that skip that check.
+    ok &= (experts >= 0) & (experts < E)
     ranks = tl.load(ranks_ptr + slots, mask=ok, other=0)
     rows = tl.load(block_starts_ptr + pid * E + experts, mask=ok, other=0) + ranks
     tl.store(slot_of_row_ptr + rows, slots, mask=ok)

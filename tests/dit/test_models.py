@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -57,6 +59,8 @@ def test_forward_shapes_and_aux_loss(name, learn_sigma):
     assert out.shape == (3, 2 if learn_sigma else 1, 8, 8)
     if "MoE" in name:
         assert model.aux_loss is not None and model.aux_loss.requires_grad
+        ema = copy.deepcopy(model)  # as the trainer's EMA copy, mid-training
+        assert ema.aux_loss is None
         model.eval()
         model(x, torch.tensor([0, 10, 999]), torch.tensor([1, 2, 3]))
         assert model.aux_loss is None

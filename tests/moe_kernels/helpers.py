@@ -6,10 +6,12 @@ import os
 
 import torch
 
+from moe_kernels.backend import IMPLEMENTATIONS
+
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
 # The interpreter computes tl.dot on bf16 wrongly, so bf16 is tested on the GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-BACKENDS = ["triton", "torch"]
+BACKENDS = list(IMPLEMENTATIONS)
 # Against an fp64 reference; fp16 keeps about 3 significant digits through two GEMMs.
 TOLERANCES = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),

@@ -231,7 +231,7 @@ def moe_workload(
     return run
 
 
-_VARIANT_KEYS = ("EPILOGUE", "ACTIVATION", "GLU", "STORE_AUX", "GATHER_A", "GATHER_B", "SCATTER_C", "SCALE", "PRECISION")
+_VARIANT_KEYS = ("EPILOGUE", "ACTIVATION", "GLU", "STORE_PREACT", "GATHER_A", "GATHER_B", "SCATTER_C", "SCALE", "PRECISION")
 
 
 def table(results: list[dict]) -> str:

@@ -39,6 +39,18 @@ def test_ties_pick_the_lower_index_first(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_do_not_overflow(backend):
+    """exp(100) overflows fp32: the softmax must subtract each row's maximum first."""
+    logits = torch.tensor([[100.0, 90.0, 0.0, 1.0], [-200.0, -210.0, -300.0, -205.0]], device=DEVICE, requires_grad=True)
+    weights, experts, probs = mk.topk_gating(logits, 2, backend=backend)
+    expected = torch.softmax(logits.detach().double(), dim=-1)
+    torch.testing.assert_close(probs.double(), expected)
+    assert experts.tolist() == [[0, 1], [0, 3]]
+    (grad,) = torch.autograd.grad(weights.sum(), logits)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_through_weights_only(backend):
     logits = torch.randn(9, 5, device=DEVICE, requires_grad=True)
     weights, _, _ = mk.topk_gating(logits, 2, backend=backend)

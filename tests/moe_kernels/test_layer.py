@@ -50,6 +50,18 @@ def test_aux_loss_only_in_training():
     assert layer.aux_loss is None
 
 
+def test_deepcopy_after_a_training_forward():
+    """An EMA copy taken mid-training: the copy has the weights, not the last step's graph."""
+    import copy
+
+    layer = mk.MoE(8, 8, 4, 2).to(DEVICE)
+    x = torch.randn(3, 8, device=DEVICE)
+    layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin.aux_loss is None and layer.aux_loss is not None
+    torch.testing.assert_close(twin(x), layer(x))
+
+
 def test_default_shared_width_and_parameter_shapes():
     layer = mk.MoE(12, 48, 8, 2)
     assert layer.w_in.shape == (8, 12, 96) and layer.w_out.shape == (8, 48, 12)

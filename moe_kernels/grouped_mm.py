@@ -106,19 +106,24 @@ def _group_of_tile(offsets_ptr, tile, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.cons
 @triton.autotune(configs=_ROW_CONFIGS, key=_ROW_KEYS)
 @triton.jit
 def _grouped_mm_kernel(
-    a_ptr, b_ptr, c_ptr, offsets_ptr, a_rows_ptr, c_rows_ptr, scale_ptr, scale_rows_ptr, aux_ptr,
+    # Pointers: operands, group ends, gather/scatter rows, per-slot scales, the pre-activation
+    a_ptr, b_ptr, c_ptr, offsets_ptr, a_rows_ptr, c_rows_ptr, scale_ptr, scale_rows_ptr, preact_ptr,
+    # Sizes (rows come from offsets; M_BUCKET only keys the autotuner)
     M_BUCKET, N, K, E,
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
-    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, STORE_AUX: tl.constexpr,
+    # Strides
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_pm, stride_pn,
+    # Options
+    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, STORE_PREACT: tl.constexpr,
     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    # Tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """``c[rows] = epilogue(a[rows] @ b[group])`` for one ``BLOCK_M x BLOCK_N`` tile.
 
     EPILOGUE "none": c = acc (times the row scale if SCALE).
     EPILOGUE "act": c = act(acc), or act(acc) * acc_up with GLU, where acc_up multiplies b's
-    columns N:2N; with STORE_AUX the pre-activation (both halves) is written to aux.
-    EPILOGUE "act_grad": acc is dL/d(act output) (times the row scale); aux holds the saved
+    columns N:2N; with STORE_PREACT the pre-activation (both halves) is written to preact.
+    EPILOGUE "act_grad": acc is dL/d(act output) (times the row scale); preact holds the saved
     pre-activation; c = dL/d(pre-activation), 2N columns wide with GLU.
     """
     num_n = tl.cdiv(N, BLOCK_N)
@@ -159,20 +164,20 @@ def _grouped_mm_kernel(
         c_rows = rm.to(tl.int64)
     mask = row_ok[:, None] & col_ok[None, :]
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + rn[None, :] * stride_cn
-    aux_ptrs = aux_ptr + rm.to(tl.int64)[:, None] * stride_xm + rn[None, :] * stride_xn
+    preact_ptrs = preact_ptr + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :] * stride_pn
     if EPILOGUE == "act":
-        if STORE_AUX:
-            tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+        if STORE_PREACT:
+            tl.store(preact_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=mask)
             if GLU:
-                tl.store(aux_ptrs + N * stride_xn, acc_up.to(aux_ptr.dtype.element_ty), mask=mask)
+                tl.store(preact_ptrs + N * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=mask)
         out = _act(acc, ACTIVATION)
         if GLU:
             out = out * acc_up
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == "act_grad":
-        pre = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
+        pre = tl.load(preact_ptrs, mask=mask, other=0.0).to(tl.float32)
         if GLU:
-            up = tl.load(aux_ptrs + N * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(preact_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
             tl.store(c_ptrs, (acc * up * _act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
             tl.store(c_ptrs + N * stride_cn, (acc * _act(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
         else:
@@ -184,10 +189,15 @@ def _grouped_mm_kernel(
 @triton.autotune(configs=_WGRAD_CONFIGS, key=["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE"])
 @triton.jit
 def _grouped_wgrad_kernel(
+    # Pointers: operands, group ends, gather rows, per-slot scales
     a_ptr, b_ptr, c_ptr, offsets_ptr, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
+    # Sizes (rows come from offsets; M_BUCKET only keys the autotuner)
     M_BUCKET, N, K, E,
+    # Strides
     stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_ck, stride_cn,
+    # Options
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    # Tiles: BLOCK_K x BLOCK_N of the output, BLOCK_M rows of reduction per step
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``c[e] = a[rows of e]^T @ (scale * b[rows of e])`` for one ``BLOCK_K x BLOCK_N`` tile of ``c[e]``."""
@@ -236,8 +246,8 @@ def _split_activation(activation: str) -> tuple[str, bool]:
 
 
 def _launch_rows(
-    a, b, offsets, c, num_rows, num_cols, *, epilogue="none", activation="silu", glu=False, aux=None,
-    store_aux=False, a_rows=None, c_rows=None, scale=None, scale_rows=None,
+    a, b, offsets, c, num_rows, num_cols, *, epilogue="none", activation="silu", glu=False, preact=None,
+    store_preact=False, a_rows=None, c_rows=None, scale=None, scale_rows=None,
 ):
     E, K = b.shape[0], b.shape[1]
     if num_rows == 0 or num_cols == 0:
@@ -246,7 +256,7 @@ def _launch_rows(
         return c.zero_()
     # Pointers of disabled options are never read; any tensor stands in for them.
     unused = offsets
-    aux = c if aux is None else aux
+    preact = c if preact is None else preact
 
     def grid(meta):
         return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(num_cols, meta["BLOCK_N"]),)
@@ -254,18 +264,18 @@ def _launch_rows(
     _grouped_mm_kernel[grid](
         a, b, c, offsets,
         unused if a_rows is None else a_rows, unused if c_rows is None else c_rows,
-        c if scale is None else scale, unused if scale_rows is None else scale_rows, aux,
+        c if scale is None else scale, unused if scale_rows is None else scale_rows, preact,
         triton.next_power_of_2(num_rows), num_cols, K, E,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        aux.stride(0), aux.stride(1),
-        EPILOGUE=epilogue, ACTIVATION=activation, GLU=glu, STORE_AUX=store_aux,
+        preact.stride(0), preact.stride(1),
+        EPILOGUE=epilogue, ACTIVATION=activation, GLU=glu, STORE_PREACT=store_preact,
         GATHER_A=a_rows is not None, SCATTER_C=c_rows is not None, SCALE=scale is not None,
         PRECISION=_precision(a.dtype), BLOCK_E=triton.next_power_of_2(E),
     )
     return c
 
 
-def gmm(
+def grouped_mm_triton(
     a: torch.Tensor,
     b: torch.Tensor,
     offsets: torch.Tensor,
@@ -286,7 +296,7 @@ def gmm(
     return _launch_rows(a, b, offsets, c, num_rows, b.shape[2], a_rows=a_rows, c_rows=c_rows)
 
 
-def gmm_act(
+def grouped_mm_act(
     a: torch.Tensor,
     b: torch.Tensor,
     offsets: torch.Tensor,
@@ -309,12 +319,12 @@ def gmm_act(
     preact = a.new_empty((num_rows, b.shape[2])) if save_preact else None
     _launch_rows(
         a, b, offsets, h, num_rows, hidden, epilogue="act", activation=name, glu=glu,
-        aux=preact, store_aux=save_preact, a_rows=a_rows,
+        preact=preact, store_preact=save_preact, a_rows=a_rows,
     )
     return h, preact
 
 
-def gmm_act_grad(
+def grouped_mm_act_grad(
     grad: torch.Tensor,
     b: torch.Tensor,
     offsets: torch.Tensor,
@@ -338,12 +348,12 @@ def gmm_act_grad(
     out = torch.empty_like(preact)
     _launch_rows(
         grad, b, offsets, out, num_rows, b.shape[2], epilogue="act_grad", activation=name, glu=glu,
-        aux=preact, a_rows=a_rows, scale=scale, scale_rows=scale_rows,
+        preact=preact, a_rows=a_rows, scale=scale, scale_rows=scale_rows,
     )
     return out
 
 
-def gmm_wgrad(
+def grouped_mm_wgrad(
     a: torch.Tensor,
     b: torch.Tensor,
     offsets: torch.Tensor,
@@ -392,8 +402,10 @@ def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, -t.shape[-1] % multiple))
 
 
-def torch_gmm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm_torch(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``torch._grouped_mm(a [M, K], b [E, K, N])``, padding K and N where its alignment rules demand."""
+    if a.shape[1] == 0 or b.shape[2] == 0:  # an empty product, which torch._grouped_mm rejects
+        return a.new_zeros((a.shape[0], b.shape[2]))
     if not (_aligned(a) and _aligned(b)):
         multiple = 16 // a.element_size()
         N = b.shape[2]
@@ -403,9 +415,11 @@ def torch_gmm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.
     return torch._grouped_mm(a, b, offs=offsets)
 
 
-def torch_gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm_wgrad_torch(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``c[e] = a[rows of e]^T @ b[rows of e]`` through ``torch._grouped_mm``: ``[E, K, N]``."""
     K, N = a.shape[1], b.shape[1]
+    if K == 0 or N == 0:
+        return a.new_zeros((offsets.shape[0], K, N))
     if not (_aligned(a.t()) and _aligned(b)):
         multiple = 16 // a.element_size()
         a, b = _pad_last(a, multiple).contiguous(), _pad_last(b, multiple).contiguous()
@@ -420,7 +434,7 @@ class GroupedMMFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
         ctx.save_for_backward(x, w, offsets)
         ctx.backend = backend
-        return gmm(x, w, offsets) if backend == "triton" else torch_gmm(x, w, offsets)
+        return grouped_mm_triton(x, w, offsets) if backend == "triton" else grouped_mm_torch(x, w, offsets)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -428,16 +442,16 @@ class GroupedMMFunction(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.backend == "triton":
             if ctx.needs_input_grad[0]:
-                grad_x = gmm(grad, w.transpose(1, 2), offsets)
+                grad_x = grouped_mm_triton(grad, w.transpose(1, 2), offsets)
             if ctx.needs_input_grad[1]:
-                grad_w = gmm_wgrad(x, grad, offsets, w.dtype)
+                grad_w = grouped_mm_wgrad(x, grad, offsets, w.dtype)
         else:
             # torch._grouped_mm rejects expanded gradients (such as the one of .sum()).
             grad = grad.contiguous()
             if ctx.needs_input_grad[0]:
-                grad_x = torch_gmm(grad, w.transpose(1, 2), offsets)
+                grad_x = grouped_mm_torch(grad, w.transpose(1, 2), offsets)
             if ctx.needs_input_grad[1]:
-                grad_w = torch_gmm_wgrad(x, grad, offsets)
+                grad_w = grouped_mm_wgrad_torch(x, grad, offsets)
         return grad_x, grad_w, None, None
 
 

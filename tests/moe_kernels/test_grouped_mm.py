@@ -38,6 +38,17 @@ def test_grouped_mm_matches_reference(backend, dtype, sizes, K, N):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K,N", [(0, 5), (5, 0), (0, 0)])
+def test_empty_products_agree_on_both_backends(backend, K, N):
+    x, w, offsets = _inputs([2, 0, 5], K, N, torch.float32)
+    y = mk.grouped_mm(x, w, offsets, backend=backend)
+    assert y.shape == (7, N) and torch.count_nonzero(y) == 0
+    dx, dw = torch.autograd.grad(y, [x, w], torch.randn_like(y))
+    assert dx.shape == x.shape and dw.shape == w.shape
+    assert torch.count_nonzero(dx) == 0 and torch.count_nonzero(dw) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs_and_expanded_gradient(backend):
     x, w, offsets = _inputs([6, 0, 11], 12, 20, torch.float32)
     x_nc = non_contiguous(x)
@@ -98,10 +109,10 @@ def test_bad_input_raises(args, error, match):
 def test_autotune_key_buckets_the_row_count(monkeypatch):
     """Row counts in one power-of-two bucket share one autotuned config, so a new token count
     does not benchmark every config again."""
-    from moe_kernels import grouped_gemm
+    from moe_kernels.grouped_mm import _grouped_mm_kernel, _grouped_wgrad_kernel
 
     buckets = []
-    for kernel in (grouped_gemm._grouped_mm_kernel, grouped_gemm._grouped_wgrad_kernel):
+    for kernel in (_grouped_mm_kernel, _grouped_wgrad_kernel):
         assert "M_BUCKET" in kernel.keys
         inner = kernel.fn
         run = inner.run
