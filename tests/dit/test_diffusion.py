@@ -88,3 +88,116 @@ def test_rectified_flow_recovers_a_point_mass_and_trains():
     torch.testing.assert_close(out, target.expand_as(out), atol=1e-5, rtol=0)
     terms = flow.training_losses(lambda x, t, y: torch.zeros_like(x), torch.rand(3, 1, 4, 4), {"y": None})
     assert terms["loss"].shape == (3,)
+
+
+# Data x0 ~ N(MU, S^2) per pixel: every quantity of the forward process has a closed form.
+MU, S = 0.3, 0.5
+
+
+def _abar(t: torch.Tensor) -> torch.Tensor:
+    """abar at the original (unrespaced) timesteps ``t``, straight from the linear schedule."""
+    return torch.from_numpy(np.cumprod(1 - linear_betas(1000)))[t].float().reshape(-1, 1, 1, 1)
+
+
+def _gaussian_eps(x, t):
+    """E[eps | x_t] for Gaussian data: the exact noise predictor."""
+    a = _abar(t)
+    return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
+
+
+def _assert_gaussian(samples: torch.Tensor, tol: float) -> None:
+    assert abs(samples.mean().item() - MU) < tol, samples.mean().item()
+    assert abs(samples.std().item() - S) < tol, samples.std().item()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_draw_gaussian_data_with_the_exact_score(sampler):
+    """Mean and spread of the samples: a wrong noise scale or DDIM coefficient shifts them."""
+    torch.manual_seed(0)
+    noise = torch.randn(20000, 1, 1, 1)
+    # Enough steps that the discretisation error stays well inside the tolerance.
+    if sampler == "ddpm":
+        out = create_diffusion(learn_sigma=False).p_sample_loop(_gaussian_eps, noise)
+    else:
+        out = create_diffusion("ddim250", learn_sigma=False).ddim_sample_loop(_gaussian_eps, noise)
+    _assert_gaussian(out, tol=0.015)
+
+
+def test_learned_sigma_at_minus_one_is_the_posterior_variance():
+    d = create_diffusion()
+    t = torch.tensor([1, 500, 999])
+    x = torch.randn(3, 1, 2, 2)
+    out = torch.cat([torch.randn(3, 1, 2, 2), -torch.ones(3, 1, 2, 2)], dim=1)
+    betas = linear_betas(1000)
+    abar = np.cumprod(1 - betas)
+    posterior = betas * (1 - np.append(1.0, abar[:-1])) / (1 - abar)
+    logvar = d.p_mean_variance(out, x, t, clip=False)["logvar"]
+    np.testing.assert_allclose(logvar[:, 0, 0, 0].numpy(), np.log(posterior[t.numpy()]), rtol=1e-5)
+    out[:, 1:] = 1.0  # and at +1 it is beta_t
+    logvar = d.p_mean_variance(out, x, t, clip=False)["logvar"]
+    np.testing.assert_allclose(logvar[:, 0, 0, 0].numpy(), np.log(betas[t.numpy()]), rtol=1e-5)
+
+
+def test_rectified_flow_draws_gaussian_data_with_the_exact_velocity():
+    def velocity(z, t1000):
+        # z = (1-t) x + t eps: E[eps - x | z] from the joint Gaussian of (x, eps, z).
+        t = (t1000 / 1000).reshape(-1, 1, 1, 1)
+        var = (1 - t) ** 2 * S**2 + t**2
+        centred = z - (1 - t) * MU
+        return t / var * centred - (MU + (1 - t) * S**2 / var * centred)
+
+    torch.manual_seed(0)
+    out = RectifiedFlow().sample(velocity, torch.randn(20000, 1, 1, 1), num_steps=50)
+    _assert_gaussian(out, tol=0.015)
+
+
+def test_the_loss_regresses_the_noise():
+    """A model that predicts the drawn noise exactly has zero MSE (regressing x0 would not)."""
+    d = create_diffusion(learn_sigma=False)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    noise = torch.randn_like(x0)
+    terms = d.training_losses(lambda x, t, y: noise.clone(), x0, {"y": None}, noise=noise)
+    assert torch.count_nonzero(terms["mse"]) == 0
+    flow = RectifiedFlow()
+    terms = flow.training_losses(lambda z, t, y: noise - x0, x0, {"y": None}, noise=noise)
+    assert torch.count_nonzero(terms["mse"]) == 0
+
+
+def _vlb_by_hand(x0, xt, eps, v, t):
+    """The VLB term in bits, written out from the formulas with numpy and scipy."""
+    from scipy.stats import norm
+
+    betas = linear_betas(1000)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    b, a, ap = betas[t], abar[t], abar_prev[t]
+    tilde = b * (1 - ap) / (1 - a)
+    mean_q = b * np.sqrt(ap) / (1 - a) * x0 + (1 - ap) * np.sqrt(1 - b) / (1 - a) * xt
+    log_tilde = np.log(tilde if t > 0 else betas[1] * (1 - abar[0]) / (1 - abar[1]))  # beta~_0 = 0: beta~_1 stands in
+    frac = (v + 1) / 2
+    var_p = np.exp(frac * np.log(b) + (1 - frac) * log_tilde)
+    x0_hat = (xt - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    mean_p = b * np.sqrt(ap) / (1 - a) * x0_hat + (1 - ap) * np.sqrt(1 - b) / (1 - a) * xt
+    if t == 0:
+        sd = np.sqrt(var_p)
+        upper = np.where(x0 > 0.999, 1.0, norm.cdf((x0 + 1 / 255 - mean_p) / sd))
+        lower = np.where(x0 < -0.999, 0.0, norm.cdf((x0 - 1 / 255 - mean_p) / sd))
+        return -np.mean(np.log(upper - lower)) / np.log(2)
+    kl = 0.5 * (np.log(var_p / tilde) + tilde / var_p + (mean_q - mean_p) ** 2 / var_p - 1)
+    return np.mean(kl) / np.log(2)
+
+
+@pytest.mark.parametrize("t", [0, 1, 300, 999])
+def test_vlb_is_the_decoder_nll_at_step_0_and_the_kl_after(t):
+    d = create_diffusion()
+    rng = np.random.default_rng(t)
+    x0 = rng.integers(0, 256, (1, 1, 4, 4)) / 127.5 - 1
+    x0[0, 0, 0, :2] = [-1.0, 1.0]  # the end bins, which take the tails
+    noise = rng.normal(size=(1, 1, 4, 4))
+    abar = np.cumprod(1 - linear_betas(1000))[t]
+    xt = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
+    eps = noise + 0.3 * rng.normal(size=(1, 1, 4, 4))  # a good but imperfect prediction
+    v = rng.uniform(-1, 1, size=(1, 1, 4, 4))
+    out = torch.from_numpy(np.concatenate([eps, v], axis=1)).float()
+    got = d.vlb_terms(out, torch.from_numpy(x0).float(), torch.from_numpy(xt).float(), torch.tensor([t]))
+    assert got.item() == pytest.approx(_vlb_by_hand(x0, xt, eps, v, t), rel=1e-3)
