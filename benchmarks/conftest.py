@@ -1,7 +1,7 @@
 """Benchmark set-up. On a machine without CUDA, Triton kernels run through the interpreter (a
 correctness tool, so their timings there mean nothing and they run at tiny shapes only).
 
-``--paper-shapes`` selects the DESIGN.md section 5 shapes in bf16 (CUDA). After a timed run
+``--paper-shapes`` selects the paper's shapes (``benchmarks.common.PAPER_CASES``) in bf16 (CUDA). After a timed run
 (``--benchmark-only``), the comparison tables are printed and saved under
 ``benchmarks/results/`` with a throughput plot (see ``benchmarks.report``).
 """
@@ -20,7 +20,7 @@ from benchmarks.common import DEVICE_NAME  # noqa: E402
 
 
 def pytest_addoption(parser):
-    parser.addoption("--paper-shapes", action="store_true", help="DESIGN.md section 5 shapes in bf16 (needs CUDA)")
+    parser.addoption("--paper-shapes", action="store_true", help="the paper's layer shapes in bf16 (needs CUDA)")
 
 
 def pytest_configure(config):

@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moe_kernels.backend import BACKENDS
-
 from .checkpoint import build_from_checkpoint
+from .cli import add_moe_backend_argument, nonnegative_float, positive_int
 from .models import DiT
-from .sampling import SAMPLERS, generate
+from .sampling import SAMPLERS, check_steps, generate
 
 
 class RoutingRecorder:
@@ -131,9 +130,15 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_from_checkpoint(args.ckpt, "ema", moe_backend=args.moe_backend).to(device).eval()
     config = model.config
+    check_steps(config, args.steps, args.sampler)
     classes = args.classes if args.classes is not None else list(range(min(config.num_classes, 10)))
     if any(not 0 <= c < config.num_classes for c in classes):
         raise ValueError(f"--classes must lie in [0, {config.num_classes})")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be created: {error.strerror or error}") from error
     labels = torch.tensor(classes).repeat_interleave(args.samples_per_class)
     recorder = RoutingRecorder(model, args.steps).attach()
     generator = torch.Generator().manual_seed(args.seed)
@@ -144,8 +149,6 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
     finally:
         recorder.detach()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     np.savez(
         out / "routing_counts.npz", by_class=recorder.by_class.numpy(), by_position=recorder.by_position.numpy(),
         by_step=recorder.by_step.numpy(), classes=np.array(classes),
@@ -163,15 +166,15 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dit.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory or .safetensors file of a DiT-MoE")
-    p.add_argument("--samples-per-class", type=int, default=16)
+    p.add_argument("--samples-per-class", type=positive_int, default=16)
     p.add_argument("--classes", type=int, nargs="+", default=None, help="classes to sample (default: the first 10)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (rows of the per-step map)")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps (rows of the per-step map)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None)
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=1.5)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="routing")
-    p.add_argument("--moe-backend", choices=BACKENDS, default="auto")
+    add_moe_backend_argument(p)
     args = p.parse_args(argv)
     try:
         analyze(args)

@@ -1,19 +1,27 @@
-"""Checkpoints: one directory per step, written atomically.
+"""Checkpoints: one directory per step, written atomically and checked on load.
 
 ``<run>/checkpoints/0001000/`` holds ``model.safetensors`` and ``ema.safetensors`` (weights, with
-the model config as JSON metadata) and ``state.pt`` (optimizer, step, RNG states, config,
-arguments). A checkpoint is first written to a hidden temporary directory, flushed to disk, then
-renamed into place, so a crash mid-save leaves the previous checkpoints intact and no partial
-one that ``latest`` could pick.
+the model config as JSON metadata), ``state.pt`` (optimizer, step, RNG states, config,
+arguments: tensors and plain Python values only, so it loads with ``weights_only=True``) and,
+written last, ``manifest.json``: each file's size and SHA-256.
+
+A checkpoint is written to a hidden temporary directory, flushed to disk, then renamed into
+place, so a crash or a full disk mid-save leaves the previous checkpoints intact and no partial
+one. Loading checks the files it reads against the manifest, so a truncated or corrupted file
+is an error naming it, never a silently wrong model. ``remove_stale`` clears what a killed
+process left behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -22,9 +30,17 @@ from safetensors.torch import load_file, safe_open, save_file
 from .models import DiT, DiTConfig, config_from_dict, config_to_dict
 
 _STEP_DIR = re.compile(r"^\d{7}$")
+# What an interrupted save leaves: ".0001000.tmp-<pid>" (being written) and ".0001000.old-<pid>"
+# (the previous copy of a step being saved again).
+_LEFTOVER = re.compile(r"^\.(?P<step>\d{7})\.(?P<kind>tmp|old)-\d+$")
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"
 FORMAT = "dit-moe/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written, or is missing, incomplete or corrupt."""
 
 
 def _fsync(path: Path) -> None:
@@ -35,6 +51,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_weights(state_dict: dict, path: Path, config: DiTConfig, extra: dict | None = None) -> None:
     """Weights as safetensors with the config (and ``extra`` strings) as metadata."""
     metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config)), **(extra or {})}
@@ -42,69 +66,176 @@ def save_weights(state_dict: dict, path: Path, config: DiTConfig, extra: dict | 
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, model: DiT, ema: DiT, state: dict) -> Path:
-    """Write checkpoint ``step`` under ``checkpoint_dir``; ``state`` goes to ``state.pt``."""
+    """Write checkpoint ``step`` under ``checkpoint_dir``; ``state`` goes to ``state.pt``.
+
+    ``state`` must hold only tensors and plain Python values (it is loaded with
+    ``weights_only=True``). On any error, disk full included, the partial directory is removed,
+    the checkpoints already there are untouched, and ``CheckpointError`` says what happened.
+    """
     final = checkpoint_dir / f"{step:07d}"
     tmp = checkpoint_dir / f".{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model.state_dict(), tmp / "model.safetensors", model.config)
-    save_weights(ema.state_dict(), tmp / "ema.safetensors", ema.config)
-    torch.save({**state, "step": step, "config": config_to_dict(model.config)}, tmp / STATE_FILE)
-    for name in (*WEIGHT_FILES, STATE_FILE):
-        _fsync(tmp / name)
-    if final.exists():  # re-saving a step: move the old copy aside first, drop it after
-        old = checkpoint_dir / f".{step:07d}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync(checkpoint_dir)
+    try:
+        tmp.mkdir(parents=True)
+        save_weights(model.state_dict(), tmp / "model.safetensors", model.config)
+        save_weights(ema.state_dict(), tmp / "ema.safetensors", ema.config)
+        torch.save({**state, "step": step, "config": config_to_dict(model.config)}, tmp / STATE_FILE)
+        files = (*WEIGHT_FILES, STATE_FILE)
+        manifest = {"format": FORMAT, "step": step, "files": {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files
+        }}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for name in (*files, MANIFEST):
+            _fsync(tmp / name)
+        if final.exists():  # re-saving a step: move the old copy aside first, drop it after
+            old = checkpoint_dir / f".{step:07d}.old-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync(checkpoint_dir)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(checkpoint_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {error.strerror or error}; "
+            + (f"the last checkpoint, {kept}, is intact" if kept else "no earlier checkpoint exists")
+        ) from error
     return final
 
 
+def remove_stale(checkpoint_dir: Path) -> list[str]:
+    """Clear what killed saves left in ``checkpoint_dir``; return a line per action taken.
+
+    Temporary directories are deleted. A step's previous copy that was moved aside is put back
+    if the save that replaced it never completed, and deleted otherwise.
+    """
+    actions = []
+    if not checkpoint_dir.is_dir():
+        return actions
+    for path in sorted(checkpoint_dir.iterdir()):
+        match = _LEFTOVER.match(path.name)
+        if match is None or not path.is_dir():
+            continue
+        final = checkpoint_dir / match["step"]
+        if match["kind"] == "old" and not final.exists():
+            path.rename(final)
+            actions.append(f"restored {final} from {path.name}, left by an interrupted save")
+        else:
+            shutil.rmtree(path)
+            actions.append(f"removed {path}, left by an interrupted save")
+    return actions
+
+
 def is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in (*WEIGHT_FILES, STATE_FILE))
+    """A complete checkpoint directory: its manifest, written last, exists."""
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def is_step_dir(path: Path) -> bool:
+    """Whether ``path`` is meant as one checkpoint (named by its step, or complete), not a run."""
+    return bool(_STEP_DIR.match(path.name)) or is_checkpoint(path)
+
+
+def verify(checkpoint: Path, names: tuple[str, ...] = (*WEIGHT_FILES, STATE_FILE)) -> None:
+    """Check the files ``names`` of a checkpoint directory against its manifest (size, SHA-256)."""
+    if not (checkpoint / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} is incomplete: it has no {MANIFEST} (its save did not finish)")
+    try:
+        files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {checkpoint}: {MANIFEST} is corrupt ({error})") from error
+    for name in names:
+        path = checkpoint / name
+        if name not in files or not path.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {name} is missing")
+        size = path.stat().st_size
+        if size != files[name]["bytes"]:
+            raise CheckpointError(f"{path} is {size} bytes, its manifest says {files[name]['bytes']}: truncated or overwritten")
+        if _sha256(path) != files[name]["sha256"]:
+            raise CheckpointError(f"{path} does not match the SHA-256 in its manifest: the file is corrupt")
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The highest-step complete checkpoint in ``checkpoint_dir``, or ``None``."""
+    """The highest-step complete checkpoint in ``checkpoint_dir``, or ``None`` (not verified)."""
     if not checkpoint_dir.is_dir():
         return None
     steps = [p for p in checkpoint_dir.iterdir() if _STEP_DIR.match(p.name) and is_checkpoint(p)]
     return max(steps, key=lambda p: int(p.name)) if steps else None
 
 
-def load_weights(path: str | Path, which: str = "ema") -> tuple[dict, DiTConfig]:
-    """Weights and config from a checkpoint directory (its ``ema`` or ``model`` weights) or
-    from a single ``.safetensors`` file written by this package or by ``dit.convert``."""
+def latest_intact_checkpoint(checkpoint_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """The highest-step checkpoint whose files all match its manifest; each newer one that
+    does not (corrupt, or incomplete) is skipped with a ``warn`` naming it."""
+    if not checkpoint_dir.is_dir():
+        return None
+    steps = sorted((p for p in checkpoint_dir.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: -int(p.name))
+    for step in steps:
+        try:
+            verify(step)
+        except CheckpointError as error:
+            warn(f"skipping checkpoint {step}: {error}")
+            continue
+        return step
+    return None
+
+
+def load_weights(path: str | Path, which: str = "ema", verified: bool = False) -> tuple[dict, DiTConfig]:
+    """Weights and config from a checkpoint directory (its ``ema`` or ``model`` weights, checked
+    against the manifest unless the caller ``verified`` them already) or from a single
+    ``.safetensors`` file written by this package or by ``dit.convert`` (which carries no
+    manifest: safetensors checks its structure)."""
     path = Path(path)
     if path.is_dir():
+        if not verified:
+            verify(path, (f"{which}.safetensors",))
         path = path / f"{which}.safetensors"
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         state_dict = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from error
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from error
     if "config" not in metadata:
-        raise ValueError(f"checkpoint {path} carries no model config; was it written by dit.train or dit.convert?")
+        raise CheckpointError(f"checkpoint {path} carries no model config; was it written by dit.train or dit.convert?")
     return state_dict, config_from_dict(json.loads(metadata["config"]))
 
 
-def load_state(checkpoint: Path) -> dict:
-    """The training state (``state.pt``) of a checkpoint directory."""
+def load_state(checkpoint: Path, verified: bool = False) -> dict:
+    """The training state (``state.pt``) of a checkpoint directory, checked against the manifest
+    unless the caller ``verified`` it already.
+
+    It is unpickled with ``weights_only=True``: a file holding anything but tensors and plain
+    Python values is refused, since unpickling arbitrary objects can run arbitrary code.
+    """
+    if not verified:
+        verify(checkpoint, (STATE_FILE,))
+    path = checkpoint / STATE_FILE
     try:
-        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"a reference to {found[1]}" if found else "objects other than tensors and plain Python values"
+        raise CheckpointError(
+            f"refusing to load {path}: it holds {what}, and unpickling such objects can run arbitrary "
+            "code; a training state written by dit.train holds only tensors and plain values"
+        ) from error
     except Exception as error:
-        raise ValueError(f"training state {checkpoint / STATE_FILE} is corrupt or unreadable: {error}") from error
+        raise CheckpointError(f"training state {path} is corrupt or unreadable: {error}") from error
 
 
 def load_into(model: torch.nn.Module, state_dict: dict, source: str | Path) -> None:
     """``model.load_state_dict`` with a clear error naming what does not match."""
-    own = model.state_dict()
+    check_matches(model.state_dict(), state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def check_matches(own: dict, state_dict: dict, source: str | Path) -> None:
+    """Raise ``ValueError`` naming the keys of ``state_dict`` missing, unexpected or of another
+    shape than in ``own`` (a model's state dict, which may live on the meta device)."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
@@ -114,7 +245,6 @@ def load_into(model: torch.nn.Module, state_dict: dict, source: str | Path) -> N
             if items:
                 parts.append(f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
         raise ValueError(f"checkpoint {source} does not match the model ({'; '.join(parts)})")
-    model.load_state_dict(state_dict)
 
 
 def build_from_checkpoint(path: str | Path, which: str = "ema", moe_backend: str | None = "auto") -> DiT:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .models import DiTConfig, sincos_pos_embed
+from .checkpoint import check_matches, save_weights
+from .cli import check_writable, positive_int, replace_atomically
+from .models import DiT, DiTConfig, sincos_pos_embed
 
 # Renames that keep the tensor as it is: official key (regex) -> ours.
 _RENAMES = [
@@ -50,12 +52,15 @@ def load_official(ckpt: str | Path | dict) -> dict[str, torch.Tensor]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {error}") from error
+    expected = "a state dict of tensors, or one wrapped as {'ema': ...} or {'model': ...}"
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"expected {expected}, got a {type(ckpt).__name__}")
     for wrapper in ("ema", "model"):
         if isinstance(ckpt.get(wrapper), dict):
             ckpt = ckpt[wrapper]
             break
-    if not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError("expected a state dict of tensors, or one wrapped as {'ema': ...} or {'model': ...}")
+    if not ckpt or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items()):
+        raise ValueError(f"expected {expected}")
     return {k.removeprefix("module."): v for k, v in ckpt.items()}
 
 
@@ -107,6 +112,10 @@ def infer_config(official: dict[str, torch.Tensor], num_heads: int | None = None
     """The ``DiTConfig`` an official state dict describes. The head count is read from the
     q/k norms when present, else from the paper's table (or ``num_heads``); ``top_k`` is not
     stored in the weights (every official config uses 2)."""
+    required = ("x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight")
+    missing = [key for key in required if key not in official]
+    if missing or not any(key.startswith("blocks.") for key in official):
+        raise ValueError(f"not a DiT or DiT-MoE checkpoint: it lacks {', '.join(missing) or 'blocks.*'}")
     proj = official["x_embedder.proj.weight"]
     hidden, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     depth = 1 + max(int(k.split(".")[1]) for k in official if k.startswith("blocks."))
@@ -121,6 +130,8 @@ def infer_config(official: dict[str, torch.Tensor], num_heads: int | None = None
     out_channels = official["final_layer.linear.weight"].shape[0] // (patch * patch)
     shared = official.get("blocks.0.moe.shared_experts.gate_proj.weight")
     mlp = official.get("blocks.0.moe.experts.0.gate_proj.weight", official.get("blocks.0.mlp.fc1.weight"))
+    if mlp is None:
+        raise ValueError("not a DiT or DiT-MoE checkpoint: block 0 has neither mlp.fc1 nor moe.experts.0")
     name = f"DiT-MoE-?/{patch}-{num_experts}E{top_k}A" if num_experts else f"DiT-?/{patch}"
     return DiTConfig(
         input_size=input_size, patch_size=patch, in_channels=channels, hidden_size=hidden, depth=depth,
@@ -132,22 +143,23 @@ def infer_config(official: dict[str, torch.Tensor], num_heads: int | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .checkpoint import save_weights
-
     p = argparse.ArgumentParser(prog="python -m dit.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="official checkpoint (.pt)")
     p.add_argument("output", help="output .safetensors")
-    p.add_argument("--num-heads", type=int, default=None)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--input-size", type=int, default=None, help="latent side (default: from pos_embed, else 32)")
+    p.add_argument("--num-heads", type=positive_int, default=None)
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument("--input-size", type=positive_int, default=None, help="latent side (default: from pos_embed, else 32)")
     args = p.parse_args(argv)
     try:
+        output = check_writable(args.output, "output")
         official = load_official(args.input)
         config = infer_config(official, args.num_heads, args.top_k, args.input_size)
         state_dict = convert_official(official)
+        with torch.device("meta"):  # shapes only: no memory for the weights
+            check_matches(DiT(config, moe_backend="torch").state_dict(), state_dict, args.input)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
-    save_weights(state_dict, Path(args.output), config)
+    replace_atomically(lambda tmp: save_weights(state_dict, tmp, config), output)
     print(f"converted {len(official)} tensors into {len(state_dict)} ({config.depth} blocks, width {config.hidden_size}, "
           f"{config.num_experts} experts) -> {args.output}")
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import positive_int
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 LATENT_SCALE = 0.18215  # Stable Diffusion's VAE latent scaling, as DiT uses it
 
@@ -52,6 +54,7 @@ class ImageFolderData:
         ]
         if not files:
             raise ValueError(f"no images found under {root}: expected {root}/<class name>/<image file>")
+        _check_headers([path for path, _ in files])
         self.paths = [path for path, _ in files]
         self.labels = torch.tensor([label for _, label in files], dtype=torch.long)
         self.num_classes = len(classes)
@@ -68,17 +71,36 @@ class ImageFolderData:
     def _load(self, path: Path) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
-            array = np.asarray(image, dtype=np.float32)
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                side = min(image.size)
+                left, top = (image.width - side) // 2, (image.height - side) // 2
+                image = image.crop((left, top, left + side, top + side))
+                image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+                array = np.asarray(image, dtype=np.float32)
+        except (OSError, ValueError) as error:  # a file whose header read but whose pixels do not
+            raise ValueError(f"cannot decode image {path}: {error}") from error
         return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([self._load(self.paths[i]) for i in indices.tolist()]), self.labels[indices]
+
+
+def _check_headers(paths: list[Path]) -> None:
+    """Open every image's header before training starts, so that a file that is not an image
+    (or is empty) stops the run at once with its name, not when a batch first reaches it."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    for path in tqdm(paths, desc="checking images", disable=len(paths) < 5000, leave=False):
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable image: {error}") from error
+        if min(width, height) < 1:
+            raise ValueError(f"{path} is an empty image ({width}x{height})")
 
 
 def load_digits(image_size: int = 8) -> TensorData:
@@ -102,9 +124,16 @@ def load_latents(root: Path) -> TensorData:
         raise ValueError(f"no *.safetensors latent shards in {root}")
     latents, labels = [], []
     for shard in shards:
-        tensors = load_file(shard)
+        try:
+            tensors = load_file(shard)
+        except Exception as error:
+            raise ValueError(f"latent shard {shard} is corrupt or not a safetensors file: {error}") from error
         if "latents" not in tensors or "labels" not in tensors:
             raise ValueError(f"{shard} must hold tensors 'latents' and 'labels', found {sorted(tensors)}")
+        shape = tuple(tensors["latents"].shape)
+        if len(shape) != 4 or tuple(tensors["labels"].shape) != shape[:1] or (latents and shape[1:] != latents[0].shape[1:]):
+            raise ValueError(f"{shard}: expected latents [n, C, h, w] like the other shards and labels [n], "
+                             f"got {shape} and {tuple(tensors['labels'].shape)}")
         latents.append(tensors["latents"].float())
         labels.append(tensors["labels"].long())
     labels_all = torch.cat(labels)
@@ -175,20 +204,27 @@ def main(argv: list[str] | None = None) -> None:
     enc = sub.add_parser("encode", help="encode an image folder to latent shards with a VAE")
     enc.add_argument("--data", required=True, help="image folder: DIR/<class>/<image>")
     enc.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
-    enc.add_argument("--image-size", type=int, default=256)
+    enc.add_argument("--image-size", type=positive_int, default=256)
     enc.add_argument("--out", required=True)
-    enc.add_argument("--batch-size", type=int, default=64)
-    enc.add_argument("--shard-size", type=int, default=50_000)
+    enc.add_argument("--batch-size", type=positive_int, default=64)
+    enc.add_argument("--shard-size", type=positive_int, default=50_000)
     args = parser.parse_args(argv)
+    if args.image_size % 8:
+        parser.error(f"--image-size must be a multiple of 8 (the VAE's latents are 8 times smaller), got {args.image_size}")
 
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = ImageFolderData(Path(args.data), args.image_size)
-    vae = load_vae(args.vae, device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if not Path(args.data).is_dir():
+            raise ValueError(f"--data {args.data} is not a directory")
+        dataset = ImageFolderData(Path(args.data), args.image_size)
+        vae = load_vae(args.vae, device)
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from error
     for shard, first in enumerate(range(0, len(dataset), args.shard_size)):
         indices = torch.arange(first, min(first + args.shard_size, len(dataset)))
         latents = []

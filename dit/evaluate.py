@@ -21,11 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import linalg
+
+from .cli import positive_int
 
 
 def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -33,12 +37,19 @@ def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
-    with np.load(path) as data:
-        if "arr_0" not in data:
-            raise ValueError(f"{path} has no arr_0 (uint8 [N, H, W, C] images)")
-        images, labels = data["arr_0"], data["arr_1"] if "arr_1" in data else None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data:
+                raise ValueError(f"{path} has no arr_0 (uint8 [N, H, W, C] images)")
+            images, labels = data["arr_0"], data["arr_1"] if "arr_1" in data else None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{path} is not a readable .npz (truncated or corrupt?): {error}") from error
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise ValueError(f"{path}: arr_0 holds no images")
+    if labels is not None and labels.shape != (len(images),):
+        raise ValueError(f"{path}: arr_1 must hold one label per image ({len(images)}), got shape {labels.shape}")
     return images, labels
 
 
@@ -83,10 +94,15 @@ class Inception:
     """The TorchScript Inception-v3 of StyleGAN3's metrics: uint8 ``[N, 3, H, W]`` in, pool
     features (``return_features=True``) or class probabilities (``no_output_bias=True``) out."""
 
-    def __init__(self, path: str | Path, device: torch.device):
+    def __init__(self, path: str | Path, device: torch.device, allow_pickle: bool = False):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"--inception-weights {path} does not exist (TorchScript inception-2015-12-05.pt or .pkl)")
+        if path.suffix == ".pkl" and not allow_pickle:
+            raise ValueError(
+                f"--inception-weights {path} is a pickle, and unpickling a file can run any code it holds; "
+                "pass --allow-pickle if you trust it (StyleGAN3's own download), or use the TorchScript .pt"
+            )
         try:
             if path.suffix == ".pkl":  # StyleGAN3's download: the same TorchScript module, pickled
                 with open(path, "rb") as handle:
@@ -108,8 +124,10 @@ class Inception:
         return torch.cat(out)
 
 
-def inception_metrics(samples: np.ndarray, reference: np.ndarray, weights: str | Path, batch_size: int = 100) -> dict:
-    net = Inception(weights, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+def inception_metrics(
+    samples: np.ndarray, reference: np.ndarray, weights: str | Path, batch_size: int = 100, allow_pickle: bool = False
+) -> dict:
+    net = Inception(weights, torch.device("cuda" if torch.cuda.is_available() else "cpu"), allow_pickle)
     fake = net.run(samples, batch_size, return_features=True)
     real = net.run(reference, batch_size, return_features=True)
     probs = net.run(samples, batch_size, no_output_bias=True)
@@ -161,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dit.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help=".npz of generated images (arr_0) and labels (arr_1)")
     p.add_argument("reference", nargs="?", default=None, help=".npz of reference images (arr_0), for the Inception metrics")
-    p.add_argument("--inception-weights", default=None, help="local TorchScript inception-2015-12-05.pt")
+    p.add_argument("--inception-weights", default=None, help="local TorchScript inception-2015-12-05.pt (or StyleGAN3's .pkl, with --allow-pickle)")
+    p.add_argument("--allow-pickle", action="store_true", help="let --inception-weights be a pickle: unpickling runs any code the file holds, so only for files you trust")
     p.add_argument("--digits", action="store_true", help="the digits report (needs no weights)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     try:
@@ -174,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.reference is None or args.inception_weights is None:
                 raise ValueError("the Inception metrics need REF.npz and --inception-weights (or pass --digits)")
             reference, _ = load_images(args.reference)
-            results = inception_metrics(samples, reference, args.inception_weights, args.batch_size)
+            results = inception_metrics(samples, reference, args.inception_weights, args.batch_size, args.allow_pickle)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
     for key, value in results.items():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import get_type_hints
 
 import numpy as np
 import torch
@@ -166,6 +167,9 @@ class FinalLayer(nn.Module):
 #################################################################################
 
 
+OBJECTIVES = ("diffusion", "rectified-flow")
+
+
 @dataclass
 class DiTConfig:
     """Everything that shapes a DiT; ``num_experts = 0`` means the dense DiT."""
@@ -192,6 +196,29 @@ class DiTConfig:
     objective: str = "diffusion"
     latent: bool = False
 
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot build a model."""
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_experts", "num_shared_experts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size ({self.input_size}) must be a multiple of patch_size ({self.patch_size})")
+        if int(self.hidden_size * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio must make a hidden width >= 1, got {self.mlp_ratio}")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be between 1 and num_experts ({self.num_experts}), got {self.top_k}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if not (self.balance_loss_alpha >= 0 and math.isfinite(self.balance_loss_alpha)):
+            raise ValueError(f"balance_loss_alpha must be a finite number >= 0, got {self.balance_loss_alpha}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
 
 class DiT(nn.Module):
     """Diffusion transformer: ``forward(x [N, C, H, W], t [N], y [N]) -> [N, C or 2C, H, W]``.
@@ -205,11 +232,10 @@ class DiT(nn.Module):
         super().__init__()
         self.config = config
         D = config.hidden_size
+        config.check()
         self.in_channels = config.in_channels
         self.out_channels = 2 * config.in_channels if config.learn_sigma else config.in_channels
         self.patch_size = config.patch_size
-        if config.input_size % config.patch_size:
-            raise ValueError(f"input_size ({config.input_size}) must be a multiple of patch_size ({config.patch_size})")
         self.grid_size = config.input_size // config.patch_size
         self.grad_checkpointing = False
 
@@ -307,11 +333,30 @@ SIZES = {
     "G": (40, 1408, 16),
 }
 _NAME = re.compile(r"^DiT-(?:(?P<moe>MoE)-)?(?P<size>Ti|S|B|L|XL|G)/(?P<patch>2|4|8)(?:-(?P<experts>\d+)E(?P<k>\d+)A)?$")
-OVERRIDES = (
-    "input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads", "num_experts", "top_k",
-    "num_shared_experts", "learn_sigma", "class_dropout_prob", "balance_loss_alpha", "qk_norm", "mlp_ratio",
-    "objective", "latent",
-)
+# The settings create_model may override: every field of DiTConfig but those its name fixes.
+OVERRIDES = tuple(f.name for f in fields(DiTConfig) if f.name not in ("name", "patch_size"))
+
+
+def coerce_override(key: str, value: object) -> object:
+    """``value`` as the type of the config field ``key``; a string (from ``--set key=value``) is
+    parsed. Raises ``TypeError`` for an unknown key or a value of the wrong type."""
+    if key not in OVERRIDES:
+        raise TypeError(f"unknown model setting {key!r}; settings: {', '.join(OVERRIDES)}")
+    kind = get_type_hints(DiTConfig)[key]
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        try:
+            if kind is bool:
+                value = {"true": True, "1": True, "false": False, "0": False}[text]
+            else:
+                value = kind(text)
+        except (KeyError, ValueError):
+            raise TypeError(f"{key} takes {'true or false' if kind is bool else 'a number' if kind is float else 'an integer'}, got {value!r}") from None
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{key} takes a {kind.__name__}, got {value!r}")
+    return value
 
 
 def model_names() -> list[str]:
@@ -343,16 +388,13 @@ def parse_model_name(name: str) -> DiTConfig:
 def create_model(name: str, moe_backend: str | None = "auto", **overrides) -> DiT:
     """Build a named DiT / DiT-MoE, e.g. ``create_model("DiT-MoE-S/2-8E2A", input_size=32)``.
 
-    Overrides: ``input_size, in_channels, num_classes, depth, hidden_size, num_heads,
-    num_experts, top_k, num_shared_experts, learn_sigma, class_dropout_prob,
-    balance_loss_alpha, qk_norm, mlp_ratio, objective, latent``.
+    ``overrides`` may set any of ``OVERRIDES`` (every ``DiTConfig`` field but ``name`` and
+    ``patch_size``). An unknown setting or a value of the wrong type raises ``TypeError``, a
+    value out of range ``ValueError``, each naming the setting.
     """
-    unknown = set(overrides) - set(OVERRIDES)
-    if unknown:
-        raise TypeError(f"unknown override(s) {sorted(unknown)}; allowed: {', '.join(OVERRIDES)}")
     config = parse_model_name(name)
     for key, value in overrides.items():
-        setattr(config, key, value)
+        setattr(config, key, coerce_override(key, value))
     return DiT(config, moe_backend=moe_backend)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -24,13 +25,35 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                         help="tf32: fp32 with TF32 matmuls on GPU, as DiT runs; fp32: IEEE matmuls; bf16: autocast")
 
 
-def use_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Set torch's fp32 matmul mode for ``precision`` and return the context to run the model in."""
+def _check(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    tf32 = precision != "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """Within the block, torch's fp32 matmuls (and so the Triton GEMMs) use TF32 unless
+    ``precision`` is ``"fp32"``; torch's global switches are restored on exit. A training step's
+    backward pass must run inside it too, so it wraps a whole run."""
+    _check(precision)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``"bf16"``, for the forward pass only (as torch recommends); else nothing."""
+    _check(precision)
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def use_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Both of the above, for inference (sampling, analysis)."""
+    with matmul_precision(precision), autocast(precision, device):
+        yield

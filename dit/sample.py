@@ -14,38 +14,44 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe_kernels.backend import BACKENDS
-
 from .checkpoint import build_from_checkpoint
+from .cli import add_moe_backend_argument, check_writable, nonnegative_float, positive_int, replace_atomically
 from .data import decode, load_vae
 from .precision import add_precision_argument, use_precision
-from .sampling import SAMPLERS, default_steps, generate, save_grid, to_uint8
+from .sampling import SAMPLERS, check_steps, generate, save_grid, to_uint8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dit.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint directory (its EMA weights are used) or a .safetensors file")
-    p.add_argument("--num-samples", type=int, default=100)
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 250 for diffusion, 50 for rectified flow)")
+    p.add_argument("--num-samples", type=positive_int, default=100)
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default 250 for diffusion, 50 for rectified flow)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddpm for diffusion, euler for rectified flow")
-    p.add_argument("--out", default="samples.npz")
-    p.add_argument("--grid", default=None, help="also write a PNG grid of the samples")
+    p.add_argument("--out", default="samples.npz", help="output .npz (the suffix is added if missing)")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of the samples (.png is added if missing)")
     p.add_argument("--class", dest="class_label", type=int, default=None, help="sample only this class")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL, to decode a latent model's samples")
-    p.add_argument("--moe-backend", choices=BACKENDS, default="auto")
+    add_moe_backend_argument(p)
     add_precision_argument(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # np.savez adds ".npz" to any other name: say so up front, and report the file really written.
+    if Path(args.out).suffix != ".npz":
+        args.out = args.out + ".npz"
+    if args.grid and Path(args.grid).suffix.lower() != ".png":
+        args.grid = args.grid + ".png"
+    return args
 
 
 def sample(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    out_path = check_writable(args.out, "--out")
+    grid_path = check_writable(args.grid, "--grid") if args.grid else None
     model = build_from_checkpoint(args.ckpt, "ema", moe_backend=args.moe_backend).to(device).eval()
     config = model.config
+    steps, sampler = check_steps(config, args.steps, args.sampler)
     if args.class_label is not None and not 0 <= args.class_label < config.num_classes:
         raise ValueError(f"--class must be in [0, {config.num_classes}), got {args.class_label}")
     if config.latent and args.vae is None:
@@ -55,21 +61,18 @@ def sample(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
         labels = torch.arange(args.num_samples) % config.num_classes
     else:
         labels = torch.full((args.num_samples,), args.class_label)
-    steps = args.steps or default_steps(config)
     generator = torch.Generator().manual_seed(args.seed)
-    precision = use_precision(args.precision, device)
     images = []
-    for chunk in tqdm(labels.split(args.batch_size), desc="batches", disable=len(labels) <= args.batch_size):
-        with precision:
-            out = generate(model, chunk, args.cfg_scale, steps, args.sampler, generator=generator, progress=True)
-        images.append(to_uint8(decode(vae, out) if vae is not None else out))
+    with use_precision(args.precision, device):
+        for chunk in tqdm(labels.split(args.batch_size), desc="batches", disable=len(labels) <= args.batch_size):
+            out = generate(model, chunk, args.cfg_scale, steps, sampler, generator=generator, progress=True)
+            images.append(to_uint8(decode(vae, out) if vae is not None else out))
     arr = np.concatenate(images)
     labels_np = labels.numpy().astype(np.int64)
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out_path, arr_0=arr, arr_1=labels_np)
-    if args.grid:
-        save_grid(arr, args.grid, nrow=min(config.num_classes, 16) if args.class_label is None else 10)
+    replace_atomically(lambda tmp: np.savez(tmp, arr_0=arr, arr_1=labels_np), out_path)
+    if grid_path is not None:
+        nrow = min(config.num_classes, 16) if args.class_label is None else 10
+        replace_atomically(lambda tmp: save_grid(arr, tmp, nrow=nrow), grid_path)
     return arr, labels_np
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .diffusion import RectifiedFlow, create_diffusion
+from .diffusion import NUM_TIMESTEPS, RectifiedFlow, create_diffusion
 from .models import DiT
 
 SAMPLERS = ("ddpm", "ddim", "euler")
@@ -17,6 +17,23 @@ SAMPLERS = ("ddpm", "ddim", "euler")
 def default_steps(config) -> int:
     """Sampling steps when none are asked for: DiT's 250 DDPM steps, or 50 Euler steps."""
     return 50 if config.objective == "rectified-flow" else 250
+
+
+def check_steps(config, steps: int | None, sampler: str | None = None) -> tuple[int, str]:
+    """The step count and sampler ``generate`` would use for ``config``, or a ``ValueError``
+    saying why not; cheap, so commands call it before their expensive work."""
+    steps = default_steps(config) if steps is None else steps
+    if sampler is None:
+        sampler = "euler" if config.objective == "rectified-flow" else "ddpm"
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if (sampler == "euler") != (config.objective == "rectified-flow"):
+        raise ValueError(f"sampler {sampler!r} does not fit a model trained with the {config.objective!r} objective")
+    # A respaced diffusion keeps its first and last timestep, so it needs at least two.
+    low, high = (1, None) if sampler == "euler" else (2, NUM_TIMESTEPS)
+    if steps < low or (high is not None and steps > high):
+        raise ValueError(f"{sampler} sampling takes {low}{f' to {high}' if high else ' or more'} steps, got {steps}")
+    return steps, sampler
 
 
 def guided(model: DiT, labels: torch.Tensor, cfg_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -54,13 +71,7 @@ def generate(
     ``"euler"`` (rectified flow, the only one it takes). ``steps`` defaults to ``default_steps``.
     """
     config = model.config
-    steps = steps or default_steps(config)
-    if sampler is None:
-        sampler = "euler" if config.objective == "rectified-flow" else "ddpm"
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if (sampler == "euler") != (config.objective == "rectified-flow"):
-        raise ValueError(f"sampler {sampler!r} does not fit a model trained with the {config.objective!r} objective")
+    steps, sampler = check_steps(config, steps, sampler)
     device = next(model.parameters()).device
     shape = (labels.shape[0], config.in_channels, config.input_size, config.input_size)
     noise = torch.randn(shape, generator=generator, device="cpu").to(device)

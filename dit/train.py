@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -24,56 +25,113 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from moe_kernels.backend import BACKENDS
-
 from . import checkpoint as ckpt
+from .cli import add_moe_backend_argument, explicit_arguments, fraction, nonnegative_float, positive_float, positive_int
 from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
-from .models import DiT, create_model
-from .precision import add_precision_argument, use_precision
-from .sampling import default_steps, generate, save_grid, to_uint8
+from .models import OBJECTIVES, OVERRIDES, DiT, coerce_override, create_model
+from .precision import add_precision_argument, autocast, matmul_precision
+from .sampling import check_steps, default_steps, generate, save_grid, to_uint8
 
 # Defaults of the flags left unset: DiT's for real data, and a preset that learns the embedded
 # digits on a CPU in minutes (a small model, a short run, hence a larger learning rate).
 DEFAULTS = {"model": "DiT-MoE-S/2-8E2A", "steps": 400_000, "global_batch_size": 256, "lr": 1e-4}
 DIGITS_DEFAULTS = {"model": "DiT-MoE-Ti/2-8E2A", "steps": 1500, "global_batch_size": 128, "lr": 2e-3}
+# The flags a resumed run may change. Every other flag must be left out (the checkpoint's value
+# is used) or agree with the checkpoint: changing the data, model, batch or seed mid-run would
+# silently make a different run.
+RESUME_MAY_CHANGE = (
+    "steps", "epochs", "lr", "ckpt_every", "log_every", "precision", "grad_checkpointing", "moe_backend",
+    "cfg_scale", "sample_steps", "results_dir", "resume",
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help=f"config name, e.g. DiT-XL/2 or DiT-MoE-S/2-8E2A (default: {DEFAULTS['model']}; {DIGITS_DEFAULTS['model']} on digits)")
     p.add_argument("--data", default="digits", help="'digits', an image folder (DIR/<class>/<image>), or a directory of latent shards")
-    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: 8 for digits, 256 for folders)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="image side in pixels (default: 8 for digits, 256 for folders)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL: train on its latents (x0.18215) of the images")
-    p.add_argument("--global-batch-size", type=int, default=None, help=f"images per step over all processes (default {DEFAULTS['global_batch_size']}; {DIGITS_DEFAULTS['global_batch_size']} on digits)")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {DEFAULTS['lr']:g}; {DIGITS_DEFAULTS['lr']:g} on digits)")
+    p.add_argument("--global-batch-size", type=positive_int, default=None, help=f"images per step over all processes (default {DEFAULTS['global_batch_size']}; {DIGITS_DEFAULTS['global_batch_size']} on digits)")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"AdamW learning rate (default {DEFAULTS['lr']:g}; {DIGITS_DEFAULTS['lr']:g} on digits)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULTS['steps']}; {DIGITS_DEFAULTS['steps']} on digits)")
-    length.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (the last step is always saved)")
-    p.add_argument("--log-every", type=int, default=100)
+    length.add_argument("--steps", type=positive_int, default=None, help=f"optimizer steps (default {DEFAULTS['steps']}; {DIGITS_DEFAULTS['steps']} on digits)")
+    length.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints (the last step is always saved)")
+    p.add_argument("--log-every", type=positive_int, default=100)
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--resume", default=None, help="a checkpoint or run directory, or 'latest' (the newest run in --results-dir)")
+    p.add_argument("--resume", default=None, help=(
+        "a checkpoint or run directory, or 'latest' (the newest run in --results-dir). A run directory or "
+        "'latest' resumes from the newest intact checkpoint, skipping corrupt or incomplete ones with a warning. "
+        "Flags left out take the checkpoint's values; these may change: "
+        + ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE if name != "resume")
+        + "; any other flag must agree with the checkpoint"))
     add_precision_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--objective", choices=("diffusion", "rectified-flow"), default="diffusion")
-    p.add_argument("--balance-alpha", type=float, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--objective", choices=OBJECTIVES, default="diffusion")
+    p.add_argument("--balance-alpha", type=nonnegative_float, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
+    p.add_argument("--ema-decay", type=fraction, default=0.9999)
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on for image folders; off for digits, which mirroring changes, and latents)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the final sample grid")
-    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps of the final grid (default 250 DDPM or 50 Euler)")
-    p.add_argument("--moe-backend", choices=BACKENDS, default="auto")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="guidance scale of the final sample grid")
+    p.add_argument("--sample-steps", type=positive_int, default=None, help="sampling steps of the final grid (default 250 DDPM or 50 Euler)")
+    add_moe_backend_argument(p)
     p.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model setting, e.g. --set mlp_ratio=15 --set num_shared_experts=0 (see dit.models.OVERRIDES)")
+                   help=f"override a model setting, e.g. --set mlp_ratio=15 --set num_shared_experts=0; settings: {', '.join(OVERRIDES)}")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    # A resumed run keeps its checkpoint's model unless --model names one (then they must agree).
-    args.model_given = args.model is not None
-    presets = DIGITS_DEFAULTS if args.data == "digits" else DEFAULTS
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed flags; ``args.given`` lists those the command line set itself."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = sorted(explicit_arguments(build_parser, argv))
+    try:
+        parse_overrides(args.model_overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    digits = args.data == "digits"
+    if not digits:
+        args.data = str(Path(args.data).resolve())
+    if args.image_size is None:
+        args.image_size = 8 if digits else 256
+    presets = DIGITS_DEFAULTS if digits else DEFAULTS
     for name, value in presets.items():
         if getattr(args, name) is None and not (name == "steps" and args.epochs is not None):
             setattr(args, name, value)
     return args
+
+
+def resume_arguments(args: argparse.Namespace, saved: dict) -> None:
+    """Take the checkpoint's value for every flag left out; refuse a given flag that contradicts
+    it, unless it is one of ``RESUME_MAY_CHANGE``."""
+    flags = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+    for dest, value in saved.items():
+        if dest not in flags:
+            continue
+        if dest not in args.given:
+            setattr(args, dest, value)
+        elif dest not in RESUME_MAY_CHANGE and not _same_setting(dest, getattr(args, dest), value):
+            raise ValueError(
+                f"{flags[dest]} {_show(getattr(args, dest))} contradicts the checkpoint, which was trained with "
+                f"{_show(value)}; leave it out to continue that run, or start a new run to change it"
+            )
+    if "steps" in args.given:
+        args.epochs = None
+    elif "epochs" in args.given:
+        args.steps = None
+
+
+def _same_setting(dest: str, new: object, old: object) -> bool:
+    if dest == "model_overrides":
+        return parse_overrides(new) == parse_overrides(old)
+    return new == old
+
+
+def _show(value: object) -> str:
+    if isinstance(value, list):
+        return " ".join(value) or "nothing"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 class Distributed:
@@ -108,13 +166,21 @@ class Distributed:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
     def close(self) -> None:
         if self.world_size > 1:
             dist.destroy_process_group()
 
 
 def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values, so the checkpoint loads with ``weights_only=True``."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                   "cached_gaussian": float(cached_gaussian)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -122,7 +188,9 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -149,36 +217,53 @@ def expert_load(model: DiT) -> list[dict]:
     return stats
 
 
-def find_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """The run directory and, when resuming, the checkpoint to start from."""
+def find_run(args: argparse.Namespace, env: Distributed, warn) -> tuple[Path, Path | None]:
+    """The run directory and, when resuming, the checkpoint to start from, verified against its
+    manifest. A killed save's leftovers are cleared first (by the main process)."""
     results = Path(args.results_dir)
     if args.resume is None:
-        results.mkdir(parents=True, exist_ok=True)
+        if env.main:
+            results.mkdir(parents=True, exist_ok=True)
+        env.barrier()
         index = max((int(p.name[:3]) for p in results.iterdir() if p.name[:3].isdigit()), default=-1) + 1
         name = args.model.replace("/", "-")
         return results / f"{index:03d}-{name}", None
+    path = Path(args.resume)
     if args.resume == "latest":
-        runs = sorted((p for p in results.glob("[0-9][0-9][0-9]-*") if ckpt.latest_checkpoint(p / "checkpoints")), key=lambda p: int(p.name[:3]))
+        runs = sorted(results.glob("[0-9][0-9][0-9]-*"), key=lambda p: int(p.name[:3])) if results.is_dir() else []
+        runs = [run for run in runs if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())]
         if not runs:
             raise ValueError(f"--resume latest: no run with a checkpoint in {results}")
-        return runs[-1], ckpt.latest_checkpoint(runs[-1] / "checkpoints")
-    path = Path(args.resume)
-    if ckpt.is_checkpoint(path):
-        return path.parent.parent, path
-    latest = ckpt.latest_checkpoint(path / "checkpoints")
-    if latest is None:
-        raise ValueError(f"--resume {path}: neither a checkpoint directory nor a run directory with checkpoints")
-    return path, latest
+        path = runs[-1]
+    elif not path.is_dir():
+        raise ValueError(f"--resume {path}: no such directory (give a checkpoint or run directory, or 'latest')")
+    if ckpt.is_step_dir(path):
+        run_dir, checkpoint = path.parent.parent, path
+    else:
+        run_dir, checkpoint = path, None
+    if env.main:
+        for action in ckpt.remove_stale(run_dir / "checkpoints"):
+            warn(action)
+    env.barrier()
+    if checkpoint is not None:
+        ckpt.verify(checkpoint)
+        return run_dir, checkpoint
+    checkpoint = ckpt.latest_intact_checkpoint(run_dir / "checkpoints", warn if env.main else lambda message: None)
+    if checkpoint is None:
+        raise ValueError(f"--resume {args.resume}: no intact checkpoint in {run_dir / 'checkpoints'}")
+    return run_dir, checkpoint
 
 
 def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> DiT:
     if checkpoint is not None:
-        _, config = ckpt.load_weights(checkpoint, "model")
-        if args.model_given and args.model != config.name:
+        _, config = ckpt.load_weights(checkpoint, "model", verified=True)
+        if args.model != config.name:
             raise ValueError(f"--model {args.model} does not match the checkpoint's model {config.name}")
         return DiT(config, moe_backend=args.moe_backend)
     channels, size, _ = dataset.shape
     if args.vae:
+        if size % 8:
+            raise ValueError(f"--image-size must be a multiple of 8 with --vae (its latents are 8 times smaller), got {size}")
         channels, size = 4, size // 8
     overrides = dict(
         input_size=size, in_channels=channels, num_classes=dataset.num_classes,
@@ -187,60 +272,71 @@ def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> D
     )
     overrides.update(parse_overrides(args.model_overrides))
     try:
-        model = create_model(args.model, moe_backend=args.moe_backend, **overrides)
+        return create_model(args.model, moe_backend=args.moe_backend, **overrides)
     except TypeError as error:
         raise ValueError(str(error)) from error
-    return model
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["mlp_ratio=15", "qk_norm=true"]`` -> ``{"mlp_ratio": 15, "qk_norm": True}``."""
+    """``["mlp_ratio=15", "qk_norm=true"]`` -> ``{"mlp_ratio": 15.0, "qk_norm": True}``, each value
+    parsed as its model setting's type; ``ValueError`` names a malformed item."""
     overrides = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            value = json.loads(text.lower() if text.lower() in ("true", "false") else text)
-        except json.JSONDecodeError:
-            value = text
-        overrides[key.strip()] = value
+            overrides[key.strip()] = coerce_override(key.strip(), text.strip())
+        except TypeError as error:
+            raise ValueError(f"--set {item}: {error}") from None
     return overrides
 
 
 def train(args: argparse.Namespace) -> Path:
     env = Distributed()
     try:
-        return _train(args, env)
+        with matmul_precision(args.precision):
+            return _train(args, env)
     finally:
         env.close()
 
 
 def _train(args: argparse.Namespace, env: Distributed) -> Path:
     device = env.device
-    digits = args.data == "digits"
+    warnings = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    # Everything that can refuse the run is checked before the data, the model and the steps.
+    run_dir, checkpoint = find_run(args, env, warn)
+    state = None
+    if checkpoint is not None:
+        state = ckpt.load_state(checkpoint, verified=True)
+        resume_arguments(args, state["args"])
     global_batch = args.global_batch_size
     if global_batch % env.world_size:
         raise ValueError(f"--global-batch-size {global_batch} must be divisible by the number of processes ({env.world_size})")
     batch = global_batch // env.world_size
     dataset = load_dataset(args.data, args.image_size)
     total_steps = args.steps if args.epochs is None else args.epochs * steps_per_epoch(dataset, global_batch)
-    hflip = args.hflip if args.hflip is not None else not (digits or dataset.is_latent)
-    vae = load_vae(args.vae, device) if args.vae else None
+    if args.hflip is None:
+        args.hflip = not (args.data == "digits" or dataset.is_latent)
 
-    run_dir, checkpoint = find_run(args)
     torch.manual_seed(args.seed * env.world_size + env.rank)
     np.random.seed((args.seed * env.world_size + env.rank) % 2**32)
     random.seed(args.seed * env.world_size + env.rank)
     model = build_model(args, dataset, checkpoint).to(device)
+    check_steps(model.config, args.sample_steps)
+    vae = load_vae(args.vae, device) if args.vae else None
     model.grad_checkpointing = args.grad_checkpointing
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start_step = 0
     if checkpoint is not None:
-        state = ckpt.load_state(checkpoint)
-        model_sd, _ = ckpt.load_weights(checkpoint, "model")
-        ema_sd, _ = ckpt.load_weights(checkpoint, "ema")
+        model_sd, _ = ckpt.load_weights(checkpoint, "model", verified=True)
+        ema_sd, _ = ckpt.load_weights(checkpoint, "ema", verified=True)
         ckpt.load_into(model, model_sd, checkpoint)
         ckpt.load_into(ema, ema_sd, checkpoint)
         optimizer.load_state_dict(state["optimizer"])
@@ -258,7 +354,8 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         log(log_file, f"run {run_dir} | {model.config.name} | {n_params / 1e6:.2f}M parameters | data {args.data} ({len(dataset)} items) "
             f"| {total_steps} steps of {global_batch} | {env.world_size} process(es) on {device}")
         log(log_file, "args " + json.dumps(vars(args)))
-    autocast = use_precision(args.precision, device)
+        for message in warnings:
+            log(log_file, f"warning: {message}", echo=False)
 
     model.train()
     data = batches(dataset, batch, args.seed, start_step, env.rank, env.world_size)
@@ -270,12 +367,12 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
     for step in range(start_step, total_steps):
         x, y = next(data)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if hflip:
+        if args.hflip:
             flip = torch.rand(x.shape[0]) < 0.5
             x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
         if vae is not None:
             x = encode(vae, x)
-        with autocast:
+        with autocast(args.precision, device):
             losses = objective.training_losses(ddp, x, {"y": y})
         loss = losses["loss"].mean()
         aux = model.aux_loss if model.aux_loss is not None else torch.zeros((), device=device)

@@ -16,11 +16,3 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
 
-
-@pytest.fixture(autouse=True)
-def _restore_matmul_precision():
-    """The trainer and sampler set torch's global TF32 switches; the fp32 kernel tests that
-    follow them must still see the defaults."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

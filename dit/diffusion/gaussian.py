@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NUM_TIMESTEPS = 1000  # DiT's diffusion length
 
 
 def linear_betas(num_steps: int = 1000, start: float = 1e-4, end: float = 2e-2) -> np.ndarray:
@@ -152,21 +153,22 @@ class GaussianDiffusion:
 
 def space_timesteps(num_steps: int, spacing: str | int) -> np.ndarray:
     """The steps a respaced diffusion keeps: ``"250"`` (or 250) spreads 250 steps evenly over
-    ``[0, num_steps)``, first and last included; ``"ddim50"`` takes every ``num_steps // 50``-th."""
+    ``[0, num_steps)``, first and last included; ``"ddim50"`` takes every i-th step from 0 with
+    the stride i that gives exactly 50 (as IDDPM does), or spreads them evenly when no stride does."""
     text = str(spacing)
+    count = int(text.removeprefix("ddim"))
+    # One kept step would be t = 0 alone: no noise level to start from.
+    if not 2 <= count <= num_steps:
+        raise ValueError(f"a respaced diffusion takes 2 to {num_steps} steps, got {count}")
     if text.startswith("ddim"):
-        count = int(text[4:])
-        if not 1 <= count <= num_steps:
-            raise ValueError(f"cannot take {count} DDIM steps out of {num_steps}")
-        return np.arange(0, num_steps, num_steps // count)[:count]
-    count = int(text)
-    if not 1 <= count <= num_steps:
-        raise ValueError(f"timestep respacing must be between 1 and {num_steps}, got {count}")
+        for stride in range(1, num_steps):
+            if len(range(0, num_steps, stride)) == count:
+                return np.arange(0, num_steps, stride)
     return np.unique(np.round(np.linspace(0, num_steps - 1, count)).astype(np.int64))
 
 
 def create_diffusion(
-    timestep_respacing: str | int | None = None, num_steps: int = 1000, learn_sigma: bool = True
+    timestep_respacing: str | int | None = None, num_steps: int = NUM_TIMESTEPS, learn_sigma: bool = True
 ) -> GaussianDiffusion:
     """DiT's diffusion: ``num_steps`` linear-beta steps, optionally respaced (e.g. ``"250"``)."""
     betas = linear_betas(num_steps)

@@ -33,9 +33,13 @@ def test_respacing_keeps_the_noise_levels_of_the_kept_steps():
     np.testing.assert_allclose(
         spaced._tables["alphas_cumprod"].numpy(), full._tables["alphas_cumprod"].numpy()[spaced.timesteps], rtol=1e-10
     )
-    assert len(space_timesteps(1000, "ddim50")) == 50
-    with pytest.raises(ValueError):
-        space_timesteps(1000, 0)
+    assert space_timesteps(1000, "ddim50").tolist() == list(range(0, 1000, 20))
+    # No stride gives 700 steps: they are spread over the whole range, never cut short.
+    kept = space_timesteps(1000, "ddim700")
+    assert len(kept) == 700 and kept[0] == 0 and kept[-1] == 999
+    for bad in (0, 1, 1001, "ddim1"):
+        with pytest.raises(ValueError, match="2 to 1000"):
+            space_timesteps(1000, bad)
 
 
 def test_training_losses():

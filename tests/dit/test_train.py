@@ -1,3 +1,4 @@
+import errno
 import os
 import socket
 import subprocess
@@ -50,26 +51,24 @@ def test_resume_continues_exactly(tmp_path):
             assert torch.equal(expected[name][key], got[name][key]), (name, key)
 
 
-def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     run_dir = run(tmp_path, "--steps", "2")
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit, match="No space left on device; the last checkpoint, .*0000002, is intact"):
         run(tmp_path, "--steps", "3", "--resume", str(run_dir))
-    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "0000002"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["0000002"]  # no partial directory
+    ckpt.verify(run_dir / "checkpoints" / "0000002")
     ckpt.load_state(run_dir / "checkpoints" / "0000002")
 
 
 def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
     run_dir = run(tmp_path, "--steps", "1")
     checkpoint = run_dir / "checkpoints" / "0000001"
-    (checkpoint / "ema.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="corrupt"):
-        ckpt.build_from_checkpoint(checkpoint)
-    with pytest.raises(SystemExit, match="does not match"):
+    with pytest.raises(SystemExit, match="--model 'DiT-MoE-Ti/2-8E2A' contradicts the checkpoint"):
         train_main([*FAST, "--results-dir", str(tmp_path), "--model", "DiT-MoE-Ti/2-8E2A", "--steps", "2", "--resume", str(checkpoint)])
     state, config = ckpt.load_weights(checkpoint, "model")
     state["blocks.0.ffn.w_in"] = state["blocks.0.ffn.w_in"][:2]
@@ -77,6 +76,9 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
 
     with pytest.raises(ValueError, match="blocks.0.ffn.w_in"):
         ckpt.load_into(DiT(config), state, checkpoint)
+    (checkpoint / "ema.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="ema.safetensors is 22 bytes, its manifest says"):
+        ckpt.build_from_checkpoint(checkpoint)
     with pytest.raises(SystemExit, match="not a directory"):
         train_main(["--data", str(tmp_path / "missing")])
 
@@ -97,16 +99,24 @@ def test_sample_cli(tmp_path):
 
 
 def test_precisions(tmp_path):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     run_dir = run(tmp_path, "--steps", "1", "--precision", "bf16")
-    assert torch.backends.cuda.matmul.allow_tf32  # bf16 leaves fp32 leftovers on TF32
     out = tmp_path / "s.npz"
     for precision in ("bf16", "fp32"):
         sample_main(["--ckpt", str(run_dir / "checkpoints" / "0000001"), "--num-samples", "2", "--steps", "2",
                      "--precision", precision, "--out", str(out)])
         assert np.load(out)["arr_0"].shape == (2, 8, 8, 1)
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    # The switches are torch's globals: each command sets them for its own run only.
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with use_precision("tf32", torch.device("cpu")):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with use_precision("fp32", torch.device("cpu")):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     with pytest.raises(ValueError, match="precision"):
-        use_precision("fp16", torch.device("cpu"))
+        with use_precision("fp16", torch.device("cpu")):
+            pass
 
 
 def test_rectified_flow_objective(tmp_path):
@@ -132,14 +142,24 @@ def test_two_process_ddp_on_gloo(tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
 
-def test_model_overrides(tmp_path):
+def test_model_overrides(tmp_path, capsys):
     from dit.train import parse_overrides
 
-    assert parse_overrides(["mlp_ratio=15", "qk_norm=true", "num_shared_experts=0"]) == {"mlp_ratio": 15, "qk_norm": True, "num_shared_experts": 0}
+    parsed = parse_overrides(["mlp_ratio=15", "qk_norm=true", "num_shared_experts=0"])
+    assert parsed == {"mlp_ratio": 15.0, "qk_norm": True, "num_shared_experts": 0}
+    assert type(parsed["mlp_ratio"]) is float and type(parsed["num_shared_experts"]) is int
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["mlp_ratio"])
-    with pytest.raises(SystemExit, match="width"):
-        run(tmp_path, "--steps", "1", "--set", "width=3")
+    for bad, message in [("width=3", "unknown model setting 'width'"), ("mlp_ratio=abc", "mlp_ratio takes a number, got 'abc'"),
+                         ("depth=2.5", "depth takes an integer"), ("qk_norm=maybe", "qk_norm takes true or false")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path, "--steps", "1", "--set", bad)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    for bad, message in [("depth=-1", "depth must be >= 1, got -1"), ("num_heads=5", "multiple of num_heads"),
+                         ("top_k=9", "top_k must be between 1 and num_experts")]:
+        with pytest.raises(SystemExit, match=message):
+            run(tmp_path, "--steps", "1", "--set", bad)
     run_dir = run(tmp_path, "--steps", "1", "--set", "num_shared_experts=0")
     _, config = ckpt.load_weights(run_dir / "checkpoints" / "0000001")
     assert config.num_shared_experts == 0

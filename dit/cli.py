@@ -1,0 +1,77 @@
+"""What the command-line tools share: argument types that reject bad numbers while parsing (an
+argparse error, exit code 2, before any work), the flags several tools take, and the check that
+an output file can be written before the work that produces it."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from moe_kernels.backend import BACKENDS
+
+
+def _ranged(kind: type, accept: Callable[[float], bool], wanted: str) -> Callable[[str], int | float]:
+    """An argparse ``type``: the text as a finite ``kind`` that ``accept`` admits, else an error
+    saying what was ``wanted``."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _ranged(int, lambda value: value >= 1, "an integer >= 1")
+positive_float = _ranged(float, lambda value: value > 0, "a number > 0")
+nonnegative_float = _ranged(float, lambda value: value >= 0, "a number >= 0")
+fraction = _ranged(float, lambda value: 0 <= value <= 1, "a number between 0 and 1")
+
+
+def add_moe_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--moe-backend", choices=BACKENDS, default="auto",
+                        help="moe_kernels backend: auto (Triton on CUDA, PyTorch elsewhere), triton or torch")
+
+
+def explicit_arguments(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None) -> set[str]:
+    """The destinations that ``argv`` sets itself, as opposed to those left at their defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_writable(path: str | Path, flag: str) -> Path:
+    """Create ``path``'s directory and make sure a file can be written there, before the work
+    that produces it; return ``path``. A failure is a ``ValueError`` naming ``flag``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path} cannot be written: {error.strerror or error}") from error
+    return path
+
+
+def replace_atomically(write: Callable[[Path], None], path: Path) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``, so
+    that a failure never leaves a half-written ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
