@@ -191,17 +191,25 @@ def load_weights(path: str | Path, which: str = "ema", verified: bool = False) -
         if not verified:
             verify(path, (f"{which}.safetensors",))
         path = path / f"{which}.safetensors"
+    config = read_config(path)
+    try:
+        return load_file(str(path)), config
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from error
+
+
+def read_config(path: Path) -> DiTConfig:
+    """The model config in the metadata of a weights file, without reading its tensors."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        state_dict = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from error
     if "config" not in metadata:
         raise CheckpointError(f"checkpoint {path} carries no model config; was it written by dit.train or dit.convert?")
-    return state_dict, config_from_dict(json.loads(metadata["config"]))
+    return config_from_dict(json.loads(metadata["config"]))
 
 
 def load_state(checkpoint: Path, verified: bool = False) -> dict:

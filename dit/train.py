@@ -256,10 +256,7 @@ def find_run(args: argparse.Namespace, env: Distributed, warn) -> tuple[Path, Pa
 
 def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> DiT:
     if checkpoint is not None:
-        _, config = ckpt.load_weights(checkpoint, "model", verified=True)
-        if args.model != config.name:
-            raise ValueError(f"--model {args.model} does not match the checkpoint's model {config.name}")
-        return DiT(config, moe_backend=args.moe_backend)
+        return DiT(ckpt.read_config(checkpoint / "model.safetensors"), moe_backend=args.moe_backend)
     channels, size, _ = dataset.shape
     if args.vae:
         if size % 8:
@@ -340,6 +337,8 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         ckpt.load_into(model, model_sd, checkpoint)
         ckpt.load_into(ema, ema_sd, checkpoint)
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # --lr may change on resume; the saved state has the old one
+            group["lr"] = args.lr
         start_step = state["step"]
         if len(state["rng"]) == env.world_size:
             set_rng_state(state["rng"][env.rank], device)

@@ -150,4 +150,5 @@ def test_resume_takes_the_checkpoints_flags_and_accepts_those_that_may_change(tm
     state = ckpt.load_state(run_dir / "checkpoints" / "0000002")
     args = state["args"]
     assert (args["ema_decay"], args["seed"], args["model"], args["lr"]) == (0.5, 3, "DiT-MoE-Ti/2-4E2A", 1e-3)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-3
     assert state["config"]["num_shared_experts"] == 0
