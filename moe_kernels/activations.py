@@ -1,7 +1,8 @@
 """The activations of the PyTorch path and of the shared experts.
 
 SwiGLU gets its own autograd function: slicing one ``[..., 2H]`` projection into gate and up
-halves would make autograd build two zero-filled ``[..., 2H]`` gradients in the backward pass.
+halves would make autograd build two zero-filled ``[..., 2H]`` gradients in the backward pass;
+its backward writes the two halves once, with ``torch.cat``.
 """
 
 from __future__ import annotations
@@ -18,24 +19,26 @@ class SwiGLUFunction(torch.autograd.Function):
     """``a [..., 2H] -> silu(a[..., :H]) * a[..., H:]``."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
+    def forward(a: torch.Tensor) -> torch.Tensor:
         gate, up = a.chunk(2, dim=-1)
-        ctx.save_for_backward(a)
         return F.silu(gate) * up
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (a,) = ctx.saved_tensors
-        gate, up = a.chunk(2, dim=-1)
-        grad_a = torch.empty_like(a)
-        grad_gate, grad_up = grad_a.chunk(2, dim=-1)
-        # silu'(g) = s + silu(g) * (1 - s) with s = sigmoid(g); in place, as few passes as possible.
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        torch.mul(grad, silu, out=grad_up)
-        silu.mul_(1 - sig).add_(sig)
-        torch.mul(grad, up, out=grad_gate).mul_(silu)
-        return grad_a
+        return swiglu_backward(*ctx.saved_tensors, grad)
+
+
+def swiglu_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``d loss / d a`` of ``silu(gate) * up`` for ``a = [gate, up]``."""
+    gate, up = a.chunk(2, dim=-1)
+    # silu'(g) = s + silu(g) * (1 - s) with s = sigmoid(g).
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    return torch.cat([grad * up * (sig + silu * (1 - sig)), grad * silu], dim=-1)
 
 
 def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -50,3 +53,13 @@ def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if activation not in functions:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return functions[activation]
+
+
+def activation_grad(activation: str, preact: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``d loss / d preact`` from ``grad = d loss / d activation(preact)``, with each derivative
+    written once: SwiGLU's own, and a vector-Jacobian product through torch's functions for the
+    others (``torch.func.vjp``, which works inside a custom op, where autograd is off)."""
+    if activation == "swiglu":
+        return swiglu_backward(preact, grad)
+    _, vjp = torch.func.vjp(activation_fn(activation), preact)
+    return vjp(grad)[0]

@@ -10,17 +10,30 @@ Triton path, forward (``S = T * k`` slots, ``rows`` = slots sorted by expert):
 Backward: ``d weights`` from ``<dy, o>``; the pre-activation gradient from one GEMM over the
 gathered, weight-scaled ``dy`` with the activation's derivative in its epilogue; both weight
 gradients as varlen-K grouped GEMMs; ``dx`` from a GEMM scattered to slot order and summed.
+The PyTorch path takes the same steps with ``torch._grouped_mm`` and indexing.
+
+Forward and backward are the custom ops ``moe_kernels::moe_ffn`` and
+``moe_kernels::moe_ffn_backward``, so ``torch.compile`` and ``torch.export`` see two opaque ops
+with fake (shape-only) implementations; ``MoEFFNFunction`` ties them together for autograd and
+``torch.func``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .activations import ACTIVATIONS, activation_fn
+from .activations import ACTIVATIONS, activation_fn, activation_grad
 from .backend import resolve_backend
 from .combine import combine, combine_weight_grad
-from .grouped_mm import GroupedMMFunction, grouped_mm_triton, grouped_mm_act, grouped_mm_act_grad, grouped_mm_wgrad
-from .routing import route
+from .grouped_mm import (
+    grouped_mm_act,
+    grouped_mm_act_grad,
+    grouped_mm_torch,
+    grouped_mm_triton,
+    grouped_mm_wgrad,
+    grouped_mm_wgrad_torch,
+)
+from .routing import Routing, route
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -31,74 +44,209 @@ from .validation import (
     check_tensor,
 )
 
+Tensor = torch.Tensor
+
+
+def _forward_triton(x, weights, experts, w_in, w_out, activation, save_preact):
+    T, D = x.shape
+    k = experts.shape[1]
+    routing = route(experts, w_in.shape[0], "triton")
+    h, preact = grouped_mm_act(
+        x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=save_preact
+    )
+    out = grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row).view(T, k, D)
+    return combine(out, weights, x.dtype), preact, h, out, routing
+
+
+def _row_of_slot(slot_of_row: Tensor) -> Tensor:
+    """The inverse permutation: where each slot's row is."""
+    rows = torch.arange(slot_of_row.shape[0], dtype=slot_of_row.dtype, device=slot_of_row.device)
+    return torch.empty_like(slot_of_row).scatter_(0, slot_of_row.long(), rows)
+
+
+def _forward_torch(x, weights, experts, w_in, w_out, activation):
+    T, k = experts.shape
+    routing = route(experts, w_in.shape[0], "torch")
+    preact = grouped_mm_torch(x.index_select(0, routing.token_of_row), w_in, routing.offsets)
+    h = activation_fn(activation)(preact)
+    # Back to slot order with a gather (deterministic, unlike a scatter-add).
+    out = grouped_mm_torch(h, w_out, routing.offsets).index_select(0, _row_of_slot(routing.slot_of_row))
+    out = out.view(T, k, x.shape[1])
+    y = torch.bmm(weights.float().unsqueeze(1), out.float()).squeeze(1).to(x.dtype)
+    return y, preact, h, out, routing
+
+
+@torch.library.custom_op("moe_kernels::moe_ffn", mutates_args=())
+def moe_ffn_op(
+    x: Tensor, weights: Tensor, experts: Tensor, w_in: Tensor, w_out: Tensor, activation: str, backend: str,
+    save_preact: bool, save_h: bool, save_out: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``y [T, D]`` and what the backward pass reads: the pre-activation ``[S, 2H or H]``, ``h
+    [S, H]`` and the per-slot outputs ``out [T, k, D]`` where asked for (else empty along
+    dimension 0), and the routing (``slot_of_row``, ``token_of_row``, ``offsets``)."""
+    if backend == "triton":
+        y, preact, h, out, routing = _forward_triton(x, weights, experts, w_in, w_out, activation, save_preact)
+    else:
+        y, preact, h, out, routing = _forward_torch(x, weights, experts, w_in, w_out, activation)
+    empty = x.new_empty
+    return (
+        y,
+        preact if save_preact else empty((0, w_in.shape[2])),
+        h if save_h else empty((0, w_out.shape[1])),
+        out if save_out else empty((0, *out.shape[1:])),
+        *routing,
+    )
+
+
+@moe_ffn_op.register_fake
+def _(x, weights, experts, w_in, w_out, activation, backend, save_preact, save_h, save_out):
+    (T, D), k, E = x.shape, experts.shape[1], w_in.shape[0]
+    S = T * k
+    index = dict(dtype=torch.int32)
+    return (
+        x.new_empty((T, D)),
+        x.new_empty((S if save_preact else 0, w_in.shape[2])),
+        x.new_empty((S if save_h else 0, w_out.shape[1])),
+        x.new_empty((T if save_out else 0, k, D)),
+        x.new_empty((S,), **index),
+        x.new_empty((S,), **index),
+        x.new_empty((E,), **index),
+    )
+
+
+def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, activation, needs):
+    needs_x, needs_weights, needs_w_in, needs_w_out = needs
+    slot_of_row, token_of_row, offsets = routing
+    (T, D), k = x.shape, weights.shape[1]
+    # Per-slot factors, indexed by slot_of_row inside the kernels.
+    scale = weights.reshape(-1).float().contiguous()
+    grad_x = grad_weights = grad_w_in = grad_w_out = None
+    if needs_weights:
+        grad_weights = combine_weight_grad(grad_y, out).to(weights.dtype)
+    if needs_w_out:
+        grad_w_out = grouped_mm_wgrad(
+            h, grad_y, offsets, w_out.dtype, b_rows=token_of_row, scale=scale, scale_rows=slot_of_row
+        )
+    if needs_x or needs_w_in:
+        grad_preact = grouped_mm_act_grad(
+            grad_y, w_out.transpose(1, 2), offsets, preact, activation,
+            a_rows=token_of_row, scale=scale, scale_rows=slot_of_row,
+        )
+        if needs_x:
+            grad_slots = grouped_mm_triton(grad_preact, w_in.transpose(1, 2), offsets, c_rows=slot_of_row)
+            grad_x = grad_slots if k == 1 else combine(grad_slots.view(T, k, D), None, x.dtype)
+        if needs_w_in:
+            grad_w_in = grouped_mm_wgrad(x, grad_preact, offsets, w_in.dtype, a_rows=token_of_row)
+    return grad_x, grad_weights, grad_w_in, grad_w_out
+
+
+def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, activation, needs):
+    needs_x, needs_weights, needs_w_in, needs_w_out = needs
+    slot_of_row, token_of_row, offsets = routing
+    (T, D), k = x.shape, weights.shape[1]
+    grad_x = grad_weights = grad_w_in = grad_w_out = None
+    if needs_weights:
+        grad_weights = torch.bmm(out.float(), grad_y.float().unsqueeze(2)).squeeze(2).to(weights.dtype)
+    # d(expert output) of each row: the token's gradient times its routing weight.
+    row_weights = weights.reshape(-1).float().index_select(0, slot_of_row)
+    grad_rows = (grad_y.index_select(0, token_of_row).float() * row_weights[:, None]).to(x.dtype)
+    if needs_w_out:
+        grad_w_out = grouped_mm_wgrad_torch(h, grad_rows, offsets)
+    if needs_x or needs_w_in:
+        grad_h = grouped_mm_torch(grad_rows, w_out.transpose(1, 2), offsets)
+        grad_preact = activation_grad(activation, preact, grad_h)
+        if needs_x:
+            grad_x_rows = grouped_mm_torch(grad_preact, w_in.transpose(1, 2), offsets)
+            grad_x = grad_x_rows.index_select(0, _row_of_slot(slot_of_row)).view(T, k, D).float().sum(1).to(x.dtype)
+        if needs_w_in:
+            grad_w_in = grouped_mm_wgrad_torch(x.index_select(0, token_of_row), grad_preact, offsets)
+    return grad_x, grad_weights, grad_w_in, grad_w_out
+
+
+@torch.library.custom_op("moe_kernels::moe_ffn_backward", mutates_args=())
+def moe_ffn_backward_op(
+    grad_y: Tensor, x: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, preact: Tensor, h: Tensor, out: Tensor,
+    slot_of_row: Tensor, token_of_row: Tensor, offsets: Tensor, activation: str, backend: str,
+    needs_x: bool, needs_weights: bool, needs_w_in: bool, needs_w_out: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of ``x``, ``weights``, ``w_in`` and ``w_out`` that ``needs_*`` ask for
+    (the others empty), from what ``moe_ffn`` saved."""
+    backward = _backward_triton if backend == "triton" else _backward_torch
+    routing = Routing(slot_of_row, token_of_row, offsets)
+    needs = (needs_x, needs_weights, needs_w_in, needs_w_out)
+    grads = backward(grad_y, x, weights, w_in, w_out, preact, h, out, routing, activation, needs)
+    return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@moe_ffn_backward_op.register_fake
+def _(grad_y, x, weights, w_in, w_out, preact, h, out, slot_of_row, token_of_row, offsets, activation, backend,
+      needs_x, needs_weights, needs_w_in, needs_w_out):
+    wanted = zip((x, weights, w_in, w_out), (needs_x, needs_weights, needs_w_in, needs_w_out))
+    return tuple(torch.empty_like(t) if need else x.new_empty(0) for t, need in wanted)
+
+
+def _check_saved(saved: tuple, needs: tuple) -> None:
+    """A caller of ``torch.ops.moe_kernels.moe_ffn`` chooses what it saves: refuse a gradient
+    whose inputs it did not keep, rather than read past an empty tensor."""
+    needs_x, needs_weights, needs_w_in, needs_w_out = needs
+    x, weights, _, _, preact, h, out, *_ = saved
+    rows = weights.numel()
+    for needed, saved, name, flag in (
+        (needs_x or needs_w_in, preact.shape[0] == rows, "x and w_in", "save_preact"),
+        (needs_w_out, h.shape[0] == rows, "w_out", "save_h"),
+        (needs_weights, out.shape[0] == x.shape[0], "weights", "save_out"),
+    ):
+        if needed and not saved:
+            raise RuntimeError(f"moe_ffn: the gradient of {name} needs what {flag}=True keeps, and this call did not keep it")
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, _, w_in, w_out, activation, backend, *_ = inputs
+    _, preact, h, out, *routing = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(x, weights, w_in, w_out, preact, h, out, *routing)
+    ctx.activation, ctx.backend = activation, backend
+
+
+def _backward(ctx, grad_y, *_):
+    needs = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:5]
+    if grad_y is None or not any(needs):
+        return (None,) * 10
+    saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no more
+    _check_saved(saved, needs)
+    with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
+        grads = moe_ffn_backward_op(grad_y, *saved, ctx.activation, ctx.backend, *needs)
+    grad_x, grad_weights, grad_w_in, grad_w_out = (grad if need else None for grad, need in zip(grads, needs))
+    return grad_x, grad_weights, None, grad_w_in, grad_w_out, None, None, None, None, None
+
+
+moe_ffn_op.register_autograd(_backward, setup_context=_setup_context)
+
 
 class MoEFFNFunction(torch.autograd.Function):
-    """Triton ``moe_ffn``; see the module docstring for the kernels it runs."""
+    """``moe_ffn_op`` with the same autograd, as a ``torch.autograd.Function`` in the
+    ``setup_context`` style that ``torch.func`` transforms need."""
 
     @staticmethod
-    def forward(ctx, x, weights, experts, w_in, w_out, activation):
-        T, D = x.shape
-        k = experts.shape[1]
-        routing = route(experts, w_in.shape[0], "triton")
-        needs_x, needs_weights, _, needs_w_in, needs_w_out, _ = ctx.needs_input_grad
-        # The pre-activation feeds only the gradients of x and w_in.
-        h, preact = grouped_mm_act(
-            x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=needs_x or needs_w_in
-        )
-        out = grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row).view(T, k, D)
-        y = combine(out, weights, x.dtype)
-        if needs_x or needs_weights or needs_w_in or needs_w_out:
-            # Keep only what the requested gradients read: out for d weights, h for d w_out.
-            keep_out = out if needs_weights else None
-            keep_h = h if needs_w_out else None
-            ctx.save_for_backward(x, weights, w_in, w_out, preact, keep_h, keep_out, *routing)
-        ctx.activation = activation
-        return y
+    def forward(x, weights, experts, w_in, w_out, activation, backend, save_preact, save_h, save_out):
+        return moe_ffn_op(x, weights, experts, w_in, w_out, activation, backend, save_preact, save_h, save_out)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weights, w_in, w_out, preact, h, out, slot_of_row, token_of_row, offsets = ctx.saved_tensors
-        needs_x, needs_weights, _, needs_w_in, needs_w_out, _ = ctx.needs_input_grad
-        (T, D), k = x.shape, weights.shape[1]
-        # Per-slot factors, indexed by slot_of_row inside the kernels.
-        scale = weights.reshape(-1).float().contiguous()
-        grad_x = grad_weights = grad_w_in = grad_w_out = None
-        if needs_weights:
-            grad_weights = combine_weight_grad(grad_y, out).to(weights.dtype)
-        if needs_w_out:
-            grad_w_out = grouped_mm_wgrad(
-                h, grad_y, offsets, w_out.dtype, b_rows=token_of_row, scale=scale, scale_rows=slot_of_row
-            )
-        if needs_x or needs_w_in:
-            grad_preact = grouped_mm_act_grad(
-                grad_y, w_out.transpose(1, 2), offsets, preact, ctx.activation,
-                a_rows=token_of_row, scale=scale, scale_rows=slot_of_row,
-            )
-            if needs_x:
-                grad_slots = grouped_mm_triton(grad_preact, w_in.transpose(1, 2), offsets, c_rows=slot_of_row)
-                grad_x = grad_slots if k == 1 else combine(grad_slots.view(T, k, D), None, x.dtype)
-            if needs_w_in:
-                grad_w_in = grouped_mm_wgrad(x, grad_preact, offsets, w_in.dtype, a_rows=token_of_row)
-        return grad_x, grad_weights, None, grad_w_in, grad_w_out, None
-
-
-def _moe_ffn_torch(x, weights, experts, w_in, w_out, activation):
-    T, k = experts.shape
-    slot_of_row, token_of_row, offsets = route(experts, w_in.shape[0], "torch")
-    h = activation_fn(activation)(GroupedMMFunction.apply(x.index_select(0, token_of_row), w_in, offsets, "torch"))
-    out = GroupedMMFunction.apply(h, w_out, offsets, "torch")
-    # Back to slot order through the inverse permutation: a gather, whose backward scatters
-    # each row once, so it stays deterministic.
-    row_of_slot = torch.empty_like(slot_of_row).scatter_(0, slot_of_row.long(), torch.arange(T * k, dtype=slot_of_row.dtype, device=x.device))
-    out = out.index_select(0, row_of_slot).view(T, k, x.shape[1])
-    return torch.bmm(weights.float().unsqueeze(1), out.float()).squeeze(1).to(x.dtype)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def moe_ffn_unchecked(x, weights, experts, w_in, w_out, activation: str, backend: str) -> torch.Tensor:
     """``moe_ffn`` for inputs already known to be valid, with ``backend`` already resolved."""
-    if backend == "triton":
-        return MoEFFNFunction.apply(x, weights, experts, w_in, w_out, activation)
-    return _moe_ffn_torch(x, weights, experts, w_in, w_out, activation)
+    needs_x, needs_weights, needs_w_in, needs_w_out = (
+        torch.is_grad_enabled() and t.requires_grad for t in (x, weights, w_in, w_out)
+    )
+    # Keep only what the requested gradients read: the pre-activation for x and w_in, h for
+    # w_out, the per-slot outputs for the weights.
+    outputs = MoEFFNFunction.apply(
+        x, weights, experts, w_in, w_out, activation, backend, needs_x or needs_w_in, needs_w_out, needs_weights
+    )
+    return outputs[0]
 
 
 def moe_ffn(

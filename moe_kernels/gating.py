@@ -124,55 +124,136 @@ def _topk_gating_backward_kernel(
     )
 
 
+Tensor = torch.Tensor
+
+
+def _gating_triton(logits: Tensor, k: int, normalize: bool):
+    T, E = logits.shape
+    num_blocks = triton.cdiv(T, _BLOCK_T)
+    probs = logits.new_empty((T, E), dtype=torch.float32)
+    weights = logits.new_empty((T, k), dtype=torch.float32)
+    experts = logits.new_empty((T, k), dtype=torch.int64)
+    counts = logits.new_zeros((E,), dtype=torch.int32)
+    block_sums = logits.new_empty((num_blocks, E), dtype=torch.float32)
+    if T > 0:
+        _topk_gating_kernel[(num_blocks,)](
+            logits, probs, weights, experts, counts, block_sums,
+            T, E, logits.stride(0), logits.stride(1),
+            K=k, NORMALIZE=normalize, BLOCK_T=_BLOCK_T,
+            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k),
+        )
+    return weights, experts, probs, counts, block_sums.sum(dim=0)
+
+
+def _gating_torch(logits: Tensor, k: int, normalize: bool):
+    probs = torch.softmax(logits.float(), dim=-1)
+    # A stable descending sort keeps ties in index order and ranks NaN first: the kernel's rule.
+    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, experts = ordered[:, :k].contiguous(), order[:, :k].contiguous()
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    counts, prob_sums = _expert_stats_torch(probs, experts, logits.shape[1])
+    return weights, experts, probs, counts, prob_sums
+
+
+@torch.library.custom_op("moe_kernels::topk_gating", mutates_args=())
+def topk_gating_op(logits: Tensor, k: int, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``logits [T, E] -> (weights [T, k], experts [T, k], probs [T, E], counts [E], prob_sums [E])``;
+    ``counts`` and ``prob_sums`` are the balance loss's statistics."""
+    return (_gating_triton if backend == "triton" else _gating_torch)(logits, k, normalize)
+
+
+@topk_gating_op.register_fake
+def _(logits, k, normalize, backend):
+    (T, E), f32 = logits.shape, torch.float32
+    return (logits.new_empty((T, k), dtype=f32), logits.new_empty((T, k), dtype=torch.int64),
+            logits.new_empty((T, E), dtype=f32), logits.new_empty((E,), dtype=torch.int32), logits.new_empty((E,), dtype=f32))
+
+
+def _gating_backward_triton(probs, weights, experts, grad_weights, grad_probs, grad_sums, normalize, dtype):
+    T, E = probs.shape
+    grad_logits = probs.new_empty((T, E), dtype=dtype)
+    if T > 0:
+        dummy = probs
+        _topk_gating_backward_kernel[(triton.cdiv(T, _BLOCK_T),)](
+            grad_logits, probs, weights, experts,
+            dummy if grad_weights is None else grad_weights.contiguous(),
+            dummy if grad_probs is None else grad_probs,
+            dummy if grad_sums is None else grad_sums.contiguous(),
+            T, E,
+            *(grad_probs.stride() if grad_probs is not None else (0, 0)),
+            K=experts.shape[1], NORMALIZE=normalize,
+            HAS_GRAD_WEIGHTS=grad_weights is not None, HAS_GRAD_PROBS=grad_probs is not None,
+            HAS_GRAD_SUMS=grad_sums is not None,
+            BLOCK_T=_BLOCK_T, BLOCK_E=triton.next_power_of_2(E),
+        )
+    return grad_logits
+
+
+def _gating_backward_torch(probs, weights, experts, grad_weights, grad_probs, grad_sums, normalize, dtype):
+    grad = torch.zeros_like(probs)
+    if grad_probs is not None:
+        grad += grad_probs.float()
+    if grad_sums is not None:
+        grad += grad_sums.float()[None, :]
+    if grad_weights is not None:
+        # As in the kernel: dp[e_j] = (dw_j - sum_l dw_l * weights_l) / S when normalising.
+        grad_chosen = grad_weights.float()
+        if normalize:
+            total = probs.gather(1, experts).sum(dim=1, keepdim=True)
+            grad_chosen = (grad_chosen - (grad_chosen * weights).sum(dim=1, keepdim=True)) / total
+        grad = grad.scatter_add(1, experts, grad_chosen)
+    return (probs * (grad - (probs * grad).sum(dim=1, keepdim=True))).to(dtype)
+
+
+@torch.library.custom_op("moe_kernels::topk_gating_backward", mutates_args=())
+def topk_gating_backward_op(
+    probs: Tensor, weights: Tensor, experts: Tensor, grad_weights: Tensor | None, grad_probs: Tensor | None,
+    grad_sums: Tensor | None, normalize: bool, dtype: torch.dtype, backend: str,
+) -> Tensor:
+    """``d logits [T, E]`` (in ``dtype``) from the gradients of the weights, the probabilities and
+    their column sums (any may be ``None``)."""
+    backward = _gating_backward_triton if backend == "triton" else _gating_backward_torch
+    return backward(probs, weights, experts, grad_weights, grad_probs, grad_sums, normalize, dtype)
+
+
+@topk_gating_backward_op.register_fake
+def _(probs, weights, experts, grad_weights, grad_probs, grad_sums, normalize, dtype, backend):
+    return probs.new_empty(probs.shape, dtype=dtype)
+
+
+def _setup_gating(ctx, inputs, output):
+    logits, _, normalize, backend = inputs
+    weights, experts, probs, counts, _ = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(experts, counts)
+    ctx.save_for_backward(probs, weights, experts)
+    ctx.normalize, ctx.dtype, ctx.backend = normalize, logits.dtype, backend
+
+
+def _backward_gating(ctx, grad_weights, _grad_experts, grad_probs, _grad_counts, grad_sums):
+    probs, weights, experts = ctx.saved_tensors
+    if grad_weights is None and grad_probs is None and grad_sums is None:
+        return None, None, None, None
+    with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
+        grad_logits = topk_gating_backward_op(
+            probs, weights, experts, grad_weights, grad_probs, grad_sums, ctx.normalize, ctx.dtype, ctx.backend
+        )
+    return grad_logits, None, None, None
+
+
+topk_gating_op.register_autograd(_backward_gating, setup_context=_setup_gating)
+
+
 class TopKGatingFunction(torch.autograd.Function):
-    """``logits [T, E] -> (weights [T, k], experts [T, k], probs [T, E], counts [E], prob_sums [E])``.
-
-    ``counts`` and ``prob_sums`` are the balance loss's statistics; ``prob_sums`` is differentiable.
-    """
+    """``topk_gating_op`` with the same autograd, in the ``setup_context`` style of ``torch.func``."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, k: int, normalize: bool):
-        T, E = logits.shape
-        num_blocks = triton.cdiv(T, _BLOCK_T)
-        probs = logits.new_empty((T, E), dtype=torch.float32)
-        weights = logits.new_empty((T, k), dtype=torch.float32)
-        experts = logits.new_empty((T, k), dtype=torch.int64)
-        counts = logits.new_zeros((E,), dtype=torch.int32)
-        block_sums = logits.new_empty((num_blocks, E), dtype=torch.float32)
-        if T > 0:
-            _topk_gating_kernel[(num_blocks,)](
-                logits, probs, weights, experts, counts, block_sums,
-                T, E, logits.stride(0), logits.stride(1),
-                K=k, NORMALIZE=normalize, BLOCK_T=_BLOCK_T,
-                BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k),
-            )
-        ctx.save_for_backward(probs, weights, experts)
-        ctx.normalize = normalize
-        ctx.logits_dtype = logits.dtype
-        ctx.mark_non_differentiable(experts, counts)
-        return weights, experts, probs, counts, block_sums.sum(dim=0)
+    def forward(logits: Tensor, k: int, normalize: bool, backend: str):
+        return topk_gating_op(logits, k, normalize, backend)
 
-    @staticmethod
-    def backward(ctx, grad_weights, _grad_experts, grad_probs, _grad_counts, grad_sums):
-        probs, weights, experts = ctx.saved_tensors
-        T, E = probs.shape
-        k = experts.shape[1]
-        grad_logits = probs.new_empty((T, E), dtype=ctx.logits_dtype)
-        if T > 0:
-            dummy = probs
-            _topk_gating_backward_kernel[(triton.cdiv(T, _BLOCK_T),)](
-                grad_logits, probs, weights, experts,
-                dummy if grad_weights is None else grad_weights.contiguous(),
-                dummy if grad_probs is None else grad_probs,
-                dummy if grad_sums is None else grad_sums.contiguous(),
-                T, E,
-                *(grad_probs.stride() if grad_probs is not None else (0, 0)),
-                K=k, NORMALIZE=ctx.normalize,
-                HAS_GRAD_WEIGHTS=grad_weights is not None, HAS_GRAD_PROBS=grad_probs is not None,
-                HAS_GRAD_SUMS=grad_sums is not None,
-                BLOCK_T=_BLOCK_T, BLOCK_E=triton.next_power_of_2(E),
-            )
-        return grad_logits, None, None
+    setup_context = staticmethod(_setup_gating)
+    backward = staticmethod(_backward_gating)
 
 
 @triton.jit
@@ -192,53 +273,69 @@ def _expert_stats_kernel(
     tl.atomic_add(counts_ptr + cols, counts, mask=col_ok)
 
 
-class ExpertStatsFunction(torch.autograd.Function):
-    """``(probs [T, E], experts [T, k]) -> (counts [E] int32, prob_sums [E] fp32)``; differentiable in probs."""
-
-    @staticmethod
-    def forward(ctx, probs: torch.Tensor, experts: torch.Tensor, num_experts: int):
-        T, k = experts.shape
-        num_blocks = triton.cdiv(T, _BLOCK_T)
-        counts = probs.new_zeros((num_experts,), dtype=torch.int32)
-        block_sums = probs.new_zeros((max(num_blocks, 1), num_experts), dtype=torch.float32)
-        if T > 0:
-            _expert_stats_kernel[(num_blocks,)](
-                experts, probs, counts, block_sums,
-                T, num_experts, *experts.stride(), *probs.stride(),
-                K=k, BLOCK_T=_BLOCK_T, BLOCK_E=triton.next_power_of_2(num_experts),
-            )
-        ctx.probs_shape = probs.shape
-        ctx.probs_dtype = probs.dtype
-        ctx.mark_non_differentiable(counts)
-        return counts, block_sums.sum(dim=0)
-
-    @staticmethod
-    def backward(ctx, _grad_counts, grad_sums):
-        return grad_sums.to(ctx.probs_dtype)[None, :].expand(ctx.probs_shape), None, None
+def _expert_stats_triton(probs: Tensor, experts: Tensor, num_experts: int):
+    T, k = experts.shape
+    num_blocks = triton.cdiv(T, _BLOCK_T)
+    counts = probs.new_zeros((num_experts,), dtype=torch.int32)
+    block_sums = probs.new_zeros((max(num_blocks, 1), num_experts), dtype=torch.float32)
+    if T > 0:
+        _expert_stats_kernel[(num_blocks,)](
+            experts, probs, counts, block_sums,
+            T, num_experts, *experts.stride(), *probs.stride(),
+            K=k, BLOCK_T=_BLOCK_T, BLOCK_E=triton.next_power_of_2(num_experts),
+        )
+    return counts, block_sums.sum(dim=0)
 
 
-def _expert_stats_torch(probs: torch.Tensor, experts: torch.Tensor, num_experts: int):
+def _expert_stats_torch(probs: Tensor, experts: Tensor, num_experts: int):
     flat = experts.reshape(-1)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device)
     counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     return counts, probs.float().sum(dim=0)
 
 
-def gating_with_stats(logits: torch.Tensor, k: int, normalize: bool, backend: str):
+@torch.library.custom_op("moe_kernels::expert_stats", mutates_args=())
+def expert_stats_op(probs: Tensor, experts: Tensor, num_experts: int, backend: str) -> tuple[Tensor, Tensor]:
+    """``(probs [T, E], experts [T, k]) -> (prob_sums [E] fp32, counts [E] int32)``."""
+    counts, prob_sums = (_expert_stats_triton if backend == "triton" else _expert_stats_torch)(probs, experts, num_experts)
+    return prob_sums, counts
+
+
+@expert_stats_op.register_fake
+def _(probs, experts, num_experts, backend):
+    return probs.new_empty((num_experts,), dtype=torch.float32), probs.new_empty((num_experts,), dtype=torch.int32)
+
+
+def _setup_stats(ctx, inputs, output):
+    probs = inputs[0]
+    ctx.mark_non_differentiable(output[1])
+    ctx.probs_shape, ctx.probs_dtype = probs.shape, probs.dtype
+
+
+def _backward_stats(ctx, grad_sums, _grad_counts):
+    return grad_sums.to(ctx.probs_dtype)[None, :].expand(ctx.probs_shape), None, None, None
+
+
+expert_stats_op.register_autograd(_backward_stats, setup_context=_setup_stats)
+
+
+class ExpertStatsFunction(torch.autograd.Function):
+    """``expert_stats_op`` with the same autograd, in the ``setup_context`` style of ``torch.func``."""
+
+    @staticmethod
+    def forward(probs: Tensor, experts: Tensor, num_experts: int, backend: str):
+        return expert_stats_op(probs, experts, num_experts, backend)
+
+    setup_context = staticmethod(_setup_stats)
+    backward = staticmethod(_backward_stats)
+
+
+def gating_with_stats(logits: Tensor, k: int, normalize: bool, backend: str):
     """``topk_gating`` plus the balance-loss statistics ``counts [E]`` and ``prob_sums [E]``.
 
     Inputs are assumed valid; ``backend`` is already resolved.
     """
-    if backend == "triton":
-        return TopKGatingFunction.apply(logits, k, normalize)
-    probs = torch.softmax(logits.float(), dim=-1)
-    # A stable descending sort keeps ties in index order and ranks NaN first: the kernel's rule.
-    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights, experts = ordered[:, :k], order[:, :k]
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    counts, prob_sums = _expert_stats_torch(probs, experts, logits.shape[1])
-    return weights, experts, probs, counts, prob_sums
+    return TopKGatingFunction.apply(logits, k, normalize, backend)
 
 
 def loss_from_stats(
@@ -306,9 +403,6 @@ def balance_loss(
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
     device = check_same_device(probs=probs, experts=experts)
     check_expert_ids("experts", experts, num_experts)
-    if resolve_backend(backend, device) == "triton":
-        counts, prob_sums = ExpertStatsFunction.apply(probs, experts, num_experts)
-    else:
-        counts, prob_sums = _expert_stats_torch(probs, experts, num_experts)
+    prob_sums, counts = ExpertStatsFunction.apply(probs, experts, num_experts, resolve_backend(backend, device))
     return loss_from_stats(counts, prob_sums, experts.shape[0], experts.shape[1], float(alpha))
 

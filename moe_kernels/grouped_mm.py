@@ -393,9 +393,9 @@ def grouped_mm_wgrad(
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    # torch._grouped_mm wants 16-byte aligned data and strides.
+    # torch._grouped_mm wants 16-byte aligned data and strides (and no broadcast, stride-0 dims).
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
+    return t.data_ptr() % 16 == 0 and all(s != 0 and s * size % 16 == 0 for s in t.stride() if s != 1)
 
 
 def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -411,7 +411,7 @@ def grouped_mm_torch(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
         N = b.shape[2]
         a = _pad_last(a, multiple).contiguous()
         b = _pad_last(F.pad(b, (0, 0, 0, a.shape[1] - b.shape[1])), multiple).contiguous()
-        return torch._grouped_mm(a, b, offs=offsets)[:, :N]
+        return torch._grouped_mm(a, b, offs=offsets)[:, :N].contiguous()
     return torch._grouped_mm(a, b, offs=offsets)
 
 
@@ -423,36 +423,71 @@ def grouped_mm_wgrad_torch(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tens
     if not (_aligned(a.t()) and _aligned(b)):
         multiple = 16 // a.element_size()
         a, b = _pad_last(a, multiple).contiguous(), _pad_last(b, multiple).contiguous()
-        return torch._grouped_mm(a.t(), b, offs=offsets)[:, :K, :N]
+        return torch._grouped_mm(a.t(), b, offs=offsets)[:, :K, :N].contiguous()
     return torch._grouped_mm(a.t(), b, offs=offsets)
 
 
+# The op and its pieces as torch.library custom ops, so that torch.compile and torch.export see
+# one opaque op with a fake (shape-only) implementation instead of tracing into Triton's launcher
+# or torch._grouped_mm's alignment checks. Inputs are already checked; ``backend`` is resolved.
+
+
+@torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
+def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+    """``x [M, K], w [E, K, N], offsets [E] int32 -> y [M, N]``."""
+    if backend == "triton":
+        return grouped_mm_triton(x, w, offsets)
+    return grouped_mm_torch(x, w, offsets)
+
+
+@grouped_mm_op.register_fake
+def _(x, w, offsets, backend):
+    return x.new_empty((x.shape[0], w.shape[2]))
+
+
+@torch.library.custom_op("moe_kernels::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad_op(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+    """The weight gradient of ``grouped_mm``: ``x [M, K], grad [M, N] -> dw [E, K, N]`` in ``x.dtype``."""
+    if backend == "triton":
+        return grouped_mm_wgrad(x, grad, offsets, x.dtype)
+    return grouped_mm_wgrad_torch(x, grad, offsets)
+
+
+@grouped_mm_wgrad_op.register_fake
+def _(x, grad, offsets, backend):
+    return x.new_empty((offsets.shape[0], x.shape[1], grad.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, offsets, backend = inputs
+    ctx.save_for_backward(x, w, offsets)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    x, w, offsets = ctx.saved_tensors
+    grad_x = grad_w = None
+    with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the ops
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_mm_op(grad, w.transpose(1, 2), offsets, ctx.backend)
+        if ctx.needs_input_grad[1]:
+            grad_w = grouped_mm_wgrad_op(x, grad, offsets, ctx.backend)
+    return grad_x, grad_w, None, None
+
+
+grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 class GroupedMMFunction(torch.autograd.Function):
-    """``grouped_mm`` for either backend: ``x [M, K], w [E, K, N], offsets [E] -> y [M, N]``."""
+    """``grouped_mm_op`` with the same autograd, as a ``torch.autograd.Function`` in the
+    ``setup_context`` style that ``torch.func`` transforms need."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
-        ctx.save_for_backward(x, w, offsets)
-        ctx.backend = backend
-        return grouped_mm_triton(x, w, offsets) if backend == "triton" else grouped_mm_torch(x, w, offsets)
+    def forward(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+        return grouped_mm_op(x, w, offsets, backend)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, w, offsets = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.backend == "triton":
-            if ctx.needs_input_grad[0]:
-                grad_x = grouped_mm_triton(grad, w.transpose(1, 2), offsets)
-            if ctx.needs_input_grad[1]:
-                grad_w = grouped_mm_wgrad(x, grad, offsets, w.dtype)
-        else:
-            # torch._grouped_mm rejects expanded gradients (such as the one of .sum()).
-            grad = grad.contiguous()
-            if ctx.needs_input_grad[0]:
-                grad_x = grouped_mm_torch(grad, w.transpose(1, 2), offsets)
-            if ctx.needs_input_grad[1]:
-                grad_w = grouped_mm_wgrad_torch(x, grad, offsets)
-        return grad_x, grad_w, None, None
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def grouped_mm(

@@ -68,7 +68,11 @@ def check_k(k: object, num_experts: int, name: str = "k") -> int:
 
 
 def values_checkable(tensor: torch.Tensor) -> bool:
-    """Whether reading values back to the host is allowed: not while a CUDA graph is captured."""
+    """Whether reading values back to the host is allowed: in eager mode only, not while
+    ``torch.compile`` or ``torch.export`` traces (the values are unknown there) nor while a
+    CUDA graph is captured."""
+    if torch.compiler.is_compiling():
+        return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 

@@ -1,0 +1,160 @@
+"""The ops as torch.library custom ops: opcheck on both backends, torch.func, torch.compile."""
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import reference
+from moe_kernels.ffn import moe_ffn_backward_op, moe_ffn_op
+from moe_kernels.gating import expert_stats_op, topk_gating_backward_op, topk_gating_op
+from moe_kernels.grouped_mm import grouped_mm_op, grouped_mm_wgrad_op
+from tests.moe_kernels.helpers import BACKENDS, DEVICE
+
+T, D, H, E, k = 11, 16, 8, 4, 2
+
+
+def _leaf(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_()
+
+
+def _routed():
+    x, weights = _leaf(T, D), torch.rand(T, k, device=DEVICE).requires_grad_()
+    experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
+    w_in, w_out = _leaf(E, D, 2 * H) / D**0.5, _leaf(E, H, D) / H**0.5
+    return x, weights, experts, w_in.detach().requires_grad_(), w_out.detach().requires_grad_()
+
+
+def _op_cases(backend):
+    logits = _leaf(T, E)
+    yield topk_gating_op, (logits, k, False, backend)
+    yield topk_gating_op, (logits, k, True, backend)
+    weights, experts, probs, _, _ = topk_gating_op(logits.detach(), k, True, backend)
+    grads = (torch.randn_like(weights), torch.randn_like(probs), torch.randn(E, device=DEVICE))
+    yield topk_gating_backward_op, (probs, weights, experts, *grads, True, torch.float32, backend)
+    yield topk_gating_backward_op, (probs, weights, experts, grads[0], None, None, False, torch.float32, backend)
+    yield expert_stats_op, (probs.detach().requires_grad_(), experts, E, backend)
+    offsets = torch.tensor([3, 3, 9, 14], dtype=torch.int32, device=DEVICE)
+    x, w = _leaf(14, D), _leaf(E, D, H)
+    yield grouped_mm_op, (x, w, offsets, backend)
+    yield grouped_mm_wgrad_op, (x.detach(), torch.randn(14, H, device=DEVICE), offsets, backend)
+    x, weights, experts, w_in, w_out = _routed()
+    yield moe_ffn_op, (x, weights, experts, w_in, w_out, "swiglu", backend, True, True, True)
+    yield moe_ffn_op, (x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), "swiglu", backend, False, False, False)
+    yield moe_ffn_op, (x, weights, experts, _leaf(E, D, H), w_out, "gelu", backend, True, True, True)
+    saved = moe_ffn_op(x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), "swiglu", backend, True, True, True)
+    frozen = (x.detach(), weights.detach(), w_in.detach(), w_out.detach())
+    yield moe_ffn_backward_op, (torch.randn(T, D, device=DEVICE), *frozen, *saved[1:], "swiglu", backend, True, True, True, True)
+    yield moe_ffn_backward_op, (torch.randn(T, D, device=DEVICE), *frozen, *saved[1:], "swiglu", backend, True, False, False, False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_op_passes_opcheck(backend):
+    for op, args in _op_cases(backend):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_are_registered_in_the_moe_kernels_namespace(backend):
+    names = {"topk_gating", "topk_gating_backward", "expert_stats", "grouped_mm", "grouped_mm_wgrad", "moe_ffn", "moe_ffn_backward"}
+    for name in names:
+        assert hasattr(torch.ops.moe_kernels, name)
+    x, weights, experts, w_in, w_out = _routed()
+    y = torch.ops.moe_kernels.moe_ffn(x, weights, experts, w_in, w_out, "swiglu", backend, True, True, True)[0]
+    y.square().sum().backward()  # differentiable when called through torch.ops too
+    ref_x = x.detach().clone().requires_grad_()
+    reference.moe_ffn(ref_x, weights, experts, w_in, w_out).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_whose_inputs_were_not_saved_is_refused(backend):
+    x, weights, experts, w_in, w_out = _routed()
+    y = moe_ffn_op(x, weights, experts, w_in, w_out, "swiglu", backend, True, False, True)[0]
+    with pytest.raises(RuntimeError, match="gradient of w_out needs what save_h=True keeps"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_over_moe_ffn(backend):
+    x, weights, experts, w_in, w_out = _routed()
+
+    def loss(x, weights, w_in, w_out):
+        return mk.moe_ffn(x, weights, experts, w_in, w_out, backend=backend).square().sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2, 3))(x.detach(), weights.detach(), w_in.detach(), w_out.detach())
+    want = torch.autograd.grad(loss(x, weights, w_in, w_out), [x, weights, w_in, w_out])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    offsets = torch.tensor([3, 3, 9, 11], dtype=torch.int32, device=DEVICE)
+    got = torch.func.grad(lambda w: mk.grouped_mm(x.detach(), w, offsets, backend=backend).square().sum())(w_in.detach())
+    (want,) = torch.autograd.grad(reference.grouped_mm(x.detach(), w_in, offsets).square().sum(), w_in)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    logits = torch.randn(T, E, device=DEVICE)
+    got = torch.func.grad(lambda l: mk.topk_gating(l, k, backend=backend)[0].sum())(logits)
+    ref_logits = logits.clone().requires_grad_()
+    (want,) = torch.autograd.grad(reference.topk_gating(ref_logits, k)[0].sum(), ref_logits)
+    torch.testing.assert_close(got, want)
+
+
+def test_vmap_says_it_is_not_supported():
+    x, weights, experts, w_in, w_out = _routed()
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.vmap(lambda x: mk.moe_ffn(x, weights.detach(), experts, w_in.detach(), w_out.detach(), backend="torch"))(
+            x.detach()[None].expand(2, T, D)
+        )
+
+
+def _train_step(layer):
+    def step(x):
+        y = layer(x)
+        return y.square().mean() + layer.aux_loss
+
+    return step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_compiles_without_graph_breaks(backend):
+    torch._dynamo.reset()
+    layer = mk.MoE(D, H, E, k, backend=backend).to(DEVICE)
+    x = _leaf(2, 7, D)
+    explanation = torch._dynamo.explain(_train_step(layer))(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_moe_matches_eager_and_recompiles_once_for_new_token_counts(backend):
+    torch._dynamo.reset()
+    layer = mk.MoE(D, H, E, k, backend=backend).to(DEVICE)
+    compiled = torch.compile(_train_step(layer), fullgraph=True, backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    for tokens in (7, 9, 12, 5):
+        x = _leaf(tokens, D)
+        loss = compiled(x)
+        (grad_x, *grad_params) = torch.autograd.grad(loss, [x, *layer.parameters()])
+        ref = _train_step(layer)(x)
+        (ref_x, *ref_params) = torch.autograd.grad(ref, [x, *layer.parameters()])
+        torch.testing.assert_close(loss, ref)
+        for got, want in zip([grad_x, *grad_params], [ref_x, *ref_params]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # One graph for the first size, one with the token count symbolic for all the others.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inductor_compiles_the_layer(backend):
+    torch._dynamo.reset()
+    layer = mk.MoE(D, H, E, k, backend=backend).to(DEVICE)
+    x = _leaf(9, D)
+    loss = torch.compile(_train_step(layer), fullgraph=True)(x)
+    torch.testing.assert_close(loss, _train_step(layer)(x))
+
+
+def test_value_checks_are_skipped_while_compiling():
+    x, weights, experts, w_in, w_out = _routed()
+    bad = experts.clone()
+    bad[0, 0] = E  # caught in eager mode...
+    with pytest.raises(ValueError, match="expert ids"):
+        mk.moe_ffn(x, weights, bad, w_in, w_out, backend="torch")
+    torch._dynamo.reset()
+    fn = torch.compile(lambda e: mk.moe_ffn(x, weights, e, w_in, w_out, backend="triton"), fullgraph=True, backend="aot_eager")
+    fn(experts)  # ...and never read from the device inside a compiled graph
