@@ -7,7 +7,7 @@ import torch
 import moe_kernels as mk
 from benchmarks.common import DEVICE, dtype_for, measure, shape_for
 from moe_kernels.backend import IMPLEMENTATIONS
-from moe_kernels.grouped_mm import GroupedMMFunction
+from moe_kernels.grouped_mm import grouped_mm_apply
 from moe_kernels.routing import route
 
 BACKENDS = list(IMPLEMENTATIONS)
@@ -65,7 +65,7 @@ def test_grouped_mm(benchmark, case, variant, backward, paper_shapes):
 
         # As the MoE layer calls it: the public op's check of offsets would add a host sync.
         def forward():
-            return GroupedMMFunction.apply(x, w, offsets, variant)
+            return grouped_mm_apply(x, w, offsets, variant)
 
     fn = (lambda: forward().backward(grad)) if backward else forward
     M, K, N = x.shape[0], w.shape[1], w.shape[2]

@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL, to decode a latent model's samples")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (one graph; the first batch pays the compile time)")
     add_moe_backend_argument(p)
     add_precision_argument(p)
     args = p.parse_args(argv)
@@ -57,6 +58,8 @@ def sample(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     if config.latent and args.vae is None:
         raise ValueError("this model generates VAE latents: pass --vae with the autoencoder it was trained with")
     vae = load_vae(args.vae, device) if args.vae else None
+    if args.compile:
+        model.compile(fullgraph=True)
     if args.class_label is None:
         labels = torch.arange(args.num_samples) % config.num_classes
     else:

@@ -41,7 +41,7 @@ DIGITS_DEFAULTS = {"model": "DiT-MoE-Ti/2-8E2A", "steps": 1500, "global_batch_si
 # is used) or agree with the checkpoint: changing the data, model, batch or seed mid-run would
 # silently make a different run.
 RESUME_MAY_CHANGE = (
-    "steps", "epochs", "lr", "ckpt_every", "log_every", "precision", "grad_checkpointing", "moe_backend",
+    "steps", "epochs", "lr", "ckpt_every", "log_every", "precision", "grad_checkpointing", "compile", "moe_backend",
     "cfg_scale", "sample_steps", "results_dir", "resume",
 )
 
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         + "; any other flag must agree with the checkpoint"))
     add_precision_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss (forward and backward) and the optimizer step")
     p.add_argument("--objective", choices=OBJECTIVES, default="diffusion")
     p.add_argument("--balance-alpha", type=nonnegative_float, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
     p.add_argument("--ema-decay", type=fraction, default=0.9999)
@@ -356,6 +357,20 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         for message in warnings:
             log(log_file, f"warning: {message}", echo=False)
 
+    def compute_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diffusion loss and the summed balance loss of one batch."""
+        with autocast(args.precision, device):
+            loss = objective.training_losses(ddp, x, {"y": y})["loss"].mean()
+        return loss, model.aux_loss if model.aux_loss is not None else torch.zeros((), device=device)
+
+    optimizer_step = optimizer.step
+    if args.compile:
+        # One graph for the loss (AOTAutograd compiles its backward with it); DDP splits the graph
+        # at its gradient buckets, so fullgraph holds on one process only. The optimizer step is
+        # compiled too; PyTorch puts graph breaks around it by design.
+        compute_loss = torch.compile(compute_loss, fullgraph=env.world_size == 1)
+        optimizer_step = torch.compile(optimizer.step)
+
     model.train()
     data = batches(dataset, batch, args.seed, start_step, env.rank, env.world_size)
     bar = tqdm(total=total_steps, initial=start_step, disable=not env.main, desc="train", dynamic_ncols=True)
@@ -371,13 +386,10 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
             x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
         if vae is not None:
             x = encode(vae, x)
-        with autocast(args.precision, device):
-            losses = objective.training_losses(ddp, x, {"y": y})
-        loss = losses["loss"].mean()
-        aux = model.aux_loss if model.aux_loss is not None else torch.zeros((), device=device)
+        loss, aux = compute_loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
-        optimizer.step()
+        optimizer_step()
         update_ema(ema, model, ema_decay(step, args.ema_decay))
 
         window_loss += loss.detach()

@@ -14,7 +14,7 @@ The PyTorch path takes the same steps with ``torch._grouped_mm`` and indexing.
 
 Forward and backward are the custom ops ``moe_kernels::moe_ffn`` and
 ``moe_kernels::moe_ffn_backward``, so ``torch.compile`` and ``torch.export`` see two opaque ops
-with fake (shape-only) implementations; ``MoEFFNFunction`` ties them together for autograd and
+with fake (shape-only) implementations; ``moe_ffn_apply`` ties them together for autograd and
 ``torch.func``.
 """
 
@@ -25,6 +25,7 @@ import torch
 from .activations import ACTIVATIONS, activation_fn, activation_grad
 from .backend import resolve_backend
 from .combine import combine, combine_weight_grad
+from .library import differentiable
 from .grouped_mm import (
     grouped_mm_act,
     grouped_mm_act_grad,
@@ -221,19 +222,7 @@ def _backward(ctx, grad_y, *_):
     return grad_x, grad_weights, None, grad_w_in, grad_w_out, None, None, None, None, None
 
 
-moe_ffn_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class MoEFFNFunction(torch.autograd.Function):
-    """``moe_ffn_op`` with the same autograd, as a ``torch.autograd.Function`` in the
-    ``setup_context`` style that ``torch.func`` transforms need."""
-
-    @staticmethod
-    def forward(x, weights, experts, w_in, w_out, activation, backend, save_preact, save_h, save_out):
-        return moe_ffn_op(x, weights, experts, w_in, w_out, activation, backend, save_preact, save_h, save_out)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+moe_ffn_apply = differentiable(moe_ffn_op, _setup_context, _backward)
 
 
 def moe_ffn_unchecked(x, weights, experts, w_in, w_out, activation: str, backend: str) -> torch.Tensor:
@@ -243,7 +232,7 @@ def moe_ffn_unchecked(x, weights, experts, w_in, w_out, activation: str, backend
     )
     # Keep only what the requested gradients read: the pre-activation for x and w_in, h for
     # w_out, the per-slot outputs for the weights.
-    outputs = MoEFFNFunction.apply(
+    outputs = moe_ffn_apply(
         x, weights, experts, w_in, w_out, activation, backend, needs_x or needs_w_in, needs_w_out, needs_weights
     )
     return outputs[0]

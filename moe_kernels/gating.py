@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .backend import resolve_backend
+from .library import differentiable
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -242,18 +243,7 @@ def _backward_gating(ctx, grad_weights, _grad_experts, grad_probs, _grad_counts,
     return grad_logits, None, None, None
 
 
-topk_gating_op.register_autograd(_backward_gating, setup_context=_setup_gating)
-
-
-class TopKGatingFunction(torch.autograd.Function):
-    """``topk_gating_op`` with the same autograd, in the ``setup_context`` style of ``torch.func``."""
-
-    @staticmethod
-    def forward(logits: Tensor, k: int, normalize: bool, backend: str):
-        return topk_gating_op(logits, k, normalize, backend)
-
-    setup_context = staticmethod(_setup_gating)
-    backward = staticmethod(_backward_gating)
+topk_gating_apply = differentiable(topk_gating_op, _setup_gating, _backward_gating)
 
 
 @triton.jit
@@ -316,18 +306,7 @@ def _backward_stats(ctx, grad_sums, _grad_counts):
     return grad_sums.to(ctx.probs_dtype)[None, :].expand(ctx.probs_shape), None, None, None
 
 
-expert_stats_op.register_autograd(_backward_stats, setup_context=_setup_stats)
-
-
-class ExpertStatsFunction(torch.autograd.Function):
-    """``expert_stats_op`` with the same autograd, in the ``setup_context`` style of ``torch.func``."""
-
-    @staticmethod
-    def forward(probs: Tensor, experts: Tensor, num_experts: int, backend: str):
-        return expert_stats_op(probs, experts, num_experts, backend)
-
-    setup_context = staticmethod(_setup_stats)
-    backward = staticmethod(_backward_stats)
+expert_stats_apply = differentiable(expert_stats_op, _setup_stats, _backward_stats)
 
 
 def gating_with_stats(logits: Tensor, k: int, normalize: bool, backend: str):
@@ -335,7 +314,7 @@ def gating_with_stats(logits: Tensor, k: int, normalize: bool, backend: str):
 
     Inputs are assumed valid; ``backend`` is already resolved.
     """
-    return TopKGatingFunction.apply(logits, k, normalize, backend)
+    return topk_gating_apply(logits, k, normalize, backend)
 
 
 def loss_from_stats(
@@ -403,6 +382,6 @@ def balance_loss(
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
     device = check_same_device(probs=probs, experts=experts)
     check_expert_ids("experts", experts, num_experts)
-    prob_sums, counts = ExpertStatsFunction.apply(probs, experts, num_experts, resolve_backend(backend, device))
+    prob_sums, counts = expert_stats_apply(probs, experts, num_experts, resolve_backend(backend, device))
     return loss_from_stats(counts, prob_sums, experts.shape[0], experts.shape[1], float(alpha))
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .backend import autotune_configs, resolve_backend
+from .library import differentiable
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
 
@@ -475,19 +476,7 @@ def _backward(ctx, grad):
     return grad_x, grad_w, None, None
 
 
-grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class GroupedMMFunction(torch.autograd.Function):
-    """``grouped_mm_op`` with the same autograd, as a ``torch.autograd.Function`` in the
-    ``setup_context`` style that ``torch.func`` transforms need."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
-        return grouped_mm_op(x, w, offsets, backend)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+grouped_mm_apply = differentiable(grouped_mm_op, _setup_context, _backward)
 
 
 def grouped_mm(
@@ -516,4 +505,4 @@ def grouped_mm(
     device = check_same_device(x=x, w=w, offsets=offsets)
     check_offsets(offsets, x.shape[0])
     offsets = offsets.to(torch.int32)
-    return GroupedMMFunction.apply(x, w, offsets, resolve_backend(backend, device))
+    return grouped_mm_apply(x, w, offsets, resolve_backend(backend, device))
