@@ -9,7 +9,10 @@ gating, SwiGLU experts, weighted combine: ``MoE`` without shared experts, called
 calls it) at the paper's shapes (``benchmarks.common.PAPER_CASES``), forward and
 forward+backward, for the ``triton`` and ``torch`` backends and for ``dense-eq`` (one dense
 SwiGLU MLP over the T*k token copies: the same FLOPs without routing), with CUDA events and
-peak memory. Results are printed and written as JSON named after the card. ``--smoke`` runs
+peak memory. Part 3 times one guided sampling step of DiT-MoE-S/2 (batch 1) and XL/2 (batch 8)
+at 256 px, eager and replayed as a CUDA graph (``dit.sampling.cuda_graphed``), on both backends.
+Results are printed and written as JSON named after the card (after each part, so a run cut
+short keeps what it measured). ``--smoke`` runs
 every step on CPU through the Triton interpreter at tiny sizes, in fp32, timing each call once,
 so that the script a short GPU lease depends on is itself tested
 (``benchmarks/test_gpu_check.py``).
@@ -30,9 +33,13 @@ import triton
 import moe_kernels as mk
 from benchmarks.baselines import DenseSwiGLU
 from benchmarks.common import PAPER_CASES, cuda_time_ms, layer_flops, peak_memory_mb
+from dit.models import create_model
+from dit.sampling import cuda_graphed, guided
 from moe_kernels import reference
 from moe_kernels.activations import ACTIVATIONS
 from moe_kernels.backend import INTERPRET
+
+STARTED = time.time()
 
 SMOKE_CASES = {"smoke T=40": dict(T=40, D=32, H=128, E=4, k=2)}
 TOL = {torch.bfloat16: dict(atol=5e-2, rtol=5e-2), torch.float32: dict(atol=1e-3, rtol=1e-3)}
@@ -111,6 +118,47 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
     return lambda: fn(x).backward(grad)
 
 
+# name: (model, batch); one guided step of DiT-MoE at 256 px (32x32x4 latents), as the official
+# code's sampler runs it (52.6 ms for S/2 batch 1 and 112 ms for XL/2 batch 8 on an H200).
+SAMPLING_CASES = {"S/2-8E2A batch 1 + CFG": ("DiT-MoE-S/2-8E2A", 1), "XL/2-8E2A batch 8 + CFG": ("DiT-MoE-XL/2-8E2A", 8)}
+SMOKE_SAMPLING_CASES = {"Ti/2-4E2A batch 2 + CFG (smoke)": ("DiT-MoE-Ti/2-4E2A", 2)}
+
+
+def sampling_step(name: str, batch: int, backend: str, dev: str, smoke: bool) -> Callable:
+    """One guided network evaluation ``step(x, t)`` of a freshly initialised model (bf16 autocast on
+    CUDA, as ``--precision bf16``), and its inputs."""
+    shape = dict(input_size=8, in_channels=1, num_classes=10) if smoke else dict(input_size=32, in_channels=4, num_classes=1000)
+    with torch.device(dev):  # initialise on the device: the XL model has 4.1B parameters
+        model = create_model(name, moe_backend=backend, **shape)
+    model = model.to(dev).eval()
+    x = torch.randn(batch, shape["in_channels"], shape["input_size"], shape["input_size"], device=dev)
+    t = torch.full((batch,), 500, device=dev)
+    model_fn = guided(model, torch.randint(0, shape["num_classes"], (batch,), device=dev), cfg_scale=4.0)
+
+    @torch.no_grad()
+    def step(x, t):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=not smoke):
+            return model_fn(x, t)
+
+    return step, x, t
+
+
+def time_sampling(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
+    """Eager and CUDA-graph time of one guided step, both backends; the graph as a ratio to eager."""
+    for name, (model_name, batch) in (SMOKE_SAMPLING_CASES if smoke else SAMPLING_CASES).items():
+        for backend in ("triton", "torch"):
+            step, x, t = sampling_step(model_name, batch, backend, dev, smoke)
+            row = {"eager": bench(lambda: step(x, t))}
+            if not smoke:
+                graphed = cuda_graphed(step)
+                graphed(x, t)  # warm-up and capture
+                row["cuda_graph"] = bench(lambda: graphed(x, t))
+                row["graph / eager"] = row["cuda_graph"] / row["eager"]
+            report["sampling"][f"{name} | {backend}"] = row
+            print(f"[{time.time() - STARTED:6.0f} s] sampling {name:32s} {backend:7s} "
+                  + " ".join(f"{key} {value:.3f}" for key, value in row.items()), flush=True)
+
+
 def _time_once(fn: Callable[[], object]) -> float:
     """Milliseconds of one call: the smoke run's stand-in for ``do_bench``, which needs CUDA."""
     started = time.perf_counter()
@@ -129,7 +177,6 @@ def main(argv: list[str] | None = None) -> Path:
         p.error("no CUDA device; --smoke runs the script on CPU")
     dev = "cpu" if args.smoke else "cuda"
     card = "smoke (CPU, interpreter)" if args.smoke else torch.cuda.get_device_name()
-    started = time.time()
     report = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "checks": {}, "timings": {}}
     # The interpreter's bf16 tl.dot is wrong, so the smoke run checks fp32 only.
     for dtype in (torch.float32,) if args.smoke else (torch.float32, torch.bfloat16):
@@ -137,6 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
         failures = check(dtype, dev, **tiny) if args.smoke else check(dtype)
         report["checks"][str(dtype)] = failures or "ok"
         print(f"check {dtype}: {'ok' if not failures else failures}", flush=True)
+    path = _save(report, args.out, card)
     bench = _time_once if args.smoke else cuda_time_ms
     dtype = torch.float32 if args.smoke else torch.bfloat16
     print(f"{'shape':24s} {'backend':9s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s fwd':>12s} {'peak MiB':>9s}", flush=True)
@@ -153,12 +201,20 @@ def main(argv: list[str] | None = None) -> Path:
             report["timings"][f"{name} | {backend}"] = row
             print(f"{name:24s} {backend:9s} {row['fwd']:8.3f} {row['fwd+bwd']:11.3f} {row['tflops_fwd']:12.1f} "
                   f"{row.get('peak_mb fwd+bwd', 0):9.0f}", flush=True)
-    report["seconds"] = time.time() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_check_{re.sub(r'[^A-Za-z0-9._-]+', '_', card).strip('_')}.json"
-    path.write_text(json.dumps(report, indent=2))
+        _save(report, args.out, card)
+    report["sampling"] = {}
+    time_sampling(args.smoke, dev, bench, report)
+    report["seconds"] = time.time() - STARTED
+    _save(report, args.out, card)
     print(f"wrote {path}")
+    return path
+
+
+def _save(report: dict, out: str, card: str) -> Path:
+    """Write the report so far: a run cut short keeps what it measured."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out) / f"gpu_check_{re.sub(r'[^A-Za-z0-9._-]+', '_', card).strip('_')}.json"
+    path.write_text(json.dumps(report, indent=2))
     return path
 
 

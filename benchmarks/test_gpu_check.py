@@ -18,6 +18,8 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     backends = {key.split(" | ")[1] for key in report["timings"]}
     assert backends == {"triton", "torch", "dense-eq"}
     assert all(row["fwd"] > 0 and row["fwd+bwd"] > 0 for row in report["timings"].values())
+    assert {key.split(" | ")[1] for key in report["sampling"]} == {"triton", "torch"}
+    assert all(row["eager"] > 0 for row in report["sampling"].values())
 
 
 def test_without_a_gpu_the_full_run_says_so(capsys):

@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL, to decode a latent model's samples")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (one graph; the first batch pays the compile time)")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture one guided denoising step in a CUDA graph and replay it (CUDA only)")
     add_moe_backend_argument(p)
     add_precision_argument(p)
     args = p.parse_args(argv)
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sample(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError("--cuda-graphs needs a CUDA device; none is available")
     out_path = check_writable(args.out, "--out")
     grid_path = check_writable(args.grid, "--grid") if args.grid else None
     model = build_from_checkpoint(args.ckpt, "ema", moe_backend=args.moe_backend).to(device).eval()
@@ -68,7 +71,8 @@ def sample(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     images = []
     with use_precision(args.precision, device):
         for chunk in tqdm(labels.split(args.batch_size), desc="batches", disable=len(labels) <= args.batch_size):
-            out = generate(model, chunk, args.cfg_scale, steps, sampler, generator=generator, progress=True)
+            out = generate(model, chunk, args.cfg_scale, steps, sampler, generator=generator, progress=True,
+                           cuda_graphs=args.cuda_graphs)
             images.append(to_uint8(decode(vae, out) if vae is not None else out))
     arr = np.concatenate(images)
     labels_np = labels.numpy().astype(np.int64)
