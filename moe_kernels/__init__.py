@@ -3,6 +3,8 @@
 ``topk_gating``, ``balance_loss``, ``grouped_mm`` and ``moe_ffn`` are differentiable ops; ``MoE``
 is a drop-in layer. Every op takes ``backend=None|"auto"|"triton"|"torch"``: ``auto`` means
 Triton on CUDA tensors and PyTorch elsewhere, and ``MOE_KERNELS_BACKEND`` overrides it.
+Underneath, each op is a custom op in ``torch.ops.moe_kernels`` (see ``moe_kernels.library``), so
+``torch.compile``, ``torch.export`` and ``torch.func.grad`` work through them.
 """
 
 from .ffn import moe_ffn
