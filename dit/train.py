@@ -361,7 +361,8 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         """The diffusion loss and the summed balance loss of one batch."""
         with autocast(args.precision, device):
             loss = objective.training_losses(ddp, x, {"y": y})["loss"].mean()
-        return loss, model.aux_loss if model.aux_loss is not None else torch.zeros((), device=device)
+        aux = model.aux_loss  # a property that sums the layers' losses: read it once
+        return loss, aux if aux is not None else torch.zeros((), device=device)
 
     optimizer_step = optimizer.step
     if args.compile:
