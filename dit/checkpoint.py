@@ -3,7 +3,10 @@
 ``<run>/checkpoints/0001000/`` holds ``model.safetensors`` and ``ema.safetensors`` (weights, with
 the model config as JSON metadata), ``state.pt`` (optimizer, step, RNG states, config,
 arguments: tensors and plain Python values only, so it loads with ``weights_only=True``) and,
-written last, ``manifest.json``: each file's size and SHA-256.
+written last, ``manifest.json``: each file's size and SHA-256. A sharded run (``--ep``) writes,
+instead of the two weight files and the optimizer state, ``sharded/``: every process's shards of
+the model, EMA and optimizer (``torch.distributed.checkpoint``), which any number of processes
+can read back, resharded; ``python -m dit.checkpoint consolidate`` makes one weight file of them.
 
 A checkpoint is written to a hidden temporary directory, flushed to disk, then renamed into
 place, so a crash or a full disk mid-save leaves the previous checkpoints intact and no partial
@@ -14,12 +17,14 @@ process left behind.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .cli import check_writable, replace_atomically
 from .models import DiT, DiTConfig, config_from_dict, config_to_dict
 
 _STEP_DIR = re.compile(r"^\d{7}$")
@@ -35,6 +41,7 @@ _STEP_DIR = re.compile(r"^\d{7}$")
 _LEFTOVER = re.compile(r"^\.(?P<step>\d{7})\.(?P<kind>tmp|old)-\d+$")
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 STATE_FILE = "state.pt"
+SHARDED_DIR = "sharded"
 MANIFEST = "manifest.json"
 FORMAT = "dit-moe/1"
 
@@ -72,37 +79,94 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: DiT, ema: DiT, state
     ``weights_only=True``). On any error, disk full included, the partial directory is removed,
     the checkpoints already there are untouched, and ``CheckpointError`` says what happened.
     """
-    final = checkpoint_dir / f"{step:07d}"
-    tmp = checkpoint_dir / f".{step:07d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final, tmp = _paths(checkpoint_dir, step, os.getpid())
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(model.state_dict(), tmp / "model.safetensors", model.config)
         save_weights(ema.state_dict(), tmp / "ema.safetensors", ema.config)
         torch.save({**state, "step": step, "config": config_to_dict(model.config)}, tmp / STATE_FILE)
-        files = (*WEIGHT_FILES, STATE_FILE)
-        manifest = {"format": FORMAT, "step": step, "files": {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files
-        }}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for name in (*files, MANIFEST):
-            _fsync(tmp / name)
-        if final.exists():  # re-saving a step: move the old copy aside first, drop it after
-            old = checkpoint_dir / f".{step:07d}.old-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        _fsync(checkpoint_dir)
+        _publish(tmp, final, step, {name: _describe(tmp / name) for name in (*WEIGHT_FILES, STATE_FILE)})
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = latest_checkpoint(checkpoint_dir)
-        raise CheckpointError(
-            f"could not write checkpoint {final}: {error.strerror or error}; "
-            + (f"the last checkpoint, {kept}, is intact" if kept else "no earlier checkpoint exists")
-        ) from error
+        raise _write_error(tmp, final, error) from error
     return final
+
+
+def save_sharded_checkpoint(
+    checkpoint_dir: Path, step: int, model: DiT, ema: DiT, optimizer: torch.optim.Optimizer, state: dict, tag: int
+) -> Path:
+    """Write checkpoint ``step`` from every process of a sharded run (all must call this, with
+    the same ``tag``, e.g. the main process's pid): each writes its shards of the model, EMA and
+    optimizer (``torch.distributed.checkpoint`` under ``sharded/``) and hashes them; the main
+    process writes ``state.pt`` (``state`` plus step and config) and the manifest, then renames
+    the directory into place. Atomic like ``save_checkpoint``; the directory must be shared."""
+    # torch.distributed.checkpoint takes a second or more to import: only sharded runs pay it.
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    final, tmp = _paths(checkpoint_dir, step, tag)
+    main = dist.get_rank() == 0
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_sd, optimizer_sd = get_state_dict(model, optimizer)
+        sharded = {"model": model_sd, "ema": get_model_state_dict(ema), "optimizer": optimizer_sd}
+        dcp.save(sharded, checkpoint_id=tmp / SHARDED_DIR)
+        # Each process hashes the shards it wrote; the coordinator also wrote the metadata.
+        mine = [p for p in (tmp / SHARDED_DIR).iterdir() if p.name.startswith(f"__{dist.get_rank()}_")]
+        if main:
+            mine += [p for p in (tmp / SHARDED_DIR).iterdir() if not p.name.startswith("__")]
+        files = {f"{SHARDED_DIR}/{p.name}": _describe(p) for p in mine}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, files)
+        if main:
+            torch.save({**state, "step": step, "config": config_to_dict(model.config)}, tmp / STATE_FILE)
+            files = {STATE_FILE: _describe(tmp / STATE_FILE)}
+            for part in gathered:
+                files.update(part)
+            _fsync(tmp / SHARDED_DIR)
+            _publish(tmp, final, step, files)
+        dist.barrier()
+    except (OSError, CheckpointException) as error:
+        raise _write_error(tmp, final, error) from error
+    return final
+
+
+def _paths(checkpoint_dir: Path, step: int, tag: int) -> tuple[Path, Path]:
+    """The checkpoint's final directory and the temporary one it is written to."""
+    return checkpoint_dir / f"{step:07d}", checkpoint_dir / f".{step:07d}.tmp-{tag}"
+
+
+def _describe(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _publish(tmp: Path, final: Path, step: int, files: dict[str, dict]) -> None:
+    """Write the manifest last, flush everything, rename ``tmp`` to ``final``."""
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+    for name in (*files, MANIFEST):
+        _fsync(tmp / name)
+    if final.exists():  # re-saving a step: move the old copy aside first, drop it after
+        old = final.parent / f".{step:07d}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(final.parent)
+
+
+def _write_error(tmp: Path, final: Path, error: BaseException) -> CheckpointError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = latest_checkpoint(final.parent)
+    return CheckpointError(
+        f"could not write checkpoint {final}: {getattr(error, 'strerror', None) or error}; "
+        + (f"the last checkpoint, {kept}, is intact" if kept else "no earlier checkpoint exists")
+    )
 
 
 def remove_stale(checkpoint_dir: Path) -> list[str]:
@@ -133,19 +197,28 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint directory was written by a sharded run (``save_sharded_checkpoint``)."""
+    return (path / SHARDED_DIR).is_dir()
+
+
 def is_step_dir(path: Path) -> bool:
     """Whether ``path`` is meant as one checkpoint (named by its step, or complete), not a run."""
     return bool(_STEP_DIR.match(path.name)) or is_checkpoint(path)
 
 
-def verify(checkpoint: Path, names: tuple[str, ...] = (*WEIGHT_FILES, STATE_FILE)) -> None:
-    """Check the files ``names`` of a checkpoint directory against its manifest (size, SHA-256)."""
+def verify(checkpoint: Path, names: tuple[str, ...] | None = None) -> None:
+    """Check the files ``names`` (default: all it lists) of a checkpoint directory against its
+    manifest (size, SHA-256)."""
     if not (checkpoint / MANIFEST).is_file():
         raise CheckpointError(f"checkpoint {checkpoint} is incomplete: it has no {MANIFEST} (its save did not finish)")
     try:
         files = json.loads((checkpoint / MANIFEST).read_text())["files"]
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {checkpoint}: {MANIFEST} is corrupt ({error})") from error
+    if names is None:
+        required = (STATE_FILE, f"{SHARDED_DIR}/.metadata") if is_sharded(checkpoint) else (*WEIGHT_FILES, STATE_FILE)
+        names = sorted({*files, *required})
     for name in names:
         path = checkpoint / name
         if name not in files or not path.is_file():
@@ -188,6 +261,8 @@ def load_weights(path: str | Path, which: str = "ema", verified: bool = False) -
     manifest: safetensors checks its structure)."""
     path = Path(path)
     if path.is_dir():
+        if is_sharded(path):
+            return _load_sharded_weights(path, which, verified)
         if not verified:
             verify(path, (f"{which}.safetensors",))
         path = path / f"{which}.safetensors"
@@ -196,6 +271,53 @@ def load_weights(path: str | Path, which: str = "ema", verified: bool = False) -
         return load_file(str(path)), config
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from error
+
+
+def _load_sharded_weights(checkpoint: Path, which: str, verified: bool) -> tuple[dict, DiTConfig]:
+    """The full ``which`` weights of a sharded checkpoint, assembled from its shards in this process."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not verified:
+        verify(checkpoint)
+    config = checkpoint_config(checkpoint, verified=True)
+    with torch.device("meta"):
+        shapes = DiT(config).state_dict()
+    state_dict = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in shapes.items()}
+    try:
+        _read_shards({which: state_dict}, checkpoint)
+    except (CheckpointException, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"sharded checkpoint {checkpoint} does not hold {which} weights for its config: {error}") from error
+    return state_dict, config
+
+
+def load_sharded(checkpoint: Path, model: DiT, ema: DiT, optimizer: torch.optim.Optimizer) -> None:
+    """Load a sharded checkpoint (verified) into a run's model, EMA and optimizer, resharding
+    it to however the model is laid out now: any number of processes, any ``--ep``."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+
+    model_sd, optimizer_sd = get_state_dict(model, optimizer)
+    sharded = {"model": model_sd, "ema": get_model_state_dict(ema), "optimizer": optimizer_sd}
+    _read_shards(sharded, checkpoint)
+    set_state_dict(model, optimizer, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"])
+    set_model_state_dict(ema, sharded["ema"])
+
+
+def _read_shards(state_dict: dict, checkpoint: Path) -> None:
+    """``torch.distributed.checkpoint.load`` into ``state_dict``, by all processes of a run or,
+    with no process group, by this one alone."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # reading alone, without a process group, is intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state_dict, checkpoint_id=checkpoint / SHARDED_DIR, no_dist=not dist.is_initialized())
+
+
+def checkpoint_config(checkpoint: Path, verified: bool = False) -> DiTConfig:
+    """The model config of a checkpoint directory, sharded or not."""
+    if is_sharded(checkpoint):
+        return config_from_dict(load_state(checkpoint, verified)["config"])
+    return read_config(checkpoint / "model.safetensors")
 
 
 def read_config(path: Path) -> DiTConfig:
@@ -261,3 +383,38 @@ def build_from_checkpoint(path: str | Path, which: str = "ema", moe_backend: str
     model = DiT(config, moe_backend=moe_backend)
     load_into(model, state_dict, path)
     return model
+
+
+def consolidate(checkpoint: Path, out: Path, which: str = "ema") -> Path:
+    """Write the ``which`` weights of a checkpoint directory (sharded or not) as one safetensors
+    file with its config, the form ``dit.sample``, ``dit.analyze`` and ``dit.evaluate`` share."""
+    state_dict, config = load_weights(checkpoint, which)
+    replace_atomically(lambda tmp: save_weights(state_dict, tmp, config), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dit.checkpoint", description="Check and convert training checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("consolidate", help="write a checkpoint's weights (sharded or not) as one .safetensors file")
+    merge.add_argument("checkpoint", type=Path, help="a checkpoint directory, RUN/checkpoints/STEP")
+    merge.add_argument("out", type=Path, help="the .safetensors file to write")
+    merge.add_argument("--which", choices=("ema", "model"), default="ema", help="the EMA weights (for sampling) or the trained ones")
+    check = commands.add_parser("verify", help="check every file of a checkpoint against its manifest")
+    check.add_argument("checkpoint", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if not args.checkpoint.is_dir():
+            raise CheckpointError(f"checkpoint {args.checkpoint} is not a directory")
+        if args.command == "verify":
+            verify(args.checkpoint)
+            print(f"{args.checkpoint}: intact")
+        else:
+            out = consolidate(args.checkpoint, check_writable(args.out, "OUT"), args.which)
+            print(f"wrote the {args.which} weights of {args.checkpoint} to {out}")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import parallel
 from .cli import add_moe_backend_argument, explicit_arguments, fraction, nonnegative_float, positive_float, positive_int
 from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
@@ -42,7 +42,7 @@ DIGITS_DEFAULTS = {"model": "DiT-MoE-Ti/2-8E2A", "steps": 1500, "global_batch_si
 # silently make a different run.
 RESUME_MAY_CHANGE = (
     "steps", "epochs", "lr", "ckpt_every", "log_every", "precision", "grad_checkpointing", "compile", "moe_backend",
-    "cfg_scale", "sample_steps", "results_dir", "resume",
+    "cfg_scale", "sample_steps", "results_dir", "resume", "ep",
 )
 
 
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         + "; any other flag must agree with the checkpoint"))
     add_precision_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--ep", type=positive_int, default=1, help=(
+        "expert-parallel degree: groups of this many processes each hold one copy of the experts, every process "
+        "E/ep of each layer's (it must divide the number of processes and the experts); checkpoints are then "
+        "sharded, and resume with any --ep"))
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (forward and backward) and the optimizer step")
     p.add_argument("--objective", choices=OBJECTIVES, default="diffusion")
     p.add_argument("--balance-alpha", type=nonnegative_float, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
@@ -167,6 +171,14 @@ class Distributed:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def broadcast(self, value):
+        """The main process's ``value``, on every process."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -199,8 +211,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 @torch.no_grad()
 def update_ema(ema: DiT, model: DiT, decay: float) -> None:
-    ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    ema_params = [parallel.local(p) for p in ema.parameters()]
+    torch._foreach_lerp_(ema_params, [parallel.local(p.detach()) for p in model.parameters()], 1.0 - decay)
 
 
 def ema_decay(step: int, decay: float) -> float:
@@ -257,7 +269,7 @@ def find_run(args: argparse.Namespace, env: Distributed, warn) -> tuple[Path, Pa
 
 def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> DiT:
     if checkpoint is not None:
-        return DiT(ckpt.read_config(checkpoint / "model.safetensors"), moe_backend=args.moe_backend)
+        return DiT(ckpt.checkpoint_config(checkpoint, verified=True), moe_backend=args.moe_backend)
     channels, size, _ = dataset.shape
     if args.vae:
         if size % 8:
@@ -316,51 +328,66 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
     global_batch = args.global_batch_size
     if global_batch % env.world_size:
         raise ValueError(f"--global-batch-size {global_batch} must be divisible by the number of processes ({env.world_size})")
+    if env.world_size % args.ep:
+        raise ValueError(f"--ep {args.ep} must divide the number of processes ({env.world_size})")
+    sharded = args.ep > 1
+    if checkpoint is not None and sharded and not ckpt.is_sharded(checkpoint):
+        raise ValueError(f"--resume {checkpoint} was written without --ep; resume it without --ep")
     batch = global_batch // env.world_size
+    rows = slice(env.rank * batch, (env.rank + 1) * batch)
     dataset = load_dataset(args.data, args.image_size)
     total_steps = args.steps if args.epochs is None else args.epochs * steps_per_epoch(dataset, global_batch)
     if args.hflip is None:
         args.hflip = not (args.data == "digits" or dataset.is_latent)
 
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = build_model(args, dataset, checkpoint).to(device)
+    check_steps(model.config, args.sample_steps)
+    if checkpoint is not None and not ckpt.is_sharded(checkpoint):
+        ckpt.load_into(model, ckpt.load_weights(checkpoint, "model", verified=True)[0], checkpoint)
+    mesh = parallel.build_mesh(env.world_size, args.ep, device) if env.world_size > 1 else None
+    if sharded:
+        parallel.shard_experts(model, mesh)
+    # The global RNGs serve what remains random per process (the VAE's posterior draws).
     torch.manual_seed(args.seed * env.world_size + env.rank)
     np.random.seed((args.seed * env.world_size + env.rank) % 2**32)
     random.seed(args.seed * env.world_size + env.rank)
-    model = build_model(args, dataset, checkpoint).to(device)
-    check_steps(model.config, args.sample_steps)
     vae = load_vae(args.vae, device) if args.vae else None
     model.grad_checkpointing = args.grad_checkpointing
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start_step = 0
     if checkpoint is not None:
-        model_sd, _ = ckpt.load_weights(checkpoint, "model", verified=True)
-        ema_sd, _ = ckpt.load_weights(checkpoint, "ema", verified=True)
-        ckpt.load_into(model, model_sd, checkpoint)
-        ckpt.load_into(ema, ema_sd, checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        if ckpt.is_sharded(checkpoint):
+            ckpt.load_sharded(checkpoint, model, ema, optimizer)
+        else:
+            ckpt.load_into(ema, ckpt.load_weights(checkpoint, "ema", verified=True)[0], checkpoint)
+            optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:  # --lr may change on resume; the saved state has the old one
             group["lr"] = args.lr
         start_step = state["step"]
         if len(state["rng"]) == env.world_size:
             set_rng_state(state["rng"][env.rank], device)
     objective = RectifiedFlow() if model.config.objective == "rectified-flow" else create_diffusion(learn_sigma=model.config.learn_sigma)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else model
+    ddp = parallel.data_parallel(model, device) if env.world_size > 1 else model
+    save_tag = env.broadcast(os.getpid())
 
     log_file = None
     if env.main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         log_file = open(run_dir / "log.txt", "a")
         n_params = sum(p.numel() for p in model.parameters())
+        layout = f" (data {env.world_size // args.ep} x expert {args.ep})" if sharded else ""
         log(log_file, f"run {run_dir} | {model.config.name} | {n_params / 1e6:.2f}M parameters | data {args.data} ({len(dataset)} items) "
-            f"| {total_steps} steps of {global_batch} | {env.world_size} process(es) on {device}")
+            f"| {total_steps} steps of {global_batch} | {env.world_size} process(es){layout} on {device}")
         log(log_file, "args " + json.dumps(vars(args)))
         for message in warnings:
             log(log_file, f"warning: {message}", echo=False)
 
-    def compute_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(x, y, t, noise, drop) -> tuple[torch.Tensor, torch.Tensor]:
         """The diffusion loss and the summed balance loss of one batch."""
         with autocast(args.precision, device):
-            loss = objective.training_losses(ddp, x, {"y": y})["loss"].mean()
+            loss = objective.training_losses(ddp, x, {"y": y, "drop_labels": drop}, noise=noise, t=t)["loss"].mean()
         aux = model.aux_loss  # a property that sums the layers' losses: read it once
         return loss, aux if aux is not None else torch.zeros((), device=device)
 
@@ -382,14 +409,19 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
     for step in range(start_step, total_steps):
         x, y = next(data)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        draws = StepDraws(args.seed, step, global_batch, rows, device)
         if args.hflip:
-            flip = torch.rand(x.shape[0]) < 0.5
-            x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+            x = torch.where(draws.uniform()[:, None, None, None] < 0.5, x.flip(-1), x)
         if vae is not None:
             x = encode(vae, x)
-        loss, aux = compute_loss(x, y)
+        drop = draws.uniform() < model.config.class_dropout_prob
+        t = draws.take(objective.sample_times(global_batch, device, draws.generator))
+        noise = draws.normal(x.shape[1:])
+        loss, aux = compute_loss(x, y, t, noise, drop)
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
+        if sharded:
+            parallel.reduce_expert_grads(model, mesh)
         optimizer_step()
         update_ema(ema, model, ema_decay(step, args.ema_decay))
 
@@ -406,34 +438,66 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
             if env.main:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", balance=f"{mean_aux:.4f}", img_s=f"{images_per_s:.0f}")
                 load_text = " ".join(f"L{i}:{s['min']}/{s['max']}/cv{s['cv']:.2f}" for i, s in enumerate(load))
-                log(log_file, f"step {done:7d} | loss {mean_loss:.5f} | balance {mean_aux:.5f} | {images_per_s:.1f} img/s"
+                log(log_file, f"step {done:7d} | loss {mean_loss:.6f} | balance {mean_aux:.6f} | {images_per_s:.1f} img/s"
                     + (f" | expert load min/max/cv {load_text}" if load else ""), echo=False)
             window_loss.zero_()
             window_aux.zero_()
             window_steps, window_start = 0, time.perf_counter()
         if done % args.ckpt_every == 0 or done == total_steps:
             rng = env.gather(rng_state(device))
+            state = {"rng": rng, "args": vars(args), "world_size": env.world_size}
+            if sharded:
+                path = ckpt.save_sharded_checkpoint(run_dir / "checkpoints", done, model, ema, optimizer, state, save_tag)
+            elif env.main:
+                path = ckpt.save_checkpoint(run_dir / "checkpoints", done, model, ema, {**state, "optimizer": optimizer.state_dict()})
             if env.main:
-                state = {"optimizer": optimizer.state_dict(), "rng": rng, "args": vars(args), "world_size": env.world_size}
-                path = ckpt.save_checkpoint(run_dir / "checkpoints", done, model, ema, state)
                 log(log_file, f"saved checkpoint {path}", echo=False)
     bar.close()
 
+    # With sharded experts every process takes part in sampling; the main one writes the grid.
+    if env.main or sharded:
+        write_sample_grid(args, ema, vae, run_dir / "samples.png", log_file, write=env.main)
     if env.main:
-        write_sample_grid(args, ema, vae, run_dir / "samples.png", log_file)
         log_file.close()
     return run_dir
 
 
-def write_sample_grid(args, ema: DiT, vae, path: Path, log_file) -> None:
+class StepDraws:
+    """The random draws of one optimizer step, for this process's ``rows`` of the global batch.
+
+    Each draw is made for the whole global batch from a generator seeded by (seed, step), and
+    each process keeps its rows. So the losses of a run do not depend on how many processes
+    share it, and a resumed run draws what the uninterrupted one would have.
+    """
+
+    def __init__(self, seed: int, step: int, global_batch: int, rows: slice, device: torch.device):
+        self.generator = torch.Generator(device).manual_seed((seed % 2**31) * 2**32 + step)
+        self.global_batch, self.rows, self.device = global_batch, rows, device
+
+    def take(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a draw for the global batch."""
+        return values[self.rows]
+
+    def uniform(self) -> torch.Tensor:
+        return self.take(torch.rand(self.global_batch, device=self.device, generator=self.generator))
+
+    def normal(self, shape: torch.Size) -> torch.Tensor:
+        return self.take(torch.randn((self.global_batch, *shape), device=self.device, generator=self.generator))
+
+
+def write_sample_grid(args, ema: DiT, vae, path: Path, log_file, write: bool = True) -> None:
+    """Sample a grid of every class from the EMA; ``write=False`` takes part without writing."""
     config = ema.config
     if config.latent and vae is None:
-        log(log_file, "no sample grid: the model makes latents and no --vae was given")
+        if write:
+            log(log_file, "no sample grid: the model makes latents and no --vae was given")
         return
     per_class = 8 if config.num_classes <= 16 else 1
     labels = torch.arange(min(config.num_classes, 64)).repeat_interleave(per_class)
     steps = args.sample_steps or default_steps(config)
     images = generate(ema, labels, args.cfg_scale, steps, generator=torch.Generator().manual_seed(args.seed))
+    if not write:
+        return
     if vae is not None:
         images = torch.cat([decode(vae, chunk) for chunk in images.split(16)])
     save_grid(to_uint8(images), path, nrow=per_class if per_class > 1 else 8)

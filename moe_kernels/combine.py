@@ -69,6 +69,11 @@ def combine(src: torch.Tensor, weights: torch.Tensor | None, out_dtype: torch.dt
     return out
 
 
+def combine_torch(src: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``combine`` in PyTorch (differentiable): ``src [T, k, D]``, ``weights [T, k]`` -> ``[T, D]``."""
+    return torch.bmm(weights.float().unsqueeze(1), src.float()).squeeze(1).to(out_dtype)
+
+
 def combine_weight_grad(grad: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``d weights[t, j] = <grad[t], src[t, j]>``: ``grad [T, D]``, ``src [T, k, D]`` -> fp32 ``[T, k]``."""
     T, k, D = src.shape

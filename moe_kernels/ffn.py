@@ -24,7 +24,7 @@ import torch
 
 from .activations import ACTIVATIONS, activation_fn, activation_grad
 from .backend import resolve_backend
-from .combine import combine, combine_weight_grad
+from .combine import combine, combine_torch, combine_weight_grad
 from .library import differentiable
 from .grouped_mm import (
     grouped_mm_act,
@@ -34,7 +34,7 @@ from .grouped_mm import (
     grouped_mm_wgrad,
     grouped_mm_wgrad_torch,
 )
-from .routing import Routing, route
+from .routing import Routing, route, row_of_slot
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -59,22 +59,15 @@ def _forward_triton(x, weights, experts, w_in, w_out, activation, save_preact):
     return combine(out, weights, x.dtype), preact, h, out, routing
 
 
-def _row_of_slot(slot_of_row: Tensor) -> Tensor:
-    """The inverse permutation: where each slot's row is."""
-    rows = torch.arange(slot_of_row.shape[0], dtype=slot_of_row.dtype, device=slot_of_row.device)
-    return torch.empty_like(slot_of_row).scatter_(0, slot_of_row.long(), rows)
-
-
 def _forward_torch(x, weights, experts, w_in, w_out, activation):
     T, k = experts.shape
     routing = route(experts, w_in.shape[0], "torch")
     preact = grouped_mm_torch(x.index_select(0, routing.token_of_row), w_in, routing.offsets)
     h = activation_fn(activation)(preact)
     # Back to slot order with a gather (deterministic, unlike a scatter-add).
-    out = grouped_mm_torch(h, w_out, routing.offsets).index_select(0, _row_of_slot(routing.slot_of_row))
+    out = grouped_mm_torch(h, w_out, routing.offsets).index_select(0, row_of_slot(routing.slot_of_row))
     out = out.view(T, k, x.shape[1])
-    y = torch.bmm(weights.float().unsqueeze(1), out.float()).squeeze(1).to(x.dtype)
-    return y, preact, h, out, routing
+    return combine_torch(out, weights, x.dtype), preact, h, out, routing
 
 
 @torch.library.custom_op("moe_kernels::moe_ffn", mutates_args=())
@@ -158,7 +151,7 @@ def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, ac
         grad_preact = activation_grad(activation, preact, grad_h)
         if needs_x:
             grad_x_rows = grouped_mm_torch(grad_preact, w_in.transpose(1, 2), offsets)
-            grad_x = grad_x_rows.index_select(0, _row_of_slot(slot_of_row)).view(T, k, D).float().sum(1).to(x.dtype)
+            grad_x = grad_x_rows.index_select(0, row_of_slot(slot_of_row)).view(T, k, D).float().sum(1).to(x.dtype)
         if needs_w_in:
             grad_w_in = grouped_mm_wgrad_torch(x.index_select(0, token_of_row), grad_preact, offsets)
     return grad_x, grad_weights, grad_w_in, grad_w_out

@@ -4,7 +4,7 @@ expert-level balance loss of DiT-MoE."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from .ffn import moe_ffn_unchecked
 from .gating import gating_with_stats, loss_from_stats
 from .activations import ACTIVATIONS, activation_fn
 from .validation import FLOAT_DTYPES, check_k, check_positive_int
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 class SharedExpert(nn.Module):
@@ -44,6 +47,8 @@ class MoE(nn.Module):
     last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the gating kernel.
     ``on_route``, when set, is called after gating with ``(experts [T, k], weights [T, k])`` for
     the flattened tokens, for routing analysis; it is ``None`` by default and then costs nothing.
+    ``expert_mesh`` is the ``DeviceMesh`` the experts are sharded over after
+    ``moe_kernels.parallel.expert_parallel`` (``w_in``/``w_out`` then are DTensors), else ``None``.
 
     Under autocast the experts run in the autocast dtype; otherwise in the dtype of ``x``.
     """
@@ -89,6 +94,7 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
         self.on_route: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self.expert_mesh: DeviceMesh | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -113,9 +119,15 @@ class MoE(nn.Module):
         )
         if self.on_route is not None:
             self.on_route(experts, weights)
-        y = moe_ffn_unchecked(
-            tokens.to(dtype), weights, experts, self.w_in.to(dtype), self.w_out.to(dtype), self.activation, backend
-        )
+        if self.expert_mesh is None:
+            y = moe_ffn_unchecked(
+                tokens.to(dtype), weights, experts, self.w_in.to(dtype), self.w_out.to(dtype), self.activation, backend
+            )
+        else:
+            from .parallel import expert_parallel_ffn  # torch.distributed loads only for sharded layers
+
+            w_in, w_out = (w.to_local().to(dtype) for w in (self.w_in, self.w_out))
+            y = expert_parallel_ffn(tokens.to(dtype), weights, experts, w_in, w_out, self.activation, backend, self.expert_mesh)
         if self.shared is not None:
             y = y + self.shared(tokens)
         self.expert_counts = counts

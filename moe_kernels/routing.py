@@ -133,6 +133,12 @@ def _route_torch(experts: torch.Tensor, num_experts: int) -> Routing:
     return Routing(slot_of_row, slot_of_row // k, offsets.to(torch.int32))
 
 
+def row_of_slot(slot_of_row: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: where each slot's row is."""
+    rows = torch.arange(slot_of_row.shape[0], dtype=slot_of_row.dtype, device=slot_of_row.device)
+    return torch.empty_like(slot_of_row).scatter_(0, slot_of_row.long(), rows)
+
+
 def route(experts: torch.Tensor, num_experts: int, backend: str) -> Routing:
     """Sort the slots of ``experts [T, k]`` (ids in ``[0, E)``, assumed valid) by expert."""
     if backend == "triton":

@@ -95,9 +95,16 @@ class GaussianDiffusion:
         mean, _ = self.q_posterior(pred_x0, xt, t)
         return {"mean": mean, "logvar": logvar, "pred_x0": pred_x0, "eps": eps}
 
-    def training_losses(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, noise: torch.Tensor | None = None) -> dict:
-        """Per-sample losses at uniformly drawn steps: ``loss = mse (+ vb when sigma is learned)``."""
-        t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device)
+    def sample_times(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` training timesteps, uniform over the steps."""
+        return torch.randint(0, self.num_steps, (n,), device=device, generator=generator)
+
+    def training_losses(
+        self, model: Callable, x0: torch.Tensor, model_kwargs: dict, noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> dict:
+        """Per-sample losses at uniformly drawn steps (or at ``t``): ``loss = mse (+ vb when sigma is learned)``."""
+        t = self.sample_times(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         out = model(xt, self.model_timesteps(t), **model_kwargs).float()

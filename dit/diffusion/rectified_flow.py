@@ -18,8 +18,16 @@ TIME_SCALE = 1000.0
 
 
 class RectifiedFlow:
-    def training_losses(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, noise: torch.Tensor | None = None) -> dict:
-        t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
+    def sample_times(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` training times in (0, 1), logit-normal."""
+        return torch.sigmoid(torch.randn(n, device=device, generator=generator))
+
+    def training_losses(
+        self, model: Callable, x0: torch.Tensor, model_kwargs: dict, noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> dict:
+        """Per-sample velocity losses at drawn times (or at ``t``)."""
+        t = self.sample_times(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         t_ = t.reshape(-1, *([1] * (x0.dim() - 1)))
         zt = (1 - t_) * x0 + t_ * noise

@@ -1,8 +1,4 @@
 import errno
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +10,7 @@ from dit import checkpoint as ckpt
 from dit.precision import use_precision
 from dit.sample import main as sample_main
 from dit.train import main as train_main
+from tests.distributed.helpers import torchrun
 
 FAST = ["--model", "DiT-MoE-Ti/2-4E2A", "--global-batch-size", "16", "--sample-steps", "2", "--log-every", "1"]
 
@@ -125,18 +122,8 @@ def test_rectified_flow_objective(tmp_path):
     assert config.objective == "rectified-flow" and not config.learn_sigma
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_on_gloo(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "dit.train", *FAST, "--steps", "2", "--results-dir", str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(2, "dit.train", *FAST, "--steps", "2", "--results-dir", str(tmp_path))
     run_dir = sorted(tmp_path.glob("[0-9][0-9][0-9]-*"))[-1]
     state = ckpt.load_state(run_dir / "checkpoints" / "0000002")
     assert state["world_size"] == 2 and len(state["rng"]) == 2

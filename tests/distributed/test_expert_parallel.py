@@ -1,0 +1,99 @@
+"""``moe_kernels.parallel.expert_parallel`` against the unsharded ``MoE``, on 2 and 4 processes."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+import moe_kernels as mk
+from moe_kernels.parallel import expert_parallel
+from tests.distributed.helpers import run_processes
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _layer(backend: str, num_experts: int, top_k: int, unused: int) -> mk.MoE:
+    """A layer whose experts of rank 0 draw most tokens and expert ``unused`` draws none: the
+    tokens are positive, so a strongly negative router row is never among the top k."""
+    torch.manual_seed(0)
+    layer = mk.MoE(8, 12, num_experts, top_k, num_shared_experts=1, backend=backend)
+    with torch.no_grad():
+        layer.router.weight[0] += 0.5
+        layer.router.weight[unused] = -10.0
+    return layer
+
+
+def _tokens(world_size: int, counts: list[int], step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(step)
+    xs = [torch.rand(n, 8, generator=generator) + 0.1 for n in counts[:world_size]]
+    gs = [torch.randn(n, 8, generator=generator) for n in counts[:world_size]]
+    return xs, gs
+
+
+def _check_against_unsharded(rank: int, world_size: int, backend: str) -> None:
+    mesh = init_device_mesh("cpu", (world_size,))
+    # Uneven token counts, a rank with no tokens at all (it sends nothing), k=1 and k=E.
+    for num_experts, top_k, counts in ((8, 2, [7, 0, 5, 3]), (4, 1, [6, 9, 1, 4]), (4, 4, [3, 5, 2, 6])):
+        if num_experts % world_size:
+            continue
+        unused = num_experts - 1 if top_k < num_experts - 1 else None
+        layer = _layer(backend, num_experts, top_k, unused if unused is not None else 0)
+        if unused is None:
+            layer.router.weight.data.normal_()
+        reference = copy.deepcopy(layer)
+        expert_parallel(layer, mesh)
+        xs, gs = _tokens(world_size, counts, num_experts + top_k)
+        x = xs[rank].clone().requires_grad_()
+        y = layer(x)
+        (y * gs[rank]).sum().backward()
+
+        x_all = torch.cat(xs).requires_grad_()
+        y_all = reference(x_all)
+        (y_all * torch.cat(gs)).sum().backward()
+        rows = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
+        torch.testing.assert_close(y, y_all[rows], **TOL)
+        torch.testing.assert_close(x.grad, x_all.grad[rows], **TOL)
+        local = num_experts // world_size
+        experts = slice(rank * local, (rank + 1) * local)
+        for name in ("w_in", "w_out"):
+            grad = getattr(layer, name).grad
+            assert grad.placements == getattr(layer, name).placements
+            torch.testing.assert_close(grad.to_local(), getattr(reference, name).grad[experts], **TOL)
+        # Replicated parameters: this rank's part; summed over ranks, the unsharded gradient.
+        for mine, full in ((layer.router.weight, reference.router.weight), (layer.shared.proj_in.weight, reference.shared.proj_in.weight)):
+            total = mine.grad.clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, full.grad, **TOL)
+        # The balance loss and expert counts are this rank's own, as the unsharded layer on its tokens.
+        if counts[rank]:
+            reference(xs[rank])
+            torch.testing.assert_close(layer.aux_loss, reference.aux_loss, **TOL)
+            torch.testing.assert_close(layer.expert_counts, reference.expert_counts)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel_matches_unsharded_torch(world_size):
+    run_processes(_check_against_unsharded, world_size, "torch")
+
+
+def test_expert_parallel_matches_unsharded_triton():
+    run_processes(_check_against_unsharded, 2, "triton")
+
+
+def _check_errors(rank: int, world_size: int) -> None:
+    mesh = init_device_mesh("cpu", (world_size,))
+    with pytest.raises(ValueError, match="divisible by the expert-parallel degree"):
+        expert_parallel(mk.MoE(8, 8, 3, 1), mesh)
+    with pytest.raises(TypeError, match="expects a moe_kernels.MoE"):
+        expert_parallel(torch.nn.Linear(2, 2), mesh)
+    with pytest.raises(ValueError, match="must be 1-D"):
+        expert_parallel(mk.MoE(8, 8, 4, 1), init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "ep")))
+    layer = expert_parallel(mk.MoE(8, 8, 4, 1), mesh)
+    with pytest.raises(ValueError, match="already expert-parallel"):
+        expert_parallel(layer, mesh)
+
+
+def test_expert_parallel_errors():
+    run_processes(_check_errors, 2)
