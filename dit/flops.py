@@ -1,6 +1,9 @@
 """Analytic parameter and compute counts of DiT / DiT-MoE, per image, forward.
 
     python -m dit.flops [--image-size 256]
+    python -m dit.flops --memory --gpus 8 --ep 8 --fsdp [--grad-checkpointing] [--batch 32]
+
+``--memory`` estimates per-GPU training memory instead (see ``dit.memory``).
 
 Compute is counted three ways, because the two papers count it differently:
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .cli import positive_float, positive_int
 from .models import DiTConfig, parse_model_name
 
 FREQUENCY_SIZE = 256
@@ -55,6 +59,8 @@ class Counts:
     active_params: int
     linear_macs: int
     attention_macs: int
+    expert_params: int = 0  # the routed experts' weights, all layers
+    block_params: int = 0  # one transformer block's, its experts included
 
     @property
     def macs(self) -> int:
@@ -99,6 +105,8 @@ def count(config: DiTConfig) -> Counts:
         active_params=common + L * ffn_active,
         linear_macs=embed_macs + L * block_macs + final_macs,
         attention_macs=L * 2 * N * N * D,
+        expert_params=L * E * 3 * D * H,
+        block_params=attn_params + adaln_params + ffn_params,
     )
 
 
@@ -137,13 +145,42 @@ def table(image_size: int = 256) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dit.flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (latents are 8x smaller)")
+    memory = parser.add_argument_group("--memory: per-GPU training memory (see dit.memory)")
+    memory.add_argument("--memory", action="store_true", help="estimate per-GPU training memory instead of counting compute")
+    memory.add_argument("--gpus", type=positive_int, default=8, help="number of GPUs (default 8)")
+    memory.add_argument("--ep", type=positive_int, default=1, help="expert-parallel degree, as dit.train --ep")
+    memory.add_argument("--fsdp", action="store_true", help="as dit.train --fsdp")
+    memory.add_argument("--grad-checkpointing", action="store_true", help="as dit.train --grad-checkpointing")
+    memory.add_argument("--batch", type=positive_int, default=32, help="images per GPU (default 32)")
+    memory.add_argument("--budget", type=positive_float, default=80, help="GiB per GPU (default 80)")
     args = parser.parse_args(argv)
     if args.image_size < 16 or args.image_size % 16:
         parser.error(f"--image-size must be a positive multiple of 16 (latent side divisible by the patch), got {args.image_size}")
     side = args.image_size // 8
+    if args.memory:
+        _print_memory(args, side)
+        return
     print(f"per image, forward, {args.image_size}x{args.image_size} ({side}x{side}x4 latents); "
           "GMACs: linear layers on the activated path; +attn: with attention's N x N products; GFLOPs = 2 x (+attn)")
     print(table(args.image_size))
+
+
+def _print_memory(args: argparse.Namespace, side: int) -> None:
+    from .memory import Layout, layouts_table
+    from .memory import table as memory_table
+
+    configs = []
+    for name in (n for n in PAPER if "MoE" in n):
+        config = parse_model_name(name)
+        config.input_size = side
+        configs.append(config)
+    layout = Layout(args.gpus, args.ep, args.fsdp, args.grad_checkpointing)
+    print(f"GiB per GPU, training with AdamW and an EMA, {args.batch} images of {args.image_size}x{args.image_size} "
+          f"per GPU, bf16 activations; {layout.describe()}")
+    print(memory_table(configs, layout, args.batch, args.budget))
+    flagship = configs[-1]
+    print(f"\n{flagship.name} on {args.gpus} GPUs, every layout, smallest first")
+    print(layouts_table(flagship, args.gpus, args.batch, args.budget))
 
 
 if __name__ == "__main__":

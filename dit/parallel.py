@@ -1,13 +1,20 @@
-"""How a DiT-MoE is laid out over the training processes: data and expert parallelism.
+"""How a DiT-MoE is laid out over the training processes: data, expert and sharded data parallelism.
 
 The processes form a 2-D ``DeviceMesh`` ``(dp, ep)``: ``ep`` consecutive ranks share one copy of
 the experts, each holding ``E / ep`` of every MoE layer's experts (``moe_kernels.parallel``);
-the ``dp`` such groups split the batch. Everything else (attention, embeddings, routers,
-shared experts) is replicated on every rank and averaged over all of them by DDP.
+the ``dp`` such groups split the batch.
 
-Each local expert's gradient arrives summed over its ``ep`` group's tokens (the all-to-all's
-backward); ``reduce_expert_grads`` sums it over the ``dp`` groups and divides by the world size,
-so every gradient is the mean over the global batch, as on one process.
+Without FSDP, everything but the experts (attention, embeddings, routers, shared experts) is
+replicated and averaged over all ranks by DDP. Each local expert's gradient arrives summed over
+its ``ep`` group's tokens (the all-to-all's backward); ``reduce_expert_grads`` sums it over the
+``dp`` groups and divides by the world size, so every gradient is the mean over the global batch,
+as on one process.
+
+With FSDP (``fully_shard``, FSDP2), every parameter is sharded instead of replicated: the
+replicated ones over all ranks, the experts of each ``ep`` rank over the ``dp`` dimension (on
+their dimension 1, so that any number of local experts splits evenly), each DiT block one unit
+of all-gather and reduce-scatter. FSDP's reduce-scatter then produces the global-batch means
+itself (the experts' divided by the world size, not by ``dp``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe_kernels.parallel import expert_parallel
@@ -68,6 +76,33 @@ def reduce_expert_grads(model: DiT, mesh: DeviceMesh) -> None:
         for work in works:
             work.wait()
     torch._foreach_div_(grads, world_size)
+
+
+def fully_shard_model(model: DiT, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 over ``mesh`` (``(dp, ep)``), in place: each block, then the whole model. With
+    ``param_dtype`` (bf16 on a GPU), blocks compute in it and gradients reduce in fp32."""
+    world = init_device_mesh(mesh.device_type, (mesh.size(),), mesh_dim_names=("fsdp",))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    # gloo has no pre-scaled sum (PREMUL_SUM): ask FSDP for plain sums and a separate division.
+    plain_sums = dist.get_backend() == "gloo"
+    for block in model.blocks:
+        moe = block.ffn
+        if getattr(moe, "expert_mesh", None) is not None:
+            # The router and shared experts first, so that the MoE's own unit holds just the experts.
+            for part in (moe.router, moe.shared):
+                if part is not None:
+                    _shard(part, world, policy, plain_sums)
+            experts = _shard(moe, mesh["dp"], policy, plain_sums, shard_placement_fn=lambda p: Shard(1))
+            experts.set_gradient_divide_factor(float(mesh.size()))
+        _shard(block, world, policy, plain_sums)
+    _shard(model, world, policy, plain_sums)
+
+
+def _shard(module: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, plain_sums: bool, **kwargs) -> nn.Module:
+    fully_shard(module, mesh=mesh, mp_policy=policy, **kwargs)
+    if plain_sums:
+        module.set_force_sum_reduction_for_comms(True)
+    return module
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

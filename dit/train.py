@@ -42,7 +42,7 @@ DIGITS_DEFAULTS = {"model": "DiT-MoE-Ti/2-8E2A", "steps": 1500, "global_batch_si
 # silently make a different run.
 RESUME_MAY_CHANGE = (
     "steps", "epochs", "lr", "ckpt_every", "log_every", "precision", "grad_checkpointing", "compile", "moe_backend",
-    "cfg_scale", "sample_steps", "results_dir", "resume", "ep",
+    "cfg_scale", "sample_steps", "results_dir", "resume", "ep", "fsdp",
 )
 
 
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "expert-parallel degree: groups of this many processes each hold one copy of the experts, every process "
         "E/ep of each layer's (it must divide the number of processes and the experts); checkpoints are then "
         "sharded, and resume with any --ep"))
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help=(
+        "shard parameters, gradients and optimizer state over the processes (FSDP2 fully_shard, per block; the "
+        "experts over the data-parallel groups of --ep); with --precision bf16 on GPUs, bf16 weights in the blocks "
+        "and fp32 gradient reduction; checkpoints are sharded"))
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (forward and backward) and the optimizer step")
     p.add_argument("--objective", choices=OBJECTIVES, default="diffusion")
     p.add_argument("--balance-alpha", type=nonnegative_float, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
@@ -330,9 +334,11 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         raise ValueError(f"--global-batch-size {global_batch} must be divisible by the number of processes ({env.world_size})")
     if env.world_size % args.ep:
         raise ValueError(f"--ep {args.ep} must divide the number of processes ({env.world_size})")
-    sharded = args.ep > 1
+    if args.fsdp and env.world_size == 1:
+        raise ValueError("--fsdp shards over several processes; launch with torchrun --nproc_per_node N")
+    sharded = args.ep > 1 or args.fsdp
     if checkpoint is not None and sharded and not ckpt.is_sharded(checkpoint):
-        raise ValueError(f"--resume {checkpoint} was written without --ep; resume it without --ep")
+        raise ValueError(f"--resume {checkpoint} was written without --ep or --fsdp; resume it without them")
     batch = global_batch // env.world_size
     rows = slice(env.rank * batch, (env.rank + 1) * batch)
     dataset = load_dataset(args.data, args.image_size)
@@ -345,16 +351,20 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
     check_steps(model.config, args.sample_steps)
     if checkpoint is not None and not ckpt.is_sharded(checkpoint):
         ckpt.load_into(model, ckpt.load_weights(checkpoint, "model", verified=True)[0], checkpoint)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
     mesh = parallel.build_mesh(env.world_size, args.ep, device) if env.world_size > 1 else None
-    if sharded:
-        parallel.shard_experts(model, mesh)
+    param_dtype = torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else None
+    for module, dtype in ((model, param_dtype), (ema, None)):  # the EMA laid out like the model
+        if args.ep > 1:
+            parallel.shard_experts(module, mesh)
+        if args.fsdp:
+            parallel.fully_shard_model(module, mesh, dtype)
     # The global RNGs serve what remains random per process (the VAE's posterior draws).
     torch.manual_seed(args.seed * env.world_size + env.rank)
     np.random.seed((args.seed * env.world_size + env.rank) % 2**32)
     random.seed(args.seed * env.world_size + env.rank)
     vae = load_vae(args.vae, device) if args.vae else None
     model.grad_checkpointing = args.grad_checkpointing
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start_step = 0
     if checkpoint is not None:
@@ -369,7 +379,7 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         if len(state["rng"]) == env.world_size:
             set_rng_state(state["rng"][env.rank], device)
     objective = RectifiedFlow() if model.config.objective == "rectified-flow" else create_diffusion(learn_sigma=model.config.learn_sigma)
-    ddp = parallel.data_parallel(model, device) if env.world_size > 1 else model
+    ddp = parallel.data_parallel(model, device) if env.world_size > 1 and not args.fsdp else model
     save_tag = env.broadcast(os.getpid())
 
     log_file = None
@@ -377,7 +387,7 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         log_file = open(run_dir / "log.txt", "a")
         n_params = sum(p.numel() for p in model.parameters())
-        layout = f" (data {env.world_size // args.ep} x expert {args.ep})" if sharded else ""
+        layout = f" (data {env.world_size // args.ep} x expert {args.ep}{', FSDP' if args.fsdp else ''})" if sharded else ""
         log(log_file, f"run {run_dir} | {model.config.name} | {n_params / 1e6:.2f}M parameters | data {args.data} ({len(dataset)} items) "
             f"| {total_steps} steps of {global_batch} | {env.world_size} process(es){layout} on {device}")
         log(log_file, "args " + json.dumps(vars(args)))
@@ -420,7 +430,7 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         loss, aux = compute_loss(x, y, t, noise, drop)
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
-        if sharded:
+        if args.ep > 1 and not args.fsdp:
             parallel.reduce_expert_grads(model, mesh)
         optimizer_step()
         update_ema(ema, model, ema_decay(step, args.ema_decay))

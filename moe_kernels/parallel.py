@@ -61,7 +61,7 @@ def expert_parallel(moe: MoE, mesh: DeviceMesh) -> MoE:
     size = mesh.size()
     if moe.num_experts % size:
         raise ValueError(f"num_experts ({moe.num_experts}) must be divisible by the expert-parallel degree ({size})")
-    if moe.w_in.device.type != mesh.device_type:
+    if moe.w_in.device.type not in (mesh.device_type, "meta"):  # meta: build, shard, then materialise
         raise ValueError(f"the MoE's parameters are on {moe.w_in.device} but the mesh is on {mesh.device_type}")
     local = moe.num_experts // size
     first = mesh.get_local_rank() * local

@@ -97,7 +97,9 @@ class GaussianDiffusion:
 
     def sample_times(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` training timesteps, uniform over the steps."""
-        return torch.randint(0, self.num_steps, (n,), device=device, generator=generator)
+        # torch.compile (2.13) cannot trace an explicit generator=None with a symbolic size.
+        drawn_by = {} if generator is None else {"generator": generator}
+        return torch.randint(0, self.num_steps, (n,), device=device, **drawn_by)
 
     def training_losses(
         self, model: Callable, x0: torch.Tensor, model_kwargs: dict, noise: torch.Tensor | None = None,

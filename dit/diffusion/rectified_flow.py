@@ -20,7 +20,8 @@ TIME_SCALE = 1000.0
 class RectifiedFlow:
     def sample_times(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` training times in (0, 1), logit-normal."""
-        return torch.sigmoid(torch.randn(n, device=device, generator=generator))
+        drawn_by = {} if generator is None else {"generator": generator}  # as GaussianDiffusion.sample_times
+        return torch.sigmoid(torch.randn(n, device=device, **drawn_by))
 
     def training_losses(
         self, model: Callable, x0: torch.Tensor, model_kwargs: dict, noise: torch.Tensor | None = None,

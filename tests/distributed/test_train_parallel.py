@@ -1,5 +1,5 @@
-"""``dit.train --ep`` on 1, 2 and 4 CPU processes: the same losses as one process with the same
-global batch, sharded checkpoints that resume on another number of processes, and
+"""``dit.train --ep``/``--fsdp`` on 2 and 4 CPU processes: the same losses as one process with
+the same global batch, sharded checkpoints that resume in other layouts, and
 ``python -m dit.checkpoint consolidate``."""
 
 import re
@@ -40,57 +40,63 @@ def one_process(tmp_path_factory) -> Path:
     return only_run(results)
 
 
-def test_expert_parallel_training_matches_one_process(one_process, tmp_path):
+def test_parallel_training_matches_one_process(one_process, tmp_path):
     expected = losses(one_process)
     assert sorted(expected) == list(range(1, STEPS + 1))
-    for nproc in (2, 4):  # expert x data parallel: 1 x 2, then 2 x 2
-        torchrun(nproc, "dit.train", *ARGS, "--ep", "2", "--results-dir", str(tmp_path / str(nproc)))
-        run_dir = only_run(tmp_path / str(nproc))
-        got = losses(run_dir)
-        assert got.keys() == expected.keys()
-        for step in expected:
-            assert got[step] == pytest.approx(expected[step], rel=2e-5, abs=2e-6), (nproc, step)
-        assert "4 process(es) (data 2 x expert 2)" in (run_dir / "log.txt").read_text() or nproc == 2
 
-    # The 4-process run's sharded checkpoint holds the same weights as the one-process run's.
+    def check(run_dir: Path, steps: range, layout: str) -> None:
+        got = losses(run_dir)
+        assert sorted(got) == list(steps), layout
+        for step in steps:
+            assert got[step] == pytest.approx(expected[step], rel=2e-5, abs=2e-6), (layout, step)
+        assert layout in (run_dir / "log.txt").read_text()
+
+    torchrun(2, "dit.train", *ARGS, "--ep", "2", "--results-dir", str(tmp_path / "ep"))
+    check(only_run(tmp_path / "ep"), range(1, STEPS + 1), "2 process(es) (data 1 x expert 2)")
+    torchrun(4, "dit.train", *ARGS, "--ep", "2", "--fsdp", "--grad-checkpointing", "--results-dir", str(tmp_path / "fsdp"))
+    run_dir = only_run(tmp_path / "fsdp")
+    check(run_dir, range(1, STEPS + 1), "4 process(es) (data 2 x expert 2, FSDP)")
+
+    # The sharded checkpoint holds the one-process run's weights.
     sharded = run_dir / "checkpoints" / f"{STEPS:07d}"
     assert ckpt.is_sharded(sharded)
     checkpoint_main(["verify", str(sharded)])
     out = tmp_path / "ema.safetensors"
     checkpoint_main(["consolidate", str(sharded), str(out)])
-    want = load_file(one_process / "checkpoints" / f"{STEPS:07d}" / "ema.safetensors")
-    got = load_file(out)
+    reference = one_process / "checkpoints" / f"{STEPS:07d}" / "ema.safetensors"
+    want, got = load_file(reference), load_file(out)
     assert got.keys() == want.keys()
     for name in want:
         # Attention ignores the key bias, so its gradient is rounding noise, which Adam scales to
         # steps of about the learning rate: it may differ more.
         atol = 1e-4 if name.endswith("qkv.bias") else 1e-5
         torch.testing.assert_close(got[name], want[name], atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-    assert ckpt.read_config(out) == ckpt.read_config(one_process / "checkpoints" / f"{STEPS:07d}" / "ema.safetensors")
-
-    # dit.sample reads the sharded checkpoint directly.
+    assert ckpt.read_config(out) == ckpt.read_config(reference)
+    # dit.sample reads a sharded checkpoint directly.
     sample_main(["--ckpt", str(sharded), "--num-samples", "2", "--steps", "2", "--out", str(tmp_path / "samples")])
     assert (tmp_path / "samples.npz").is_file()
 
-    # Written by 4 processes, resumed by 2 (expert-parallel 2) and by 1: the rest of the run as before.
-    for nproc in (2, 1):
+    # Step 10 of the 4-process FSDP run, resumed in other layouts: the rest of the run as before.
+    for nproc, flags, layout in ((4, ["--no-fsdp"], "4 process(es) (data 2 x expert 2)"),
+                                 (2, ["--ep", "1"], "2 process(es) (data 2 x expert 1, FSDP)"),
+                                 (1, ["--ep", "1", "--no-fsdp"], "1 process(es) on cpu")):
         resumed = tmp_path / f"resume{nproc}"
         shutil.copytree(run_dir, resumed / run_dir.name)
         shutil.rmtree(resumed / run_dir.name / "checkpoints" / f"{STEPS:07d}")
         (resumed / run_dir.name / "log.txt").unlink()
+        argv = ["dit.train", "--resume", "latest", "--results-dir", str(resumed), *flags]
         if nproc == 1:
-            train_main(["--resume", "latest", "--results-dir", str(resumed), "--ep", "1"])
+            train_main(argv[1:])
         else:
-            torchrun(nproc, "dit.train", "--resume", "latest", "--results-dir", str(resumed))
-        got = losses(resumed / run_dir.name)
-        assert sorted(got) == list(range(11, STEPS + 1))
-        for step in got:
-            assert got[step] == pytest.approx(expected[step], rel=2e-5, abs=2e-6), (nproc, step)
+            torchrun(nproc, *argv)
+        check(resumed / run_dir.name, range(11, STEPS + 1), layout)
 
 
-def test_ep_errors(tmp_path, capsys):
+def test_layout_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--ep 2 must divide the number of processes"):
         train_main([*ARGS, "--ep", "2", "--results-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--fsdp shards over several processes"):
+        train_main([*ARGS, "--fsdp", "--results-dir", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:
         train_main([*ARGS, "--ep", "0", "--results-dir", str(tmp_path)])
     assert exit_info.value.code == 2

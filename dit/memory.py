@@ -1,0 +1,160 @@
+"""Per-GPU training memory of DiT-MoE under each parallel layout, estimated from the config.
+
+    python -m dit.flops --memory --gpus 8 --ep 8 --fsdp --grad-checkpointing --batch 32
+
+What ``dit.train`` keeps on each GPU, in bytes:
+
+- parameters, gradients (fp32), AdamW's two moments (fp32) and the EMA copy (fp32), each split
+  by the layout: without FSDP, the routed experts are divided among the ``ep`` ranks of a group
+  and everything else is replicated; with FSDP every parameter is divided among all GPUs (the
+  experts over ``ep`` x data-parallel ranks, the rest over all ranks). FSDP also holds the full
+  parameters and gradients of the blocks it is working on (two blocks, in the compute dtype, for
+  prefetching).
+- activations saved for the backward pass, counted tensor by tensor for one block, in the
+  compute dtype (bf16 by default), for ``batch`` images per GPU: the block input, the two
+  LayerNorms and their modulations, q/k/v and the attention output, the router probabilities, per
+  routed slot the expert's pre-activation, hidden and output rows (and, with expert parallelism,
+  the input row it received), and the shared expert's.
+  With ``--grad-checkpointing`` only each block's input is kept, plus one block recomputed at a
+  time. The routed slots a GPU computes are counted at their mean, ``k`` per token: an
+  unbalanced router needs more.
+
+Allocator fragmentation, the CUDA context (about 0.5 GB) and communication buffers are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .flops import count
+from .models import DiTConfig
+
+FP32 = 4
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``gpus`` processes, expert-parallel degree ``ep``, with or without FSDP."""
+
+    gpus: int
+    ep: int = 1
+    fsdp: bool = False
+    grad_checkpointing: bool = False
+
+    def check(self, config: DiTConfig) -> None:
+        if self.gpus < 1 or self.ep < 1:
+            raise ValueError(f"--gpus and --ep must be >= 1, got {self.gpus} and {self.ep}")
+        if self.gpus % self.ep:
+            raise ValueError(f"--ep {self.ep} must divide --gpus {self.gpus}")
+        if self.ep > 1 and config.num_experts % self.ep:
+            raise ValueError(f"--ep {self.ep} must divide the experts per layer of {config.name} ({config.num_experts})")
+
+    def describe(self) -> str:
+        parts = [f"{self.gpus} GPU(s)", f"ep {self.ep}"]
+        if self.fsdp:
+            parts.append("FSDP")
+        if self.grad_checkpointing:
+            parts.append("grad ckpt")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU."""
+
+    params: float
+    grads: float
+    optimizer: float
+    ema: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.ema + self.activations
+
+
+def local_parameters(config: DiTConfig, layout: Layout) -> float:
+    """The parameters one GPU stores (its shards; FSDP's gathered working copies not included)."""
+    counts = count(config)
+    experts, rest = counts.expert_params, counts.params - counts.expert_params
+    if layout.fsdp:
+        return (experts + rest) / layout.gpus
+    return experts / layout.ep + rest
+
+
+def estimate(config: DiTConfig, layout: Layout, batch: int, compute_bytes: int = 2) -> Memory:
+    """Per-GPU memory of training ``config`` with ``batch`` images per GPU, activations and
+    FSDP's gathered blocks in ``compute_bytes`` per value (2: bf16)."""
+    layout.check(config)
+    local = local_parameters(config, layout)
+    params, grads = local * FP32, local * FP32
+    if layout.fsdp:
+        counts = count(config)
+        # A block gathers its replicated weights whole and, of the experts, its ep rank's share.
+        block = counts.block_params - counts.expert_params / config.depth * (1 - 1 / layout.ep)
+        params += 2 * block * compute_bytes
+        grads += 2 * block * compute_bytes
+    return Memory(params=params, grads=grads, optimizer=2 * local * FP32, ema=local * FP32,
+                  activations=activation_bytes(config, batch, layout.grad_checkpointing, compute_bytes, layout.ep > 1))
+
+
+def activation_bytes(
+    config: DiTConfig, batch: int, grad_checkpointing: bool, compute_bytes: int = 2, expert_parallel: bool = False
+) -> float:
+    """Saved activations of ``batch`` images through the whole model (see the module docstring)."""
+    D, k, E = config.hidden_size, config.top_k, config.num_experts
+    tokens = batch * (config.input_size // config.patch_size) ** 2
+    H = int(D * config.mlp_ratio)
+    # Attention: block input, LayerNorm output, modulation, q/k/v, output, projection output.
+    attention = 8 * D
+    if E:
+        shared = config.num_shared_experts * D
+        # LayerNorm input and output, modulation, router logits; per slot the pre-activation (2H),
+        # hidden and output rows (and with expert parallelism the received input row); the shared
+        # expert's pre-activation and hidden; the layer's output.
+        ffn = 3 * D + E + k * (3 * H + D + (D if expert_parallel else 0)) + 3 * shared + D
+    else:
+        ffn = 3 * D + 2 * H + D
+    per_block = tokens * (attention + ffn) * compute_bytes
+    if grad_checkpointing:
+        return config.depth * tokens * D * compute_bytes + per_block
+    return config.depth * per_block
+
+
+def table(configs: list[DiTConfig], layout: Layout, batch: int, budget_gib: float = 80) -> str:
+    """One row per model: GiB per GPU of each part, the total, and whether it fits ``budget_gib``."""
+    header = ("model", "params", "grads", "AdamW", "EMA", "activations", "total", f"fits {budget_gib:g} GiB")
+    rows = []
+    for config in configs:
+        try:
+            m = estimate(config, layout, batch)
+        except ValueError as error:
+            rows.append((config.name, *[""] * 6, f"({error})"))
+            continue
+        cells = [f"{value / GiB:.1f}" for value in (m.params, m.grads, m.optimizer, m.ema, m.activations, m.total)]
+        rows.append((config.name, *cells, "yes" if m.total <= budget_gib * GiB else "no"))
+    return _format(header, rows)
+
+
+def layouts_table(config: DiTConfig, gpus: int, batch: int, budget_gib: float = 80) -> str:
+    """Every layout of ``gpus`` GPUs for one model, smallest total first."""
+    header = ("layout", "params", "grads", "AdamW", "EMA", "activations", "total", f"fits {budget_gib:g} GiB")
+    rows = []
+    for ep in [e for e in range(1, gpus + 1) if gpus % e == 0 and config.num_experts % e == 0]:
+        for fsdp in (False, True):
+            for grad_checkpointing in (False, True):
+                layout = Layout(gpus, ep, fsdp, grad_checkpointing)
+                m = estimate(config, layout, batch)
+                cells = [f"{value / GiB:.1f}" for value in (m.params, m.grads, m.optimizer, m.ema, m.activations, m.total)]
+                rows.append((m.total, (layout.describe(), *cells, "yes" if m.total <= budget_gib * GiB else "no")))
+    return _format(header, [row for _, row in sorted(rows, key=lambda r: r[0])])
+
+
+def _format(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return " ".join(f"{v:<{w}s}" if i == 0 else f"{v:>{w}s}" for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join(line(row) for row in [header, *rows])
