@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 		$(PYTHON) -m venv $(VENV); \
 	fi
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,hf]"
 	touch $@
 
 train: $(VENV)/.installed

@@ -8,9 +8,9 @@ Underneath, each op is a custom op in ``torch.ops.moe_kernels`` (see ``moe_kerne
 """
 
 from .ffn import moe_ffn
-from .gating import balance_loss, topk_gating
+from .gating import balance_loss, topk_gating, update_selection_bias
 from .grouped_mm import grouped_mm
 from .layer import MoE
 
-__all__ = ["MoE", "balance_loss", "grouped_mm", "moe_ffn", "topk_gating"]
+__all__ = ["MoE", "balance_loss", "grouped_mm", "moe_ffn", "topk_gating", "update_selection_bias"]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from torch import nn
 
 from .backend import BACKENDS, resolve_backend
 from .ffn import moe_ffn_unchecked
-from .gating import gating_with_stats, loss_from_stats
+from .gating import CONVENTIONS, check_routing_options, gating_with_stats, loss_from_stats, router_z_loss
 from .activations import ACTIVATIONS, activation_fn
 from .validation import FLOAT_DTYPES, check_k, check_positive_int
 
@@ -51,6 +51,16 @@ class MoE(nn.Module):
     ``moe_kernels.parallel.expert_parallel`` (``w_in``/``w_out`` then are DTensors), else ``None``.
 
     Under autocast the experts run in the autocast dtype; otherwise in the dtype of ``x``.
+
+    The defaults build DiT-MoE's layer. Other MoE families (see the README's table) take:
+    ``score`` (``"softmax"`` or ``"sigmoid"``), ``router_bias`` (a bias in the router's Linear),
+    ``selection_bias`` (a buffer ``expert_bias [E]`` that shifts selection but not the weights,
+    moved by ``moe_kernels.update_selection_bias``), ``num_groups``/``topk_groups``
+    (group-limited routing), ``routed_scale`` (a factor on the routed weights), ``shared_gate``
+    (the shared expert's output times ``sigmoid(Linear(dim, 1)(x))``), ``z_loss_coef`` (ST-MoE's
+    router z-loss, added to ``aux_loss``) and ``balance_loss_convention`` (``"dit-moe"`` or
+    ``"switch"``, see ``balance_loss``). ``router_logits`` holds the last forward's ``[T, E]``
+    router logits, with their graph, for losses computed outside the layer.
     """
 
     def __init__(
@@ -65,6 +75,16 @@ class MoE(nn.Module):
         normalize_weights: bool = False,
         balance_loss_alpha: float = 0.05,
         backend: str | None = "auto",
+        *,
+        score: str = "softmax",
+        router_bias: bool = False,
+        selection_bias: bool = False,
+        num_groups: int = 1,
+        topk_groups: int | None = None,
+        routed_scale: float = 1.0,
+        shared_gate: bool = False,
+        z_loss_coef: float = 0.0,
+        balance_loss_convention: str = "dit-moe",
     ):
         super().__init__()
         dim = check_positive_int("dim", dim)
@@ -79,18 +99,33 @@ class MoE(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        self.num_groups, self.topk_groups, self.routed_scale = check_routing_options(
+            num_experts, top_k, score, num_groups, topk_groups, routed_scale
+        )
+        if balance_loss_convention not in CONVENTIONS:
+            raise ValueError(f"balance_loss_convention must be one of {CONVENTIONS}, got {balance_loss_convention!r}")
+        if shared_gate and num_shared_experts == 0:
+            raise ValueError("shared_gate needs a shared expert (num_shared_experts >= 1)")
+        self.score, self.z_loss_coef, self.balance_loss_convention = score, float(z_loss_coef), balance_loss_convention
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
         self.activation = activation
         self.normalize_weights = bool(normalize_weights)
         self.balance_loss_alpha = float(balance_loss_alpha)
         self.backend = backend
-        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.router = nn.Linear(dim, num_experts, bias=router_bias)
+        if selection_bias:
+            # Not a parameter: update_selection_bias moves it between steps (DeepSeek-V3).
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+        else:
+            self.expert_bias = None
         width_in = 2 * hidden_dim if activation == "swiglu" else hidden_dim
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, width_in))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.shared = None
         if num_shared_experts > 0:
             self.shared = SharedExpert(dim, shared_hidden_dim or num_shared_experts * dim, activation)
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
+        self.router_logits: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
         self.on_route: Callable[[torch.Tensor, torch.Tensor], None] | None = None
@@ -114,8 +149,10 @@ class MoE(nn.Module):
         backend = resolve_backend(self.backend, x.device)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         tokens = x.reshape(-1, self.dim)
+        logits = self.router(tokens)
         weights, experts, _, counts, prob_sums = gating_with_stats(
-            self.router(tokens), self.top_k, self.normalize_weights, backend
+            logits, self.top_k, self.normalize_weights, backend, self.score, self.expert_bias, self.num_groups,
+            self.topk_groups, self.routed_scale,
         )
         if self.on_route is not None:
             self.on_route(experts, weights)
@@ -129,17 +166,22 @@ class MoE(nn.Module):
             w_in, w_out = (w.to_local().to(dtype) for w in (self.w_in, self.w_out))
             y = expert_parallel_ffn(tokens.to(dtype), weights, experts, w_in, w_out, self.activation, backend, self.expert_mesh)
         if self.shared is not None:
-            y = y + self.shared(tokens)
-        self.expert_counts = counts
+            shared = self.shared(tokens)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
+        self.expert_counts, self.router_logits = counts, logits
         self.aux_loss = None
         if self.training:
-            self.aux_loss = loss_from_stats(counts, prob_sums, tokens.shape[0], self.top_k, self.balance_loss_alpha)
+            self.aux_loss = loss_from_stats(
+                counts, prob_sums, tokens.shape[0], self.top_k, self.balance_loss_alpha, self.balance_loss_convention
+            )
+            if self.z_loss_coef:
+                self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
         return y.reshape(x.shape)
 
     def __getstate__(self) -> dict:
         # aux_loss belongs to the last forward's autograd graph, which deepcopy and pickle cannot
         # copy (an EMA copy taken mid-training); a copy starts without one, as after eval.
-        return {**self.__dict__, "aux_loss": None}
+        return {**self.__dict__, "aux_loss": None, "router_logits": None}
 
     def extra_repr(self) -> str:
         shared = 0 if self.shared is None else self.shared.proj_out.in_features

@@ -23,34 +23,61 @@ def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def topk_gating(
-    logits: torch.Tensor, k: int, normalize: bool = False
+    logits: torch.Tensor,
+    k: int,
+    normalize: bool = False,
+    *,
+    score: str = "softmax",
+    bias: torch.Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax over ``E`` experts, then the ``k`` largest probabilities, one argmax at a time.
+    """Scores (softmax over ``E`` experts, or a sigmoid each), then the ``k`` largest, one argmax
+    at a time, among the experts of the best ``topk_groups`` groups when ``num_groups > 1``.
 
-    Ties go to the lower expert index. A NaN probability (a NaN or infinite logit makes the whole
-    softmax row NaN) ranks above every number, as ``torch.sort`` ranks it, so such a row still
-    names ``k`` valid experts and its NaN weights carry on to the output.
+    Selection ranks ``scores + bias``; the weights are the unbiased scores (renormalised over the
+    ``k`` if ``normalize``), times ``scale``. A group's rank is the sum of its two best biased
+    scores. Ties go to the lower index. A NaN score ranks above every number, as ``torch.sort``
+    ranks it, so such a row still names ``k`` valid experts and its NaN weights carry on.
 
     Args:
-        logits: ``[T, E]``.
+        logits: ``[T, E]``; bias: ``[E]`` or ``None``.
     Returns:
-        ``weights [T, k]`` fp32, ``experts [T, k]`` int64, ``probs [T, E]`` fp32.
+        ``weights [T, k]`` fp32, ``experts [T, k]`` int64, ``probs [T, E]`` fp32 (the scores).
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    num_experts = probs.shape[1]
-    ids = torch.arange(num_experts, device=probs.device)
-    rank = torch.where(probs.isnan(), torch.inf, probs)
-    weights, experts = [], []
-    for _ in range(k):
-        best = rank.max(dim=-1, keepdim=True).values
-        choice = torch.where(rank == best, ids, num_experts).min(dim=-1, keepdim=True).values
-        experts.append(choice)
-        weights.append(probs.gather(1, choice))
-        rank = rank.scatter(1, choice, -torch.inf)
-    weights, experts = torch.cat(weights, dim=1), torch.cat(experts, dim=1)
+    logits = logits.float()
+    probs = torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, dim=-1)
+    num_tokens, num_experts = probs.shape
+    rank = probs if bias is None else probs + bias.float()
+    rank = torch.where(rank.isnan(), torch.inf, rank)
+    allowed = torch.ones_like(rank, dtype=torch.bool)
+    if num_groups > 1:
+        size = num_experts // num_groups
+        group_rank = torch.stack(
+            [rank[:, g * size : (g + 1) * size].sort(dim=-1, descending=True).values[:, :2].sum(dim=-1)
+             for g in range(num_groups)], dim=1)
+        allowed = torch.zeros_like(allowed)
+        for t in range(num_tokens):
+            for g in _argmax_rounds(group_rank[t], topk_groups or num_groups):
+                allowed[t, g * size : (g + 1) * size] = True
+    experts = torch.stack([
+        torch.tensor(_argmax_rounds(torch.where(allowed[t], rank[t], -torch.inf), k), dtype=torch.int64)
+        for t in range(num_tokens)
+    ]).reshape(num_tokens, k).to(probs.device)
+    weights = probs.gather(1, experts)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, experts, probs
+    return weights * scale, experts, probs
+
+
+def _argmax_rounds(values: torch.Tensor, n: int) -> list[int]:
+    """The indices of the ``n`` largest of ``values`` [E], largest first, ties to the lower index."""
+    taken: list[int] = []
+    for _ in range(n):
+        best = max((i for i in range(values.shape[0]) if i not in taken), key=lambda i: (values[i].item(), -i))
+        taken.append(best)
+    return taken
 
 
 def balance_loss(

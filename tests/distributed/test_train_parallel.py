@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dit import checkpoint as ckpt
+from dit import parallel
+from dit.models import create_model
 from dit.checkpoint import main as checkpoint_main
 from dit.sample import main as sample_main
 from dit.train import main as train_main
@@ -19,8 +23,8 @@ from tests.distributed.helpers import torchrun
 STEPS = 20
 # The balance loss is each process's own (as in the official code), so it would make the runs
 # differ; without it, a run does not depend on how it is laid out.
-ARGS = ["--global-batch-size", "32", "--steps", str(STEPS), "--log-every", "1", "--sample-steps", "2",
-        "--balance-alpha", "0", "--ckpt-every", "10"]
+ARGS = ["--global-batch-size", "16", "--steps", str(STEPS), "--log-every", "1", "--sample-steps", "2",
+        "--balance-alpha", "0", "--ckpt-every", "15", "--set", "depth=2"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -76,7 +80,7 @@ def test_parallel_training_matches_one_process(one_process, tmp_path):
     sample_main(["--ckpt", str(sharded), "--num-samples", "2", "--steps", "2", "--out", str(tmp_path / "samples")])
     assert (tmp_path / "samples.npz").is_file()
 
-    # Step 10 of the 4-process FSDP run, resumed in other layouts: the rest of the run as before.
+    # Step 15 of the 4-process FSDP run, resumed in other layouts: the rest of the run as before.
     for nproc, flags, layout in ((4, ["--no-fsdp"], "4 process(es) (data 2 x expert 2)"),
                                  (2, ["--ep", "1"], "2 process(es) (data 2 x expert 1, FSDP)"),
                                  (1, ["--ep", "1", "--no-fsdp"], "1 process(es) on cpu")):
@@ -89,7 +93,7 @@ def test_parallel_training_matches_one_process(one_process, tmp_path):
             train_main(argv[1:])
         else:
             torchrun(nproc, *argv)
-        check(resumed / run_dir.name, range(11, STEPS + 1), layout)
+        check(resumed / run_dir.name, range(16, STEPS + 1), layout)
 
 
 def test_layout_errors(tmp_path, capsys):
@@ -102,8 +106,14 @@ def test_layout_errors(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
-def test_ep_must_divide_the_experts(tmp_path):
-    result = torchrun(2, "dit.train", *ARGS, "--ep", "2", "--set", "num_experts=3", "--set", "top_k=1",
-                      "--results-dir", str(tmp_path), check=False)
-    assert result.returncode != 0
-    assert "--ep 2 must divide the experts per layer (3 in DiT-MoE-Ti/2-8E2A)" in result.stderr
+def test_ep_must_divide_the_experts():
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        model = create_model("DiT-MoE-Ti/2-8E2A", input_size=8, in_channels=1, num_classes=10, num_experts=3, top_k=1)
+        with pytest.raises(ValueError, match=r"--ep 2 must divide the experts per layer \(3 in DiT-MoE-Ti/2-8E2A\)"):
+            parallel.shard_experts(model, parallel.build_mesh(2, 2, torch.device("cpu")))
+        dense = create_model("DiT-Ti/2", input_size=8, in_channels=1, num_classes=10)
+        with pytest.raises(ValueError, match="needs a model with MoE layers"):
+            parallel.shard_experts(dense, parallel.build_mesh(2, 2, torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()

@@ -211,6 +211,10 @@ def moe_workload(
         logits = torch.randn(24, 4, dtype=dtype, requires_grad=True)
         _, experts, probs = topk_gating(logits, 2, normalize=True, backend="triton")
         balance_loss(probs, experts, 4, backend="triton").backward()
+        # DeepSeek-V3's routing: sigmoid scores, a selection bias, group-limited top-k, scaling.
+        weights, _, _ = topk_gating(logits, 2, normalize=True, backend="triton", score="sigmoid",
+                                    bias=torch.zeros(4), num_groups=2, topk_groups=1, scale=2.5)
+        weights.sum().backward()
         for k, n in ((32, 48), (16, 24)):  # 16-byte aligned rows, as at real sizes, and not
             x = torch.randn(20, k, dtype=dtype, requires_grad=True)
             w = torch.randn(3, k, n, dtype=dtype, requires_grad=True)

@@ -31,6 +31,69 @@ def test_topk_gating_matches_reference(backend, dtype, T, E, k, normalize):
     torch.testing.assert_close(grad, ref_grad, atol=1e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
 
 
+# Routing variants: (E, k, options); groups of 1 and of 4 experts, a bias large enough to change
+# the choice, sigmoid with and without renormalisation.
+VARIANTS = [
+    (8, 2, dict(score="sigmoid")),
+    (8, 3, dict(score="sigmoid", normalize=True, scale=2.5)),
+    (6, 2, dict(bias=True)),
+    (16, 4, dict(score="sigmoid", bias=True, num_groups=4, topk_groups=2, normalize=True, scale=2.5)),
+    (8, 2, dict(num_groups=8, topk_groups=3)),
+    (12, 3, dict(bias=True, num_groups=3, topk_groups=1)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("E,k,options", VARIANTS)
+@pytest.mark.parametrize("T", [1, 45])
+def test_routing_variants_match_reference(backend, E, k, options, T):
+    options = dict(options)
+    if options.pop("bias", False):
+        options["bias"] = torch.randn(E, device=DEVICE) / 4
+    logits = (2 * torch.randn(T, E, device=DEVICE)).requires_grad_()
+    weights, experts, probs = mk.topk_gating(logits, k, backend=backend, **options)
+    ref_weights, ref_experts, ref_probs = reference.topk_gating(logits, k, **options)
+    assert torch.equal(experts, ref_experts)
+    torch.testing.assert_close(weights, ref_weights)
+    torch.testing.assert_close(probs, ref_probs)
+    grad_w, grad_p = torch.randn_like(weights), torch.randn_like(probs)
+    (grad,) = torch.autograd.grad((weights * grad_w).sum() + (probs * grad_p).sum(), logits)
+    (ref_grad,) = torch.autograd.grad((ref_weights * grad_w).sum() + (ref_probs * grad_p).sum(), logits)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_limit_and_bias_change_the_choice_not_the_weights(backend):
+    # Expert 0 scores best but sits in a weaker group than experts 2 and 3; a bias on expert 3
+    # lifts it over expert 2, and over expert 0 without groups.
+    logits = torch.tensor([[3.0, -4.0, 1.0, 0.9, -4.0, -4.0]], device=DEVICE)
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.0], device=DEVICE)
+    groups = dict(score="sigmoid", num_groups=3, topk_groups=1)
+    assert mk.topk_gating(logits, 1, backend=backend, **groups)[1].tolist() == [[2]]
+    weights, experts, _ = mk.topk_gating(logits, 1, backend=backend, bias=bias, **groups)
+    assert experts.tolist() == [[3]]
+    torch.testing.assert_close(weights, torch.sigmoid(logits[:, [3]]))
+    weights, experts, probs = mk.topk_gating(logits, 2, backend=backend, score="sigmoid", bias=bias)
+    assert experts.tolist() == [[3, 0]]
+    torch.testing.assert_close(weights, torch.sigmoid(logits[:, [3, 0]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_renormalised_is_topk_then_softmax(backend):
+    """GPT-OSS's router (top-k of the logits, then a softmax over those k) is normalize=True."""
+    logits = torch.randn(21, 8, device=DEVICE)
+    weights, experts, _ = mk.topk_gating(logits, 3, normalize=True, backend=backend)
+    top, index = logits.topk(3, dim=-1)
+    assert torch.equal(experts, index)
+    torch.testing.assert_close(weights, torch.softmax(top, dim=-1))
+
+
+def test_update_selection_bias():
+    bias = torch.zeros(4)
+    mk.update_selection_bias(bias, torch.tensor([10, 2, 4, 4]), rate=0.1)
+    torch.testing.assert_close(bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_pick_the_lower_index_first(backend):
     logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]], device=DEVICE)
@@ -129,6 +192,13 @@ def test_balance_loss_all_tokens_on_one_expert(backend):
         (lambda: mk.topk_gating(torch.randn(4, 3), 0), ValueError, "k"),
         (lambda: mk.topk_gating(torch.randn(4, 3), 1.5), TypeError, "k"),
         (lambda: mk.topk_gating(torch.randn(4, 3), 1, backend="cuda"), ValueError, "backend"),
+        (lambda: mk.topk_gating(torch.randn(4, 3), 1, score="relu"), ValueError, "score"),
+        (lambda: mk.topk_gating(torch.randn(4, 6), 1, num_groups=4), ValueError, "num_groups"),
+        (lambda: mk.topk_gating(torch.randn(4, 6), 1, num_groups=3, topk_groups=4), ValueError, "topk_groups"),
+        (lambda: mk.topk_gating(torch.randn(4, 6), 3, num_groups=3, topk_groups=1), ValueError, "kept groups"),
+        (lambda: mk.topk_gating(torch.randn(4, 6), 1, scale=0.0), ValueError, "scale"),
+        (lambda: mk.topk_gating(torch.randn(4, 6), 1, bias=torch.randn(5)), ValueError, "bias"),
+        (lambda: mk.topk_gating(torch.randn(4, 6), 1, bias=torch.full((6,), float("nan"))), ValueError, "bias"),
         (lambda: mk.balance_loss(torch.rand(4, 3), torch.zeros(4, 1, dtype=torch.long), 5), ValueError, "probs"),
         (lambda: mk.balance_loss(torch.rand(4, 3), torch.zeros(4, 1), 3), TypeError, "experts"),
         (lambda: mk.balance_loss(torch.rand(4, 3), torch.zeros(5, 1, dtype=torch.long), 3), ValueError, "experts"),

@@ -26,12 +26,14 @@ def _routed():
 
 def _op_cases(backend):
     logits = _leaf(T, E)
-    yield topk_gating_op, (logits, k, False, backend)
-    yield topk_gating_op, (logits, k, True, backend)
-    weights, experts, probs, _, _ = topk_gating_op(logits.detach(), k, True, backend)
+    bias = torch.randn(E, device=DEVICE) / 10
+    yield topk_gating_op, (logits, k, False, backend, "softmax", None, 1, 1, 1.0)
+    yield topk_gating_op, (logits, k, True, backend, "sigmoid", bias, 2, 1, 2.5)
+    weights, experts, probs, _, _ = topk_gating_op(logits.detach(), k, True, backend, "softmax", None, 1, 1, 1.0)
     grads = (torch.randn_like(weights), torch.randn_like(probs), torch.randn(E, device=DEVICE))
-    yield topk_gating_backward_op, (probs, weights, experts, *grads, True, torch.float32, backend)
-    yield topk_gating_backward_op, (probs, weights, experts, grads[0], None, None, False, torch.float32, backend)
+    yield topk_gating_backward_op, (probs, weights, experts, *grads, True, torch.float32, backend, "softmax", 1.0)
+    yield topk_gating_backward_op, (probs, weights, experts, grads[0], None, None, False, torch.float32, backend,
+                                    "sigmoid", 2.5)
     yield expert_stats_op, (probs.detach().requires_grad_(), experts, E, backend)
     offsets = torch.tensor([3, 3, 9, 14], dtype=torch.int32, device=DEVICE)
     x, w = _leaf(14, D), _leaf(E, D, H)

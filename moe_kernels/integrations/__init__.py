@@ -1,0 +1,1 @@
+"""Bridges from other libraries' MoE models to ``moe_kernels``."""

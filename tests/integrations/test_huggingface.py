@@ -1,0 +1,131 @@
+"""``moe_kernels`` as a transformers experts implementation, on tiny random models of five MoE
+families: the same logits, loss, router loss, gradients and greedy tokens as transformers' own
+eager experts."""
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5", reason="the hf extra (transformers >= 5) is not installed")
+
+import moe_kernels.integrations.huggingface as mk_hf  # noqa: E402
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, output_router_logits=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": lambda: transformers.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **COMMON, intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, decoder_sparse_step=1),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **COMMON, intermediate_size=24, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **{**COMMON, "num_key_value_heads": 4}, intermediate_size=24,
+        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
+        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8),
+}
+
+
+def _model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = CONFIGS[family]()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random routers would leave DeepSeek-V3's correction bias at zero: give it values.
+    for name, buffer in model.named_buffers():
+        if "e_score_correction_bias" in name:
+            buffer.uniform_(-0.1, 0.1)
+    return model
+
+
+def _run(model, implementation: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list]:
+    model.set_experts_implementation(implementation)
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    loss = out.loss + (out.aux_loss if getattr(out, "aux_loss", None) is not None else 0)
+    loss.backward()
+    grads = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+    return out.logits.detach(), out.loss.detach(), getattr(out, "aux_loss", None), grads
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_matches_transformers_eager_experts(family):
+    name = mk_hf.register(backend="torch")
+    assert name == "moe_kernels"
+    model = _model(family).train()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    want = _run(model, "eager", ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: every family runs through moe_ffn
+        got = _run(model, "moe_kernels", ids)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    if want[2] is not None:
+        torch.testing.assert_close(got[2], want[2], atol=1e-6, rtol=1e-6)
+    for (name, _), g, w in zip(model.named_parameters(), got[3], want[3]):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+    model.eval()
+    model.config.output_router_logits = False  # generate() cannot take the router loss of a cache step
+    prompt = ids[:, :3]
+    model.set_experts_implementation("eager")
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    model.set_experts_implementation("moe_kernels")
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_triton_backend_through_the_interpreter():
+    mk_hf.register(backend="triton")
+    try:
+        model = _model("mixtral")
+        ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+        want = _run(model, "eager", ids)
+        got = _run(model, "moe_kernels", ids)
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+        for g, w in zip(got[3], want[3]):
+            if w is not None:
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)
+    finally:
+        mk_hf.register()
+
+
+def test_unsupported_experts_fall_back_with_a_warning():
+    mk_hf.register(backend="torch")
+    model = _model("mixtral")
+    for module in model.modules():
+        if hasattr(module, "gate_up_proj"):
+            module.config.hidden_act = "tanh"
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
+    model.set_experts_implementation("grouped_mm")
+    want = model(ids).logits
+    model.set_experts_implementation("moe_kernels")
+    with pytest.warns(UserWarning, match="gated activation 'tanh' is not SiLU"):
+        got = model(ids).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_the_example_trains():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "hf_moe_training.py"
+    spec = importlib.util.spec_from_file_location("hf_moe_training", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    losses = example.train(steps=8, backend="torch")
+    assert len(losses) == 8 and all(map(lambda v: v == v, losses))
+    assert losses[-1] < losses[0]
+
+
+def test_from_pretrained_takes_the_name(tmp_path):
+    _model("qwen3_moe").save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=mk_hf.register("torch"))
+    assert model.config._experts_implementation == "moe_kernels"
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(4))
+    got = model(ids).logits
+    model.set_experts_implementation("eager")
+    torch.testing.assert_close(got, model(ids).logits, atol=1e-5, rtol=1e-5)
