@@ -1,6 +1,7 @@
 # Two entry points, each doing its own set-up in a virtual environment (.venv):
 #   make train   trains a small DiT-MoE on the embedded digits (CPU is enough)
-#   make test    runs the test suite (Triton kernels through the interpreter on CPU)
+#   make test    runs the test suite (Triton kernels through the interpreter on CPU), then
+#                builds the C++ sampler with CMake and runs its ctest (skipped without cmake/c++)
 # If the Python you run this with already has torch (say a CUDA build), the venv sees and keeps
 # it; otherwise $(TORCH) is installed, the CPU build by default here.
 PYTHON ?= python3
@@ -25,9 +26,16 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q --benchmark-disable $(ARGS)
+	@if command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1; then \
+		cmake -S . -B build -DPython3_EXECUTABLE="$(abspath $(BIN))/python" >/dev/null && \
+		cmake --build build -j 2 && \
+		ctest --test-dir build --output-on-failure; \
+	else \
+		echo "skipped: the C++ sampler (CMakeLists.txt) needs cmake and a C++ compiler"; \
+	fi
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) .pytest_cache .benchmarks build

@@ -32,6 +32,24 @@ from moe_kernels.parallel import expert_parallel
 from .models import DiT
 
 
+def lay_out(model: DiT, ema: DiT, world_size: int, ep: int, fsdp: bool, bf16: bool = False) -> DeviceMesh | None:
+    """Shard ``model`` and its ``ema`` copy in place, alike, over ``world_size`` processes: the
+    experts ``ep`` ways, then everything with FSDP if ``fsdp`` (the model's blocks computing
+    with bf16 weights if ``bf16`` on a GPU). Return the ``(dp, ep)`` mesh, or ``None`` on one
+    process. DDP, for runs without FSDP, is applied afterwards (``data_parallel``)."""
+    if world_size == 1:
+        return None
+    device = next(model.parameters()).device
+    mesh = build_mesh(world_size, ep, device)
+    param_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
+    for module, dtype in ((model, param_dtype), (ema, None)):
+        if ep > 1:
+            shard_experts(module, mesh)
+        if fsdp:
+            fully_shard_model(module, mesh, dtype)
+    return mesh
+
+
 def build_mesh(world_size: int, ep: int, device: torch.device) -> DeviceMesh:
     """The ``(dp, ep)`` mesh of all processes; ``ep`` must divide ``world_size``."""
     if world_size % ep:
@@ -88,8 +106,8 @@ def fully_shard_model(model: DiT, mesh: DeviceMesh, param_dtype: torch.dtype | N
     for block in model.blocks:
         moe = block.ffn
         if getattr(moe, "expert_mesh", None) is not None:
-            # The router and shared experts first, so that the MoE's own unit holds just the experts.
-            for part in (moe.router, moe.shared):
+            # The replicated parts first, so that the MoE's own unit holds just the experts.
+            for part in (moe.router, moe.shared, moe.shared_gate):
                 if part is not None:
                     _shard(part, world, policy, plain_sums)
             experts = _shard(moe, mesh["dp"], policy, plain_sums, shard_placement_fn=lambda p: Shard(1))

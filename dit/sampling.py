@@ -49,11 +49,16 @@ def guided(model: DiT, labels: torch.Tensor, cfg_scale: float) -> Callable[[torc
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
-        channels = x.shape[1]
-        eps = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
-        return torch.cat([eps, cond[:, channels:]], dim=1)
+        return guidance(cond, uncond, cfg_scale, x.shape[1])
 
     return model_fn
+
+
+def guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor, channels: int) -> torch.Tensor:
+    """``uncond + scale * (cond - uncond)`` on the first ``channels`` (the prediction); the
+    learned-variance channels after them come from the conditional pass."""
+    eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([eps, cond[:, channels:]], dim=1)
 
 
 class GuidedDenoiser(nn.Module):

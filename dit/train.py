@@ -352,13 +352,7 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
     if checkpoint is not None and not ckpt.is_sharded(checkpoint):
         ckpt.load_into(model, ckpt.load_weights(checkpoint, "model", verified=True)[0], checkpoint)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    mesh = parallel.build_mesh(env.world_size, args.ep, device) if env.world_size > 1 else None
-    param_dtype = torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else None
-    for module, dtype in ((model, param_dtype), (ema, None)):  # the EMA laid out like the model
-        if args.ep > 1:
-            parallel.shard_experts(module, mesh)
-        if args.fsdp:
-            parallel.fully_shard_model(module, mesh, dtype)
+    mesh = parallel.lay_out(model, ema, env.world_size, args.ep, args.fsdp, bf16=args.precision == "bf16")
     # The global RNGs serve what remains random per process (the VAE's posterior draws).
     torch.manual_seed(args.seed * env.world_size + env.rank)
     np.random.seed((args.seed * env.world_size + env.rank) % 2**32)

@@ -2,8 +2,8 @@
 
 Rank ``r`` of ``P`` holds experts ``r * E/P`` to ``(r + 1) * E/P - 1``: ``w_in`` and ``w_out``
 become ``DTensor`` parameters sharded on dimension 0, so state dicts and
-``torch.distributed.checkpoint`` see the full expert tensors and can reshard them. The router
-and the shared experts stay replicated. A forward, on each rank:
+``torch.distributed.checkpoint`` see the full expert tensors and can reshard them. Everything
+else (router, shared experts and their gate) stays replicated. A forward, on each rank:
 
     router, top-k        on the rank's own tokens (and its balance loss, from them alone)
     routing              the token slots sorted by expert, hence grouped by destination rank

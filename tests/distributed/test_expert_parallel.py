@@ -14,11 +14,18 @@ from tests.distributed.helpers import run_processes
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def _layer(backend: str, num_experts: int, top_k: int, unused: int) -> mk.MoE:
+# DeepSeek-V3-style routing and a gated shared expert, to check the options travel too.
+DEEPSEEK = dict(score="sigmoid", selection_bias=True, num_groups=2, topk_groups=1, normalize_weights=True,
+                routed_scale=2.5, shared_gate=True)
+
+
+def _layer(backend: str, num_experts: int, top_k: int, unused: int, options: dict) -> mk.MoE:
     """A layer whose experts of rank 0 draw most tokens and expert ``unused`` draws none: the
     tokens are positive, so a strongly negative router row is never among the top k."""
     torch.manual_seed(0)
-    layer = mk.MoE(8, 12, num_experts, top_k, num_shared_experts=1, backend=backend)
+    layer = mk.MoE(8, 12, num_experts, top_k, num_shared_experts=1, backend=backend, **options)
+    if layer.expert_bias is not None:
+        layer.expert_bias.normal_(0, 0.1)
     with torch.no_grad():
         layer.router.weight[0] += 0.5
         layer.router.weight[unused] = -10.0
@@ -35,11 +42,13 @@ def _tokens(world_size: int, counts: list[int], step: int) -> tuple[list[torch.T
 def _check_against_unsharded(rank: int, world_size: int, backend: str) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
     # Uneven token counts, a rank with no tokens at all (it sends nothing), k=1 and k=E.
-    for num_experts, top_k, counts in ((8, 2, [7, 0, 5, 3]), (4, 1, [6, 9, 1, 4]), (4, 4, [3, 5, 2, 6])):
+    for num_experts, top_k, counts, options in (
+        (8, 2, [7, 0, 5, 3], {}), (4, 1, [6, 9, 1, 4], {}), (4, 4, [3, 5, 2, 6], {}), (8, 3, [4, 6, 0, 5], DEEPSEEK),
+    ):
         if num_experts % world_size:
             continue
         unused = num_experts - 1 if top_k < num_experts - 1 else None
-        layer = _layer(backend, num_experts, top_k, unused if unused is not None else 0)
+        layer = _layer(backend, num_experts, top_k, unused if unused is not None else 0, options)
         if unused is None:
             layer.router.weight.data.normal_()
         reference = copy.deepcopy(layer)
@@ -62,10 +71,12 @@ def _check_against_unsharded(rank: int, world_size: int, backend: str) -> None:
             assert grad.placements == getattr(layer, name).placements
             torch.testing.assert_close(grad.to_local(), getattr(reference, name).grad[experts], **TOL)
         # Replicated parameters: this rank's part; summed over ranks, the unsharded gradient.
-        for mine, full in ((layer.router.weight, reference.router.weight), (layer.shared.proj_in.weight, reference.shared.proj_in.weight)):
-            total = mine.grad.clone()
-            dist.all_reduce(total)
-            torch.testing.assert_close(total, full.grad, **TOL)
+        full = dict(reference.named_parameters())
+        for name, mine in layer.named_parameters():
+            if name not in ("w_in", "w_out"):
+                total = mine.grad.clone()
+                dist.all_reduce(total)
+                torch.testing.assert_close(total, full[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
         # The balance loss and expert counts are this rank's own, as the unsharded layer on its tokens.
         if counts[rank]:
             reference(xs[rank])

@@ -113,3 +113,38 @@ def test_bad_input_raises():
         layer(torch.randn(3, 7))
     with pytest.raises(TypeError, match="x"):
         layer(torch.ones(3, 8, dtype=torch.long))
+
+
+def test_router_z_loss_and_router_logits():
+    torch.manual_seed(0)
+    plain = mk.MoE(8, 8, 4, 2, backend="torch")
+    zloss = mk.MoE(8, 8, 4, 2, backend="torch", z_loss_coef=1e-2)
+    zloss.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 8)
+    plain(x)
+    zloss(x)
+    logits = plain.router(x.reshape(-1, 8))
+    torch.testing.assert_close(plain.router_logits, logits)
+    expected = (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    torch.testing.assert_close(zloss.aux_loss - plain.aux_loss, 1e-2 * expected)
+
+
+def test_balance_loss_conventions():
+    probs = torch.softmax(torch.randn(9, 4), -1)
+    experts = torch.rand(9, 4).argsort(dim=1)[:, :3]
+    ours = mk.balance_loss(probs, experts, 4, alpha=1.0)
+    switch = mk.balance_loss(probs, experts, 4, alpha=1.0, convention="switch")
+    torch.testing.assert_close(switch, 3 * ours)
+    with pytest.raises(ValueError, match="convention"):
+        mk.balance_loss(probs, experts, 4, convention="gshard")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(shared_gate=True, num_shared_experts=0), "shared_gate needs a shared expert"),
+    (dict(balance_loss_convention="mixtral"), "balance_loss_convention"),
+    (dict(score="tanh"), "score"),
+    (dict(num_groups=3), "num_groups"),
+])
+def test_bad_routing_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mk.MoE(8, 8, 4, 2, **kwargs)

@@ -1,0 +1,99 @@
+// The moe_kernels custom ops, for programs without Python.
+//
+// An exported DiT-MoE (python -m dit.export) calls moe_kernels::topk_gating and
+// moe_kernels::moe_ffn by name; in Python the moe_kernels package registers them, here this file
+// does. Forward only, in ATen, so any device torch was built for runs them; it follows the
+// package's PyTorch path step for step (stable sorts, so the same experts win ties).
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+
+namespace {
+
+using at::Tensor;
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_gating(
+    const Tensor& logits, int64_t k, bool normalize, c10::string_view /*backend*/, c10::string_view score,
+    const std::optional<Tensor>& bias, int64_t num_groups, int64_t topk_groups, double scale) {
+  const Tensor scores = score == "sigmoid" ? logits.to(at::kFloat).sigmoid() : logits.to(at::kFloat).softmax(-1);
+  Tensor rank = bias.has_value() ? scores + bias->to(at::kFloat) : scores;
+  const int64_t tokens = rank.size(0), experts = rank.size(1);
+  if (num_groups > 1) {
+    // A group ranks by the sum of its two best entries; only the best topk_groups stay eligible.
+    const int64_t size = experts / num_groups;
+    const Tensor grouped = rank.view({tokens, num_groups, size});
+    const Tensor best_two = std::get<0>(grouped.sort(true, -1, true)).narrow(-1, 0, std::min<int64_t>(2, size));
+    const Tensor groups = std::get<1>(best_two.sum(-1).sort(true, -1, true)).narrow(-1, 0, topk_groups);
+    const Tensor kept = at::zeros({tokens, num_groups}, rank.options().dtype(at::kBool)).scatter(1, groups, true);
+    rank = grouped.masked_fill(kept.unsqueeze(-1).logical_not(), -std::numeric_limits<double>::infinity())
+               .view({tokens, experts});
+  }
+  const Tensor chosen = std::get<1>(rank.sort(true, -1, true)).narrow(1, 0, k).contiguous();
+  Tensor weights = scores.gather(1, chosen);
+  if (normalize) weights = weights / weights.sum(-1, true);
+  if (scale != 1.0) weights = weights * scale;
+  const Tensor flat = chosen.reshape(-1);
+  const Tensor counts = at::zeros({experts}, logits.options().dtype(at::kInt))
+                            .index_add_(0, flat, at::ones_like(flat, flat.options().dtype(at::kInt)));
+  return {weights, chosen, scores, counts, scores.sum(0)};
+}
+
+Tensor activate(const Tensor& preact, const std::string& activation) {
+  if (activation == "swiglu") {
+    const int64_t hidden = preact.size(1) / 2;
+    return at::silu(preact.narrow(1, 0, hidden)) * preact.narrow(1, hidden, hidden);
+  }
+  if (activation == "gelu") return at::gelu(preact);
+  if (activation == "gelu_tanh") return at::gelu(preact, "tanh");
+  if (activation == "silu") return at::silu(preact);
+  if (activation == "relu") return at::relu(preact);
+  TORCH_CHECK(false, "moe_ffn: unknown activation '", activation, "'");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_ffn(
+    const Tensor& x, const Tensor& weights, const Tensor& experts, const Tensor& w_in, const Tensor& w_out,
+    c10::string_view activation, c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/,
+    bool /*save_out*/) {
+  const int64_t tokens = x.size(0), dim = x.size(1), k = experts.size(1), num_experts = w_in.size(0);
+  // The slots sorted by expert (stably), each expert's rows ending at offsets[e].
+  auto [sorted, slot_of_row] = experts.reshape(-1).sort(true, 0, false);
+  const Tensor token_of_row = at::div(slot_of_row, k, "floor");
+  const Tensor offsets = at::searchsorted(sorted, at::arange(num_experts, sorted.options()), false, true);
+  const Tensor rows = x.index_select(0, token_of_row);
+  Tensor out_rows = at::empty({rows.size(0), dim}, x.options());
+  const Tensor ends = offsets.cpu();
+  const std::string act(activation);
+  int64_t start = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t end = ends[e].item<int64_t>();
+    if (end > start) {
+      const Tensor h = activate(rows.slice(0, start, end).mm(w_in[e]), act);
+      out_rows.slice(0, start, end).copy_(h.mm(w_out[e]));
+    }
+    start = end;
+  }
+  const Tensor out = at::empty_like(out_rows).index_copy_(0, slot_of_row, out_rows).view({tokens, k, dim});
+  const Tensor y = at::bmm(weights.to(at::kFloat).unsqueeze(1), out.to(at::kFloat)).squeeze(1).to(x.scalar_type());
+  // What the training op keeps for its backward: nothing here, but the same outputs.
+  return {y, x.new_empty({0, w_in.size(2)}), x.new_empty({0, w_out.size(1)}), x.new_empty({0, k, dim}),
+          slot_of_row.to(at::kInt), token_of_row.to(at::kInt), offsets.to(at::kInt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moe_kernels, m) {
+  m.def("topk_gating(Tensor logits, SymInt k, bool normalize, str backend, str score, Tensor? bias, SymInt num_groups, "
+        "SymInt topk_groups, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_ffn(Tensor x, Tensor weights, Tensor experts, Tensor w_in, Tensor w_out, str activation, str backend, "
+        "bool save_preact, bool save_h, bool save_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {
+  m.impl("topk_gating", &topk_gating);
+  m.impl("moe_ffn", &moe_ffn);
+}
