@@ -16,19 +16,25 @@ SHAPES = [(1, 4, 1), (37, 8, 2), (5, 16, 16), (70, 6, 3), (64, 3, 3)]
 @pytest.mark.parametrize("normalize", [False, True])
 def test_topk_gating_matches_reference(backend, dtype, T, E, k, normalize):
     logits = (3 * torch.randn(T, E, device=DEVICE)).to(dtype).requires_grad_()
-    weights, experts, probs = mk.topk_gating(logits, k, normalize=normalize, backend=backend)
-    ref_weights, ref_experts, ref_probs = reference.topk_gating(logits, k, normalize=normalize)
+    tolerance = dict(atol=1e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+    weights, experts, probs = _check_against_reference(logits, k, backend, tolerance, normalize=normalize)
     assert weights.dtype == probs.dtype == torch.float32 and experts.dtype == torch.int64
     assert weights.shape == experts.shape == (T, k) and probs.shape == (T, E)
+
+
+def _check_against_reference(logits, k, backend, grad_tolerance, **options):
+    """``topk_gating`` equals the reference, forward and backward (in the dtype of ``logits``)."""
+    weights, experts, probs = mk.topk_gating(logits, k, backend=backend, **options)
+    ref_weights, ref_experts, ref_probs = reference.topk_gating(logits, k, **options)
     assert torch.equal(experts, ref_experts)
     torch.testing.assert_close(weights, ref_weights)
     torch.testing.assert_close(probs, ref_probs)
-
     grad_w, grad_p = torch.randn_like(weights), torch.randn_like(probs)
     (grad,) = torch.autograd.grad((weights * grad_w).sum() + (probs * grad_p).sum(), logits)
     (ref_grad,) = torch.autograd.grad((ref_weights * grad_w).sum() + (ref_probs * grad_p).sum(), logits)
-    assert grad.dtype == dtype
-    torch.testing.assert_close(grad, ref_grad, atol=1e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+    assert grad.dtype == logits.dtype
+    torch.testing.assert_close(grad, ref_grad, **grad_tolerance)
+    return weights, experts, probs
 
 
 # Routing variants: (E, k, options); groups of 1 and of 4 experts, a bias large enough to change
@@ -51,15 +57,7 @@ def test_routing_variants_match_reference(backend, E, k, options, T):
     if options.pop("bias", False):
         options["bias"] = torch.randn(E, device=DEVICE) / 4
     logits = (2 * torch.randn(T, E, device=DEVICE)).requires_grad_()
-    weights, experts, probs = mk.topk_gating(logits, k, backend=backend, **options)
-    ref_weights, ref_experts, ref_probs = reference.topk_gating(logits, k, **options)
-    assert torch.equal(experts, ref_experts)
-    torch.testing.assert_close(weights, ref_weights)
-    torch.testing.assert_close(probs, ref_probs)
-    grad_w, grad_p = torch.randn_like(weights), torch.randn_like(probs)
-    (grad,) = torch.autograd.grad((weights * grad_w).sum() + (probs * grad_p).sum(), logits)
-    (ref_grad,) = torch.autograd.grad((ref_weights * grad_w).sum() + (ref_probs * grad_p).sum(), logits)
-    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+    _check_against_reference(logits, k, backend, dict(atol=1e-5, rtol=1e-4), **options)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
