@@ -2,11 +2,12 @@
 
     python -m tests.cpp.check_dit_sample build/dit_sample
 
-Trains a small digits model for a few steps, exports it (``python -m dit.export``, guided, batch
-8), samples 12 images (a full batch and a padded one) with both samplers from the same seed, DDIM
-with guidance 4, and requires the same labels and images within one grey level (the two run the
-same float32 arithmetic; a level can flip where a value rounds at .5). Then checks that bad input
-gets a one-line error and a non-zero exit code. Prints the time per network evaluation of both.
+For a diffusion model (DDIM) and a rectified-flow model (Euler), each trained on the digits for a
+few steps: exports it (``python -m dit.export``, guided, batch 8), samples 12 images (a full
+batch and a padded one) with both programs from the same seed, guidance 4, and requires the same
+labels and images within one grey level (the two run the same float32 arithmetic; a level can
+flip where a value rounds at .5). Then checks that bad input gets a one-line error and a non-zero
+exit code. Prints the export time, the package size and the time per network evaluation.
 """
 
 from __future__ import annotations
@@ -30,40 +31,49 @@ def run(binary: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=600)
 
 
+def compare(binary: str, tmp: Path, objective: str, sampler: str) -> Path:
+    """Train, export and sample a ``objective`` model both ways; return its package."""
+    runs = tmp / objective
+    train_main(["--steps", "10", "--global-batch-size", "32", "--set", "depth=2", "--sample-steps", "2",
+                "--log-every", "10", "--objective", objective, "--results-dir", str(runs)])
+    (checkpoint,) = runs.glob("*/checkpoints/0000010")
+    package = runs / "model.pt2"
+    start = time.perf_counter()
+    export_main(["--ckpt", str(checkpoint), "--out", str(package), "--batch", "8", "--cfg", "--device", "cpu"])
+    print(f"{objective}: export {time.perf_counter() - start:.1f} s, package {package.stat().st_size / 2**20:.1f} MiB")
+
+    result = run(binary, "--package", str(package), "--out", str(runs / "cpp.npz"), "--batch", "8", *SAMPLING)
+    assert result.returncode == 0, result.stderr
+    print("dit_sample:", result.stderr.strip())
+    start = time.perf_counter()
+    sample_main(["--ckpt", str(checkpoint), "--out", str(runs / "python.npz"), "--sampler", sampler, "--batch-size", "8",
+                 "--moe-backend", "torch", *SAMPLING])
+    print(f"python -m dit.sample: {time.perf_counter() - start:.2f} s")
+    cpp, python = np.load(runs / "cpp.npz"), np.load(runs / "python.npz")
+    assert cpp["arr_0"].shape == python["arr_0"].shape == (12, 8, 8, 1) and cpp["arr_0"].dtype == np.uint8
+    assert np.array_equal(cpp["arr_1"], python["arr_1"])
+    difference = np.abs(cpp["arr_0"].astype(int) - python["arr_0"].astype(int))
+    assert difference.max() <= 1, f"{objective}: images differ by up to {difference.max()} grey levels"
+    print(f"images: {int((difference > 0).sum())} of {difference.size} pixels differ, by at most {difference.max()}")
+    return package
+
+
 def main() -> None:
     binary = sys.argv[1]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train_main(["--steps", "10", "--global-batch-size", "32", "--set", "depth=2", "--sample-steps", "2",
-                    "--log-every", "10", "--results-dir", str(tmp / "runs")])
-        (checkpoint,) = (tmp / "runs").glob("*/checkpoints/0000010")
-        package = tmp / "model.pt2"
-        start = time.perf_counter()
-        export_main(["--ckpt", str(checkpoint), "--out", str(package), "--batch", "8", "--cfg", "--device", "cpu"])
-        print(f"export: {time.perf_counter() - start:.1f} s, package {package.stat().st_size / 2**20:.1f} MiB")
-
-        result = run(binary, "--package", str(package), "--out", str(tmp / "cpp.npz"), "--batch", "8", *SAMPLING)
-        assert result.returncode == 0, result.stderr
-        print("dit_sample:", result.stderr.strip())
-        start = time.perf_counter()
-        sample_main(["--ckpt", str(checkpoint), "--out", str(tmp / "python.npz"), "--sampler", "ddim", "--batch-size", "8",
-                     "--moe-backend", "torch", *SAMPLING])
-        print(f"python -m dit.sample: {time.perf_counter() - start:.2f} s")
-        cpp, python = np.load(tmp / "cpp.npz"), np.load(tmp / "python.npz")
-        assert cpp["arr_0"].shape == python["arr_0"].shape == (12, 8, 8, 1) and cpp["arr_0"].dtype == np.uint8
-        assert np.array_equal(cpp["arr_1"], python["arr_1"])
-        difference = np.abs(cpp["arr_0"].astype(int) - python["arr_0"].astype(int))
-        assert difference.max() <= 1, f"images differ by up to {difference.max()} grey levels"
-        print(f"images: {int((difference > 0).sum())} of {difference.size} pixels differ, by at most {difference.max()}")
+        package = compare(binary, tmp, "diffusion", "ddim")
+        compare(binary, tmp, "rectified-flow", "euler")
 
         bad = {
             "missing package": ["--package", str(tmp / "none.pt2"), "--out", str(tmp / "x.npz")],
-            "not a package": ["--package", str(tmp / "cpp.npz"), "--out", str(tmp / "x.npz")],
+            "not a package": ["--package", str(tmp / "diffusion" / "cpp.npz"), "--out", str(tmp / "x.npz")],
             "wrong batch": ["--package", str(package), "--out", str(tmp / "x.npz"), "--batch", "4"],
             "unknown class": ["--package", str(package), "--out", str(tmp / "x.npz"), "--class", "10"],
             "unwritable output": ["--package", str(package), "--out", str(tmp / "no" / "such" / "x.npz")],
             "bad number": ["--package", str(package), "--out", str(tmp / "x.npz"), "--steps", "ten"],
             "too few steps": ["--package", str(package), "--out", str(tmp / "x.npz"), "--steps", "1"],
+            "wrong sampler": ["--package", str(package), "--out", str(tmp / "x.npz"), "--sampler", "euler"],
         }
         for case, args in bad.items():
             result = run(binary, *args)
