@@ -9,6 +9,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# pytest workers (pytest-xdist): most tests are single-threaded interpreter runs.
+JOBS ?= 2
 
 .PHONY: train test bench clean
 
@@ -26,7 +28,7 @@ train: $(VENV)/.installed
 	$(BIN)/python -m dit.train $(ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q --benchmark-disable $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --benchmark-disable $(ARGS)
 	@if command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1; then \
 		cmake -S . -B build -DPython3_EXECUTABLE="$(abspath $(BIN))/python" >/dev/null && \
 		cmake --build build -j 2 && \
