@@ -3,8 +3,7 @@
 #   make test    runs the test suite (Triton kernels through the interpreter on CPU), then
 #                builds the C++ sampler with CMake and runs its ctest (skipped without cmake/c++)
 # If the Python you run this with already has torch (say a CUDA build), the venv sees and keeps
-# it; otherwise $(TORCH) is installed, the CPU build by default here. Packages are installed
-# without precompiling every module (--no-compile): Python compiles what it imports, on import.
+# it; otherwise $(TORCH) is installed, the CPU build by default here.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -20,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(PYTHON) -m venv $(VENV); \
 	fi
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --no-compile "$(TORCH)"
-	$(BIN)/pip install --no-compile -e ".[dev,hf]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev,hf]"
 	touch $@
 
 train: $(VENV)/.installed
