@@ -3,7 +3,7 @@
 ``<run>/checkpoints/0001000/`` holds ``model.safetensors`` and ``ema.safetensors`` (weights, with
 the model config as JSON metadata), ``state.pt`` (optimizer, step, RNG states, config,
 arguments: tensors and plain Python values only, so it loads with ``weights_only=True``) and,
-written last, ``manifest.json``: each file's size and SHA-256. A sharded run (``--ep``) writes,
+written last, ``manifest.json``: each file's size and SHA-256. A sharded run (``--ep``, ``--fsdp``) writes,
 instead of the two weight files and the optimizer state, ``sharded/``: every process's shards of
 the model, EMA and optimizer (``torch.distributed.checkpoint``), which any number of processes
 can read back, resharded; ``python -m dit.checkpoint consolidate`` makes one weight file of them.
