@@ -14,12 +14,35 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     path = gpu_check.main(["--smoke", "--out", str(tmp_path)])
     assert path.name == "gpu_check_smoke_CPU_interpreter.json"
     report = json.loads(path.read_text())
-    assert report["checks"] == {"torch.float32": "ok"}
+    assert report["checks"] == {"fp32": "ok"}
     backends = {key.split(" | ")[1] for key in report["timings"]}
     assert backends == {"triton", "torch", "dense-eq"}
-    assert all(row["fwd"] > 0 and row["fwd+bwd"] > 0 for row in report["timings"].values())
-    assert {key.split(" | ")[1] for key in report["sampling"]} == {"triton", "torch"}
-    assert all(row["eager"] > 0 for row in report["sampling"].values())
+    assert all(row["fwd ms"] > 0 and row["fwd+bwd ms"] > 0 for row in report["timings"].values())
+    assert all(row["fwd+bwd / torch"] > 0 for key, row in report["timings"].items() if not key.endswith("torch"))
+    assert report["check errors"]["fp32"]["moe_ffn swiglu dw_in"] < 1e-5
+    for section, key in (("training", "img/s"), ("sampling", "eager ms")):
+        assert {name.split(" | ")[1] for name in report[section]} == {"triton", "torch"}
+        assert all(row[key] > 0 for row in report[section].values()), report[section]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the smoke run needs the Triton interpreter")
+def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(gpu_check, "training_step", broken)
+    path = gpu_check.main(["--smoke", "--parts", "training,sampling", "--out", str(tmp_path)])
+    report = json.loads(path.read_text())
+    assert all(row == {"error": "RuntimeError: planted"} for row in report["training"].values())
+    assert all(row["eager ms"] > 0 for row in report["sampling"].values())
+    assert report["checks"] == {} and report["timings"] == {}
+
+
+def test_unknown_parts_and_dtypes_are_refused(capsys):
+    for argv in (["--smoke", "--parts", "layers,speed"], ["--smoke", "--checks", "fp8"]):
+        with pytest.raises(SystemExit):
+            gpu_check.main(argv)
+    assert "unknown parts ['speed']" in capsys.readouterr().err
 
 
 def test_without_a_gpu_the_full_run_says_so(capsys):

@@ -41,10 +41,17 @@ def swiglu_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return torch.cat([grad * up * (sig + silu * (1 - sig)), grad * silu], dim=-1)
 
 
+def swiglu(a: torch.Tensor) -> torch.Tensor:
+    """``a [..., 2H] -> silu(a[..., :H]) * a[..., H:]``, differentiable."""
+    # A function, not ``SwiGLUFunction.apply`` itself: stored on a module, the bound ``apply``
+    # is traced into by torch.compile 2.11, which then fails on ``setup_context``.
+    return SwiGLUFunction.apply(a)
+
+
 def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The map from the first projection to the second's input (``"swiglu"`` halves the width)."""
     functions = {
-        "swiglu": SwiGLUFunction.apply,
+        "swiglu": swiglu,
         "gelu": F.gelu,
         "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
         "silu": F.silu,

@@ -42,7 +42,22 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
+# ``MOE_KERNELS_AUTOTUNE=0`` keeps one config per kernel on the GPU, the smallest: correctness
+# runs then compile each kernel once instead of once per candidate.
+AUTOTUNE = os.environ.get("MOE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def pipeline_size(config: triton.Config) -> int:
+    """Elements a config's software pipeline holds (its tiles times its stages): the smallest
+    config is the one that fits in shared memory for every dtype."""
+    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return config.num_stages * (m * k + k * n)
+
+
 def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    """The autotuner's candidates: ``gpu``, or under the interpreter, which cannot benchmark and
-    runs every program in Python, the single small ``interpreter`` config."""
-    return [interpreter] if INTERPRET else gpu
+    """The autotuner's candidates: ``gpu`` (only its smallest with ``MOE_KERNELS_AUTOTUNE=0``),
+    or under the interpreter, which cannot benchmark and runs every program in Python, the single
+    small ``interpreter`` config."""
+    if INTERPRET:
+        return [interpreter]
+    return gpu if AUTOTUNE else [min(gpu, key=pipeline_size)]

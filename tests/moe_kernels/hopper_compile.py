@@ -107,14 +107,6 @@ def _mma_kind(ptx: str) -> str:
     return "mma" if "mma.sync" in ptx else "none"
 
 
-def _pipeline_size(config) -> int:
-    """Elements a config's software pipeline holds: its tiles times its stages."""
-    if config is None:
-        return 0
-    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    return config.num_stages * (m * k + k * n)
-
-
 def _compile_one(launch: dict, full_report: bool) -> list[dict]:
     """Compile one recorded launch with its smallest autotune config or, for ``full_report``, with
     every config the GPU autotuner would try, adding ptxas's register and spill counts (this
@@ -124,10 +116,12 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.autotuner import Autotuner
 
+    from moe_kernels.backend import pipeline_size
+
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
     configs = kernel.configs if isinstance(kernel, Autotuner) else [None]
-    if not full_report:
-        configs = [min(configs, key=_pipeline_size)]
+    if not full_report and configs[0] is not None:
+        configs = [min(configs, key=pipeline_size)]
     while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn
     target = GPUTarget("cuda", TARGET_CAPABILITY, 32)

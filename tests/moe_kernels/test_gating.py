@@ -168,7 +168,7 @@ def test_balance_loss_is_alpha_when_perfectly_balanced(backend):
     E = 4
     probs = torch.full((8, E), 1 / E, device=DEVICE)
     experts = torch.tensor([[0, 1], [2, 3]] * 4, device=DEVICE)
-    torch.testing.assert_close(mk.balance_loss(probs, experts, E, alpha=0.05, backend=backend), torch.tensor(0.05))
+    torch.testing.assert_close(mk.balance_loss(probs, experts, E, alpha=0.05, backend=backend), torch.tensor(0.05, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
