@@ -11,8 +11,10 @@ Each part can run alone (``--parts``), in order:
   without shared experts, called as a model calls it) at the paper's shapes
   (``benchmarks.common.PAPER_CASES``) in bf16, forward and forward+backward, for the ``triton``
   and ``torch`` backends and ``dense-eq`` (one dense SwiGLU MLP over the T*k token copies: the
-  same FLOPs without routing), with CUDA events, peak memory, and each time as a ratio to
-  ``torch``'s in the same run.
+  same FLOPs without routing), with CUDA events, peak memory, the host (Python) time per call,
+  and each time as a ratio to ``torch``'s in the same run.
+- ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
+  down kernel by kernel with ``torch.profiler``.
 - ``training``: images/s of a DiT-MoE-S/2-8E2A training step at batch 256, bf16 autocast and
   TF32, both backends.
 - ``sampling``: one guided sampling step of DiT-MoE-S/2 and XL/2 at 256 px, eager and replayed as
@@ -41,7 +43,7 @@ import triton
 
 import moe_kernels as mk
 from benchmarks.baselines import DenseSwiGLU
-from benchmarks.common import PAPER_CASES, cuda_time_ms, layer_flops, peak_memory_mb
+from benchmarks.common import PAPER_CASES, cuda_time_ms, layer_flops, peak_memory_mb, sync
 from dit.diffusion import create_diffusion
 from dit.models import create_model
 from dit.precision import autocast, matmul_precision
@@ -278,9 +280,11 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
                 row = {}
                 for backward in (False, True):
                     fn = layer_fn(backend, case, backward, dev, dtype)
-                    row["fwd+bwd ms" if backward else "fwd ms"] = bench(fn)
+                    part = "fwd+bwd" if backward else "fwd"
+                    row[f"{part} ms"] = bench(fn)
+                    row[f"host {part} ms"] = host_ms(fn, calls=1 if smoke else 10)
                     if not smoke:
-                        row["peak MiB fwd+bwd" if backward else "peak MiB fwd"] = peak_memory_mb(fn)
+                        row[f"peak MiB {part}"] = peak_memory_mb(fn)
                 dims = (case[key] for key in ("T", "D", "H", "E", "k"))
                 row["TFLOP/s fwd"] = layer_flops(*dims) / row["fwd ms"] / 1e9
                 return row
@@ -292,6 +296,47 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
             for part in ("fwd", "fwd+bwd"):
                 if f"{part} ms" in row and f"{part} ms" in base:
                     row[f"{part} / torch"] = row[f"{part} ms"] / base[f"{part} ms"]
+
+
+def host_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """Milliseconds of Python per call of ``fn``: the time to issue its work, not to run it. When
+    it exceeds the GPU time, the GPU waits on the host (CUDA graphs remove it). ``fn`` is warm."""
+    sync()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - started
+    sync()
+    return elapsed / calls * 1e3
+
+
+# The shapes whose forward+backward is broken down kernel by kernel.
+PROFILE_CASES = ("XL/2-8E2A T=16384", "S/2-16E2A T=32768", "XL sampling T=4096")
+
+
+def profile_layers(smoke: bool, dev: str, report: dict, top: int = 12) -> None:
+    """Where one forward+backward of the ``triton`` layer spends its time, kernel by kernel
+    (operator by operator on the CPU), from ``torch.profiler``: ms per call, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = torch.float32 if smoke else torch.bfloat16
+    cases = SMOKE_CASES if smoke else {name: PAPER_CASES[name] for name in PROFILE_CASES}
+    calls = 1 if smoke else 5
+    for name, case in cases.items():
+        def measure():
+            fn = layer_fn("triton", case, True, dev, dtype)
+            fn()  # compiled and autotuned outside the trace
+            sync()
+            with profile(activities=[ProfilerActivity.CPU if smoke else ProfilerActivity.CUDA]) as trace:
+                for _ in range(calls):
+                    fn()
+                sync()
+            field = "self_cpu_time_total" if smoke else "self_device_time_total"
+            events = [(event.key, getattr(event, field) / 1e3 / calls) for event in trace.key_averages()]
+            events = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])
+            return {"total ms": sum(ms for _, ms in events)} | {key[:80]: ms for key, ms in events[:top]}
+
+        guarded(report["profile"], f"{name} | triton fwd+bwd", measure)
 
 
 def summary(report: dict) -> str:
@@ -309,11 +354,14 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS = ("checks", "layers", "profile", "training", "sampling")
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--smoke", action="store_true", help="run every step on CPU, tiny, through the Triton interpreter")
-    p.add_argument("--parts", default="checks,layers,training,sampling", help="comma-separated parts to run, in order")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run, in order")
     p.add_argument("--checks", default=",".join(CHECK_DTYPES), help=f"the dtypes the checks run in, of {list(CHECK_DTYPES)}")
     args = p.parse_args(argv)
     if args.smoke and not INTERPRET:
@@ -321,14 +369,14 @@ def main(argv: list[str] | None = None) -> Path:
     if not args.smoke and not torch.cuda.is_available():
         p.error("no CUDA device; --smoke runs the script on CPU")
     parts, checks = args.parts.split(","), args.checks.split(",")
-    if unknown := set(parts) - {"checks", "layers", "training", "sampling"}:
+    if unknown := set(parts) - set(PARTS):
         p.error(f"unknown parts {sorted(unknown)}")
     if unknown := set(checks) - set(CHECK_DTYPES):
         p.error(f"unknown check dtypes {sorted(unknown)}")
     dev = "cpu" if args.smoke else "cuda"
     card = "smoke (CPU, interpreter)" if args.smoke else torch.cuda.get_device_name()
     report = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "autotune": AUTOTUNE,
-              "checks": {}, "check errors": {}, "timings": {}, "training": {}, "sampling": {}}
+              "checks": {}, "check errors": {}, "timings": {}, "profile": {}, "training": {}, "sampling": {}}
     bench = _time_once if args.smoke else cuda_time_ms
     for part in parts:
         say(f"part {part}")
@@ -343,6 +391,8 @@ def main(argv: list[str] | None = None) -> Path:
                     f"{max(errors.values()):.1e}, in {max(errors, key=errors.get)})")
         elif part == "layers":
             time_layers(args.smoke, dev, bench, report)
+        elif part == "profile":
+            profile_layers(args.smoke, dev, report)
         elif part == "training":
             time_training(args.smoke, dev, bench, report)
         else:

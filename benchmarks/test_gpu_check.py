@@ -20,6 +20,9 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     assert all(row["fwd ms"] > 0 and row["fwd+bwd ms"] > 0 for row in report["timings"].values())
     assert all(row["fwd+bwd / torch"] > 0 for key, row in report["timings"].items() if not key.endswith("torch"))
     assert report["check errors"]["fp32"]["moe_ffn swiglu dw_in"] < 1e-5
+    assert all(row["host fwd+bwd ms"] > 0 for row in report["timings"].values())
+    (profile,) = report["profile"].values()
+    assert profile["total ms"] > 0 and "moe_kernels::moe_ffn_backward" in profile
     for section, key in (("training", "img/s"), ("sampling", "eager ms")):
         assert {name.split(" | ")[1] for name in report[section]} == {"triton", "torch"}
         assert all(row[key] > 0 for row in report[section].values()), report[section]
