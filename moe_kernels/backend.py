@@ -47,6 +47,11 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 AUTOTUNE = os.environ.get("MOE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+# Bytes of shared memory one block may use on Hopper (227 KiB): the autotuner's candidates are
+# pruned to those whose software pipeline fits, rather than compiled only to fail at launch.
+SHARED_MEMORY_LIMIT = 232448
+
+
 def pipeline_size(config: triton.Config) -> int:
     """Elements a config's software pipeline holds (its tiles times its stages): the smallest
     config is the one that fits in shared memory for every dtype."""

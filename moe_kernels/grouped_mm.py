@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import autotune_configs, resolve_backend
+from .backend import SHARED_MEMORY_LIMIT, autotune_configs, pipeline_size, resolve_backend
 from .library import differentiable
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
@@ -35,30 +35,71 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -
 
 _INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1)
 # Candidates for Hopper-class GPUs. Row kernel: BLOCK_M rows x BLOCK_N columns, BLOCK_K reduction.
-_ROW_CONFIGS = autotune_configs(
-    [
-        _config(128, 128, 64, 8, 3),
-        _config(128, 256, 64, 8, 3),
-        _config(128, 64, 64, 4, 4),
-        _config(64, 128, 64, 4, 4),
-        _config(64, 64, 64, 4, 4),
-    ],
-    _INTERPRETER_CONFIG,
-)
+# The BLOCK_K=32 ones are for fp32 (TF32), whose 64-wide K steps leave room in shared memory for
+# little more than 64x64 tiles once a GLU loads two B tiles; ``_row_candidates`` picks per launch.
+_ROW_GPU_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 256, 64, 8, 3),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(128, 128, 32, 8, 3),
+    _config(128, 64, 32, 4, 4),
+    _config(64, 128, 32, 4, 4),
+]
 # Weight-gradient kernel: BLOCK_K x BLOCK_N output tile, BLOCK_M rows of reduction per step.
-_WGRAD_CONFIGS = autotune_configs(
-    [
-        _config(64, 128, 128, 8, 3),
-        _config(64, 128, 64, 4, 4),
-        _config(128, 128, 128, 8, 3),
-        _config(64, 64, 64, 4, 4),
-    ],
-    _INTERPRETER_CONFIG,
-)
+_WGRAD_GPU_CONFIGS = [
+    _config(64, 128, 128, 8, 3),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 128, 128, 8, 3),
+    _config(64, 64, 64, 4, 4),
+]
+_ROW_CONFIGS = autotune_configs(_ROW_GPU_CONFIGS, _INTERPRETER_CONFIG)
+_WGRAD_CONFIGS = autotune_configs(_WGRAD_GPU_CONFIGS, _INTERPRETER_CONFIG)
+
+
+def _candidates(configs: list[triton.Config], element_size: int, precision: str, pipeline, outputs) -> list[triton.Config]:
+    """The configs worth compiling for one launch: those whose pipeline (``pipeline(config)``
+    elements) fits in shared memory and, for fp32 with IEEE products, which run on CUDA cores,
+    those of at most 64x64 outputs per tile (``outputs(config)``): ptxas spills tens of KB per thread
+    above that. The smallest config if none qualifies."""
+    def worth(config: triton.Config) -> bool:
+        fits = pipeline(config) * element_size <= SHARED_MEMORY_LIMIT
+        cuda_cores = element_size == 4 and precision == "ieee"
+        return fits and (not cuda_cores or outputs(config) <= 64 * 64)
+
+    return [config for config in configs if worth(config)] or [min(configs, key=pipeline_size)]
+
+
+def _row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The row kernel's candidates (``early_config_prune``): the GLU forward loads two B tiles per
+    K step, and a K step narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps."""
+    size = named_args["a_ptr"].element_size()
+    b_tiles = 2 if kwargs["GLU"] and kwargs["EPILOGUE"] == "act" else 1
+    configs = [c for c in configs if c.kwargs["BLOCK_K"] * size >= 128] or configs
+
+    def pipeline(c: triton.Config) -> int:
+        return c.num_stages * (c.kwargs["BLOCK_M"] + b_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
+
+    return _candidates(configs, size, kwargs["PRECISION"], pipeline, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+
+
+def _wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The weight-gradient kernel's candidates (``early_config_prune``): each step loads a
+    BLOCK_M x BLOCK_K tile of a and a BLOCK_M x BLOCK_N tile of b into a BLOCK_K x BLOCK_N tile."""
+
+    def pipeline(c: triton.Config) -> int:
+        return c.num_stages * c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_N"])
+
+    return _candidates(configs, named_args["a_ptr"].element_size(), kwargs["PRECISION"], pipeline,
+                       lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"])
+
+
 # The kernels read row counts from ``offsets``; ``M_BUCKET``, the row count rounded up to a power
 # of two, only keys the autotuner, so a new token count reuses the config tuned for its bucket
-# instead of benchmarking every config again.
-_ROW_KEYS = ["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C"]
+# instead of benchmarking every config again. PRECISION is a key: TF32 and IEEE products differ
+# in which tile is fastest (Triton adds the dtypes itself).
+_ROW_KEYS = ["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C", "PRECISION"]
 
 
 @triton.jit
@@ -104,7 +145,7 @@ def _group_of_tile(offsets_ptr, tile, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.cons
     return group, row_start, tl.sum(tl.where(this, ends, 0), axis=0)
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=_ROW_KEYS)
+@triton.autotune(configs=_ROW_CONFIGS, key=_ROW_KEYS, prune_configs_by={"early_config_prune": _row_candidates})
 @triton.jit
 def _grouped_mm_kernel(
     # Pointers: operands, group ends, gather/scatter rows, per-slot scales, the pre-activation
@@ -187,7 +228,10 @@ def _grouped_mm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE"])
+@triton.autotune(
+    configs=_WGRAD_CONFIGS, key=["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION"],
+    prune_configs_by={"early_config_prune": _wgrad_candidates},
+)
 @triton.jit
 def _grouped_wgrad_kernel(
     # Pointers: operands, group ends, gather rows, per-slot scales

@@ -32,7 +32,6 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 TARGET_CAPABILITY = 90
-SHARED_MEMORY_LIMIT = 232448  # bytes a Hopper block may use (227 KiB)
 
 
 def _specialize(value) -> tuple[str, str | None]:
@@ -234,6 +233,8 @@ _VARIANT_KEYS = ("EPILOGUE", "ACTIVATION", "GLU", "STORE_PREACT", "GATHER_A", "G
 
 def table(results: list[dict]) -> str:
     """A markdown table of ``compile_launches`` results; fits Hopper's limits or says why not."""
+    from moe_kernels.backend import SHARED_MEMORY_LIMIT
+
     lines = [
         "kernel | dtype | variant | aligned | config | compiles | tensor cores | registers | spill bytes | shared KiB",
         "---|---|---|---|---|---|---|---|---|---",
@@ -252,6 +253,8 @@ def table(results: list[dict]) -> str:
 
 def summary(results: list[dict]) -> str:
     """What a reader of the table needs first: what compiled, what cannot launch, what spills."""
+    from moe_kernels.backend import SHARED_MEMORY_LIMIT
+
     compiled = [r for r in results if r["ok"]]
     too_big = [r for r in compiled if r["shared_bytes"] > SHARED_MEMORY_LIMIT]
     half = [r for r in compiled if r["aligned"] and r["dtype"] in ("bf16", "fp16") and "grouped" in r["kernel"]]

@@ -129,3 +129,35 @@ def test_autotune_key_buckets_the_row_count(monkeypatch):
         y = mk.grouped_mm(x, w, offsets, backend="triton")
         y.backward(torch.randn_like(y))
     assert set(buckets) == {32} and len(buckets) == 6  # forward, dx and dw, twice
+
+
+def _tiles(configs) -> set[tuple[int, int, int]]:
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}
+
+
+def test_autotune_candidates_fit_each_launch():
+    """On the GPU the autotuner compiles only configs that can launch (ptxas's shared memory for
+    the same tiles: 240 KiB for bf16's GLU forward at 128x256, over Hopper's 227) and, for fp32
+    with IEEE products, tiles that do not spill."""
+    from moe_kernels.grouped_mm import _ROW_GPU_CONFIGS, _WGRAD_GPU_CONFIGS, _row_candidates, _wgrad_candidates
+
+    def rows(dtype, glu=False, epilogue="none", precision="ieee"):
+        named = {"a_ptr": torch.empty(1, dtype=dtype)}
+        return _tiles(_row_candidates(_ROW_GPU_CONFIGS, named, GLU=glu, EPILOGUE=epilogue, PRECISION=precision))
+
+    bf16_glu = rows(torch.bfloat16, glu=True, epilogue="act")
+    assert bf16_glu == {(128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 64)}
+    assert rows(torch.bfloat16) == bf16_glu | {(128, 256, 64)}
+    assert rows(torch.bfloat16, glu=True, epilogue="act_grad") == rows(torch.float16)  # one B tile, no GLU dot
+    # TF32's 64-wide K steps fit a GLU's two B tiles only at 64x64; 32-wide ones fit larger tiles.
+    assert rows(torch.float32, glu=True, epilogue="act", precision="tf32") == {
+        (64, 64, 64), (128, 128, 32), (128, 64, 32), (64, 128, 32)}
+    assert (128, 128, 64) in rows(torch.float32, precision="tf32")
+    assert rows(torch.float32, glu=True, epilogue="act") == rows(torch.float32) == {(64, 64, 64)}
+
+    def wgrad(dtype, precision="ieee"):
+        return _tiles(_wgrad_candidates(_WGRAD_GPU_CONFIGS, {"a_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision))
+
+    assert wgrad(torch.bfloat16) == _tiles(_WGRAD_GPU_CONFIGS)
+    assert wgrad(torch.float32, "tf32") == _tiles(_WGRAD_GPU_CONFIGS) - {(128, 128, 128)}
+    assert wgrad(torch.float32) == {(64, 64, 64)}

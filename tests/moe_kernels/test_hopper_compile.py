@@ -5,9 +5,9 @@ that the GPU compiler rejects."""
 import pytest
 import torch
 
-from moe_kernels.backend import INTERPRET
+from moe_kernels.backend import INTERPRET, SHARED_MEMORY_LIMIT
 
-from .hopper_compile import SHARED_MEMORY_LIMIT, compile_launches, moe_workload, nvidia_backend_missing, record_launches
+from .hopper_compile import compile_launches, moe_workload, nvidia_backend_missing, record_launches
 
 _NO_COMPILER = nvidia_backend_missing()
 pytestmark = [
