@@ -12,7 +12,8 @@ Each part can run alone (``--parts``), in order:
   (``benchmarks.common.PAPER_CASES``) in bf16, forward and forward+backward, for the ``triton``
   and ``torch`` backends and ``dense-eq`` (one dense SwiGLU MLP over the T*k token copies: the
   same FLOPs without routing), with CUDA events, peak memory, the host (Python) time per call,
-  and each time as a ratio to ``torch``'s in the same run.
+  the forward replayed as a CUDA graph (its GPU time alone), and each time as a ratio to
+  ``torch``'s in the same run.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
   down kernel by kernel with ``torch.profiler``.
 - ``training``: images/s of a DiT-MoE-S/2-8E2A training step at batch 256 (bf16 autocast and
@@ -291,6 +292,8 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
                     row[f"host {part} ms"] = host_ms(fn, calls=1 if smoke else 10)
                     if not smoke:
                         row[f"peak MiB {part}"] = peak_memory_mb(fn)
+                    if not smoke and not backward:
+                        row["fwd graph ms"] = graphed_ms(fn, bench)
                 dims = (case[key] for key in ("T", "D", "H", "E", "k"))
                 row["TFLOP/s fwd"] = layer_flops(*dims) / row["fwd ms"] / 1e9
                 return row
@@ -299,9 +302,22 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
         base = report["timings"][f"{name} | torch"]
         for backend in ("triton", "dense-eq"):
             row = report["timings"][f"{name} | {backend}"]
-            for part in ("fwd", "fwd+bwd"):
-                if f"{part} ms" in row and f"{part} ms" in base:
+            for part in ("fwd", "fwd+bwd", "fwd graph"):
+                if isinstance(row.get(f"{part} ms"), float) and isinstance(base.get(f"{part} ms"), float):
                     row[f"{part} / torch"] = row[f"{part} ms"] / base[f"{part} ms"]
+
+
+def graphed_ms(fn: Callable[[], object], bench: Callable) -> float | str:
+    """``fn`` captured in a CUDA graph and timed by its replays: its GPU time without the Python
+    around the launches (which a model's previous layers hide, and a single timed call does not).
+    The error, as text, if it cannot be captured."""
+    try:
+        replay = cuda_graphed(lambda x, t: fn())
+        unused = torch.zeros(1, device="cuda")
+        replay(unused, unused)  # warm-up and capture
+        return bench(lambda: replay(unused, unused))
+    except Exception as error:  # noqa: BLE001 - the row keeps its other timings
+        return f"{type(error).__name__}: {error}"[:300]
 
 
 def host_ms(fn: Callable[[], object], calls: int = 10) -> float:
@@ -351,7 +367,8 @@ def summary(report: dict) -> str:
     lines += [f"check {label}: {result if result == 'ok' else f'{len(result)} failures'}" for label, result in report["checks"].items()]
     for key, row in report["timings"].items():
         if key.endswith(("triton", "dense-eq")):
-            ratios = " ".join(f"{part} {row[f'{part} / torch']:.2f}x" for part in ("fwd", "fwd+bwd") if f"{part} / torch" in row)
+            ratios = " ".join(f"{part} {row[f'{part} / torch']:.2f}x" for part in ("fwd", "fwd graph", "fwd+bwd")
+                              if f"{part} / torch" in row)
             lines.append(f"{key:36s} {ratios or row.get('error', '')}")
     for section in ("training", "sampling"):
         for key, row in report.get(section, {}).items():
