@@ -219,12 +219,9 @@ def _grouped_mm_kernel(
     elif EPILOGUE == "act_grad":
         pre = tl.load(preact_ptrs, mask=mask, other=0.0).to(tl.float32)
         if GLU:
-            # The up half's gradient first, and the up pre-activation loaded only after it: three
-            # fp32 tiles live at a time instead of four, which spilled registers at 128x128.
-            tl.store(c_ptrs + N * stride_cn, (acc * _act(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
-            grad_gate = acc * _act_grad(pre, ACTIVATION)
             up = tl.load(preact_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
-            tl.store(c_ptrs, (grad_gate * up).to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs, (acc * up * _act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs + N * stride_cn, (acc * _act(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(c_ptrs, (acc * _act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
     else:
