@@ -159,13 +159,15 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
     return lambda: fn(x).backward(grad)
 
 
-def fresh_model(name: str, backend: str, dev: str, smoke: bool) -> tuple[torch.nn.Module, dict]:
+def fresh_model(name: str, backend: str, batch: int, dev: str, smoke: bool) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A freshly initialised ``name`` for 256 px images (32x32x4 latents, 1000 classes), or one
-    block deep for 8x8 digits in the smoke run, and those input settings."""
+    block deep for 8x8 digits in the smoke run, with a random batch of inputs and labels."""
     shape = dict(input_size=8, in_channels=1, num_classes=10) if smoke else dict(input_size=32, in_channels=4, num_classes=1000)
     with torch.device(dev):  # initialise on the device: the XL model has 4.1B parameters
         model = create_model(name, moe_backend=backend, **shape, **dict(depth=1) if smoke else {})
-    return model.to(dev), shape
+    x = torch.randn(batch, shape["in_channels"], shape["input_size"], shape["input_size"], device=dev)
+    y = torch.randint(0, shape["num_classes"], (batch,), device=dev)
+    return model.to(dev), x, y
 
 
 # name: (model, batch); one guided step of DiT-MoE at 256 px (32x32x4 latents), as the official
@@ -180,11 +182,10 @@ SMOKE_SAMPLING_CASES = {"Ti/2-4E2A batch 2 + CFG (smoke)": ("DiT-MoE-Ti/2-4E2A",
 def sampling_step(name: str, batch: int, backend: str, dev: str, smoke: bool) -> Callable:
     """One guided network evaluation ``step(x, t)`` of a freshly initialised model (bf16 autocast on
     CUDA, as ``--precision bf16``), and its inputs."""
-    model, shape = fresh_model(name, backend, dev, smoke)
+    model, x, labels = fresh_model(name, backend, batch, dev, smoke)
     model.eval()
-    x = torch.randn(batch, shape["in_channels"], shape["input_size"], shape["input_size"], device=dev)
     t = torch.full((batch,), 500, device=dev)
-    model_fn = guided(model, torch.randint(0, shape["num_classes"], (batch,), device=dev), cfg_scale=4.0)
+    model_fn = guided(model, labels, cfg_scale=4.0)
 
     @torch.no_grad()
     def step(x, t):
@@ -225,11 +226,9 @@ SMOKE_TRAINING_CASES = {"Ti/2-4E2A batch 4 (smoke)": ("DiT-MoE-Ti/2-4E2A", 4, ("
 def training_step(model_name: str, batch: int, backend: str, precision: str, dev: str, smoke: bool) -> Callable[[], None]:
     """One step of ``python -m dit.train`` without the data loader and the EMA: diffusion loss at
     random times plus the balance loss, backward, fused AdamW."""
-    model, shape = fresh_model(model_name, backend, dev, smoke)
+    model, x, y = fresh_model(model_name, backend, batch, dev, smoke)
     objective = create_diffusion(learn_sigma=model.config.learn_sigma)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=dev == "cuda")
-    x = torch.randn(batch, shape["in_channels"], shape["input_size"], shape["input_size"], device=dev)
-    y = torch.randint(0, shape["num_classes"], (batch,), device=dev)
     device = torch.device(dev)
 
     def step():
