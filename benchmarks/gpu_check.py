@@ -47,7 +47,7 @@ from benchmarks.baselines import DenseSwiGLU
 from benchmarks.common import PAPER_CASES, cuda_time_ms, layer_flops, peak_memory_mb, sync
 from dit.diffusion import create_diffusion
 from dit.models import create_model
-from dit.precision import autocast, matmul_precision
+from dit.precision import autocast, inference_weights, matmul_precision
 from dit.sampling import cuda_graphed, guided
 from moe_kernels import reference
 from moe_kernels.activations import ACTIVATIONS
@@ -180,10 +180,12 @@ SMOKE_SAMPLING_CASES = {"Ti/2-4E2A batch 2 + CFG (smoke)": ("DiT-MoE-Ti/2-4E2A",
 
 
 def sampling_step(name: str, batch: int, backend: str, dev: str, smoke: bool) -> Callable:
-    """One guided network evaluation ``step(x, t)`` of a freshly initialised model (bf16 autocast on
-    CUDA, as ``--precision bf16``), and its inputs."""
+    """One guided network evaluation ``step(x, t)`` of a freshly initialised model (on CUDA, as
+    ``dit.sample --precision bf16`` runs it: bf16 weights under bf16 autocast), and its inputs."""
     model, x, labels = fresh_model(name, backend, batch, dev, smoke)
     model.eval()
+    if not smoke:
+        inference_weights(model, "bf16")
     t = torch.full((batch,), 500, device=dev)
     model_fn = guided(model, labels, cfg_scale=4.0)
 

@@ -3,7 +3,8 @@
 - ``"tf32"`` (default): fp32 values, matrix products on tensor cores in TF32, as DiT's and
   DiT-MoE's own scripts run (``allow_tf32 = True``). The Triton GEMMs follow the same switch.
 - ``"fp32"``: IEEE fp32 matrix products: exact, and much slower on a GPU.
-- ``"bf16"``: the model under bf16 autocast; the weights stay fp32.
+- ``"bf16"``: the model under bf16 autocast; the weights stay fp32 in training. For sampling,
+  ``inference_weights`` stores them in bf16 (see there).
 
 On a CPU ``"tf32"`` and ``"fp32"`` are the same.
 """
@@ -15,6 +16,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 PRECISIONS = ("tf32", "fp32", "bf16")
 
@@ -57,3 +59,22 @@ def use_precision(precision: str, device: torch.device) -> Iterator[None]:
     """Both of the above, for inference (sampling, analysis)."""
     with matmul_precision(precision), autocast(precision, device):
         yield
+
+
+def inference_weights(model: nn.Module, precision: str) -> nn.Module:
+    """For sampling under ``"bf16"``: store the model's parameters in bf16, in place (other
+    precisions leave it as it is). Returns ``model``.
+
+    Autocast rounds each weight to bf16 wherever it is used, so the numbers hardly change (an
+    embedding table, read without autocast, is rounded once too). But nothing is cast any more on
+    each forward: the MoE layers cast their expert weights explicitly, and for DiT-MoE-XL/2-8E2A
+    that is 0.8 GB of memory traffic per layer and step, about 5 ms per step on an H200. The
+    weights also take half the memory. Buffers (the fixed positional embedding) stay fp32, so the
+    residual stream stays fp32, as under autocast.
+    """
+    _check(precision)
+    if precision == "bf16":
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.to(torch.bfloat16)
+    return model

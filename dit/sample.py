@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .checkpoint import build_from_checkpoint
 from .cli import add_moe_backend_argument, check_writable, nonnegative_float, positive_int, replace_atomically
 from .data import decode, load_vae
-from .precision import add_precision_argument, use_precision
+from .precision import add_precision_argument, inference_weights, use_precision
 from .sampling import SAMPLERS, check_steps, generate, save_grid, to_uint8
 
 
@@ -54,6 +54,7 @@ def sample(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     out_path = check_writable(args.out, "--out")
     grid_path = check_writable(args.grid, "--grid") if args.grid else None
     model = build_from_checkpoint(args.ckpt, "ema", moe_backend=args.moe_backend).to(device).eval()
+    inference_weights(model, args.precision)
     config = model.config
     steps, sampler = check_steps(config, args.steps, args.sampler)
     if args.class_label is not None and not 0 <= args.class_label < config.num_classes:

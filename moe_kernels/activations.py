@@ -20,8 +20,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(a: torch.Tensor) -> torch.Tensor:
-        gate, up = a.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return _swiglu(a)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -30,6 +29,11 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return swiglu_backward(*ctx.saved_tensors, grad)
+
+
+def _swiglu(a: torch.Tensor) -> torch.Tensor:
+    gate, up = a.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def swiglu_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -44,8 +48,11 @@ def swiglu_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 def swiglu(a: torch.Tensor) -> torch.Tensor:
     """``a [..., 2H] -> silu(a[..., :H]) * a[..., H:]``, differentiable."""
     # A function, not ``SwiGLUFunction.apply`` itself: stored on a module, the bound ``apply``
-    # is traced into by torch.compile 2.11, which then fails on ``setup_context``.
-    return SwiGLUFunction.apply(a)
+    # is traced into by torch.compile 2.11, which then fails on ``setup_context``. Without a
+    # graph to record, ``apply`` would only add host time (binding its signature, ~50 us).
+    if torch.is_grad_enabled() and a.requires_grad:
+        return SwiGLUFunction.apply(a)
+    return _swiglu(a)
 
 
 def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 from .activations import ACTIVATIONS, activation_fn, activation_grad
 from .backend import resolve_backend
 from .combine import combine, combine_torch, combine_weight_grad
-from .library import differentiable
+from .library import custom_op, differentiable
 from .grouped_mm import (
     grouped_mm_act,
     grouped_mm_act_grad,
@@ -70,7 +70,7 @@ def _forward_torch(x, weights, experts, w_in, w_out, activation):
     return combine_torch(out, weights, x.dtype), preact, h, out, routing
 
 
-@torch.library.custom_op("moe_kernels::moe_ffn", mutates_args=())
+@custom_op("moe_kernels::moe_ffn")
 def moe_ffn_op(
     x: Tensor, weights: Tensor, experts: Tensor, w_in: Tensor, w_out: Tensor, activation: str, backend: str,
     save_preact: bool, save_h: bool, save_out: bool,
@@ -157,7 +157,7 @@ def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, ac
     return grad_x, grad_weights, grad_w_in, grad_w_out
 
 
-@torch.library.custom_op("moe_kernels::moe_ffn_backward", mutates_args=())
+@custom_op("moe_kernels::moe_ffn_backward")
 def moe_ffn_backward_op(
     grad_y: Tensor, x: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, preact: Tensor, h: Tensor, out: Tensor,
     slot_of_row: Tensor, token_of_row: Tensor, offsets: Tensor, activation: str, backend: str,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .backend import resolve_backend
-from .library import differentiable
+from .library import custom_op, differentiable
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -223,7 +223,7 @@ def _gating_torch(logits: Tensor, k: int, normalize: bool, score: str, bias: Ten
     return weights, experts, probs, counts, prob_sums
 
 
-@torch.library.custom_op("moe_kernels::topk_gating", mutates_args=())
+@custom_op("moe_kernels::topk_gating")
 def topk_gating_op(
     logits: Tensor, k: int, normalize: bool, backend: str, score: str, bias: Tensor | None, num_groups: int,
     topk_groups: int, scale: float,
@@ -279,7 +279,7 @@ def _gating_backward_torch(probs, weights, experts, grad_weights, grad_probs, gr
     return (probs * (grad - (probs * grad).sum(dim=1, keepdim=True))).to(dtype)
 
 
-@torch.library.custom_op("moe_kernels::topk_gating_backward", mutates_args=())
+@custom_op("moe_kernels::topk_gating_backward")
 def topk_gating_backward_op(
     probs: Tensor, weights: Tensor, experts: Tensor, grad_weights: Tensor | None, grad_probs: Tensor | None,
     grad_sums: Tensor | None, normalize: bool, dtype: torch.dtype, backend: str, score: str, scale: float,
@@ -357,7 +357,7 @@ def _expert_stats_torch(probs: Tensor, experts: Tensor, num_experts: int):
     return counts, probs.float().sum(dim=0)
 
 
-@torch.library.custom_op("moe_kernels::expert_stats", mutates_args=())
+@custom_op("moe_kernels::expert_stats")
 def expert_stats_op(probs: Tensor, experts: Tensor, num_experts: int, backend: str) -> tuple[Tensor, Tensor]:
     """``(probs [T, E], experts [T, k]) -> (prob_sums [E] fp32, counts [E] int32)``."""
     counts, prob_sums = (_expert_stats_triton if backend == "triton" else _expert_stats_torch)(probs, experts, num_experts)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .backend import SHARED_MEMORY_LIMIT, autotune_configs, pipeline_size, resolve_backend
-from .library import differentiable
+from .library import custom_op, differentiable
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
 
@@ -477,7 +477,7 @@ def grouped_mm_wgrad_torch(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tens
 # or torch._grouped_mm's alignment checks. Inputs are already checked; ``backend`` is resolved.
 
 
-@torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
+@custom_op("moe_kernels::grouped_mm")
 def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
     """``x [M, K], w [E, K, N], offsets [E] int32 -> y [M, N]``."""
     if backend == "triton":
@@ -490,7 +490,7 @@ def _(x, w, offsets, backend):
     return x.new_empty((x.shape[0], w.shape[2]))
 
 
-@torch.library.custom_op("moe_kernels::grouped_mm_wgrad", mutates_args=())
+@custom_op("moe_kernels::grouped_mm_wgrad")
 def grouped_mm_wgrad_op(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
     """The weight gradient of ``grouped_mm``: ``x [M, K], grad [M, N] -> dw [E, K, N]`` in ``x.dtype``."""
     if backend == "triton":

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from dit.models import create_model
+from dit.precision import autocast, inference_weights
 from dit.sampling import guided
 
 
@@ -34,3 +36,19 @@ def test_guidance_needs_a_model_trained_with_class_dropout():
     model.config = SimpleNamespace(class_dropout_prob=0.0, num_classes=10)
     with pytest.raises(ValueError, match="class dropout"):
         guided(model, torch.tensor([1]), 2.0)
+
+
+def test_bf16_inference_weights_change_nothing_but_the_rounding_autocast_does_anyway():
+    torch.manual_seed(0)
+    model = create_model("DiT-MoE-Ti/2-4E2A", input_size=8, in_channels=1, num_classes=10, moe_backend="torch", qk_norm=True).eval()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 4, 10])
+    with torch.no_grad(), autocast("bf16", torch.device("cpu")):
+        want = model(x, t, y)
+        inference_weights(model, "bf16")
+        got = model(x, t, y)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(b.dtype != torch.bfloat16 for b in model.buffers())  # the residual stream stays fp32
+    moe = model.blocks[0].ffn
+    assert moe.w_in.to(torch.bfloat16) is moe.w_in  # no copy of the experts on each forward
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert inference_weights(model, "fp32") is model

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_kernels as mk
-from moe_kernels import reference
+from moe_kernels import ffn, gating, reference
 from moe_kernels.ffn import moe_ffn_backward_op, moe_ffn_op
 from moe_kernels.gating import expert_stats_op, topk_gating_backward_op, topk_gating_op
 from moe_kernels.grouped_mm import grouped_mm_op, grouped_mm_wgrad_op
@@ -52,7 +53,7 @@ def _op_cases(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_op_passes_opcheck(backend):
     for op, args in _op_cases(backend):
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op.custom_op, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,6 +67,28 @@ def test_ops_are_registered_in_the_moe_kernels_namespace(backend):
     ref_x = x.detach().clone().requires_grad_()
     reference.moe_ffn(ref_x, weights, experts, w_in, w_out).square().sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_eager_calls_skip_the_dispatcher_and_agree_with_it(backend, monkeypatch):
+    dispatched = []
+    for op in (ffn.moe_ffn_op, ffn.moe_ffn_backward_op, gating.topk_gating_op, gating.topk_gating_backward_op):
+        monkeypatch.setattr(op, "overload", lambda *args, op=op, run=op.overload: dispatched.append(op.name) or run(*args))
+    layer = mk.MoE(D, H, E, k, backend=backend).to(DEVICE)
+    x = _leaf(T, D)
+    with torch.no_grad():
+        direct = layer(x)
+    layer(x).sum().backward()  # the Functions' forward and backward run without grad mode too
+    assert dispatched == []
+    with torch.no_grad(), _Passthrough():  # a dispatch mode must see the op, not its insides
+        through_op = layer(x)
+    assert dispatched == ["moe_kernels::topk_gating", "moe_kernels::moe_ffn"]
+    torch.testing.assert_close(direct, through_op, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
