@@ -157,7 +157,8 @@ int main(int argc, char** argv) {
     std::cerr << "wrote " << options.num_samples << " samples to " << options.out << " (" << sampler << ", "
               << options.steps << " steps, cfg " << options.cfg_scale << ") in " << total_s << " s; "
               << (evaluations ? network_ms / evaluations : 0.0) << " ms per network evaluation of batch "
-              << info.batch << " on " << info.device << "\n";
+              << info.batch << " on " << info.device << ", "
+              << (evaluations ? total_s * 1e3 / evaluations : 0.0) << " ms per step with the sampler's arithmetic\n";
     return 0;
   } catch (const std::invalid_argument& error) {
     std::cerr << "error: " << error.what() << "\n" << kUsage << "\n";
