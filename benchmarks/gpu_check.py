@@ -19,11 +19,13 @@ Each part can run alone (``--parts``), in order:
 - ``training``: images/s of a DiT-MoE-S/2-8E2A training step at batch 256 (bf16 autocast and
   TF32) and of XL/2-8E2A at batch 32 (bf16), both backends.
 - ``sampling``: one guided sampling step of DiT-MoE-S/2 and XL/2 at 256 px, eager and replayed as
-  a CUDA graph (``dit.sampling.cuda_graphed``), both backends.
+  a CUDA graph (``dit.sampling.cuda_graphed``), both backends, with bf16 weights under bf16
+  autocast as ``dit.sample --precision bf16`` runs it.
 
 Progress lines carry the seconds since the start. A row that fails records its error and the run
-goes on; the JSON (named after the card) is written after each part, so a run cut short keeps
-what it measured, and a summary is printed last. ``--smoke`` runs every part on CPU through the
+goes on; the JSON (named after the card) is written after each part, with the config the
+autotuner chose for each key it tuned (``autotuned``), so a run cut short keeps what it measured,
+and a summary is printed last. ``--smoke`` runs every part on CPU through the
 Triton interpreter at tiny sizes, in fp32, timing each call once, so that the script a short GPU
 lease depends on is itself tested (``benchmarks/test_gpu_check.py``).
 """
@@ -52,6 +54,7 @@ from dit.sampling import cuda_graphed, guided
 from moe_kernels import reference
 from moe_kernels.activations import ACTIVATIONS
 from moe_kernels.backend import AUTOTUNE, INTERPRET
+from moe_kernels.grouped_mm import _grouped_mm_kernel, _grouped_wgrad_kernel
 
 STARTED = time.time()
 
@@ -362,6 +365,13 @@ def profile_layers(smoke: bool, dev: str, report: dict, top: int = 12) -> None:
         guarded(report["profile"], f"{name} | triton fwd+bwd", measure)
 
 
+def autotuned() -> dict[str, dict[str, str]]:
+    """The config the autotuner chose for each key it tuned, per GEMM kernel: which tiles won, and
+    where the wgrad kernel's candidates all lose, what to try next."""
+    kernels = {"grouped_mm": _grouped_mm_kernel, "grouped_wgrad": _grouped_wgrad_kernel}
+    return {name: {str(key): str(config) for key, config in kernel.cache.items()} for name, kernel in kernels.items()}
+
+
 def summary(report: dict) -> str:
     """The lines a reader needs first: checks, layer ratios, training and sampling."""
     lines = [f"{report['card']} | torch {report['torch']} | triton {report['triton']}"]
@@ -422,6 +432,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             time_sampling(args.smoke, dev, bench, report)
         report["seconds"] = time.time() - STARTED
+        report["autotuned"] = autotuned()
         path = _save(report, args.out, card)
     print(summary(report), flush=True)
     print(f"wrote {path}")

@@ -228,6 +228,24 @@ def _grouped_mm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _wgrad_rows(rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
+                GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr):
+    """For reduction rows ``rm``: the rows of a and of b to read and the scale of each (1 unless SCALE)."""
+    row_ok = rm < row_end
+    a_rows = rm.to(tl.int64)
+    b_rows = rm.to(tl.int64)
+    scales = tl.full(rm.shape, 1.0, tl.float32)
+    if GATHER_A:
+        a_rows = tl.load(a_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+    if GATHER_B:
+        b_rows = tl.load(b_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+    if SCALE:
+        slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
+        scales = tl.load(scale_ptr + slots, mask=row_ok, other=0.0)
+    return a_rows, b_rows, scales
+
+
 @triton.autotune(
     configs=_WGRAD_CONFIGS, key=["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION"],
     prune_configs_by={"early_config_prune": _wgrad_candidates},
@@ -245,7 +263,15 @@ def _grouped_wgrad_kernel(
     # Tiles: BLOCK_K x BLOCK_N of the output, BLOCK_M rows of reduction per step
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``c[e] = a[rows of e]^T @ (scale * b[rows of e])`` for one ``BLOCK_K x BLOCK_N`` tile of ``c[e]``."""
+    """``c[e] = (scale * a[rows of e])^T @ b[rows of e]`` for one ``BLOCK_K x BLOCK_N`` tile of ``c[e]``.
+
+    The gather rows and scales of each step are loaded one step ahead. Loaded in the step that
+    uses them, they make Triton's software pipeliner give the gathered tiles one buffer fewer
+    and wait for every copy at the top of each step, so a step's loads overlap only the previous
+    step's MMA (Triton 3.6 and 3.9; ``benchmarks/results/sm_90a_compile/`` shows the buffers).
+    The scale multiplies the A tile, which Hopper's MMA reads from registers: scaled there, it
+    needs no trip back through shared memory, as a scaled B tile does.
+    """
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -257,22 +283,18 @@ def _grouped_wgrad_kernel(
     row_end = tl.load(offsets_ptr + group).to(tl.int32)
     row_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0).to(tl.int32)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    rm = row_start + tl.arange(0, BLOCK_M)
+    a_rows, b_rows, scales = _wgrad_rows(rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
+                                         GATHER_A, GATHER_B, SCALE)
     for m0 in range(row_start, row_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         row_ok = rm < row_end
-        if GATHER_A:
-            a_rows = tl.load(a_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
-        else:
-            a_rows = rm.to(tl.int64)
-        if GATHER_B:
-            b_rows = tl.load(b_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
-        else:
-            b_rows = rm.to(tl.int64)
         a = tl.load(a_ptr + a_rows[None, :] * stride_am + rk[:, None] * stride_ak, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + rn[None, :] * stride_bn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         if SCALE:
-            slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
-            b = (b * tl.load(scale_ptr + slots, mask=row_ok, other=0.0)[:, None]).to(a.dtype)
+            a = (a * scales[None, :]).to(b.dtype)
+        a_rows, b_rows, scales = _wgrad_rows(rm + BLOCK_M, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
+                                             GATHER_A, GATHER_B, SCALE)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     c_ptrs = c_ptr + group.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
@@ -409,7 +431,7 @@ def grouped_mm_wgrad(
     scale: torch.Tensor | None = None,
     scale_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``c[e] = a[a_rows of e]^T @ (scale * b[b_rows of e])``: a weight gradient.
+    """``c[e] = (scale * a[a_rows of e])^T @ b[b_rows of e]``: a weight gradient (the scale per row).
 
     Args:
         a: ``[*, K]``; b: ``[*, N]``; offsets: ``[E]``.
