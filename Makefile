@@ -28,13 +28,7 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n $(JOBS) --benchmark-disable $(ARGS)
-	@if command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1; then \
-		cmake -S . -B build -DPython3_EXECUTABLE="$(abspath $(BIN))/python" >/dev/null && \
-		cmake --build build -j 2 && \
-		ctest --test-dir build --output-on-failure; \
-	else \
-		echo "skipped: the C++ sampler (CMakeLists.txt) needs cmake and a C++ compiler"; \
-	fi
+	@tests/cpp/build_and_run.sh "$(abspath $(BIN))/python"
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only $(ARGS)
