@@ -48,8 +48,11 @@ _ROW_GPU_CONFIGS = [
     _config(64, 128, 32, 4, 4),
 ]
 # Weight-gradient kernel: BLOCK_K x BLOCK_N output tile, BLOCK_M rows of reduction per step.
+# A step of 64 (often gathered) rows is short next to a load's latency: the 4-stage config keeps
+# three steps of copies in flight.
 _WGRAD_GPU_CONFIGS = [
     _config(64, 128, 128, 8, 3),
+    _config(64, 128, 128, 8, 4),
     _config(64, 128, 64, 4, 4),
     _config(128, 128, 128, 8, 3),
     _config(64, 64, 64, 4, 4),
