@@ -49,7 +49,7 @@ def swiglu(a: torch.Tensor) -> torch.Tensor:
     """``a [..., 2H] -> silu(a[..., :H]) * a[..., H:]``, differentiable."""
     # A function, not ``SwiGLUFunction.apply`` itself: stored on a module, the bound ``apply``
     # is traced into by torch.compile 2.11, which then fails on ``setup_context``. Without a
-    # graph to record, ``apply`` would only add host time (binding its signature, ~50 us).
+    # graph to record, ``apply`` would only add host time (binding its signature: 50 us on a 2-core CPU).
     if torch.is_grad_enabled() and a.requires_grad:
         return SwiGLUFunction.apply(a)
     return _swiglu(a)

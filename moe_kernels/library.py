@@ -8,10 +8,10 @@ differentiable, but the ``autograd.Function`` that custom ops build for it has n
 the op through an ``autograd.Function`` in the ``setup_context`` style, built here from the very
 same two functions.
 
-Going through the dispatcher costs host time: about 0.15 ms per call on a 2-core CPU, which is
-most of the host time of a layer's forward once the kernels are launched asynchronously, and
-what makes small batches host-bound on a GPU. ``CustomOp`` therefore calls the Python
-implementation itself when nothing in the dispatcher could act on the call.
+Going through the dispatcher costs host time, about 0.07 ms per op call on a 2-core CPU
+(``benchmarks/host_overhead.py``), and host time is what bounds small batches on a GPU.
+``CustomOp`` therefore calls the Python implementation itself when nothing in the dispatcher
+could act on the call.
 """
 
 from __future__ import annotations
