@@ -10,8 +10,20 @@ if ! command -v cmake >/dev/null 2>&1 || ! command -v c++ >/dev/null 2>&1; then
   echo "skipped: the C++ sampler (CMakeLists.txt) needs cmake and a C++ compiler"
   exit 0
 fi
-mkdir -p build
-if ! cmake -S . -B build -DPython3_EXECUTABLE="$python" >build/configure.log 2>&1; then
+configure() {
+  mkdir -p build
+  cmake -S . -B build -DPython3_EXECUTABLE="$python" >build/configure.log 2>&1
+}
+configured=true
+configure || configured=false
+if ! $configured && grep -q "This build directory links the torch" build/configure.log; then
+  # Configured before for another Python's torch (CMake keeps its paths): start this one afresh.
+  echo "build/ was configured for another torch; configuring it afresh for $python"
+  rm -rf build
+  configured=true
+  configure || configured=false
+fi
+if ! $configured; then
   cuda=$("$python" -c "import torch; print(torch.version.cuda or '')")
   if [[ -n $cuda ]]; then
     echo "skipped: the C++ sampler: this torch is built for CUDA $cuda, and CMake finds no complete CUDA toolkit" \

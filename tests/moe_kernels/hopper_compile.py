@@ -10,7 +10,8 @@ fail to build on the GPU. This module closes that gap in two steps:
 2. ``compile_launches`` builds each one for ``sm_90a`` with Triton's NVIDIA backend and the
    ``ptxas`` it ships, in processes started without the interpreter: with the smallest autotune
    config (the one the autotuner can always fall back on), or with every config the GPU
-   autotuner would try, reading registers and spills from ``ptxas``.
+   autotuner would try, reading registers and spills from ``ptxas`` and, from the machine
+   code, whether any spill sits inside a loop.
 
     python -m tests.moe_kernels.hopper_compile      # the table of kernels x configs
 """
@@ -98,6 +99,42 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(registers.group(1)) if registers else None, "spill_bytes": int(spills.group(1)) if spills else 0}
 
 
+def _spills_in_loops(cubin: bytes) -> int | None:
+    """How many of the kernel's spill instructions (``STL``/``LDL`` in its SASS, from the
+    ``nvdisasm`` beside Triton's ptxas) sit inside a loop, that is between a backward branch and
+    its target: those run on every K step; the others once per program. None without nvdisasm."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(TARGET_CAPABILITY).path), "nvdisasm")
+    if not os.path.isfile(nvdisasm):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    return count_loop_spills(sass)
+
+
+def count_loop_spills(sass: str) -> int:
+    """The ``STL``/``LDL`` instructions of ``sass`` (``nvdisasm -c`` output) that lie between a
+    backward ``BRA`` and the label it jumps to."""
+    labels, branches, spills, pending = {}, [], [], []
+    for line in sass.splitlines():
+        if label := re.match(r"^(\.L\w+):", line):
+            pending.append(label.group(1))
+        elif instruction := re.search(r"/\*([0-9a-f]+)\*/\s+(.*)", line):
+            address, text = int(instruction.group(1), 16), instruction.group(2)
+            labels.update(dict.fromkeys(pending, address))
+            pending = []
+            if target := re.search(r"\bBRA\b.*`\((\.L\w+)\)", text):
+                branches.append((address, target.group(1)))
+            if re.search(r"\b(STL|LDL)\b", text):
+                spills.append(address)
+    loops = [(labels[target], address) for address, target in branches if labels.get(target, address) < address]
+    return sum(any(start <= a <= end for start, end in loops) for a in spills)
+
+
 def _mma_kind(ptx: str) -> str:
     """Which tensor-core instruction the kernel's dots became: Hopper's asynchronous warpgroup
     MMA, the older per-warp MMA, or none (CUDA-core FMAs)."""
@@ -147,7 +184,9 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
             compiled = triton.compile(source, target=target, options=options)
             result |= {"ok": True, "shared_bytes": compiled.metadata.shared}
             if full_report:
-                result |= _ptxas_report(compiled.asm["ptx"]) | {"mma": _mma_kind(compiled.asm["ptx"])}
+                result |= _ptxas_report(compiled.asm["ptx"]) | {
+                    "mma": _mma_kind(compiled.asm["ptx"]), "loop_spills": _spills_in_loops(compiled.asm["cubin"]),
+                }
         except Exception as error:  # noqa: BLE001 - every failure is reported with its launch
             result |= {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
         results.append(result)
@@ -236,18 +275,19 @@ def table(results: list[dict]) -> str:
     from moe_kernels.backend import SHARED_MEMORY_LIMIT
 
     lines = [
-        "kernel | dtype | variant | aligned | config | compiles | tensor cores | registers | spill bytes | shared KiB",
-        "---|---|---|---|---|---|---|---|---|---",
+        "kernel | dtype | variant | aligned | config | compiles | tensor cores | registers | spill bytes | spills in loops | shared KiB",
+        "---|---|---|---|---|---|---|---|---|---|---",
     ]
     for r in results:
         variant = " ".join(f"{k}={r['constants'][k]}" for k in _VARIANT_KEYS if r["constants"].get(k) not in (None, False))
         config = " ".join(f"{k}={v}" for k, v in r["config"].items())
         head = f"{r['kernel']} | {r['dtype']} | {variant} | {'yes' if r['aligned'] else 'no'} | {config}"
         if not r["ok"]:
-            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | |")
+            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | | |")
             continue
         shared = f"{r['shared_bytes'] / 1024:.0f}" + (" (over the limit)" if r["shared_bytes"] > SHARED_MEMORY_LIMIT else "")
-        lines.append(f"{head} | yes | {r['mma']} | {r['registers']} | {r['spill_bytes']} | {shared}")
+        in_loops = "?" if r["loop_spills"] is None else r["loop_spills"]
+        lines.append(f"{head} | yes | {r['mma']} | {r['registers']} | {r['spill_bytes']} | {in_loops} | {shared}")
     return "\n".join(lines)
 
 
@@ -259,6 +299,9 @@ def summary(results: list[dict]) -> str:
     too_big = [r for r in compiled if r["shared_bytes"] > SHARED_MEMORY_LIMIT]
     half = [r for r in compiled if r["aligned"] and r["dtype"] in ("bf16", "fp16") and "grouped" in r["kernel"]]
     spilling = [r for r in half if r["spill_bytes"]]
+    tensor_core = [r for r in compiled if r["aligned"] and "grouped" in r["kernel"] and r["mma"] == "wgmma"
+                   and r["shared_bytes"] <= SHARED_MEMORY_LIMIT]
+    loop_spilling = [r for r in tensor_core if r["loop_spills"]]
     wgmma = [r for r in half if r["mma"] == "wgmma"]
     return "\n".join([
         (f"Every launch of the public ops' forward and backward (`moe_workload`), compiled for "
@@ -270,6 +313,10 @@ def summary(results: list[dict]) -> str:
          "the autotuner skips those configs on the GPU."),
         (f"- {len(wgmma)} of the {len(half)} aligned bf16/fp16 GEMM pairs use wgmma; {len(spilling)} spill registers "
          "(spill bytes per thread, from ptxas)."),
+        (f"- {len(loop_spilling)} of the {len(tensor_core)} aligned wgmma GEMM pairs (bf16, fp16, TF32) that fit in "
+         "shared memory spill inside a loop. *spills in loops* counts the spill instructions (`STL`/`LDL` in "
+         "the SASS, from `nvdisasm`) between a backward branch and its target: those run on every K step; "
+         "the others, after the loop, once per tile."),
         ("- *aligned*: every runtime stride is a multiple of 16 elements, as at real model sizes; the "
          "unaligned launches (rows of 16 x 24) show the fallback Triton takes without 16-byte alignment."),
         ("- fp32 with PRECISION=ieee (torch's default `allow_tf32=False`, and `--precision fp32`) runs "

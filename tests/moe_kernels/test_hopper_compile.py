@@ -48,3 +48,21 @@ def test_launches_are_recorded_with_the_jit_specialization():
     assert signature["E"] == "i32" and "E" not in attrs  # 3 is not a multiple of 16
     assert signature["stride_bn"] == "constexpr" and constants["stride_bn"] == 1  # Triton folds 1s
     assert signature["EPILOGUE"] == "constexpr" and constants["EPILOGUE"] == "none"
+
+
+def test_spills_are_counted_inside_loops_only():
+    from .hopper_compile import count_loop_spills
+
+    sass = """
+        /*0000*/                   STL [R1], R2 ;
+.L_x_1:
+        /*0010*/                   LDL R2, [R1] ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0030*/              @!P5 BRA `(.L_x_1) ;
+        /*0040*/                   STL.64 [R1+0x8], R4 ;
+        /*0050*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0060*/                   LDL.64 R4, [R1+0x8] ;
+        /*0070*/                   EXIT ;
+"""
+    assert count_loop_spills(sass) == 1
