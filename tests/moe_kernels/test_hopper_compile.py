@@ -7,7 +7,7 @@ import torch
 
 from moe_kernels.backend import INTERPRET, SHARED_MEMORY_LIMIT
 
-from .hopper_compile import compile_launches, moe_workload, nvidia_backend_missing, record_launches
+from .hopper_compile import compile_launches, count_loop_spills, moe_workload, nvidia_backend_missing, record_launches
 
 _NO_COMPILER = nvidia_backend_missing()
 pytestmark = [
@@ -51,8 +51,6 @@ def test_launches_are_recorded_with_the_jit_specialization():
 
 
 def test_spills_are_counted_inside_loops_only():
-    from .hopper_compile import count_loop_spills
-
     sass = """
         /*0000*/                   STL [R1], R2 ;
 .L_x_1:
