@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import build_from_checkpoint
-from .cli import add_moe_backend_argument, nonnegative_float, positive_int
+from .cli import add_moe_backend_argument, check_writable_dir, nonnegative_float, positive_int
 from .models import DiT
 from .sampling import SAMPLERS, check_steps, generate
 
@@ -134,11 +134,7 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
     classes = args.classes if args.classes is not None else list(range(min(config.num_classes, 10)))
     if any(not 0 <= c < config.num_classes for c in classes):
         raise ValueError(f"--classes must lie in [0, {config.num_classes})")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--out {out} cannot be created: {error.strerror or error}") from error
+    out = check_writable_dir(args.out, "--out")
     labels = torch.tensor(classes).repeat_interleave(args.samples_per_class)
     recorder = RoutingRecorder(model, args.steps).attach()
     generator = torch.Generator().manual_seed(args.seed)

@@ -18,12 +18,14 @@ process left behind.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -32,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .cli import check_writable, replace_atomically
+from .cli import check_writable, default_file_mode, replace_atomically
 from .models import DiT, DiTConfig, config_from_dict, config_to_dict
 
 _STEP_DIR = re.compile(r"^\d{7}$")
@@ -132,7 +134,9 @@ def save_sharded_checkpoint(
             _publish(tmp, final, step, files)
         dist.barrier()
     except (OSError, CheckpointException) as error:
-        raise _write_error(tmp, final, error) from error
+        # The main process created the temporary directory, so it alone removes it: a worker
+        # outliving its job must not delete what a restarted job is writing or cleaning.
+        raise _write_error(tmp, final, error, clean=main) from error
     return final
 
 
@@ -146,9 +150,13 @@ def _describe(path: Path) -> dict:
 
 
 def _publish(tmp: Path, final: Path, step: int, files: dict[str, dict]) -> None:
-    """Write the manifest last, flush everything, rename ``tmp`` to ``final``."""
+    """Write the manifest last, give every file the same permissions (safetensors writes its
+    files for their owner alone, ``torch.save`` by the umask), flush everything, rename ``tmp``
+    to ``final``."""
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+    mode = default_file_mode()
     for name in (*files, MANIFEST):
+        os.chmod(tmp / name, mode)
         _fsync(tmp / name)
     if final.exists():  # re-saving a step: move the old copy aside first, drop it after
         old = final.parent / f".{step:07d}.old-{os.getpid()}"
@@ -160,8 +168,9 @@ def _publish(tmp: Path, final: Path, step: int, files: dict[str, dict]) -> None:
     _fsync(final.parent)
 
 
-def _write_error(tmp: Path, final: Path, error: BaseException) -> CheckpointError:
-    shutil.rmtree(tmp, ignore_errors=True)
+def _write_error(tmp: Path, final: Path, error: BaseException, clean: bool = True) -> CheckpointError:
+    if clean:
+        shutil.rmtree(tmp, ignore_errors=True)
     kept = latest_checkpoint(final.parent)
     return CheckpointError(
         f"could not write checkpoint {final}: {getattr(error, 'strerror', None) or error}; "
@@ -184,17 +193,45 @@ def remove_stale(checkpoint_dir: Path) -> list[str]:
             continue
         final = checkpoint_dir / match["step"]
         if match["kind"] == "old" and not final.exists():
-            path.rename(final)
+            try:
+                path.rename(final)
+            except FileNotFoundError:  # gone meanwhile: whoever took it also handled it
+                continue
             actions.append(f"restored {final} from {path.name}, left by an interrupted save")
         else:
-            shutil.rmtree(path)
+            remove_tree(path)
             actions.append(f"removed {path}, left by an interrupted save")
     return actions
+
+
+def remove_tree(path: Path, patience: float = 30.0) -> None:
+    """``shutil.rmtree(path)``, tolerating what vanishes or appears under it for up to
+    ``patience`` seconds (a process of a killed job still writing or cleaning up)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            if not path.exists():  # removed by someone else: the job is done all the same
+                return
+        except OSError as error:  # a file created in a directory being emptied
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"could not remove {path}: files kept appearing under it for {patience:.0f} s")
+        time.sleep(0.05)
 
 
 def is_checkpoint(path: Path) -> bool:
     """A complete checkpoint directory: its manifest, written last, exists."""
     return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def enclosing_checkpoint(path: str | Path) -> Path | None:
+    """The complete checkpoint directory that ``path`` is or lies in (at any depth), or ``None``."""
+    resolved = Path(path).resolve()
+    return next((parent for parent in (resolved, *resolved.parents) if is_checkpoint(parent)), None)
 
 
 def is_sharded(path: Path) -> bool:
@@ -208,26 +245,69 @@ def is_step_dir(path: Path) -> bool:
 
 
 def verify(checkpoint: Path, names: tuple[str, ...] | None = None) -> None:
-    """Check the files ``names`` (default: all it lists) of a checkpoint directory against its
-    manifest (size, SHA-256)."""
-    if not (checkpoint / MANIFEST).is_file():
-        raise CheckpointError(f"checkpoint {checkpoint} is incomplete: it has no {MANIFEST} (its save did not finish)")
-    try:
-        files = json.loads((checkpoint / MANIFEST).read_text())["files"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {checkpoint}: {MANIFEST} is corrupt ({error})") from error
-    if names is None:
-        required = (STATE_FILE, f"{SHARDED_DIR}/.metadata") if is_sharded(checkpoint) else (*WEIGHT_FILES, STATE_FILE)
-        names = sorted({*files, *required})
-    for name in names:
+    """Check a checkpoint directory against its manifest: the manifest's schema, that it lists
+    exactly the files present, and the size and SHA-256 of the files ``names`` (default: all)."""
+    files = read_manifest(checkpoint)
+    present = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()} - {MANIFEST}
+    required = (STATE_FILE, f"{SHARDED_DIR}/.metadata") if is_sharded(checkpoint) else (*WEIGHT_FILES, STATE_FILE)
+    missing, unlisted = sorted({*required, *files} - present), sorted(present - set(files))
+    if missing:
+        raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {', '.join(missing)} missing")
+    if unlisted:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} holds {', '.join(unlisted)}, which its {MANIFEST} does not list: written into "
+            "it after the save, or its manifest was replaced"
+        )
+    for name in sorted(files) if names is None else names:
         path = checkpoint / name
-        if name not in files or not path.is_file():
-            raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {name} is missing")
         size = path.stat().st_size
         if size != files[name]["bytes"]:
             raise CheckpointError(f"{path} is {size} bytes, its manifest says {files[name]['bytes']}: truncated or overwritten")
         if _sha256(path) != files[name]["sha256"]:
             raise CheckpointError(f"{path} does not match the SHA-256 in its manifest: the file is corrupt")
+
+
+def read_manifest(checkpoint: Path) -> dict[str, dict]:
+    """The ``files`` of a checkpoint's manifest (name -> ``{"bytes", "sha256"}``), after checking
+    that it is one: a ``CheckpointError`` says what is wrong with it otherwise."""
+    path = checkpoint / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} is incomplete: it has no {MANIFEST} (its save did not finish)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"checkpoint {checkpoint}: {MANIFEST} is corrupt ({error})") from error
+    problem = _manifest_problem(manifest, checkpoint)
+    if problem:
+        raise CheckpointError(f"checkpoint {checkpoint}: {MANIFEST} is malformed: {problem}")
+    return manifest["files"]
+
+
+def _manifest_problem(manifest: object, checkpoint: Path) -> str | None:
+    """What keeps ``manifest`` from being one that ``_publish`` writes, or ``None``."""
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    if manifest.get("format") != FORMAT:
+        return f"its format is {manifest.get('format')!r}, expected {FORMAT!r}"
+    step = manifest.get("step")
+    if type(step) is not int or step < 0:
+        return f"its step must be an integer >= 0, got {step!r}"
+    if _STEP_DIR.match(checkpoint.name) and int(checkpoint.name) != step:
+        return f"it describes step {step}, but the directory is named for step {int(checkpoint.name)}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "its files must map each file name to its bytes and sha256"
+    for name, entry in files.items():
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or name == MANIFEST:
+            return f"{name!r} is not the name of a file inside the checkpoint"
+        if not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"}:
+            return f"the entry of {name} must hold exactly bytes and sha256, got {entry!r}"
+        if type(entry["bytes"]) is not int or entry["bytes"] < 0:
+            return f"the bytes of {name} must be an integer >= 0, got {entry['bytes']!r}"
+        if not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            return f"the sha256 of {name} must be 64 hexadecimal digits, got {entry['sha256']!r}"
+    return None
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -317,6 +397,8 @@ def checkpoint_config(checkpoint: Path, verified: bool = False) -> DiTConfig:
     """The model config of a checkpoint directory, sharded or not."""
     if is_sharded(checkpoint):
         return config_from_dict(load_state(checkpoint, verified)["config"])
+    if not verified:
+        verify(checkpoint, ("model.safetensors",))
     return read_config(checkpoint / "model.safetensors")
 
 

@@ -55,6 +55,7 @@ def check_writable(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a directory; give a file name")
+    check_outside_checkpoints(path, flag)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
@@ -64,14 +65,51 @@ def check_writable(path: str | Path, flag: str) -> Path:
     return path
 
 
+def check_writable_dir(path: str | Path, flag: str) -> Path:
+    """Create the directory ``path`` if need be and make sure files can be written in it; return
+    ``path``. A failure is a ``ValueError`` naming ``flag``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a directory")
+    check_outside_checkpoints(path, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".writable.", delete=True):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path} cannot be written: {error.strerror or error}") from error
+    return path
+
+
+def check_outside_checkpoints(path: Path, flag: str) -> None:
+    """Refuse an output inside a training checkpoint: a checkpoint holds exactly the files its
+    manifest lists, so one more file would make it fail verification (and one rewritten would
+    destroy it)."""
+    from .checkpoint import enclosing_checkpoint  # checkpoint imports this module
+
+    checkpoint = enclosing_checkpoint(path)
+    if checkpoint is not None:
+        raise ValueError(f"{flag} {path} lies inside the checkpoint {checkpoint}, which must hold only the files of "
+                         "its manifest; write it elsewhere")
+
+
 def replace_atomically(write: Callable[[Path], None], path: Path) -> None:
     """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``, so
-    that a failure never leaves a half-written ``path``."""
+    that a failure never leaves a half-written ``path``. The file gets the permissions of any
+    other new file (``mkstemp`` would leave it readable by its owner only)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def default_file_mode() -> int:
+    """The permissions ``open()`` gives a new file: ``0o666`` less the process's umask."""
+    umask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(umask)
+    return 0o666 & ~umask

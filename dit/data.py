@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cli import positive_int
+from .cli import check_writable_dir, positive_int
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 LATENT_SCALE = 0.18215  # Stable Diffusion's VAE latent scaling, as DiT uses it
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data} is not a directory")
         dataset = ImageFolderData(Path(args.data), args.image_size)
+        check_writable_dir(out, "--out")
         vae = load_vae(args.vae, device)
-        out.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from error
     for shard, first in enumerate(range(0, len(dataset), args.shard_size)):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from .cli import positive_int
+from .cli import check_writable, positive_int, replace_atomically
 
 
 def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     try:
+        json_path = check_writable(args.json, "--json") if args.json else None
         samples, labels = load_images(args.samples)
         if args.digits:
             results = digits_metrics(samples, labels)
@@ -198,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {error}") from error
     for key, value in results.items():
         print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if json_path is not None:
+        replace_atomically(lambda tmp: tmp.write_text(json.dumps(results, indent=2)), json_path)
 
 
 if __name__ == "__main__":

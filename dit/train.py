@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -26,11 +27,20 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import parallel
-from .cli import add_moe_backend_argument, explicit_arguments, fraction, nonnegative_float, positive_float, positive_int
+from .cli import (
+    add_moe_backend_argument,
+    check_writable_dir,
+    explicit_arguments,
+    fraction,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
 from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
 from .models import OBJECTIVES, OVERRIDES, DiT, coerce_override, create_model
 from .precision import add_precision_argument, autocast, matmul_precision
+from .run_lock import RunLock
 from .sampling import check_steps, default_steps, generate, save_grid, to_uint8
 
 # Defaults of the flags left unset: DiT's for real data, and a preset that learns the embedded
@@ -44,6 +54,9 @@ RESUME_MAY_CHANGE = (
     "steps", "epochs", "lr", "ckpt_every", "log_every", "precision", "grad_checkpointing", "compile", "moe_backend",
     "cfg_scale", "sample_steps", "results_dir", "resume", "ep", "fsdp",
 )
+# Seconds a job waits for the one holding its run directory to end: the workers of a killed
+# job stop at their next step (``Distributed.check_agent``).
+LOCK_WAIT = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +156,9 @@ def _show(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+T = TypeVar("T")
+
+
 class Distributed:
     """Rank, world size and device; a process group when launched by torchrun."""
 
@@ -150,6 +166,8 @@ class Distributed:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # A torchrun worker's parent is its agent; if that changes, the agent is gone.
+        self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         if cuda:
@@ -160,6 +178,26 @@ class Distributed:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def check_agent(self) -> None:
+        """Stop this process, touching nothing more, if the torchrun agent that started it is
+        gone: a restarted job may already be resuming from the run's checkpoints."""
+        if self.agent is not None and os.getppid() != self.agent:
+            raise AgentGone(f"the torchrun agent that started process {os.getpid()} is gone; stopping without saving")
+
+    def on_main(self, action: Callable[[], T]) -> T:
+        """``action()`` run by the main process alone; its result, or the ``ValueError`` it
+        raised, on every process (so all of them stop alike instead of waiting on one that did)."""
+        outcome = None
+        if self.main:
+            try:
+                outcome = (True, action())
+            except ValueError as error:
+                outcome = (False, str(error))
+        ok, value = self.broadcast(outcome)
+        if not ok:
+            raise ValueError(value)
+        return value
 
     def gather(self, obj):
         if self.world_size == 1:
@@ -190,6 +228,10 @@ class Distributed:
     def close(self) -> None:
         if self.world_size > 1:
             dist.destroy_process_group()
+
+
+class AgentGone(SystemExit):
+    """Raised in a torchrun worker whose agent died: it exits without saving or cleaning up."""
 
 
 def rng_state(device: torch.device) -> dict:
@@ -234,19 +276,26 @@ def expert_load(model: DiT) -> list[dict]:
     return stats
 
 
-def find_run(args: argparse.Namespace, env: Distributed, warn) -> tuple[Path, Path | None]:
-    """The run directory and, when resuming, the checkpoint to start from, verified against its
-    manifest. A killed save's leftovers are cleared first (by the main process)."""
-    results = Path(args.results_dir)
+def find_run(args: argparse.Namespace, lock: RunLock, warn: Callable[[str], None]) -> tuple[Path, Path | None]:
+    """The run directory, held by ``lock``, and, when resuming, the checkpoint to start from,
+    verified against its manifest; a killed save's leftovers are cleared first. Run by the main
+    process alone (``Distributed.on_main``)."""
     if args.resume is None:
-        if env.main:
-            results.mkdir(parents=True, exist_ok=True)
-        env.barrier()
-        index = max((int(p.name[:3]) for p in results.iterdir() if p.name[:3].isdigit()), default=-1) + 1
+        results = check_writable_dir(args.results_dir, "--results-dir")
         name = args.model.replace("/", "-")
-        return results / f"{index:03d}-{name}", None
+        while True:  # the next free index; mkdir claims it even against a job started alongside
+            index = max((int(p.name[:3]) for p in results.iterdir() if p.name[:3].isdigit()), default=-1) + 1
+            run_dir = results / f"{index:03d}-{name}"
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+        lock.acquire(run_dir, LOCK_WAIT, say=warn)
+        return run_dir, None
     path = Path(args.resume)
     if args.resume == "latest":
+        results = Path(args.results_dir)
         runs = sorted(results.glob("[0-9][0-9][0-9]-*"), key=lambda p: int(p.name[:3])) if results.is_dir() else []
         runs = [run for run in runs if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())]
         if not runs:
@@ -258,17 +307,31 @@ def find_run(args: argparse.Namespace, env: Distributed, warn) -> tuple[Path, Pa
         run_dir, checkpoint = path.parent.parent, path
     else:
         run_dir, checkpoint = path, None
-    if env.main:
-        for action in ckpt.remove_stale(run_dir / "checkpoints"):
-            warn(action)
-    env.barrier()
+    check_writable_dir(run_dir, "--resume")
+    lock.acquire(run_dir, LOCK_WAIT, say=warn)
+    for action in ckpt.remove_stale(run_dir / "checkpoints"):
+        warn(action)
     if checkpoint is not None:
         ckpt.verify(checkpoint)
         return run_dir, checkpoint
-    checkpoint = ckpt.latest_intact_checkpoint(run_dir / "checkpoints", warn if env.main else lambda message: None)
+    checkpoint = ckpt.latest_intact_checkpoint(run_dir / "checkpoints", warn)
     if checkpoint is None:
         raise ValueError(f"--resume {args.resume}: no intact checkpoint in {run_dir / 'checkpoints'}")
     return run_dir, checkpoint
+
+
+def fit_layout(args: argparse.Namespace, world_size: int, num_experts: int) -> str | None:
+    """On resume, make the ``--ep`` and ``--fsdp`` taken from the checkpoint (not given again)
+    fit the processes at hand; return a line saying what changed, or ``None``."""
+    old = (args.ep, args.fsdp)
+    if "ep" not in args.given and world_size % args.ep:
+        args.ep = max(d for d in range(1, args.ep + 1) if world_size % d == 0 and num_experts % d == 0)
+    if "fsdp" not in args.given and world_size == 1:
+        args.fsdp = False
+    if (args.ep, args.fsdp) == old:
+        return None
+    return (f"resuming with --ep {args.ep} {'--fsdp' if args.fsdp else '--no-fsdp'} on {world_size} process(es): the "
+            f"checkpoint's --ep {old[0]}{' --fsdp' if old[1] else ''} does not fit them (a sharded checkpoint loads in any layout)")
 
 
 def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> DiT:
@@ -308,14 +371,16 @@ def parse_overrides(items: list[str]) -> dict:
 
 def train(args: argparse.Namespace) -> Path:
     env = Distributed()
+    lock = RunLock()
     try:
         with matmul_precision(args.precision):
-            return _train(args, env)
+            return _train(args, env, lock)
     finally:
+        lock.release()
         env.close()
 
 
-def _train(args: argparse.Namespace, env: Distributed) -> Path:
+def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     device = env.device
     warnings = []
 
@@ -324,11 +389,14 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         tqdm.write(f"warning: {message}", file=sys.stderr)
 
     # Everything that can refuse the run is checked before the data, the model and the steps.
-    run_dir, checkpoint = find_run(args, env, warn)
+    run_dir, checkpoint = env.on_main(lambda: find_run(args, lock, warn))
     state = None
     if checkpoint is not None:
         state = ckpt.load_state(checkpoint, verified=True)
         resume_arguments(args, state["args"])
+        changed = fit_layout(args, env.world_size, ckpt.checkpoint_config(checkpoint, verified=True).num_experts)
+        if changed and env.main:
+            warn(changed)
     global_batch = args.global_batch_size
     if global_batch % env.world_size:
         raise ValueError(f"--global-batch-size {global_batch} must be divisible by the number of processes ({env.world_size})")
@@ -384,6 +452,8 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
         layout = f" (data {env.world_size // args.ep} x expert {args.ep}{', FSDP' if args.fsdp else ''})" if sharded else ""
         log(log_file, f"run {run_dir} | {model.config.name} | {n_params / 1e6:.2f}M parameters | data {args.data} ({len(dataset)} items) "
             f"| {total_steps} steps of {global_batch} | {env.world_size} process(es){layout} on {device}")
+        if checkpoint is not None:
+            log(log_file, f"resumed from {checkpoint} (step {start_step})")
         log(log_file, "args " + json.dumps(vars(args)))
         for message in warnings:
             log(log_file, f"warning: {message}", echo=False)
@@ -411,6 +481,7 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
     window_aux = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     for step in range(start_step, total_steps):
+        env.check_agent()
         x, y = next(data)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         draws = StepDraws(args.seed, step, global_batch, rows, device)
@@ -448,6 +519,7 @@ def _train(args: argparse.Namespace, env: Distributed) -> Path:
             window_aux.zero_()
             window_steps, window_start = 0, time.perf_counter()
         if done % args.ckpt_every == 0 or done == total_steps:
+            env.check_agent()
             rng = env.gather(rng_state(device))
             state = {"rng": rng, "args": vars(args), "world_size": env.world_size}
             if sharded:
@@ -522,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(args)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
+        # Every process of a job stops alike; one line from the main process says why.
+        raise SystemExit(f"error: {error}" if int(os.environ.get("RANK", 0)) == 0 else 1) from error
 
 
 if __name__ == "__main__":

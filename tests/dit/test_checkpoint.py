@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,3 +153,190 @@ def test_resume_takes_the_checkpoints_flags_and_accepts_those_that_may_change(tm
     assert (args["ema_decay"], args["seed"], args["model"], args["lr"]) == (0.5, 3, "DiT-MoE-Ti/2-4E2A", 1e-3)
     assert state["optimizer"]["param_groups"][0]["lr"] == 1e-3
     assert state["config"]["num_shared_experts"] == 0
+
+
+# --- No command writes into a checkpoint, and every checkpoint is judged by one manifest schema.
+
+
+@pytest.mark.parametrize("command", ["consolidate", "sample", "grid", "analyze", "export", "evaluate", "train"])
+def test_no_command_writes_into_a_checkpoint(trained, tmp_path, command):
+    from dit.evaluate import main as evaluate_main
+    from dit.export import main as export_main
+
+    checkpoint = _copy_run(trained, tmp_path) / "checkpoints" / "0000002"
+    inside = checkpoint / "sub" / ("out.pt2" if command == "export" else "out")
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.full((2, 8, 8, 1), 7, dtype=np.uint8), arr_1=np.arange(2))
+    main, argv = {
+        "consolidate": (ckpt.main, ["consolidate", str(checkpoint), str(checkpoint / "model.safetensors")]),
+        "sample": (sample_main, ["--ckpt", str(checkpoint), "--out", str(inside)]),
+        "grid": (sample_main, ["--ckpt", str(checkpoint), "--out", str(tmp_path / "x.npz"), "--grid", str(inside)]),
+        "analyze": (analyze_main, ["--ckpt", str(checkpoint), "--out", str(inside)]),
+        "export": (export_main, ["--ckpt", str(checkpoint), "--out", str(inside)]),
+        "evaluate": (evaluate_main, [str(samples), "--digits", "--json", str(inside)]),
+        "train": (train_main, [*FAST, "--results-dir", str(inside)]),
+    }[command]
+    with pytest.raises(SystemExit, match=f"lies inside the checkpoint {checkpoint}"):
+        main(argv)
+    ckpt.verify(checkpoint)
+
+
+_MALFORMED = {
+    "files a list": lambda m: {**m, "files": list(m["files"])},
+    "bytes a string": lambda m: {**m, "files": {**m["files"], "state.pt": {**m["files"]["state.pt"], "bytes": "12"}}},
+    "no sha256": lambda m: {**m, "files": {**m["files"], "state.pt": {"bytes": m["files"]["state.pt"]["bytes"]}}},
+    "sha256 not hex": lambda m: {**m, "files": {**m["files"], "state.pt": {**m["files"]["state.pt"], "sha256": "x" * 64}}},
+    "a path outside": lambda m: {**m, "files": {**m["files"], "../other/state.pt": m["files"]["state.pt"]}},
+    "no format": lambda m: {key: value for key, value in m.items() if key != "format"},
+    "another step": lambda m: {**m, "step": 7},
+    "not an object": lambda m: [m],
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_MALFORMED))
+def test_a_malformed_manifest_is_refused_and_skipped_on_resume(trained, tmp_path, capsys, damage):
+    run_dir = _copy_run(trained, tmp_path)
+    newest = run_dir / "checkpoints" / "0000002"
+    manifest = json.loads((newest / ckpt.MANIFEST).read_text())
+    (newest / ckpt.MANIFEST).write_text(json.dumps(_MALFORMED[damage](manifest)))
+    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.MANIFEST} is malformed"):
+        ckpt.verify(newest)
+    with pytest.raises(SystemExit, match="error: .*malformed"):
+        ckpt.main(["verify", str(newest)])
+    train_main([*FAST, "--results-dir", str(tmp_path / "runs"), "--steps", "3", "--resume", "latest"])
+    assert f"skipping checkpoint {newest}" in capsys.readouterr().err
+    assert "resumed from " + str(run_dir / "checkpoints" / "0000001") in (run_dir / "log.txt").read_text()
+
+
+def test_a_file_the_manifest_does_not_list_fails_verification(trained, tmp_path, capsys):
+    run_dir = _copy_run(trained, tmp_path)
+    newest = run_dir / "checkpoints" / "0000002"
+    (newest / "notes.txt").write_text("added later")
+    with pytest.raises(ckpt.CheckpointError, match="holds notes.txt, which its manifest.json does not list"):
+        ckpt.verify(newest)
+    train_main([*FAST, "--results-dir", str(tmp_path / "runs"), "--steps", "3", "--resume", "latest"])
+    assert f"skipping checkpoint {newest}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["ema", "model"])
+def test_every_command_verifies_the_weights_it_loads(trained, tmp_path, which):
+    from dit.export import main as export_main
+
+    checkpoint = _copy_run(trained, tmp_path) / "checkpoints" / "0000002"
+    _flip_a_byte(checkpoint / f"{which}.safetensors")
+    other = "model" if which == "ema" else "ema"
+    ckpt.load_weights(checkpoint, other)  # the intact file still loads
+    failure = f"{which}.safetensors does not match the SHA-256"
+    with pytest.raises(ckpt.CheckpointError, match=failure):
+        ckpt.load_weights(checkpoint, which)
+    with pytest.raises(ckpt.CheckpointError, match=failure):
+        ckpt.build_from_checkpoint(checkpoint, which)
+    with pytest.raises(SystemExit, match=failure):
+        ckpt.main(["consolidate", str(checkpoint), str(tmp_path / "w.safetensors"), "--which", which])
+    assert not (tmp_path / "w.safetensors").exists()
+    with pytest.raises(SystemExit, match=failure):
+        train_main([*FAST, "--steps", "3", "--resume", str(checkpoint)])
+    if which == "ema":  # sampling, analysis and export read the EMA weights
+        with pytest.raises(SystemExit, match=failure):
+            export_main(["--ckpt", str(checkpoint), "--out", str(tmp_path / "m.pt2")])
+
+
+def test_checkpoint_files_share_one_mode_and_the_resume_is_logged(trained, tmp_path):
+    from dit.cli import default_file_mode
+
+    run_dir = _copy_run(trained, tmp_path)
+    checkpoint = run_dir / "checkpoints" / "0000002"
+    modes = {path.name: path.stat().st_mode & 0o777 for path in checkpoint.iterdir()}
+    assert set(modes.values()) == {default_file_mode()}, modes
+    out = tmp_path / "ema.safetensors"
+    ckpt.main(["consolidate", str(checkpoint), str(out)])
+    assert out.stat().st_mode & 0o777 == default_file_mode()
+    train_main([*FAST, "--steps", "3", "--resume", str(run_dir)])
+    assert f"resumed from {checkpoint} (step 2)" in (run_dir / "log.txt").read_text()
+
+
+# --- A restarted job never trips over the one before it.
+
+
+def test_a_second_job_waits_for_the_run_then_names_its_holder(trained, tmp_path, monkeypatch, capsys):
+    import dit.train
+    from dit.run_lock import RunLock
+
+    run_dir = _copy_run(trained, tmp_path)
+    held = RunLock()
+    held.acquire(run_dir)
+    monkeypatch.setattr(dit.train, "LOCK_WAIT", 0.5)
+    try:
+        with pytest.raises(SystemExit, match=f"run {run_dir} is in use by process {os.getpid()} on "):
+            train_main([*FAST, "--steps", "3", "--resume", str(run_dir)])
+        assert "waiting up to 0 s for it to end" in capsys.readouterr().err
+        assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "0000002"
+    finally:
+        held.release()
+    train_main([*FAST, "--steps", "3", "--resume", str(run_dir)])  # free again
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "0000003"
+
+
+def test_the_lock_of_a_killed_job_is_free_at_once(trained, tmp_path):
+    import subprocess
+    import sys
+
+    from dit.run_lock import LOCK_FILE
+
+    run_dir = _copy_run(trained, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from dit.run_lock import RunLock; "
+                               f"RunLock().acquire(Path({str(run_dir)!r})); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert f'"pid": {holder.pid}' in (run_dir / LOCK_FILE).read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+    train_main([*FAST, "--steps", "3", "--resume", str(run_dir)])
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "0000003"
+
+
+def test_a_refused_new_run_leaves_no_directory(tmp_path):
+    with pytest.raises(SystemExit, match="ddpm sampling takes 2 to 1000 steps"):
+        train_main([*FAST, "--results-dir", str(tmp_path), "--sample-steps", "1"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cleanup_tolerates_files_vanishing_and_appearing_under_it(tmp_path):
+    import threading
+
+    checkpoints = tmp_path / "checkpoints"
+    leftover = checkpoints / ".0000003.tmp-1" / "sharded"
+    leftover.mkdir(parents=True)
+    for i in range(200):
+        (leftover / f"__0_{i}.distcp").write_bytes(b"x")
+
+    def straggler():  # a worker of the killed job, still writing its shards and removing others
+        for i in range(2000):
+            try:
+                (leftover / f"__1_{i}.distcp").write_bytes(b"y")
+                (leftover / f"__0_{i % 200}.distcp").unlink(missing_ok=True)
+            except FileNotFoundError:  # its directory is gone
+                return
+
+    thread = threading.Thread(target=straggler)
+    thread.start()
+    try:
+        assert ckpt.remove_stale(checkpoints) == [f"removed {leftover.parent}, left by an interrupted save"]
+    finally:
+        thread.join()
+    assert not leftover.parent.exists()
+
+
+def test_a_worker_whose_agent_is_gone_stops_without_saving(tmp_path, monkeypatch):
+    import dit.train
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    parents = iter([os.getppid(), os.getppid()])
+    monkeypatch.setattr(dit.train.os, "getppid", lambda: next(parents, 1))  # the agent dies after the first step
+    with pytest.raises(dit.train.AgentGone, match="torchrun agent that started process .* is gone"):
+        train_main([*FAST, "--results-dir", str(tmp_path), "--steps", "3", "--ckpt-every", "1"])
+    (run_dir,) = tmp_path.iterdir()
+    assert not any((run_dir / "checkpoints").iterdir())
+    assert not (run_dir / "samples.png").exists()
