@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import build_from_checkpoint
-from .cli import add_moe_backend_argument, check_writable_dir, nonnegative_float, positive_int
+from .cli import add_moe_backend_argument, check_writable_dir, nonnegative_float, positive_int, seed
 from .models import DiT
 from .sampling import SAMPLERS, check_steps, generate
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default=None)
     p.add_argument("--cfg-scale", type=nonnegative_float, default=1.5)
     p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="routing")
     add_moe_backend_argument(p)
     args = p.parse_args(argv)

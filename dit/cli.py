@@ -1,39 +1,41 @@
 """What the command-line tools share: argument types that reject bad numbers while parsing (an
-argparse error, exit code 2, before any work), the flags several tools take, and the check that
-an output file can be written before the work that produces it."""
+argparse error, exit code 2, before any work) by the rules of ``moe_kernels.validation``, the
+flags several tools take, and the checks that an output can be written before the work that
+produces it."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from moe_kernels.backend import BACKENDS
+from moe_kernels.validation import NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, Rule
 
 
-def _ranged(kind: type, accept: Callable[[float], bool], wanted: str) -> Callable[[str], int | float]:
-    """An argparse ``type``: the text as a finite ``kind`` that ``accept`` admits, else an error
-    saying what was ``wanted``."""
+def argument_type(rule: Rule) -> Callable[[str], int | float]:
+    """An argparse ``type`` that accepts exactly what ``rule`` accepts: the same rule the Python
+    API applies to the same number, so the two never disagree."""
 
     def parse(text: str) -> int | float:
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-        if not (math.isfinite(value) and accept(value)):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
-        return value
+            return rule.check("value", int(text) if rule.integer else float(text))
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {rule.wanted}, got {text!r}") from None
 
     return parse
 
 
-positive_int = _ranged(int, lambda value: value >= 1, "an integer >= 1")
-positive_float = _ranged(float, lambda value: value > 0, "a number > 0")
-nonnegative_float = _ranged(float, lambda value: value >= 0, "a number >= 0")
-fraction = _ranged(float, lambda value: 0 <= value <= 1, "a number between 0 and 1")
+# A seed: what torch, NumPy and random all accept.
+SEED = Rule(integer=True, low=0, high=2**32 - 1)
+
+positive_int = argument_type(POSITIVE_INT)
+positive_float = argument_type(POSITIVE)
+nonnegative_float = argument_type(NONNEGATIVE)
+fraction = argument_type(PROBABILITY)
+seed = argument_type(SEED)
 
 
 def add_moe_backend_argument(parser: argparse.ArgumentParser) -> None:

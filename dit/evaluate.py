@@ -142,6 +142,9 @@ def inception_metrics(
     }
 
 
+DIGIT_CLASSES = 10
+
+
 def digits_classifier():
     """An MLP trained on scikit-learn's real digits (inputs 0..16, 64 features); fixed seed."""
     from sklearn.datasets import load_digits
@@ -163,6 +166,9 @@ def digits_metrics(samples: np.ndarray, labels: np.ndarray) -> dict:
         raise ValueError(f"digit samples must be 8x8, got {samples.shape[1:3]}")
     if labels is None:
         raise ValueError("the samples .npz needs arr_1 (the requested labels) for the digits report")
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= DIGIT_CLASSES:
+        found = f"{labels.dtype} labels" if labels.dtype.kind not in "iu" else f"labels in [{labels.min()}, {labels.max()}]"
+        raise ValueError(f"arr_1 must hold integer labels in [0, {DIGIT_CLASSES}) for the digits report, got {found}")
     classifier, digits = digits_classifier()
     x = samples.astype(np.float64).mean(axis=3).reshape(len(samples), 64) / 255.0
     predicted = classifier.predict(x)

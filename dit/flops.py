@@ -144,7 +144,7 @@ def table(image_size: int = 256) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dit.flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (latents are 8x smaller)")
+    parser.add_argument("--image-size", type=positive_int, default=256, help="image side in pixels (latents are 8x smaller)")
     memory = parser.add_argument_group("--memory: per-GPU training memory (see dit.memory)")
     memory.add_argument("--memory", action="store_true", help="estimate per-GPU training memory instead of counting compute")
     memory.add_argument("--gpus", type=positive_int, default=8, help="number of GPUs (default 8)")

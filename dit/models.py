@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_kernels import MoE
+from moe_kernels.validation import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, check_k
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,8 @@ class FinalLayer(nn.Module):
 
 
 OBJECTIVES = ("diffusion", "rectified-flow")
+# A label dropout of 1 would leave no conditional training at all.
+DROPOUT = Rule(integer=False, low=0, high=1, open_high=True)
 
 
 @dataclass
@@ -200,25 +203,22 @@ class DiTConfig:
     latent: bool = False
 
     def check(self) -> None:
-        """Raise ``ValueError`` naming the first setting that cannot build a model."""
+        """Raise ``ValueError`` (``TypeError`` for a value of the wrong kind) naming the first
+        setting that cannot build a model; the numbers the MoE layer also takes follow its rules."""
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            POSITIVE_INT.check(name, getattr(self, name))
         for name in ("num_experts", "num_shared_experts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            NONNEGATIVE_INT.check(name, getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size ({self.input_size}) must be a multiple of patch_size ({self.patch_size})")
-        if int(self.hidden_size * self.mlp_ratio) < 1:
+        if int(self.hidden_size * POSITIVE.check("mlp_ratio", self.mlp_ratio)) < 1:
             raise ValueError(f"mlp_ratio must make a hidden width >= 1, got {self.mlp_ratio}")
-        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be between 1 and num_experts ({self.num_experts}), got {self.top_k}")
-        if not 0 <= self.class_dropout_prob < 1:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-        if not (self.balance_loss_alpha >= 0 and math.isfinite(self.balance_loss_alpha)):
-            raise ValueError(f"balance_loss_alpha must be a finite number >= 0, got {self.balance_loss_alpha}")
+        if self.num_experts:
+            check_k(self.top_k, self.num_experts, "top_k")
+        DROPOUT.check("class_dropout_prob", self.class_dropout_prob)
+        NONNEGATIVE.check("balance_loss_alpha", self.balance_loss_alpha)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import build_from_checkpoint
-from .cli import add_moe_backend_argument, check_writable, nonnegative_float, positive_int, replace_atomically
+from .cli import add_moe_backend_argument, check_writable, nonnegative_float, positive_int, replace_atomically, seed
 from .data import decode, load_vae
 from .precision import add_precision_argument, inference_weights, use_precision
 from .sampling import SAMPLERS, check_steps, generate, save_grid, to_uint8
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", default=None, help="also write a PNG grid of the samples (.png is added if missing)")
     p.add_argument("--class", dest="class_label", type=int, default=None, help="sample only this class")
     p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL, to decode a latent model's samples")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (one graph; the first batch pays the compile time)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture one guided denoising step in a CUDA graph and replay it (CUDA only)")

@@ -35,6 +35,7 @@ from .cli import (
     nonnegative_float,
     positive_float,
     positive_int,
+    seed,
 )
 from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_moe_backend_argument(p)
     p.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a model setting, e.g. --set mlp_ratio=15 --set num_shared_experts=0; settings: {', '.join(OVERRIDES)}")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     return p
 
 

@@ -21,6 +21,8 @@ from .library import custom_op, differentiable
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    NONNEGATIVE,
+    POSITIVE,
     check_dim,
     check_expert_ids,
     check_k,
@@ -78,7 +80,8 @@ def _topk_gating_kernel(
     # nothing, so left in place it would match no column.
     rank = probs
     if HAS_BIAS:
-        rank += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        rank += bias[None, :]
     rank = tl.where(rank != rank, float("inf"), rank)
     free = mask
     if NUM_GROUPS > 1:
@@ -118,6 +121,10 @@ def _topk_gating_kernel(
         weight = tl.sum(tl.where(chosen, probs, 0.0), axis=1)
         top_w = tl.where(slots[None, :] == j, weight[:, None], top_w)
         top_e = tl.where(slots[None, :] == j, idx[:, None], top_e)
+    if HAS_BIAS:
+        # A non-finite bias would win (NaN, +inf) or lose (-inf) every selection silently: it
+        # makes every weight NaN instead (bias * 0 is NaN there), so the fault shows.
+        top_w += tl.sum(tl.where(col_ok, bias * 0.0, 0.0))
     if NORMALIZE:
         top_w = top_w / tl.where(row_ok, tl.sum(top_w, axis=1), 1.0)[:, None]
     top_w = top_w * scale
@@ -215,6 +222,8 @@ def _gating_torch(logits: Tensor, k: int, normalize: bool, score: str, bias: Ten
     order = torch.sort(rank, dim=-1, descending=True, stable=True)[1]
     experts = order[:, :k].contiguous()
     weights = probs.gather(1, experts)
+    if bias is not None:  # all NaN if any bias is not finite, as in the kernel
+        weights = weights + (bias.float() * 0).sum()
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if scale != 1.0:
@@ -397,9 +406,10 @@ def gating_with_stats(
 
 
 def check_routing_options(
-    num_experts: int, k: int, score: str, num_groups: int, topk_groups: int | None, scale: float
+    num_experts: int, k: int, score: str, num_groups: int, topk_groups: int | None, scale: float, scale_name: str = "scale"
 ) -> tuple[int, int, float]:
-    """Validate the routing variants of ``topk_gating``; return ``(num_groups, topk_groups, scale)``."""
+    """Validate the routing variants of ``topk_gating``; return ``(num_groups, topk_groups, scale)``
+    (``scale_name``: what the caller calls ``scale``)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     num_groups = check_positive_int("num_groups", num_groups)
@@ -413,9 +423,7 @@ def check_routing_options(
             f"k ({k}) must be at most the experts of the kept groups: topk_groups ({topk_groups}) x "
             f"{num_experts // num_groups} experts per group"
         )
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < float("inf")):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    return num_groups, topk_groups, float(scale)
+    return num_groups, topk_groups, POSITIVE.check(scale_name, scale)
 
 
 CONVENTIONS = ("dit-moe", "switch")
@@ -462,6 +470,8 @@ def topk_gating(
             (DeepSeek-V3).
         bias: ``[E]``, added to the scores for selection only: the weights stay the unbiased
             scores (DeepSeek-V3's auxiliary-loss-free balancing; see ``update_selection_bias``).
+            It must be finite; where it is not (a layer's buffer gone bad), every weight is
+            NaN, so the fault shows in the output instead of skewing the routing silently.
         num_groups, topk_groups: group-limited routing. The experts form ``num_groups`` equal
             groups; a group's score is the sum of its two best (biased) scores; the ``k`` experts
             are chosen among the best ``topk_groups`` groups only. Default: no limit.
@@ -508,6 +518,8 @@ def update_selection_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float 
     check_tensor("bias", bias, 1, FLOAT_DTYPES)
     check_tensor("counts", counts, 1, (*INDEX_DTYPES, *FLOAT_DTYPES))
     check_dim("counts", counts, 0, bias.shape[0], "E, the experts of bias")
+    check_same_device(bias=bias, counts=counts)
+    rate = NONNEGATIVE.check("rate", rate)
     load = counts.float()
     with torch.no_grad():
         return bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))
@@ -541,12 +553,11 @@ def balance_loss(
     check_dim("probs", probs, 1, num_experts, "num_experts")
     check_dim("experts", experts, 0, probs.shape[0], "tokens, as in probs")
     check_k(experts.shape[1], num_experts, name="experts.shape[1]")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
+    alpha = NONNEGATIVE.check("alpha", alpha)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     device = check_same_device(probs=probs, experts=experts)
     check_expert_ids("experts", experts, num_experts)
     prob_sums, counts = expert_stats_apply(probs, experts, num_experts, resolve_backend(backend, device))
-    return loss_from_stats(counts, prob_sums, experts.shape[0], experts.shape[1], float(alpha), convention)
+    return loss_from_stats(counts, prob_sums, experts.shape[0], experts.shape[1], alpha, convention)
 

@@ -13,7 +13,7 @@ from .backend import BACKENDS, resolve_backend
 from .ffn import moe_ffn_unchecked
 from .gating import CONVENTIONS, check_routing_options, gating_with_stats, loss_from_stats, router_z_loss
 from .activations import ACTIVATIONS, activation_fn
-from .validation import FLOAT_DTYPES, check_k, check_positive_int
+from .validation import FLOAT_DTYPES, NONNEGATIVE, NONNEGATIVE_INT, check_k, check_positive_int
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -91,26 +91,26 @@ class MoE(nn.Module):
         hidden_dim = check_positive_int("hidden_dim", hidden_dim)
         num_experts = check_positive_int("num_experts", num_experts)
         top_k = check_k(top_k, num_experts, name="top_k")
-        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        num_shared_experts = NONNEGATIVE_INT.check("num_shared_experts", num_shared_experts)
         if shared_hidden_dim is not None:
-            check_positive_int("shared_hidden_dim", shared_hidden_dim)
+            shared_hidden_dim = check_positive_int("shared_hidden_dim", shared_hidden_dim)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         self.num_groups, self.topk_groups, self.routed_scale = check_routing_options(
-            num_experts, top_k, score, num_groups, topk_groups, routed_scale
+            num_experts, top_k, score, num_groups, topk_groups, routed_scale, scale_name="routed_scale"
         )
         if balance_loss_convention not in CONVENTIONS:
             raise ValueError(f"balance_loss_convention must be one of {CONVENTIONS}, got {balance_loss_convention!r}")
         if shared_gate and num_shared_experts == 0:
             raise ValueError("shared_gate needs a shared expert (num_shared_experts >= 1)")
-        self.score, self.z_loss_coef, self.balance_loss_convention = score, float(z_loss_coef), balance_loss_convention
+        self.score, self.balance_loss_convention = score, balance_loss_convention
+        self.z_loss_coef = NONNEGATIVE.check("z_loss_coef", z_loss_coef)
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
         self.activation = activation
         self.normalize_weights = bool(normalize_weights)
-        self.balance_loss_alpha = float(balance_loss_alpha)
+        self.balance_loss_alpha = NONNEGATIVE.check("balance_loss_alpha", balance_loss_alpha)
         self.backend = backend
         self.router = nn.Linear(dim, num_experts, bias=router_bias)
         if selection_bias:

@@ -37,8 +37,8 @@ def topk_gating(
     at a time, among the experts of the best ``topk_groups`` groups when ``num_groups > 1``.
 
     Selection ranks ``scores + bias``; the weights are the unbiased scores (renormalised over the
-    ``k`` if ``normalize``), times ``scale``. A group's rank is the sum of its two best biased
-    scores. Ties go to the lower index. A NaN score ranks above every number, as ``torch.sort``
+    ``k`` if ``normalize``), times ``scale``; all NaN if any bias is not finite. A
+    group's rank is the sum of its two best biased scores. Ties go to the lower index. A NaN score ranks above every number, as ``torch.sort``
     ranks it, so such a row still names ``k`` valid experts and its NaN weights carry on.
 
     Args:
@@ -66,6 +66,8 @@ def topk_gating(
         for t in range(num_tokens)
     ]).reshape(num_tokens, k).to(probs.device)
     weights = probs.gather(1, experts)
+    if bias is not None and not bool(bias.isfinite().all()):  # a bad bias shows, never skews silently
+        weights = torch.full_like(weights, torch.nan)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * scale, experts, probs

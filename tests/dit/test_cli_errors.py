@@ -37,7 +37,7 @@ def test_train_rejects_bad_numbers_while_parsing(tmp_path, capsys, argv):
 @pytest.mark.parametrize(
     "argv, message",
     [(["--sample-steps", "1"], "ddpm sampling takes 2 to 1000 steps, got 1"),
-     (["--set", "depth=-1"], "depth must be >= 1"),
+     (["--set", "depth=-1"], "depth must be an integer >= 1"),
      (["--set", "hidden_size=30"], "multiple of num_heads"),
      (["--image-size", "7"], "input_size \\(7\\) must be a multiple of patch_size")],
 )

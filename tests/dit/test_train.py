@@ -143,7 +143,7 @@ def test_model_overrides(tmp_path, capsys):
             run(tmp_path, "--steps", "1", "--set", bad)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
-    for bad, message in [("depth=-1", "depth must be >= 1, got -1"), ("num_heads=5", "multiple of num_heads"),
+    for bad, message in [("depth=-1", "depth must be an integer >= 1, got -1"), ("num_heads=5", "multiple of num_heads"),
                          ("top_k=9", "top_k must be between 1 and num_experts")]:
         with pytest.raises(SystemExit, match=message):
             run(tmp_path, "--steps", "1", "--set", bad)

@@ -109,3 +109,27 @@ def test_moe_layer_with_bad_router_logits(backend, kind):
     (y.sum() + moe.aux_loss).backward()
     assert torch.isfinite(_good(x.grad)).all()
     assert bool(moe.w_in.grad.isnan().any()) == POISONS_ROW[kind]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), INF, -INF])
+def test_a_non_finite_selection_bias_shows_in_the_output(backend, value):
+    """A bias gone bad must not skew routing silently (NaN and +Inf would take every token to
+    that expert, -Inf none): every weight, hence every output and the training loss, is NaN."""
+    moe = mk.MoE(D, H, E, k, backend=backend, selection_bias=True).to(DEVICE)
+    x = torch.randn(T, D, device=DEVICE)
+    moe.expert_bias[2] = value
+    y = moe(x)
+    assert y.isnan().all()
+    ref_weights, _, _ = reference.topk_gating(moe.router(x), k, bias=moe.expert_bias)
+    assert ref_weights.isnan().all()
+    weights, _, _ = mk.topk_gating(moe.router(x), k, backend=backend, bias=torch.randn(E, device=DEVICE))
+    assert torch.isfinite(weights).all()
+
+
+@pytest.mark.parametrize("rate", [float("nan"), INF, -1e-3])
+def test_update_selection_bias_refuses_a_rate_that_would_invert_or_poison_it(rate):
+    bias = torch.zeros(E)
+    with pytest.raises(ValueError, match="rate must be a finite number >= 0"):
+        mk.update_selection_bias(bias, torch.arange(E), rate=rate)
+    assert torch.equal(bias, torch.zeros(E))
