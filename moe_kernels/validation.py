@@ -117,7 +117,10 @@ def check_positive_int(name: str, value: object) -> int:
 
 def check_k(k: object, num_experts: int, name: str = "k") -> int:
     """Check ``1 <= k <= num_experts``."""
-    return Rule(integer=True, low=1, high=num_experts).check(name, k)
+    k = POSITIVE_INT.check(name, k)
+    if k > num_experts:
+        raise ValueError(f"{name} must be <= the number of experts ({num_experts}), got {k}")
+    return k
 
 
 def values_checkable(tensor: torch.Tensor) -> bool:
