@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import build_from_checkpoint
-from .cli import add_moe_backend_argument, check_writable_dir, nonnegative_float, positive_int, seed
+from .cli import add_moe_backend_argument, check_writable_dir, coefficient, nonnegative_int, positive_int, seed
 from .models import DiT
 from .sampling import SAMPLERS, check_steps, generate
 
@@ -159,19 +159,23 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
     return recorder
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dit.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory or .safetensors file of a DiT-MoE")
     p.add_argument("--samples-per-class", type=positive_int, default=16)
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="classes to sample (default: the first 10)")
+    p.add_argument("--classes", type=nonnegative_int, nargs="+", default=None, help="classes to sample (default: the first 10)")
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps (rows of the per-step map)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None)
-    p.add_argument("--cfg-scale", type=nonnegative_float, default=1.5)
+    p.add_argument("--cfg-scale", type=coefficient, default=1.5)
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="routing")
     add_moe_backend_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         analyze(args)
     except ValueError as error:

@@ -475,7 +475,7 @@ def consolidate(checkpoint: Path, out: Path, which: str = "ema") -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dit.checkpoint", description="Check and convert training checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("consolidate", help="write a checkpoint's weights (sharded or not) as one .safetensors file")
@@ -484,7 +484,11 @@ def main(argv: list[str] | None = None) -> None:
     merge.add_argument("--which", choices=("ema", "model"), default="ema", help="the EMA weights (for sampling) or the trained ones")
     check = commands.add_parser("verify", help="check every file of a checkpoint against its manifest")
     check.add_argument("checkpoint", type=Path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         if not args.checkpoint.is_dir():
             raise CheckpointError(f"checkpoint {args.checkpoint} is not a directory")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from moe_kernels.backend import BACKENDS
-from moe_kernels.validation import NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, Rule
+from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, Rule
 
 
 def argument_type(rule: Rule) -> Callable[[str], int | float]:
@@ -25,6 +25,7 @@ def argument_type(rule: Rule) -> Callable[[str], int | float]:
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"expected {rule.wanted}, got {text!r}") from None
 
+    parse.rule = rule
     return parse
 
 
@@ -32,8 +33,9 @@ def argument_type(rule: Rule) -> Callable[[str], int | float]:
 SEED = Rule(integer=True, low=0, high=2**32 - 1)
 
 positive_int = argument_type(POSITIVE_INT)
+nonnegative_int = argument_type(NONNEGATIVE_INT)
 positive_float = argument_type(POSITIVE)
-nonnegative_float = argument_type(NONNEGATIVE)
+coefficient = argument_type(COEFFICIENT)
 fraction = argument_type(PROBABILITY)
 seed = argument_type(SEED)
 

@@ -142,14 +142,18 @@ def infer_config(official: dict[str, torch.Tensor], num_heads: int | None = None
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dit.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="official checkpoint (.pt)")
     p.add_argument("output", help="output .safetensors")
     p.add_argument("--num-heads", type=positive_int, default=None)
     p.add_argument("--top-k", type=positive_int, default=2)
     p.add_argument("--input-size", type=positive_int, default=None, help="latent side (default: from pos_embed, else 32)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         output = check_writable(args.output, "output")
         official = load_official(args.input)

@@ -210,8 +210,7 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / LATENT_SCALE).sample
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m dit.data encode --data DIR --vae VAE --image-size 256 --out LATENTS``."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dit.data", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="encode an image folder to latent shards with a VAE")
@@ -221,6 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     enc.add_argument("--out", required=True)
     enc.add_argument("--batch-size", type=positive_int, default=64)
     enc.add_argument("--shard-size", type=positive_int, default=50_000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dit.data encode --data DIR --vae VAE --image-size 256 --out LATENTS``."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.image_size % 8:
         parser.error(f"--image-size must be a multiple of 8 (the VAE's latents are 8 times smaller), got {args.image_size}")

@@ -181,7 +181,7 @@ def digits_metrics(samples: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dit.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help=".npz of generated images (arr_0) and labels (arr_1)")
     p.add_argument("reference", nargs="?", default=None, help=".npz of reference images (arr_0), for the Inception metrics")
@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--digits", action="store_true", help="the digits report (needs no weights)")
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         json_path = check_writable(args.json, "--json") if args.json else None
         samples, labels = load_images(args.samples)

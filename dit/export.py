@@ -87,14 +87,18 @@ def export(model: DiT, out: Path, batch: int, cfg: bool) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dit.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint directory (its EMA weights) or a .safetensors file")
     p.add_argument("--out", required=True, help="the .pt2 package to write")
     p.add_argument("--batch", type=positive_int, default=1, help="images per network evaluation (fixed in the package)")
     p.add_argument("--cfg", action="store_true", help="classifier-free guidance inside the package, its scale an input")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the package runs")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         out = check_writable(args.out, "--out")
         if out.suffix != ".pt2":

@@ -142,7 +142,7 @@ def table(image_size: int = 256) -> str:
     return "\n".join(line(row) for row in [header, *rows])
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dit.flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=positive_int, default=256, help="image side in pixels (latents are 8x smaller)")
     memory = parser.add_argument_group("--memory: per-GPU training memory (see dit.memory)")
@@ -153,6 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     memory.add_argument("--grad-checkpointing", action="store_true", help="as dit.train --grad-checkpointing")
     memory.add_argument("--batch", type=positive_int, default=32, help="images per GPU (default 32)")
     memory.add_argument("--budget", type=positive_float, default=80, help="GiB per GPU (default 80)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.image_size < 16 or args.image_size % 16:
         parser.error(f"--image-size must be a positive multiple of 16 (latent side divisible by the patch), got {args.image_size}")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_kernels import MoE
-from moe_kernels.validation import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, check_k
+from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, check_k
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -216,9 +216,9 @@ class DiTConfig:
         if int(self.hidden_size * POSITIVE.check("mlp_ratio", self.mlp_ratio)) < 1:
             raise ValueError(f"mlp_ratio must make a hidden width >= 1, got {self.mlp_ratio}")
         if self.num_experts:
-            check_k(self.top_k, self.num_experts, "top_k")
+            check_k(self.top_k, self.num_experts, "top_k", "num_experts")
         DROPOUT.check("class_dropout_prob", self.class_dropout_prob)
-        NONNEGATIVE.check("balance_loss_alpha", self.balance_loss_alpha)
+        COEFFICIENT.check("balance_loss_alpha", self.balance_loss_alpha)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 

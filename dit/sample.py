@@ -15,22 +15,30 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import build_from_checkpoint
-from .cli import add_moe_backend_argument, check_writable, nonnegative_float, positive_int, replace_atomically, seed
+from .cli import (
+    add_moe_backend_argument,
+    check_writable,
+    coefficient,
+    nonnegative_int,
+    positive_int,
+    replace_atomically,
+    seed,
+)
 from .data import decode, load_vae
 from .precision import add_precision_argument, inference_weights, use_precision
 from .sampling import SAMPLERS, check_steps, generate, save_grid, to_uint8
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dit.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint directory (its EMA weights are used) or a .safetensors file")
     p.add_argument("--num-samples", type=positive_int, default=100)
-    p.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg-scale", type=coefficient, default=4.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default 250 for diffusion, 50 for rectified flow)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddpm for diffusion, euler for rectified flow")
     p.add_argument("--out", default="samples.npz", help="output .npz (the suffix is added if missing)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the samples (.png is added if missing)")
-    p.add_argument("--class", dest="class_label", type=int, default=None, help="sample only this class")
+    p.add_argument("--class", dest="class_label", type=nonnegative_int, default=None, help="sample only this class")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL, to decode a latent model's samples")
@@ -38,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true", help="capture one guided denoising step in a CUDA graph and replay it (CUDA only)")
     add_moe_backend_argument(p)
     add_precision_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     # np.savez adds ".npz" to any other name: say so up front, and report the file really written.
     if Path(args.out).suffix != ".npz":
         args.out = args.out + ".npz"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_kernels.validation import NONNEGATIVE
+from moe_kernels.validation import COEFFICIENT
 
 from .diffusion import NUM_TIMESTEPS, RectifiedFlow, create_diffusion
 from .models import DiT
@@ -43,7 +43,7 @@ def guided(model: DiT, labels: torch.Tensor, cfg_scale: float) -> Callable[[torc
     """The model as a function of ``(x, t)``, conditioned on ``labels``; with ``cfg_scale != 1``,
     classifier-free guidance: ``uncond + s * (cond - uncond)`` on the predicted channels (the
     learned-variance channels come from the conditional pass)."""
-    if NONNEGATIVE.check("cfg_scale", cfg_scale) == 1.0:
+    if COEFFICIENT.check("cfg_scale", cfg_scale) == 1.0:
         return lambda x, t: model(x, t, labels)
     if model.config.class_dropout_prob <= 0:
         raise ValueError("classifier-free guidance needs a model trained with class dropout (it has no null class)")

@@ -30,9 +30,9 @@ from . import parallel
 from .cli import (
     add_moe_backend_argument,
     check_writable_dir,
+    coefficient,
     explicit_arguments,
     fraction,
-    nonnegative_float,
     positive_float,
     positive_int,
     seed,
@@ -92,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and fp32 gradient reduction; checkpoints are sharded"))
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (forward and backward) and the optimizer step")
     p.add_argument("--objective", choices=OBJECTIVES, default="diffusion")
-    p.add_argument("--balance-alpha", type=nonnegative_float, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
+    p.add_argument("--balance-alpha", type=coefficient, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
     p.add_argument("--ema-decay", type=fraction, default=0.9999)
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on for image folders; off for digits, which mirroring changes, and latents)")
-    p.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="guidance scale of the final sample grid")
+    p.add_argument("--cfg-scale", type=coefficient, default=4.0, help="guidance scale of the final sample grid")
     p.add_argument("--sample-steps", type=positive_int, default=None, help="sampling steps of the final grid (default 250 DDPM or 50 Euler)")
     add_moe_backend_argument(p)
     p.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -21,8 +21,8 @@ from .library import custom_op, differentiable
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    NONNEGATIVE,
-    POSITIVE,
+    COEFFICIENT,
+    SCALE,
     check_dim,
     check_expert_ids,
     check_k,
@@ -406,24 +406,26 @@ def gating_with_stats(
 
 
 def check_routing_options(
-    num_experts: int, k: int, score: str, num_groups: int, topk_groups: int | None, scale: float, scale_name: str = "scale"
+    num_experts: int, k: int, score: str, num_groups: int, topk_groups: int | None, scale: float, *,
+    names: tuple[str, str, str] = ("the number of experts", "k", "scale"),
 ) -> tuple[int, int, float]:
-    """Validate the routing variants of ``topk_gating``; return ``(num_groups, topk_groups, scale)``
-    (``scale_name``: what the caller calls ``scale``)."""
+    """Validate the routing variants of ``topk_gating``; return ``(num_groups, topk_groups, scale)``.
+    ``names``: what the caller calls ``num_experts``, ``k`` and ``scale``, for the messages."""
+    experts, k_name, scale_name = names
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     num_groups = check_positive_int("num_groups", num_groups)
     if num_experts % num_groups:
-        raise ValueError(f"num_groups ({num_groups}) must divide the number of experts ({num_experts})")
+        raise ValueError(f"num_groups ({num_groups}) must divide {experts} ({num_experts})")
     topk_groups = num_groups if topk_groups is None else check_positive_int("topk_groups", topk_groups)
     if topk_groups > num_groups:
         raise ValueError(f"topk_groups ({topk_groups}) must be at most num_groups ({num_groups})")
     if k > topk_groups * (num_experts // num_groups):
         raise ValueError(
-            f"k ({k}) must be at most the experts of the kept groups: topk_groups ({topk_groups}) x "
+            f"{k_name} ({k}) must be at most the experts of the kept groups: topk_groups ({topk_groups}) x "
             f"{num_experts // num_groups} experts per group"
         )
-    return num_groups, topk_groups, POSITIVE.check(scale_name, scale)
+    return num_groups, topk_groups, SCALE.check(scale_name, scale)
 
 
 CONVENTIONS = ("dit-moe", "switch")
@@ -519,7 +521,7 @@ def update_selection_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float 
     check_tensor("counts", counts, 1, (*INDEX_DTYPES, *FLOAT_DTYPES))
     check_dim("counts", counts, 0, bias.shape[0], "E, the experts of bias")
     check_same_device(bias=bias, counts=counts)
-    rate = NONNEGATIVE.check("rate", rate)
+    rate = COEFFICIENT.check("rate", rate)
     load = counts.float()
     with torch.no_grad():
         return bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))
@@ -553,7 +555,7 @@ def balance_loss(
     check_dim("probs", probs, 1, num_experts, "num_experts")
     check_dim("experts", experts, 0, probs.shape[0], "tokens, as in probs")
     check_k(experts.shape[1], num_experts, name="experts.shape[1]")
-    alpha = NONNEGATIVE.check("alpha", alpha)
+    alpha = COEFFICIENT.check("alpha", alpha)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     device = check_same_device(probs=probs, experts=experts)

@@ -463,9 +463,13 @@ def grouped_mm_wgrad(
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    # torch._grouped_mm wants 16-byte aligned data and strides (and no broadcast, stride-0 dims).
-    size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s != 0 and s * size % 16 == 0 for s in t.stride() if s != 1)
+    # torch._grouped_mm wants one of the last two dims contiguous (the last, or the one before
+    # for a transposed matrix), 16-byte aligned data and every other stride a multiple of 16
+    # bytes (so no broadcast, stride-0 dims). A width of 1 makes the row stride 1 element.
+    size, strides = t.element_size(), t.stride()
+    inner = t.dim() - 1 if strides[-1] == 1 else t.dim() - 2
+    others = (s for d, s in enumerate(strides) if d != inner)
+    return t.data_ptr() % 16 == 0 and strides[inner] == 1 and all(s != 0 and s * size % 16 == 0 for s in others)
 
 
 def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -13,10 +13,16 @@ from .backend import BACKENDS, resolve_backend
 from .ffn import moe_ffn_unchecked
 from .gating import CONVENTIONS, check_routing_options, gating_with_stats, loss_from_stats, router_z_loss
 from .activations import ACTIVATIONS, activation_fn
-from .validation import FLOAT_DTYPES, NONNEGATIVE, NONNEGATIVE_INT, check_k, check_positive_int
+from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, check_k, check_positive_int
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+
+
+def _check_elements(tensor: str, shape: tuple[int, ...], arguments: str) -> None:
+    """A clear error for weights too large for any tensor (their size in bytes must fit int64)."""
+    if math.prod(shape) * torch.get_default_dtype().itemsize >= 2**63:
+        raise ValueError(f"{arguments} make {tensor} of shape {shape}, more bytes than a tensor can hold (2**63)")
 
 
 class SharedExpert(nn.Module):
@@ -90,7 +96,7 @@ class MoE(nn.Module):
         dim = check_positive_int("dim", dim)
         hidden_dim = check_positive_int("hidden_dim", hidden_dim)
         num_experts = check_positive_int("num_experts", num_experts)
-        top_k = check_k(top_k, num_experts, name="top_k")
+        top_k = check_k(top_k, num_experts, name="top_k", experts="num_experts")
         num_shared_experts = NONNEGATIVE_INT.check("num_shared_experts", num_shared_experts)
         if shared_hidden_dim is not None:
             shared_hidden_dim = check_positive_int("shared_hidden_dim", shared_hidden_dim)
@@ -99,31 +105,35 @@ class MoE(nn.Module):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         self.num_groups, self.topk_groups, self.routed_scale = check_routing_options(
-            num_experts, top_k, score, num_groups, topk_groups, routed_scale, scale_name="routed_scale"
+            num_experts, top_k, score, num_groups, topk_groups, routed_scale, names=("num_experts", "top_k", "routed_scale")
         )
         if balance_loss_convention not in CONVENTIONS:
             raise ValueError(f"balance_loss_convention must be one of {CONVENTIONS}, got {balance_loss_convention!r}")
         if shared_gate and num_shared_experts == 0:
             raise ValueError("shared_gate needs a shared expert (num_shared_experts >= 1)")
         self.score, self.balance_loss_convention = score, balance_loss_convention
-        self.z_loss_coef = NONNEGATIVE.check("z_loss_coef", z_loss_coef)
+        self.z_loss_coef = COEFFICIENT.check("z_loss_coef", z_loss_coef)
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
         self.activation = activation
         self.normalize_weights = bool(normalize_weights)
-        self.balance_loss_alpha = NONNEGATIVE.check("balance_loss_alpha", balance_loss_alpha)
+        self.balance_loss_alpha = COEFFICIENT.check("balance_loss_alpha", balance_loss_alpha)
         self.backend = backend
+        width_in = 2 * hidden_dim if activation == "swiglu" else hidden_dim
+        shared_width = shared_hidden_dim or num_shared_experts * dim
+        shared_by = "shared_hidden_dim" if shared_hidden_dim else "num_shared_experts"
+        _check_elements("w_in", (num_experts, dim, width_in), "num_experts, dim and hidden_dim")
+        _check_elements("the shared expert's proj_in", (dim, 2 * shared_width), f"dim and {shared_by}")
         self.router = nn.Linear(dim, num_experts, bias=router_bias)
         if selection_bias:
             # Not a parameter: update_selection_bias moves it between steps (DeepSeek-V3).
             self.register_buffer("expert_bias", torch.zeros(num_experts))
         else:
             self.expert_bias = None
-        width_in = 2 * hidden_dim if activation == "swiglu" else hidden_dim
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, width_in))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.shared = None
         if num_shared_experts > 0:
-            self.shared = SharedExpert(dim, shared_hidden_dim or num_shared_experts * dim, activation)
+            self.shared = SharedExpert(dim, shared_width, activation)
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.router_logits: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
@@ -147,7 +157,8 @@ class MoE(nn.Module):
         if x.device != self.w_in.device:
             raise ValueError(f"x is on {x.device} but the MoE's parameters are on {self.w_in.device}")
         backend = resolve_backend(self.backend, x.device)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         tokens = x.reshape(-1, self.dim)
         logits = self.router(tokens)
         weights, experts, _, counts, prob_sums = gating_with_stats(

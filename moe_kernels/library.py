@@ -51,10 +51,20 @@ class CustomOp:
         self.custom_op = torch.library.custom_op(name, fn, mutates_args=())
         namespace, op_name = name.split("::")
         self.overload = getattr(getattr(torch.ops, namespace), op_name).default  # what torch.compile traces
-        self.register_fake = self.custom_op.register_fake
+        self.fake: Callable | None = None
         functools.update_wrapper(self, fn)
 
+    def register_fake(self, fn: Callable) -> Callable:
+        """Register ``fn`` as the op's fake (shape) implementation: what compile and export
+        trace, and what meta tensors run."""
+        self.fake = fn
+        return self.custom_op.register_fake(fn)
+
     def __call__(self, *args):
+        if any(isinstance(arg, torch.Tensor) and arg.is_meta for arg in args):
+            # Meta tensors hold shapes but no values (a model built on the meta device, say):
+            # the fake implementation says what the op returns.
+            return self.fake(*args)
         if dispatch_free(args):
             return self.impl(*args)
         return self.overload(*args)

@@ -108,6 +108,11 @@ NONNEGATIVE_INT = Rule(integer=True, low=0)
 POSITIVE = Rule(integer=False, low=0, open_low=True)
 NONNEGATIVE = Rule(integer=False, low=0)
 PROBABILITY = Rule(integer=False, low=0, high=1)
+# Factors that multiply float32 (or bf16) values: loss weights, rates, guidance scales, the
+# routed weights' scale. Bounded well inside float32's range (about 3e38), so that a result is
+# never infinite because of the factor alone; useful values are many orders of magnitude smaller.
+COEFFICIENT = Rule(integer=False, low=0, high=1e6)
+SCALE = Rule(integer=False, low=0, high=1e6, open_low=True)
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -115,19 +120,19 @@ def check_positive_int(name: str, value: object) -> int:
     return POSITIVE_INT.check(name, value)
 
 
-def check_k(k: object, num_experts: int, name: str = "k") -> int:
-    """Check ``1 <= k <= num_experts``."""
+def check_k(k: object, num_experts: int, name: str = "k", experts: str = "the number of experts") -> int:
+    """Check ``1 <= k <= num_experts``; ``experts`` says where ``num_experts`` comes from."""
     k = POSITIVE_INT.check(name, k)
     if k > num_experts:
-        raise ValueError(f"{name} must be <= the number of experts ({num_experts}), got {k}")
+        raise ValueError(f"{name} must be <= {experts} ({num_experts}), got {k}")
     return k
 
 
 def values_checkable(tensor: torch.Tensor) -> bool:
     """Whether reading values back to the host is allowed: in eager mode only, not while
     ``torch.compile`` or ``torch.export`` traces (the values are unknown there) nor while a
-    CUDA graph is captured."""
-    if torch.compiler.is_compiling():
+    CUDA graph is captured, and not from meta tensors (which hold none)."""
+    if torch.compiler.is_compiling() or tensor.is_meta:
         return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 

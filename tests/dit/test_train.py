@@ -144,7 +144,7 @@ def test_model_overrides(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     for bad, message in [("depth=-1", "depth must be an integer >= 1, got -1"), ("num_heads=5", "multiple of num_heads"),
-                         ("top_k=9", r"top_k must be <= the number of experts \(4\), got 9")]:
+                         ("top_k=9", r"top_k must be <= num_experts \(4\), got 9")]:
         with pytest.raises(SystemExit, match=message):
             run(tmp_path, "--steps", "1", "--set", bad)
     run_dir = run(tmp_path, "--steps", "1", "--set", "num_shared_experts=0")
