@@ -97,13 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_device(text: str) -> torch.device:
+    """The device ``--device`` names, if a package can be built for it here."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {text}: packages run on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: this machine has no CUDA device (export on the machine that will run it)")
+    if (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: there is no such GPU ({torch.cuda.device_count()} visible)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         out = check_writable(args.out, "--out")
         if out.suffix != ".pt2":
             raise ValueError(f"--out must end in .pt2 (an AOTInductor package), got {out}")
-        model = build_from_checkpoint(args.ckpt, moe_backend="auto").to(args.device)
+        device = check_device(args.device)
+        model = build_from_checkpoint(args.ckpt, moe_backend="auto").to(device)
         start = time.perf_counter()
         export(model, out, args.batch, args.cfg)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s: "

@@ -130,6 +130,6 @@ def test_a_non_finite_selection_bias_shows_in_the_output(backend, value):
 @pytest.mark.parametrize("rate", [float("nan"), INF, -1e-3])
 def test_update_selection_bias_refuses_a_rate_that_would_invert_or_poison_it(rate):
     bias = torch.zeros(E)
-    with pytest.raises(ValueError, match="rate must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"rate must be a finite number in \[0, 1e\+06\]"):
         mk.update_selection_bias(bias, torch.arange(E), rate=rate)
     assert torch.equal(bias, torch.zeros(E))
