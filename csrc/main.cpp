@@ -1,20 +1,24 @@
 // dit_sample: draw samples from a DiT-MoE exported by `python -m dit.export`, without Python.
 //
-//   dit_sample --package model.pt2 --out samples.npz [--num-samples 16] [--class C] [--seed 0]
-//              [--steps 50] [--cfg-scale 4] [--sampler ddim|euler]
+//   dit_sample --package model.pt2 --out samples.npz [--num-samples 100] [--class C] [--seed 0]
+//              [--steps 250] [--cfg-scale 4] [--sampler ddpm|ddim|euler]
 //
-// Writes what `python -m dit.sample` writes: arr_0 uint8 [N, H, W, C], arr_1 int64 labels. With
-// the same seed, labels, steps and guidance, it starts from the same noise (torch's CPU
-// generator, as dit.sample draws it) and takes the same deterministic steps.
+// Writes what `python -m dit.sample` writes: arr_0 uint8 [N, H, W, C], arr_1 int64 labels, with
+// its defaults. With the same seed, labels, sampler, steps and guidance, it draws the same noise
+// (torch's CPU generator, as dit.sample draws it, then for DDPM a generator on the package's
+// device seeded from it) and takes the same steps.
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/Exception.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -26,19 +30,46 @@ namespace {
 
 struct Options {
   std::string package, out, sampler;
-  int64_t num_samples = 16, seed = 0, steps = 50, batch = 0;
-  std::optional<int64_t> class_label;
-  double cfg_scale = 1.0;
+  int64_t num_samples = 100, seed = 0, batch = 0;
+  std::optional<int64_t> steps, class_label;
+  std::optional<double> cfg_scale;
 };
 
+// The defaults are dit.sample's; those that depend on the package say how.
 const char* kUsage =
-    "usage: dit_sample --package MODEL.pt2 --out SAMPLES.npz [--num-samples N] [--class C] [--seed S] "
-    "[--steps K] [--cfg-scale G] [--sampler ddim|euler] [--batch B, checked against the package]";
+    "usage: dit_sample --package MODEL.pt2 --out SAMPLES.npz [--num-samples N (100)] [--class C (all, in turn)]\n"
+    "                  [--seed S (0)] [--sampler ddpm|ddim|euler (ddpm; euler for rectified flow)]\n"
+    "                  [--steps K (250; 50 for euler)] [--cfg-scale G (4; 1 for a package exported without --cfg)]\n"
+    "                  [--batch B (checked against the package)]";
 
-int64_t to_int(const std::string& flag, const std::string& text) {
+// The number rules of the Python command lines (moe_kernels.validation): a seed in [0, 2**32),
+// guidance a finite number in [0, 1e6], counts >= 1, a class >= 0.
+int64_t to_int(const std::string& flag, const std::string& text, int64_t low, int64_t high) {
   size_t used = 0;
-  const int64_t value = std::stoll(text, &used);
-  if (used != text.size()) throw std::invalid_argument(flag + " expects an integer, got '" + text + "'");
+  int64_t value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::logic_error&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || value < low || value > high) {
+    throw std::invalid_argument(flag + " expects an integer in [" + std::to_string(low) + ", " +
+                                (high == INT64_MAX ? std::string("inf") : std::to_string(high)) + "], got '" + text + "'");
+  }
+  return value;
+}
+
+double to_coefficient(const std::string& flag, const std::string& text) {
+  size_t used = 0;
+  double value = NAN;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::logic_error&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || !std::isfinite(value) || value < 0 || value > 1e6) {
+    throw std::invalid_argument(flag + " expects a finite number in [0, 1e+06], got '" + text + "'");
+  }
   return value;
 }
 
@@ -55,27 +86,30 @@ Options parse(int argc, char** argv) {
   }
   Options options;
   for (const auto& [flag, value] : given) {
-    try {
-      if (flag == "--package") options.package = value;
-      else if (flag == "--out") options.out = value;
-      else if (flag == "--sampler") options.sampler = value;
-      else if (flag == "--num-samples") options.num_samples = to_int(flag, value);
-      else if (flag == "--class") options.class_label = to_int(flag, value);
-      else if (flag == "--seed") options.seed = to_int(flag, value);
-      else if (flag == "--steps") options.steps = to_int(flag, value);
-      else if (flag == "--batch") options.batch = to_int(flag, value);
-      else if (flag == "--cfg-scale") options.cfg_scale = std::stod(value);
-      else throw std::invalid_argument("unknown flag " + flag);
-    } catch (const std::logic_error& error) {
-      // Our own messages name the flag; stoll and stod say only "stoll" or "stod".
-      if (std::string(error.what()).find(flag) != std::string::npos) throw std::invalid_argument(error.what());
-      throw std::invalid_argument(flag + ": bad value '" + value + "'");
-    }
+    if (flag == "--package") options.package = value;
+    else if (flag == "--out") options.out = value;
+    else if (flag == "--sampler") options.sampler = value;
+    else if (flag == "--num-samples") options.num_samples = to_int(flag, value, 1, INT64_MAX);
+    else if (flag == "--class") options.class_label = to_int(flag, value, 0, INT64_MAX);
+    else if (flag == "--seed") options.seed = to_int(flag, value, 0, (int64_t{1} << 32) - 1);
+    else if (flag == "--steps") options.steps = to_int(flag, value, 1, INT64_MAX);
+    else if (flag == "--batch") options.batch = to_int(flag, value, 1, INT64_MAX);
+    else if (flag == "--cfg-scale") options.cfg_scale = to_coefficient(flag, value);
+    else throw std::invalid_argument("unknown flag " + flag);
   }
   if (options.package.empty() || options.out.empty()) throw std::invalid_argument("--package and --out are required");
-  if (options.num_samples < 1) throw std::invalid_argument("--num-samples must be >= 1");
-  if (!(options.cfg_scale >= 0)) throw std::invalid_argument("--cfg-scale must be >= 0");
+  if (!options.sampler.empty() && options.sampler != "ddpm" && options.sampler != "ddim" && options.sampler != "euler") {
+    throw std::invalid_argument("--sampler must be ddpm, ddim or euler, got '" + options.sampler + "'");
+  }
   return options;
+}
+
+// One line: a c10::Error's message without the C++ backtrace torch appends, and of any other
+// message its first line.
+std::string one_line(const std::exception& error) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
+  std::string text = c10_error ? c10_error->what_without_backtrace() : error.what();
+  return text.substr(0, text.find('\n'));
 }
 
 }  // namespace
@@ -96,16 +130,20 @@ int main(int argc, char** argv) {
       throw std::invalid_argument("--package " + options.package + " is not an AOTInductor package");
     }
     const dit::PackageInfo info = dit::read_package_info(metadata);
-    const std::string sampler = options.sampler.empty() ? (info.objective == "diffusion" ? "ddim" : "euler") : options.sampler;
-    if ((sampler == "euler") != (info.objective == "rectified-flow") || (sampler != "ddim" && sampler != "euler")) {
+    const bool flow = info.objective == "rectified-flow";
+    const std::string sampler = options.sampler.empty() ? (flow ? "euler" : "ddpm") : options.sampler;
+    if ((sampler == "euler") != flow) {
       throw std::invalid_argument("--sampler " + sampler + " does not fit a model trained with the " + info.objective +
-                                  " objective (ddim for diffusion, euler for rectified-flow)");
+                                  " objective (ddpm or ddim for diffusion, euler for rectified-flow)");
     }
-    if (options.class_label && (*options.class_label < 0 || *options.class_label >= info.num_classes)) {
+    const int64_t steps = options.steps.value_or(flow ? 50 : 250);
+    if (!flow) dit::kept_timesteps(steps, static_cast<int64_t>(info.alphas_cumprod.size()), sampler == "ddim");
+    if (options.class_label && *options.class_label >= info.num_classes) {
       throw std::invalid_argument("--class must be in [0, " + std::to_string(info.num_classes) + "), got " +
                                   std::to_string(*options.class_label));
     }
-    if (options.cfg_scale != 1.0 && !info.cfg) {
+    const double cfg_scale = options.cfg_scale.value_or(info.cfg ? 4.0 : 1.0);
+    if (cfg_scale != 1.0 && !info.cfg) {
       throw std::invalid_argument("--cfg-scale needs a package exported with --cfg");
     }
     if (options.batch && options.batch != info.batch) {
@@ -118,26 +156,29 @@ int main(int argc, char** argv) {
     torch::inductor::AOTIModelPackageLoader loader(options.package);
     const at::Device device(info.device);
     const auto floats = at::TensorOptions().dtype(at::kFloat).device(device);
-    const at::Tensor scale = at::full({1}, options.cfg_scale, floats);
+    const at::Tensor scale = at::full({1}, cfg_scale, floats);
     int64_t evaluations = 0;
     double network_ms = 0;
 
     const at::Tensor all_labels = options.class_label
         ? at::full({options.num_samples}, *options.class_label, at::kLong)
         : at::arange(options.num_samples, at::kLong).remainder(info.num_classes);
+    const auto shape = [&](int64_t rows) {
+      return std::vector<int64_t>{rows, info.in_channels, info.input_size, info.input_size};
+    };
     auto generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
     std::vector<at::Tensor> images;
     const auto start = std::chrono::steady_clock::now();
     for (int64_t first = 0; first < options.num_samples; first += info.batch) {
       const int64_t n = std::min(info.batch, options.num_samples - first);
       // dit.sample's noise: one draw per chunk from the seeded CPU generator; padded to the batch.
-      at::Tensor noise = at::randn({n, info.in_channels, info.input_size, info.input_size}, generator);
+      const at::Tensor noise = at::randn(shape(n), generator);
       at::Tensor labels = all_labels.slice(0, first, first + n);
-      if (n < info.batch) {
-        noise = at::cat({noise, at::zeros({info.batch - n, info.in_channels, info.input_size, info.input_size})});
-        labels = at::cat({labels, at::zeros({info.batch - n}, at::kLong)});
-      }
+      if (n < info.batch) labels = at::cat({labels, at::zeros({info.batch - n}, at::kLong)});
       const at::Tensor y = labels.to(device);
+      const auto pad = [&](const at::Tensor& rows) {
+        return n < info.batch ? at::cat({rows, at::zeros(shape(info.batch - n), rows.options())}) : rows;
+      };
       const dit::Denoise evaluate = [&](const at::Tensor& x, const at::Tensor& t) {
         const auto begin = std::chrono::steady_clock::now();
         at::Tensor out = loader.run({x, t, y, scale})[0];
@@ -145,9 +186,23 @@ int main(int argc, char** argv) {
         ++evaluations;
         return out;
       };
-      const at::Tensor x = sampler == "ddim"
-          ? dit::ddim_sample(evaluate, noise.to(device), info.alphas_cumprod, options.steps, /*clip=*/true)
-          : dit::euler_sample(evaluate, noise.to(device), options.steps);
+      at::Tensor x;
+      if (sampler == "ddpm") {
+        // Then the seed of the steps' noise, for a generator on the package's device.
+        const int64_t seed = at::randint(0, int64_t{1} << 62, {1}, generator).item<int64_t>();
+        at::Generator steps_generator = at::globalContext().defaultGenerator(device);
+        {
+          std::lock_guard<std::mutex> lock(steps_generator.mutex());
+          steps_generator.set_current_seed(static_cast<uint64_t>(seed));
+        }
+        const auto step_noise = [&] { return pad(at::randn(shape(n), steps_generator, floats)); };
+        x = dit::ddpm_sample(evaluate, pad(noise).to(device), info.alphas_cumprod, steps, /*clip=*/true,
+                             info.learn_sigma, step_noise);
+      } else if (sampler == "ddim") {
+        x = dit::ddim_sample(evaluate, pad(noise).to(device), info.alphas_cumprod, steps, /*clip=*/true);
+      } else {
+        x = dit::euler_sample(evaluate, pad(noise).to(device), steps);
+      }
       images.push_back(x.narrow(0, 0, n).cpu());
     }
     const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -155,16 +210,16 @@ int main(int argc, char** argv) {
         ((at::cat(images) + 1) * 127.5).round().clamp(0, 255).to(at::kByte).permute({0, 2, 3, 1}).contiguous();
     dit::write_npz(options.out, {{"arr_0", pixels}, {"arr_1", all_labels}});
     std::cerr << "wrote " << options.num_samples << " samples to " << options.out << " (" << sampler << ", "
-              << options.steps << " steps, cfg " << options.cfg_scale << ") in " << total_s << " s; "
+              << steps << " steps, cfg " << cfg_scale << ") in " << total_s << " s; "
               << (evaluations ? network_ms / evaluations : 0.0) << " ms per network evaluation of batch "
               << info.batch << " on " << info.device << ", "
               << (evaluations ? total_s * 1e3 / evaluations : 0.0) << " ms per step with the sampler's arithmetic\n";
     return 0;
   } catch (const std::invalid_argument& error) {
-    std::cerr << "error: " << error.what() << "\n" << kUsage << "\n";
+    std::cerr << "error: " << one_line(error) << "\n" << kUsage << "\n";
     return 2;
   } catch (const std::exception& error) {
-    std::cerr << "error: " << error.what() << "\n";
+    std::cerr << "error: " << one_line(error) << "\n";
     return 1;
   }
 }

@@ -35,6 +35,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_gating(
   }
   const Tensor chosen = std::get<1>(rank.sort(true, -1, true)).narrow(1, 0, k).contiguous();
   Tensor weights = scores.gather(1, chosen);
+  if (bias.has_value()) weights = weights + (bias->to(at::kFloat) * 0).sum();  // a non-finite bias: all NaN
   if (normalize) weights = weights / weights.sum(-1, true);
   if (scale != 1.0) weights = weights * scale;
   const Tensor flat = chosen.reshape(-1);

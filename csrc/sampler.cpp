@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <functional>
 #include <sstream>
 #include <stdexcept>
 
@@ -15,11 +16,25 @@ const std::string& field(const std::unordered_map<std::string, std::string>& met
   return found->second;
 }
 
-int64_t integer(const std::unordered_map<std::string, std::string>& metadata, const std::string& key) {
-  return std::stoll(field(metadata, key));
+// A whole-number field of at least `low`; anything else is a package this program cannot read.
+int64_t integer(const std::unordered_map<std::string, std::string>& metadata, const std::string& key, int64_t low) {
+  const std::string& text = field(metadata, key);
+  size_t used = 0;
+  int64_t value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::logic_error&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || value < low) {
+    throw std::invalid_argument("the package's metadata has '" + key + "' = '" + text + "', expected an integer >= " +
+                                std::to_string(low));
+  }
+  return value;
 }
 
 constexpr double kTimeScale = 1000.0;  // dit.diffusion.rectified_flow.TIME_SCALE
+constexpr int64_t kNumTimesteps = 1000;  // dit.diffusion.NUM_TIMESTEPS
 
 }  // namespace
 
@@ -29,27 +44,50 @@ PackageInfo read_package_info(const std::unordered_map<std::string, std::string>
   }
   PackageInfo info;
   info.objective = field(metadata, "objective");
+  if (info.objective != "diffusion" && info.objective != "rectified-flow") {
+    throw std::invalid_argument("the package's metadata names an unknown objective '" + info.objective + "'");
+  }
   info.device = field(metadata, "device");
-  info.batch = integer(metadata, "batch");
-  info.in_channels = integer(metadata, "in_channels");
-  info.input_size = integer(metadata, "input_size");
-  info.num_classes = integer(metadata, "num_classes");
-  info.cfg = integer(metadata, "cfg") != 0;
-  info.latent = integer(metadata, "latent") != 0;
+  if (info.device != "cpu" && info.device != "cuda") {
+    throw std::invalid_argument("the package's metadata names an unknown device '" + info.device + "'");
+  }
+  info.batch = integer(metadata, "batch", 1);
+  info.in_channels = integer(metadata, "in_channels", 1);
+  info.input_size = integer(metadata, "input_size", 1);
+  info.num_classes = integer(metadata, "num_classes", 1);
+  info.cfg = integer(metadata, "cfg", 0) != 0;
+  info.latent = integer(metadata, "latent", 0) != 0;
+  info.learn_sigma = integer(metadata, "learn_sigma", 0) != 0;
   if (info.objective == "diffusion") {
     std::stringstream values(field(metadata, "alphas_cumprod"));
-    for (std::string value; std::getline(values, value, ',');) info.alphas_cumprod.push_back(std::stod(value));
+    for (std::string value; std::getline(values, value, ',');) {
+      size_t used = 0;
+      double alpha = 0;
+      try {
+        alpha = std::stod(value, &used);
+      } catch (const std::logic_error&) {
+        used = 0;
+      }
+      if (used == 0 || used != value.size() || !(alpha > 0 && alpha < 1)) {
+        throw std::invalid_argument("the package's metadata holds a bad alphas_cumprod value '" + value + "'");
+      }
+      info.alphas_cumprod.push_back(alpha);
+    }
+    if (static_cast<int64_t>(info.alphas_cumprod.size()) != kNumTimesteps) {
+      throw std::invalid_argument("the package's metadata holds " + std::to_string(info.alphas_cumprod.size()) +
+                                  " alphas_cumprod, expected " + std::to_string(kNumTimesteps));
+    }
   }
   return info;
 }
 
-std::vector<int64_t> ddim_timesteps(int64_t steps, int64_t num_timesteps) {
+std::vector<int64_t> kept_timesteps(int64_t steps, int64_t num_timesteps, bool ddim) {
   if (steps < 2 || steps > num_timesteps) {
-    throw std::invalid_argument("ddim sampling takes 2 to " + std::to_string(num_timesteps) + " steps, got " +
-                                std::to_string(steps));
+    throw std::invalid_argument(std::string(ddim ? "ddim" : "ddpm") + " sampling takes 2 to " +
+                                std::to_string(num_timesteps) + " steps, got " + std::to_string(steps));
   }
   std::vector<int64_t> kept;
-  for (int64_t stride = 1; stride < num_timesteps; ++stride) {
+  for (int64_t stride = 1; ddim && stride < num_timesteps; ++stride) {
     if ((num_timesteps + stride - 1) / stride == steps) {
       for (int64_t t = 0; t < num_timesteps; t += stride) kept.push_back(t);
       return kept;
@@ -67,7 +105,7 @@ std::vector<int64_t> ddim_timesteps(int64_t steps, int64_t num_timesteps) {
 
 at::Tensor ddim_sample(const Denoise& denoise, at::Tensor noise, const std::vector<double>& alphas_cumprod,
                        int64_t steps, bool clip) {
-  const std::vector<int64_t> kept = ddim_timesteps(steps, static_cast<int64_t>(alphas_cumprod.size()));
+  const std::vector<int64_t> kept = kept_timesteps(steps, static_cast<int64_t>(alphas_cumprod.size()), true);
   const int64_t channels = noise.size(1);
   at::Tensor x = std::move(noise);
   for (int64_t i = static_cast<int64_t>(kept.size()) - 1; i >= 0; --i) {
@@ -82,6 +120,48 @@ at::Tensor ddim_sample(const Denoise& denoise, at::Tensor noise, const std::vect
     if (clip) x0 = x0.clamp(-1, 1);
     const at::Tensor eps_x0 = (recip * x - x0) / recipm1;
     x = std::sqrt(abar_prev) * x0 + std::sqrt(1.0f - abar_prev) * eps_x0;
+  }
+  return x;
+}
+
+at::Tensor ddpm_sample(const Denoise& denoise, at::Tensor noise, const std::vector<double>& alphas_cumprod,
+                       int64_t steps, bool clip, bool learn_sigma, const std::function<at::Tensor()>& step_noise) {
+  const std::vector<int64_t> kept = kept_timesteps(steps, static_cast<int64_t>(alphas_cumprod.size()), false);
+  const auto n = static_cast<int64_t>(kept.size());
+  // The respaced schedule as dit.diffusion.GaussianDiffusion builds it, in float64: betas from
+  // the kept alphas_cumprod, then the cumulative product again, then the posterior's tables.
+  std::vector<double> betas(n), abar(n), abar_prev(n), posterior_variance(n);
+  double product = 1.0;
+  for (int64_t i = 0; i < n; ++i) {
+    betas[i] = 1.0 - alphas_cumprod[kept[i]] / (i > 0 ? alphas_cumprod[kept[i - 1]] : 1.0);
+    abar_prev[i] = product;
+    product *= 1.0 - betas[i];
+    abar[i] = product;
+    posterior_variance[i] = betas[i] * (1.0 - abar_prev[i]) / (1.0 - abar[i]);
+  }
+  const int64_t channels = noise.size(1);
+  at::Tensor x = std::move(noise);
+  for (int64_t i = n - 1; i >= 0; --i) {
+    // posterior_variance[0] is 0: its log borrows posterior_variance[1], as in Python.
+    const auto posterior_log_variance = static_cast<float>(std::log(posterior_variance[n > 1 && i == 0 ? 1 : i]));
+    const auto log_beta = static_cast<float>(std::log(betas[i]));
+    const auto recip = static_cast<float>(std::sqrt(1.0 / abar[i]));
+    const auto recipm1 = static_cast<float>(std::sqrt(1.0 / abar[i] - 1.0));
+    const auto coef1 = static_cast<float>(betas[i] * std::sqrt(abar_prev[i]) / (1.0 - abar[i]));
+    const auto coef2 = static_cast<float>((1.0 - abar_prev[i]) * std::sqrt(1.0 - betas[i]) / (1.0 - abar[i]));
+    const at::Tensor t = at::full({x.size(0)}, static_cast<float>(kept[i]), x.options());
+    const at::Tensor out = denoise(x, t);
+    const at::Tensor eps = out.narrow(1, 0, channels);
+    at::Tensor x0 = recip * x - recipm1 * eps;
+    if (clip) x0 = x0.clamp(-1, 1);
+    const at::Tensor mean = coef1 * x0 + coef2 * x;
+    if (i == 0) return mean;
+    at::Tensor logvar = at::full_like(x, posterior_log_variance);
+    if (learn_sigma) {
+      const at::Tensor frac = (out.narrow(1, channels, channels) + 1) / 2;
+      logvar = frac * log_beta + (1 - frac) * posterior_log_variance;
+    }
+    x = mean + at::exp(0.5 * logvar) * step_noise();
   }
   return x;
 }

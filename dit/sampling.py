@@ -125,6 +125,8 @@ def generate(
 
     ``sampler``: ``"ddpm"`` (default for diffusion; ``steps`` respaced steps), ``"ddim"``, or
     ``"euler"`` (rectified flow, the only one it takes). ``steps`` defaults to ``default_steps``.
+    Every random draw follows from ``generator`` (a CPU generator; default: the global one): the
+    initial noise, then for DDPM the seed of the steps' noise (``dit_sample`` draws alike).
     ``cuda_graphs``: run each guided network evaluation as a replayed CUDA graph (CUDA only).
     """
     config = model.config
@@ -143,7 +145,11 @@ def generate(
         diffusion = create_diffusion(f"ddim{steps}", learn_sigma=config.learn_sigma)
         return diffusion.ddim_sample_loop(model_fn, noise, clip=clip, progress=progress)
     diffusion = create_diffusion(str(steps), learn_sigma=config.learn_sigma)
-    return diffusion.p_sample_loop(model_fn, noise, clip=clip, progress=progress)
+    # The steps' noise comes from a generator on the model's device, seeded by one draw from
+    # ``generator``: reproducible from the seed, with no copy from the host per step.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    step_noise = torch.Generator(device).manual_seed(seed)
+    return diffusion.p_sample_loop(model_fn, noise, clip=clip, progress=progress, generator=step_noise)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -132,13 +132,20 @@ class GaussianDiffusion:
         return tqdm(steps, desc="sampling", leave=False) if progress else steps
 
     @torch.no_grad()
-    def p_sample_loop(self, model_fn: ModelFn, noise: torch.Tensor, clip: bool = False, progress: bool = False) -> torch.Tensor:
-        """Ancestral (DDPM) sampling from ``x_T = noise``."""
+    def p_sample_loop(
+        self, model_fn: ModelFn, noise: torch.Tensor, clip: bool = False, progress: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Ancestral (DDPM) sampling from ``x_T = noise``; each step's noise is drawn on the
+        device of ``noise`` from ``generator`` (a generator of that device; default: the global one)."""
         x = noise
         for i in self._loop(progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             p = self.p_mean_variance(model_fn(x, self.model_timesteps(t)), x, t, clip)
-            x = p["mean"] + (torch.exp(0.5 * p["logvar"]) * torch.randn_like(x) if i > 0 else 0)
+            if i > 0:
+                x = p["mean"] + torch.exp(0.5 * p["logvar"]) * torch.randn(x.shape, device=x.device, generator=generator)
+            else:
+                x = p["mean"]
         return x
 
     @torch.no_grad()

@@ -3,14 +3,15 @@
     python -m tests.cpp.check_dit_sample build/dit_sample
     python -m tests.cpp.check_dit_sample build/dit_sample --device cuda   # on a GPU
 
-For a diffusion model (DDIM) and a rectified-flow model (Euler), each trained on the digits for a
-few steps: exports it (``python -m dit.export``, guided, batch 8), samples 12 images (a full
-batch and a padded one) with both programs from the same seed, guidance 4, and requires the same
-labels and images within one grey level (the two run the same float32 arithmetic; a level can
-flip where a value rounds at .5). Then checks that bad input gets a one-line error and a non-zero
-exit code. Prints the export time, the package size, and the time per sampling step of both
-programs (batch 8, guided; each from its own clock around the whole loop, the GPU synchronised at
-the end).
+For a diffusion model (DDPM, DDIM) and a rectified-flow model (Euler), each the documented
+digits model (``DiT-MoE-Ti/2-8E2A``, ``make train``'s) trained for a few steps: exports it
+(``python -m dit.export``, guided, batch 8), samples 12 images (a full batch and a padded one)
+with both programs from the same seed, guidance 4, and requires the same labels and images within
+one grey level (the two run the same float32 arithmetic; a level can flip where a value rounds at
+.5). Both programs' defaults (sampler, steps, guidance) are compared the same way, on one batch.
+Then checks that bad input gets a one-line error and a non-zero exit code. Prints the export
+time, the package size, and the time per sampling step of both programs (batch 8, guided; each
+from its own clock around the whole loop, the GPU synchronised at the end).
 
 With ``--device cuda`` the packages are exported for the GPU and ``python -m dit.sample`` runs
 there with IEEE fp32 products (``--precision fp32``), as the C++ program does: the GPU's kernels
@@ -42,32 +43,35 @@ def run(binary: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=600)
 
 
-def compare(binary: str, tmp: Path, objective: str, sampler: str, device: str = "cpu", tolerance: int = 1) -> Path:
-    """Train, export and sample a ``objective`` model both ways; return its package."""
+def train_and_export(tmp: Path, objective: str, device: str) -> tuple[Path, Path]:
+    """A checkpoint of the digits model trained for a few steps, and its guided batch-8 package."""
     runs = tmp / objective
-    train_main(["--steps", "10", "--global-batch-size", "32", "--set", "depth=2", "--sample-steps", "2",
-                "--log-every", "10", "--objective", objective, "--results-dir", str(runs)])
+    train_main(["--steps", "10", "--global-batch-size", "32", "--sample-steps", "2", "--log-every", "10",
+                "--objective", objective, "--results-dir", str(runs)])
     (checkpoint,) = runs.glob("*/checkpoints/0000010")
     package = runs / "model.pt2"
     start = time.perf_counter()
     export_main(["--ckpt", str(checkpoint), "--out", str(package), "--batch", "8", "--cfg", "--device", device])
     print(f"{objective}: export {time.perf_counter() - start:.1f} s, package {package.stat().st_size / 2**20:.1f} MiB")
+    return checkpoint, package
 
-    result = run(binary, "--package", str(package), "--out", str(runs / "cpp.npz"), "--batch", "8", *SAMPLING)
+
+def compare(binary: str, checkpoint: Path, package: Path, sampling: list[str], device: str, tolerance: int) -> None:
+    """Sample with both programs and the same flags; require the same labels and images."""
+    out = package.parent
+    result = run(binary, "--package", str(package), "--out", str(out / "cpp.npz"), "--batch", "8", *sampling)
     assert result.returncode == 0, result.stderr
     print("dit_sample:", result.stderr.strip())
     start = time.perf_counter()
-    sample_main(["--ckpt", str(checkpoint), "--out", str(runs / "python.npz"), "--sampler", sampler, "--batch-size", "8",
-                 "--moe-backend", "torch", "--precision", "fp32", *SAMPLING])
-    print(f"python -m dit.sample: {time.perf_counter() - start:.2f} s; "
-          f"{python_step_ms(checkpoint, sampler, device):.2f} ms per step of batch 8 in eager mode")
-    cpp, python = np.load(runs / "cpp.npz"), np.load(runs / "python.npz")
-    assert cpp["arr_0"].shape == python["arr_0"].shape == (12, 8, 8, 1) and cpp["arr_0"].dtype == np.uint8
+    sample_main(["--ckpt", str(checkpoint), "--out", str(out / "python.npz"), "--batch-size", "8",
+                 "--moe-backend", "torch", "--precision", "fp32", *sampling])
+    print(f"python -m dit.sample {' '.join(sampling)}: {time.perf_counter() - start:.2f} s")
+    cpp, python = np.load(out / "cpp.npz"), np.load(out / "python.npz")
+    assert cpp["arr_0"].shape == python["arr_0"].shape and cpp["arr_0"].dtype == np.uint8
     assert np.array_equal(cpp["arr_1"], python["arr_1"])
     difference = np.abs(cpp["arr_0"].astype(int) - python["arr_0"].astype(int))
-    assert difference.max() <= tolerance, f"{objective}: images differ by up to {difference.max()} grey levels"
+    assert difference.max() <= tolerance, f"{' '.join(sampling)}: images differ by up to {difference.max()} grey levels"
     print(f"images: {int((difference > 0).sum())} of {difference.size} pixels differ, by at most {difference.max()}")
-    return package
 
 
 def python_step_ms(checkpoint: Path, sampler: str, device: str, steps: int = 10) -> float:
@@ -91,8 +95,17 @@ def main() -> None:
     binary = args.binary
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        package = compare(binary, tmp, "diffusion", "ddim", args.device, args.tolerance)
-        compare(binary, tmp, "rectified-flow", "euler", args.device, args.tolerance)
+        checkpoint, package = train_and_export(tmp, "diffusion", args.device)
+        for sampler in ("ddpm", "ddim"):
+            compare(binary, checkpoint, package, [*SAMPLING, "--sampler", sampler], args.device, args.tolerance)
+            print(f"python eager ({sampler}): {python_step_ms(checkpoint, sampler, args.device):.2f} ms per step of batch 8")
+        compare(binary, checkpoint, package, ["--num-samples", "8"], args.device, args.tolerance)  # the defaults
+        flow_checkpoint, flow_package = train_and_export(tmp, "rectified-flow", args.device)
+        compare(binary, flow_checkpoint, flow_package, SAMPLING, args.device, args.tolerance)
+        print(f"python eager (euler): {python_step_ms(flow_checkpoint, 'euler', args.device):.2f} ms per step of batch 8")
+        foreign = tmp / "foreign.pt2"
+        exported = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(foreign))
 
         bad = {
             "missing package": ["--package", str(tmp / "none.pt2"), "--out", str(tmp / "x.npz")],
@@ -103,11 +116,16 @@ def main() -> None:
             "bad number": ["--package", str(package), "--out", str(tmp / "x.npz"), "--steps", "ten"],
             "too few steps": ["--package", str(package), "--out", str(tmp / "x.npz"), "--steps", "1"],
             "wrong sampler": ["--package", str(package), "--out", str(tmp / "x.npz"), "--sampler", "euler"],
+            "another program's package": ["--package", str(foreign), "--out", str(tmp / "x.npz")],
+            "infinite guidance": ["--package", str(package), "--out", str(tmp / "x.npz"), "--cfg-scale", "inf"],
+            "NaN guidance": ["--package", str(package), "--out", str(tmp / "x.npz"), "--cfg-scale", "nan"],
+            "negative seed": ["--package", str(package), "--out", str(tmp / "x.npz"), "--seed", "-1"],
         }
         for case, args in bad.items():
             result = run(binary, *args)
             first = result.stderr.splitlines()[0] if result.stderr else ""
             assert result.returncode != 0 and first.startswith("error: "), (case, result.returncode, result.stderr)
+            assert "frame #" not in result.stderr and "Exception raised from" not in result.stderr, (case, result.stderr)
             print(f"{case}: {first}")
 
 
