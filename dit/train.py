@@ -197,7 +197,7 @@ class Distributed:
                 outcome = (False, str(error))
         ok, value = self.broadcast(outcome)
         if not ok:
-            raise ValueError(value)
+            raise JobRefused(value)
         return value
 
     def gather(self, obj):
@@ -229,6 +229,10 @@ class Distributed:
     def close(self) -> None:
         if self.world_size > 1:
             dist.destroy_process_group()
+
+
+class JobRefused(ValueError):
+    """A refusal every process of a job raises alike (``Distributed.on_main``)."""
 
 
 class AgentGone(SystemExit):
@@ -376,6 +380,15 @@ def train(args: argparse.Namespace) -> Path:
     try:
         with matmul_precision(args.precision):
             return _train(args, env, lock)
+    except JobRefused as error:
+        if env.world_size == 1:
+            raise
+        # Every process is here: the main one says why, then all stop together (none is left
+        # waiting, and torchrun stops none before the reason is out).
+        if env.main:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        env.barrier()
+        raise SystemExit(1) from error
     finally:
         lock.release()
         env.close()

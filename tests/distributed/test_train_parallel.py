@@ -32,6 +32,17 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {int(step): float(loss) for step, loss in found}
 
 
+def determined(name: str, value: torch.Tensor) -> torch.Tensor:
+    """What the mathematics fixes of a trained parameter. Softmax attention ignores the key bias
+    (it adds the same ``q . b_k`` to every logit of a query), so that bias's gradient is pure
+    rounding noise, which Adam turns into steps of about the learning rate: its value depends on
+    the CPU and the thread count. The query and value biases are compared; the key bias is not."""
+    if not name.endswith("qkv.bias"):
+        return value
+    q, _, v = value.chunk(3)
+    return torch.cat([q, v])
+
+
 def only_run(results: Path) -> Path:
     (run_dir,) = results.glob("[0-9][0-9][0-9]-*")
     return run_dir
@@ -71,19 +82,19 @@ def test_parallel_training_matches_one_process(one_process, tmp_path):
     want, got = load_file(reference), load_file(out)
     assert got.keys() == want.keys()
     for name in want:
-        # Attention ignores the key bias, so its gradient is rounding noise, which Adam scales to
-        # steps of about the learning rate: it may differ more.
-        atol = 1e-4 if name.endswith("qkv.bias") else 1e-5
-        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(determined(name, got[name]), determined(name, want[name]), atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
     assert ckpt.read_config(out) == ckpt.read_config(reference)
     # dit.sample reads a sharded checkpoint directly.
     sample_main(["--ckpt", str(sharded), "--num-samples", "2", "--steps", "2", "--out", str(tmp_path / "samples")])
     assert (tmp_path / "samples.npz").is_file()
 
     # Step 15 of the 4-process FSDP run, resumed in other layouts: the rest of the run as before.
+    # On one process, --ep 2 --fsdp (taken from the checkpoint, not given again) cannot hold:
+    # the layout follows the processes, and the log says so.
     for nproc, flags, layout in ((4, ["--no-fsdp"], "4 process(es) (data 2 x expert 2)"),
                                  (2, ["--ep", "1"], "2 process(es) (data 2 x expert 1, FSDP)"),
-                                 (1, ["--ep", "1", "--no-fsdp"], "1 process(es) on cpu")):
+                                 (1, [], "resuming with --ep 1 --no-fsdp on 1 process(es)")):
         resumed = tmp_path / f"resume{nproc}"
         shutil.copytree(run_dir, resumed / run_dir.name)
         shutil.rmtree(resumed / run_dir.name / "checkpoints" / f"{STEPS:07d}")

@@ -135,3 +135,17 @@ def test_convert_rejects_what_is_not_an_official_checkpoint(tmp_path, content, m
     with pytest.raises(SystemExit, match=message):
         convert_main([str(tmp_path / "in.pt"), str(tmp_path / "out.safetensors")])
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_an_impossible_results_dir_is_one_line_on_every_process(tmp_path):
+    from tests.distributed.helpers import torchrun
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"error: --results-dir {blocker / 'runs'} cannot be written"):
+        train_main([*FAST, "--results-dir", str(blocker / "runs")])
+    result = torchrun(2, "dit.train", *FAST, "--results-dir", str(blocker / "runs"), check=False, timeout=120)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert ours == [f"error: --results-dir {blocker / 'runs'} cannot be written: Not a directory"], result.stderr
+    assert "Connection" not in result.stderr and "dit/train.py" not in result.stderr, result.stderr
