@@ -1,0 +1,57 @@
+"""A restarted job never trips over the one before it: the ``torchrun`` agent of a 2-process
+``--ep 2`` run is killed alone (its workers run in their own sessions and outlive it for a
+moment), once after a checkpoint and once mid-save, and the job restarted at once each time. The
+orphaned workers stop at their next step without touching the checkpoints, the restarted job
+waits for the run's lock instead of cleaning up under them, and the last restart finishes with an
+intact newest checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dit import checkpoint as ckpt
+from tests.distributed.helpers import free_port
+
+ARGS = ["--global-batch-size", "16", "--log-every", "1", "--sample-steps", "2", "--set", "depth=2", "--ckpt-every", "3"]
+
+
+def start(results: Path, *flags: str) -> subprocess.Popen:
+    """``torchrun`` of 2 CPU processes in a session of its own, so that its agent can be killed alone."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "dit.train", *ARGS, "--results-dir", str(results), *flags]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_killing_the_agent_alone_loses_nothing(tmp_path):
+    checkpoints = lambda: next(tmp_path.glob("*/checkpoints"), None)  # noqa: E731
+    saved = lambda: [p for p in checkpoints().iterdir() if p.name.isdigit()] if checkpoints() else []  # noqa: E731
+    saving = lambda: checkpoints() is not None and any(p.name.startswith(".") for p in checkpoints().iterdir())  # noqa: E731
+
+    for flags, moment in ((["--ep", "2"], saved), (["--resume", "latest"], saving)):
+        job = start(tmp_path, *flags, "--steps", "400")
+        try:
+            wait_for(moment)
+        finally:
+            os.kill(job.pid, signal.SIGKILL)  # the agent only: its workers live on for a moment
+            job.wait()
+    last = start(tmp_path, "--resume", "latest", "--steps", "30")
+    _, err = last.communicate(timeout=300)
+    assert last.returncode == 0, err[-3000:]
+    newest = ckpt.latest_checkpoint(checkpoints())
+    assert newest.name == "0000030"
+    ckpt.verify(newest)
+    assert not [p for p in checkpoints().iterdir() if p.name.startswith(".")]  # no leftovers
+    assert (newest.parent.parent / "log.txt").read_text().count("resumed from") >= 1
