@@ -110,3 +110,19 @@ def _check_errors(rank: int, world_size: int) -> None:
     layer = expert_parallel(mk.MoE(8, 8, 4, 1), mesh)
     with pytest.raises(ValueError, match="already expert-parallel"):
         expert_parallel(layer, mesh)
+
+
+@pytest.mark.parametrize("frozen", ["w_in", "w_out"])
+def test_sharding_keeps_frozen_experts_frozen(frozen):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        layer = mk.MoE(8, 12, 4, 2, backend="torch")
+        getattr(layer, frozen).requires_grad_(False)
+        expert_parallel(layer, init_device_mesh("cpu", (2,)))
+        assert {name: getattr(layer, name).requires_grad for name in ("w_in", "w_out")} == {
+            "w_in": frozen != "w_in", "w_out": frozen != "w_out"}
+        assert frozen not in {name for name, p in layer.named_parameters() if p.requires_grad}
+    finally:
+        dist.destroy_process_group()

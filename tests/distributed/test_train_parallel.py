@@ -85,6 +85,14 @@ def test_parallel_training_matches_one_process(one_process, tmp_path):
         torch.testing.assert_close(determined(name, got[name]), determined(name, want[name]), atol=1e-5, rtol=1e-4,
                                    msg=lambda m: f"{name}: {m}")
     assert ckpt.read_config(out) == ckpt.read_config(reference)
+    # A damaged shard stops every reader of the sharded checkpoint, the model weights as the EMA.
+    damaged = tmp_path / "damaged" / sharded.name
+    shutil.copytree(sharded, damaged)
+    shard = next((damaged / ckpt.SHARDED_DIR).glob("__0_*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 0xFF]))
+    for which in ("model", "ema"):
+        with pytest.raises(SystemExit, match=f"{shard.name} does not match the SHA-256"):
+            checkpoint_main(["consolidate", str(damaged), str(tmp_path / "w.safetensors"), "--which", which])
     # dit.sample reads a sharded checkpoint directly.
     sample_main(["--ckpt", str(sharded), "--num-samples", "2", "--steps", "2", "--out", str(tmp_path / "samples")])
     assert (tmp_path / "samples.npz").is_file()

@@ -19,6 +19,12 @@ def test_local_parameters_and_optimizer_state_match_a_sharded_model(gpus, ep, fs
     try:
         with torch.device("meta"):
             model = create_model("DiT-MoE-G/2-16E2A", input_size=32)
+        # What FSDP gathers for the block it computes: the block whole but the experts of
+        # the other ep ranks (counted on the unsharded model).
+        block = model.blocks[0]
+        experts = block.ffn.w_in.numel() + block.ffn.w_out.numel()
+        gathered = sum(p.numel() for p in block.parameters()) - experts * (1 - 1 / ep)
+        dtypes = {p.dtype for p in model.parameters()}
         mesh = parallel.build_mesh(gpus, ep, torch.device("cpu"))
         if ep > 1:
             parallel.shard_experts(model, mesh)
@@ -34,8 +40,16 @@ def test_local_parameters_and_optimizer_state_match_a_sharded_model(gpus, ep, fs
     # FSDP pads each parameter to a multiple of the shard count: a few hundred values.
     assert stored == pytest.approx(local_parameters(model.config, layout), rel=1e-5)
     assert moments == 2 * stored
-    memory = estimate(model.config, layout, batch=1)
+    memory = estimate(model.config, layout, batch=1, compute_bytes=2)
     assert memory.optimizer == pytest.approx(8 * stored, rel=1e-5)
+    # Gradients and the EMA are kept in the parameters' dtype (fp32); with FSDP, two blocks
+    # (the one computing and the one prefetched) are gathered whole, weights and gradients, in
+    # the compute dtype (bf16 here).
+    assert dtypes == {torch.float32}
+    prefetch = 2 * gathered * 2 if fsdp else 0
+    assert memory.params == pytest.approx(4 * stored + prefetch, rel=1e-5)
+    assert memory.grads == pytest.approx(4 * stored + prefetch, rel=1e-5)
+    assert memory.ema == pytest.approx(4 * stored, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["DiT-MoE-S/2-8E2A", "DiT-S/2"])

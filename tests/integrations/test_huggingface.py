@@ -129,3 +129,32 @@ def test_from_pretrained_takes_the_name(tmp_path):
     got = model(ids).logits
     model.set_experts_implementation("eager")
     torch.testing.assert_close(got, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_stored_transposed_match_eager():
+    """Families whose experts keep ``[E, D, 2I]`` and ``[E, I, D]`` (``is_transposed``, as Aria's
+    checkpoints do) are served with their weights as they are: outputs and gradients as eager."""
+    from transformers.models.aria.modeling_aria import AriaTextMoELayer
+
+    name = mk_hf.register(backend="torch")
+    config = transformers.AriaTextConfig(hidden_size=16, intermediate_size=24, moe_num_experts=4, moe_topk=2,
+                                         num_attention_heads=2, num_hidden_layers=1, moe_num_shared_experts=1)
+    torch.manual_seed(0)
+    layer = AriaTextMoELayer(config)
+    assert layer.experts.is_transposed
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    x = torch.randn(2, 5, 16)
+    results = {}
+    for implementation in ("eager", name):
+        layer.experts.config._experts_implementation = implementation
+        layer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # served, not a fallback
+            y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results[implementation] = (y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()})
+    (want, want_grads), (got, got_grads) = results["eager"], results[name]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for param, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[param], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{param}: {m}")

@@ -38,10 +38,12 @@ def _check_against_reference(logits, k, backend, grad_tolerance, **options):
 
 
 # Routing variants: (E, k, options); groups of 1 and of 4 experts, a bias large enough to change
-# the choice, sigmoid with and without renormalisation.
+# the choice, sigmoid with and without renormalisation, the routed scale with and without it.
 VARIANTS = [
     (8, 2, dict(score="sigmoid")),
     (8, 3, dict(score="sigmoid", normalize=True, scale=2.5)),
+    (8, 3, dict(score="sigmoid", scale=2.5)),
+    (6, 2, dict(scale=0.25)),
     (6, 2, dict(bias=True)),
     (16, 4, dict(score="sigmoid", bias=True, num_groups=4, topk_groups=2, normalize=True, scale=2.5)),
     (8, 2, dict(num_groups=8, topk_groups=3)),
