@@ -149,3 +149,11 @@ def test_an_impossible_results_dir_is_one_line_on_every_process(tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert ours == [f"error: --results-dir {blocker / 'runs'} cannot be written: Not a directory"], result.stderr
     assert "Connection" not in result.stderr and "dit/train.py" not in result.stderr, result.stderr
+
+
+def test_evaluate_refuses_labels_outside_the_digits(tmp_path):
+    images = np.full((3, 8, 8, 1), 128, dtype=np.uint8)
+    for labels, shown in ((np.array([0, 4, 12]), r"labels in \[0, 12\]"), (np.array([0.5, 1.0, 2.0]), "float64 labels")):
+        np.savez(tmp_path / "s.npz", arr_0=images, arr_1=labels)
+        with pytest.raises(SystemExit, match=rf"arr_1 must hold integer labels in \[0, 10\) for the digits report, got {shown}"):
+            evaluate_main([str(tmp_path / "s.npz"), "--digits"])
