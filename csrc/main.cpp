@@ -45,32 +45,20 @@ const char* kUsage =
 // The number rules of the Python command lines (moe_kernels.validation): a seed in [0, 2**32),
 // guidance a finite number in [0, 1e6], counts >= 1, a class >= 0.
 int64_t to_int(const std::string& flag, const std::string& text, int64_t low, int64_t high) {
-  size_t used = 0;
-  int64_t value = 0;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::logic_error&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || value < low || value > high) {
+  const std::optional<int64_t> value = dit::whole_integer(text);
+  if (!value || *value < low || *value > high) {
     throw std::invalid_argument(flag + " expects an integer in [" + std::to_string(low) + ", " +
                                 (high == INT64_MAX ? std::string("inf") : std::to_string(high)) + "], got '" + text + "'");
   }
-  return value;
+  return *value;
 }
 
 double to_coefficient(const std::string& flag, const std::string& text) {
-  size_t used = 0;
-  double value = NAN;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::logic_error&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || !std::isfinite(value) || value < 0 || value > 1e6) {
+  const std::optional<double> value = dit::whole_number(text);
+  if (!value || !std::isfinite(*value) || *value < 0 || *value > 1e6) {
     throw std::invalid_argument(flag + " expects a finite number in [0, 1e+06], got '" + text + "'");
   }
-  return value;
+  return *value;
 }
 
 Options parse(int argc, char** argv) {

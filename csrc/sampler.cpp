@@ -19,24 +19,38 @@ const std::string& field(const std::unordered_map<std::string, std::string>& met
 // A whole-number field of at least `low`; anything else is a package this program cannot read.
 int64_t integer(const std::unordered_map<std::string, std::string>& metadata, const std::string& key, int64_t low) {
   const std::string& text = field(metadata, key);
-  size_t used = 0;
-  int64_t value = 0;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::logic_error&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || value < low) {
+  const std::optional<int64_t> value = whole_integer(text);
+  if (!value || *value < low) {
     throw std::invalid_argument("the package's metadata has '" + key + "' = '" + text + "', expected an integer >= " +
                                 std::to_string(low));
   }
-  return value;
+  return *value;
+}
+
+// std::stoll and std::stod read a prefix and throw on none: a whole-text parse, without throwing.
+template <typename Number, typename Parse>
+std::optional<Number> whole(const std::string& text, Parse parse) {
+  size_t used = 0;
+  try {
+    const Number value = parse(text, &used);
+    if (used == text.size()) return value;
+  } catch (const std::logic_error&) {
+  }
+  return std::nullopt;
 }
 
 constexpr double kTimeScale = 1000.0;  // dit.diffusion.rectified_flow.TIME_SCALE
 constexpr int64_t kNumTimesteps = 1000;  // dit.diffusion.NUM_TIMESTEPS
 
 }  // namespace
+
+std::optional<int64_t> whole_integer(const std::string& text) {
+  return whole<int64_t>(text, [](const std::string& t, size_t* used) { return std::stoll(t, used); });
+}
+
+std::optional<double> whole_number(const std::string& text) {
+  return whole<double>(text, [](const std::string& t, size_t* used) { return std::stod(t, used); });
+}
 
 PackageInfo read_package_info(const std::unordered_map<std::string, std::string>& metadata) {
   if (metadata.find("format") == metadata.end() || metadata.at("format") != "dit-moe-denoiser/1") {
@@ -61,17 +75,11 @@ PackageInfo read_package_info(const std::unordered_map<std::string, std::string>
   if (info.objective == "diffusion") {
     std::stringstream values(field(metadata, "alphas_cumprod"));
     for (std::string value; std::getline(values, value, ',');) {
-      size_t used = 0;
-      double alpha = 0;
-      try {
-        alpha = std::stod(value, &used);
-      } catch (const std::logic_error&) {
-        used = 0;
-      }
-      if (used == 0 || used != value.size() || !(alpha > 0 && alpha < 1)) {
+      const std::optional<double> alpha = whole_number(value);
+      if (!alpha || !(*alpha > 0 && *alpha < 1)) {
         throw std::invalid_argument("the package's metadata holds a bad alphas_cumprod value '" + value + "'");
       }
-      info.alphas_cumprod.push_back(alpha);
+      info.alphas_cumprod.push_back(*alpha);
     }
     if (static_cast<int64_t>(info.alphas_cumprod.size()) != kNumTimesteps) {
       throw std::invalid_argument("the package's metadata holds " + std::to_string(info.alphas_cumprod.size()) +

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -20,6 +21,10 @@ struct PackageInfo {
   int64_t batch = 0, in_channels = 0, input_size = 0, num_classes = 0;
   bool cfg = false, latent = false, learn_sigma = false;
 };
+
+// `text` as a whole number (every character used), or nothing.
+std::optional<int64_t> whole_integer(const std::string& text);
+std::optional<double> whole_number(const std::string& text);
 
 // Reads the metadata of a dit.export package; throws std::invalid_argument if it is not one.
 PackageInfo read_package_info(const std::unordered_map<std::string, std::string>& metadata);
