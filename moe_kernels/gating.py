@@ -19,9 +19,9 @@ import triton.language as tl
 from .backend import resolve_backend
 from .library import custom_op, differentiable
 from .validation import (
+    COEFFICIENT,
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    COEFFICIENT,
     SCALE,
     check_dim,
     check_expert_ids,
