@@ -2,6 +2,7 @@
 #   make train   trains a small DiT-MoE on the embedded digits (CPU is enough)
 #   make test    runs the test suite (Triton kernels through the interpreter on CPU), then
 #                builds the C++ sampler with CMake and runs its ctest (skipped without cmake/c++)
+#   make lint    ruff check and ruff format --check (the rules are in pyproject.toml)
 # If the Python you run this with already has torch (say a CUDA build), the venv sees and keeps
 # it; otherwise $(TORCH) is installed, the CPU build by default here.
 PYTHON ?= python3
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 # pytest workers (pytest-xdist): most tests are single-threaded interpreter runs.
 JOBS ?= 2
 
-.PHONY: train test bench clean
+.PHONY: train test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -29,6 +30,10 @@ train: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n $(JOBS) --benchmark-disable $(ARGS)
 	@tests/cpp/build_and_run.sh "$(abspath $(BIN))/python"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only $(ARGS)

@@ -57,8 +57,14 @@ def megablocks_dmoe(dim: int, hidden: int, num_experts: int, top_k: int, dtype: 
     from megablocks.layers.dmoe import dMoE
 
     args = Arguments(
-        hidden_size=dim, ffn_hidden_size=hidden, moe_num_experts=num_experts, moe_top_k=top_k,
-        mlp_type="glu", mlp_impl="grouped", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        hidden_size=dim,
+        ffn_hidden_size=hidden,
+        moe_num_experts=num_experts,
+        moe_top_k=top_k,
+        mlp_type="glu",
+        mlp_impl="grouped",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
     )
     layer = dMoE(args)
     return lambda x: layer(x)[0]
@@ -69,7 +75,11 @@ def scattermoe_glu(dim: int, hidden: int, num_experts: int, top_k: int, dtype: t
     from scattermoe.mlp import GLUMLP
 
     router = nn.Linear(dim, num_experts, bias=False).cuda().to(dtype)
-    mlp = GLUMLP(input_size=dim, hidden_size=hidden, num_experts=num_experts, top_k=top_k, activation=nn.SiLU()).cuda().to(dtype)
+    mlp = (
+        GLUMLP(input_size=dim, hidden_size=hidden, num_experts=num_experts, top_k=top_k, activation=nn.SiLU())
+        .cuda()
+        .to(dtype)
+    )
 
     def forward(x):
         probs = torch.softmax(router(x).float(), dim=-1)

@@ -4,7 +4,7 @@ helper that runs a benchmark and records its ``extra_info``."""
 from __future__ import annotations
 
 import platform
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -12,7 +12,11 @@ from moe_kernels.backend import INTERPRET
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DEVICE_NAME = torch.cuda.get_device_name() if CUDA else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+DEVICE_NAME = (
+    torch.cuda.get_device_name()
+    if CUDA
+    else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+)
 # The interpreter is for correctness: it sees only tiny shapes, and its timings are marked.
 TINY = dict(T=48, D=32, H=64, E=4, k=2)
 
@@ -45,9 +49,21 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def measure(benchmark, fn: Callable[[], object], *, group: str, case: str, variant: str, op: str,
-            flops: int | None = None, bytes_moved: int | None = None, dtype: torch.dtype = torch.float32,
-            tokens: int | None = None, images: int | None = None, backend: str | None = None) -> None:
+def measure(
+    benchmark,
+    fn: Callable[[], object],
+    *,
+    group: str,
+    case: str,
+    variant: str,
+    op: str,
+    flops: int | None = None,
+    bytes_moved: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    tokens: int | None = None,
+    images: int | None = None,
+    backend: str | None = None,
+) -> None:
     """Benchmark ``fn`` and record what the report needs in ``extra_info``.
 
     On CUDA the time is ``cuda_time_ms`` (CUDA events) and the peak memory is recorded too;
@@ -62,9 +78,19 @@ def measure(benchmark, fn: Callable[[], object], *, group: str, case: str, varia
         sync()
 
     benchmark.extra_info.update(
-        group=group, case=case, variant=variant, op=op, flops=flops, bytes=bytes_moved, tokens=tokens, images=images,
-        device=DEVICE_NAME, dtype=str(dtype).removeprefix("torch."), backend=backend,
-        interpreted=interpreted, ours=backend == ("triton" if CUDA else "torch"),
+        group=group,
+        case=case,
+        variant=variant,
+        op=op,
+        flops=flops,
+        bytes=bytes_moved,
+        tokens=tokens,
+        images=images,
+        device=DEVICE_NAME,
+        dtype=str(dtype).removeprefix("torch."),
+        backend=backend,
+        interpreted=interpreted,
+        ours=backend == ("triton" if CUDA else "torch"),
     )
     if CUDA and getattr(benchmark, "enabled", True):
         benchmark.extra_info.update(cuda_median_ms=cuda_time_ms(fn), peak_mb=peak_memory_mb(fn))
@@ -78,6 +104,7 @@ def measure(benchmark, fn: Callable[[], object], *, group: str, case: str, varia
         benchmark.extra_info["tflops" if CUDA else "gflops"] = flops / seconds / (1e12 if CUDA else 1e9)
         if bytes_moved:
             benchmark.extra_info["gb_per_s"] = bytes_moved / seconds / 1e9
+
 
 # name -> (T tokens, D width, H expert width, E experts, k); H = 4D as in DiT-MoE.
 PAPER_CASES = {

@@ -61,8 +61,10 @@ STARTED = time.time()
 SMOKE_CASES = {"smoke T=40": dict(T=40, D=32, H=128, E=4, k=2)}
 # label: (dtype, TF32 products).
 CHECK_DTYPES = {
-    "fp32": (torch.float32, False), "fp32+tf32": (torch.float32, True),
-    "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False),
+    "fp32": (torch.float32, False),
+    "fp32+tf32": (torch.float32, True),
+    "fp16": (torch.float16, False),
+    "bf16": (torch.bfloat16, False),
 }
 # The largest ||got - ref|| / ||ref|| against the fp64 reference that each passes with. ReLU's
 # gradients are left out under TF32 and bf16: rounding moves pre-activations near 0 across the
@@ -76,7 +78,11 @@ def say(message: str) -> None:
 
 
 def check(
-    label: str, dev: str = "cuda", T: int = 777, D: int = 256, H: int = 320,
+    label: str,
+    dev: str = "cuda",
+    T: int = 777,
+    D: int = 256,
+    H: int = 320,
     group_sizes: tuple[int, ...] = (0, 300, 1, 0, 476, 200, 400, 177),
 ) -> tuple[list[str], dict[str, float]]:
     """Compare every op to the reference in the dtype of ``CHECK_DTYPES[label]``, on ``T`` tokens of
@@ -115,7 +121,9 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
 
     probs = torch.softmax(torch.randn(T, E, device=dev), -1).requires_grad_()
     experts = torch.rand(T, E, device=dev).argsort(1)[:, :k]
-    compare("balance_loss", mk.balance_loss(probs, experts, E, backend="triton"), reference.balance_loss(probs, experts, E))
+    compare(
+        "balance_loss", mk.balance_loss(probs, experts, E, backend="triton"), reference.balance_loss(probs, experts, E)
+    )
 
     sizes = torch.tensor(group_sizes, device=dev)
     offsets = sizes.cumsum(0).int()
@@ -125,7 +133,11 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
     ref = reference.grouped_mm(x.double(), w.double(), offsets)
     compare("grouped_mm", y, ref)
     dy = torch.randn_like(ref)
-    for name, a, b in zip(("dx", "dw"), torch.autograd.grad((y.double() * dy).sum(), [x, w]), torch.autograd.grad((ref * dy).sum(), [x, w])):
+    for name, a, b in zip(
+        ("dx", "dw"),
+        torch.autograd.grad((y.double() * dy).sum(), [x, w]),
+        torch.autograd.grad((ref * dy).sum(), [x, w]),
+    ):
         compare(f"grouped_mm {name}", a, b)
 
     for activation in ACTIVATIONS:
@@ -139,7 +151,11 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
         compare(f"moe_ffn {activation}", y, ref)
         dy = torch.randn_like(ref)
         params = [x, weights, w_in, w_out]
-        for name, a, b in zip(("dx", "dweights", "dw_in", "dw_out"), torch.autograd.grad((y.double() * dy).sum(), params), torch.autograd.grad((ref * dy).sum(), params)):
+        for name, a, b in zip(
+            ("dx", "dweights", "dw_in", "dw_out"),
+            torch.autograd.grad((y.double() * dy).sum(), params),
+            torch.autograd.grad((ref * dy).sum(), params),
+        ):
             compare(f"moe_ffn {activation} {name}", a, b)
     return failures, errors
 
@@ -162,10 +178,16 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
     return lambda: fn(x).backward(grad)
 
 
-def fresh_model(name: str, backend: str, batch: int, dev: str, smoke: bool) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def fresh_model(
+    name: str, backend: str, batch: int, dev: str, smoke: bool
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A freshly initialised ``name`` for 256 px images (32x32x4 latents, 1000 classes), or one
     block deep for 8x8 digits in the smoke run, with a random batch of inputs and labels."""
-    shape = dict(input_size=8, in_channels=1, num_classes=10) if smoke else dict(input_size=32, in_channels=4, num_classes=1000)
+    shape = (
+        dict(input_size=8, in_channels=1, num_classes=10)
+        if smoke
+        else dict(input_size=32, in_channels=4, num_classes=1000)
+    )
     with torch.device(dev):  # initialise on the device: the XL model has 4.1B parameters
         model = create_model(name, moe_backend=backend, **shape, **dict(depth=1) if smoke else {})
     x = torch.randn(batch, shape["in_channels"], shape["input_size"], shape["input_size"], device=dev)
@@ -176,7 +198,8 @@ def fresh_model(name: str, backend: str, batch: int, dev: str, smoke: bool) -> t
 # name: (model, batch); one guided step of DiT-MoE at 256 px (32x32x4 latents), as the official
 # code's sampler runs it (52.6 ms for S/2 batch 1 and 112 ms for XL/2 batch 8 on an H200).
 SAMPLING_CASES = {
-    "S/2-8E2A batch 1 + CFG": ("DiT-MoE-S/2-8E2A", 1), "S/2-8E2A batch 32 + CFG": ("DiT-MoE-S/2-8E2A", 32),
+    "S/2-8E2A batch 1 + CFG": ("DiT-MoE-S/2-8E2A", 1),
+    "S/2-8E2A batch 32 + CFG": ("DiT-MoE-S/2-8E2A", 32),
     "XL/2-8E2A batch 8 + CFG": ("DiT-MoE-XL/2-8E2A", 8),
 }
 SMOKE_SAMPLING_CASES = {"Ti/2-4E2A batch 2 + CFG (smoke)": ("DiT-MoE-Ti/2-4E2A", 2)}
@@ -204,6 +227,7 @@ def time_sampling(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     """Eager and CUDA-graph time of one guided step, both backends; the graph as a ratio to eager."""
     for name, (model_name, batch) in (SMOKE_SAMPLING_CASES if smoke else SAMPLING_CASES).items():
         for backend in ("triton", "torch"):
+
             def measure():
                 step, x, t = sampling_step(model_name, batch, backend, dev, smoke)
                 row = {"eager ms": bench(lambda: step(x, t))}
@@ -225,10 +249,14 @@ TRAINING_CASES = {
     "S/2-8E2A batch 256": ("DiT-MoE-S/2-8E2A", 256, ("bf16", "tf32")),
     "XL/2-8E2A batch 32": ("DiT-MoE-XL/2-8E2A", 32, ("bf16",)),
 }
-SMOKE_TRAINING_CASES = {"Ti/2-4E2A batch 4 (smoke)": ("DiT-MoE-Ti/2-4E2A", 4, ("tf32",))}  # no bf16 dot in the interpreter
+SMOKE_TRAINING_CASES = {
+    "Ti/2-4E2A batch 4 (smoke)": ("DiT-MoE-Ti/2-4E2A", 4, ("tf32",))
+}  # no bf16 dot in the interpreter
 
 
-def training_step(model_name: str, batch: int, backend: str, precision: str, dev: str, smoke: bool) -> Callable[[], None]:
+def training_step(
+    model_name: str, batch: int, backend: str, precision: str, dev: str, smoke: bool
+) -> Callable[[], None]:
     """One step of ``python -m dit.train`` without the data loader and the EMA: diffusion loss at
     random times plus the balance loss, backward, fused AdamW."""
     model, x, y = fresh_model(model_name, backend, batch, dev, smoke)
@@ -253,6 +281,7 @@ def time_training(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
         for precision in precisions:
             # The smoke run spares the interpreter a training step: the step's code is the same.
             for backend in ("torch",) if smoke else ("triton", "torch"):
+
                 def measure():
                     ms = bench(training_step(model_name, batch, backend, precision, dev, smoke))
                     return {"step ms": ms, "img/s": batch / ms * 1e3}
@@ -287,6 +316,7 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, case in (SMOKE_CASES if smoke else PAPER_CASES).items():
         for backend in ("triton", "torch", "dense-eq"):
+
             def measure():
                 row = {}
                 for backward in (False, True):
@@ -349,6 +379,7 @@ def profile_layers(smoke: bool, dev: str, report: dict, top: int = 12) -> None:
     cases = SMOKE_CASES if smoke else {name: PAPER_CASES[name] for name in PROFILE_CASES}
     calls = 1 if smoke else 5
     for name, case in cases.items():
+
         def measure():
             fn = layer_fn("triton", case, True, dev, dtype)
             fn()  # compiled and autotuned outside the trace
@@ -375,16 +406,24 @@ def autotuned() -> dict[str, dict[str, str]]:
 def summary(report: dict) -> str:
     """The lines a reader needs first: checks, layer ratios, training and sampling."""
     lines = [f"{report['card']} | torch {report['torch']} | triton {report['triton']}"]
-    lines += [f"check {label}: {result if result == 'ok' else f'{len(result)} failures'}" for label, result in report["checks"].items()]
+    lines += [
+        f"check {label}: {result if result == 'ok' else f'{len(result)} failures'}"
+        for label, result in report["checks"].items()
+    ]
     for key, row in report["timings"].items():
         if key.endswith(("triton", "dense-eq")):
-            ratios = " ".join(f"{part} {row[f'{part} / torch']:.2f}x" for part in ("fwd", "fwd graph", "fwd+bwd")
-                              if f"{part} / torch" in row)
+            ratios = " ".join(
+                f"{part} {row[f'{part} / torch']:.2f}x"
+                for part in ("fwd", "fwd graph", "fwd+bwd")
+                if f"{part} / torch" in row
+            )
             lines.append(f"{key:36s} {ratios or row.get('error', '')}")
     for section in ("training", "sampling"):
         for key, row in report.get(section, {}).items():
-            lines.append(f"{section} {key:40s} " + " ".join(
-                f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            lines.append(
+                f"{section} {key:40s} "
+                + " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            )
     return "\n".join(lines)
 
 
@@ -396,7 +435,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--smoke", action="store_true", help="run every step on CPU, tiny, through the Triton interpreter")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run, in order")
-    p.add_argument("--checks", default=",".join(CHECK_DTYPES), help=f"the dtypes the checks run in, of {list(CHECK_DTYPES)}")
+    p.add_argument(
+        "--checks", default=",".join(CHECK_DTYPES), help=f"the dtypes the checks run in, of {list(CHECK_DTYPES)}"
+    )
     args = p.parse_args(argv)
     if args.smoke and not INTERPRET:
         p.error("--smoke runs the kernels through the interpreter: set TRITON_INTERPRET=1")
@@ -409,8 +450,18 @@ def main(argv: list[str] | None = None) -> Path:
         p.error(f"unknown check dtypes {sorted(unknown)}")
     dev = "cpu" if args.smoke else "cuda"
     card = "smoke (CPU, interpreter)" if args.smoke else torch.cuda.get_device_name()
-    report = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "autotune": AUTOTUNE,
-              "checks": {}, "check errors": {}, "timings": {}, "profile": {}, "training": {}, "sampling": {}}
+    report = {
+        "card": card,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "autotune": AUTOTUNE,
+        "checks": {},
+        "check errors": {},
+        "timings": {},
+        "profile": {},
+        "training": {},
+        "sampling": {},
+    }
     bench = _time_once if args.smoke else cuda_time_ms
     for part in parts:
         say(f"part {part}")
@@ -421,8 +472,10 @@ def main(argv: list[str] | None = None) -> Path:
                 failures, errors = check(label, dev, **tiny) if args.smoke else check(label)
                 report["checks"][label] = failures or "ok"
                 report["check errors"][label] = errors
-                say(f"check {label}: {'ok' if not failures else failures} (largest relative error "
-                    f"{max(errors.values()):.1e}, in {max(errors, key=errors.get)})")
+                say(
+                    f"check {label}: {'ok' if not failures else failures} (largest relative error "
+                    f"{max(errors.values()):.1e}, in {max(errors, key=errors.get)})"
+                )
         elif part == "layers":
             time_layers(args.smoke, dev, bench, report)
         elif part == "profile":

@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     print("| per call | dispatcher skipped | through the dispatcher | ratio |\n|---|---|---|---|")
     for name, row in measure(args.calls, args.rounds).items():
-        print(f"| {name} | {row['skipped']:.2f} ms | {row['dispatcher']:.2f} ms | {row['dispatcher'] / row['skipped']:.2f}x |")
+        print(
+            f"| {name} | {row['skipped']:.2f} ms | {row['dispatcher']:.2f} ms | {row['dispatcher'] / row['skipped']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

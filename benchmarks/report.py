@@ -43,7 +43,12 @@ def markdown(results: list[dict]) -> str:
         by_group[key[0]].append((key, entries))
     for group, rows in by_group.items():
         device = rows[0][1][0]["extra_info"]["device"]
-        lines += [f"### {group} ({device})", "", "| op | case | variant | dtype | GFLOP | median ms | rate | time / ours | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {group} ({device})",
+            "",
+            "| op | case | variant | dtype | GFLOP | median ms | rate | time / ours | peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for (_, op, case), entries in rows:
             ours = [e for e in entries if e["extra_info"].get("ours")]
             base = seconds(ours[0]) if ours else None
@@ -60,7 +65,9 @@ def markdown(results: list[dict]) -> str:
                 variant = info["variant"] + (" (interpreter)" if info.get("interpreted") else "")
                 gflop = f"{info['flops'] / 1e9:.3g}" if info.get("flops") else ""
                 peak = f"{info['peak_mb']:.0f}" if info.get("peak_mb") else ""
-                lines.append(f"| {op} | {case} | {variant} | {info['dtype']} | {gflop} | {median * 1e3:.3f} | {rate} | {ratio} | {peak} |")
+                lines.append(
+                    f"| {op} | {case} | {variant} | {info['dtype']} | {gflop} | {median * 1e3:.3f} | {rate} | {ratio} | {peak} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -104,7 +111,9 @@ def save(results: list[dict], device_name: str, out: Path | None = None) -> list
     """Write ``benchmarks.json``, ``report.md`` and ``layer_throughput.png`` for ``device_name``."""
     out = out or RESULTS_DIR / re.sub(r"[^A-Za-z0-9._-]+", "_", device_name).strip("_")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmarks.json").write_text(json.dumps({"device": device_name, "benchmarks": results}, indent=1, default=str))
+    (out / "benchmarks.json").write_text(
+        json.dumps({"device": device_name, "benchmarks": results}, indent=1, default=str)
+    )
     (out / "report.md").write_text(markdown(results))
     paths = [out / "benchmarks.json", out / "report.md"]
     png = plot(results, out / "layer_throughput.png")
@@ -112,7 +121,9 @@ def save(results: list[dict], device_name: str, out: Path | None = None) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("results", help="pytest-benchmark JSON (--benchmark-json) or a saved benchmarks.json")
     p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/<device>)")
     args = p.parse_args(argv)

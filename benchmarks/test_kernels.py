@@ -23,9 +23,18 @@ def test_gating(benchmark, case, backend, paper_shapes):
     suffix, dims = shape_for(dims, backend)
     T, E, k = dims["T"], dims["E"], dims["k"]
     logits = torch.randn(T, E, device=DEVICE, dtype=dtype_for(paper_shapes))
-    measure(benchmark, lambda: mk.topk_gating(logits, k, backend=backend), group="kernels", op="gating",
-            case=_label(name, suffix), variant=backend, backend=backend, dtype=logits.dtype, tokens=T,
-            bytes_moved=T * E * (logits.element_size() + 4) + T * k * 12)
+    measure(
+        benchmark,
+        lambda: mk.topk_gating(logits, k, backend=backend),
+        group="kernels",
+        op="gating",
+        case=_label(name, suffix),
+        variant=backend,
+        backend=backend,
+        dtype=logits.dtype,
+        tokens=T,
+        bytes_moved=T * E * (logits.element_size() + 4) + T * k * 12,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -34,8 +43,17 @@ def test_routing(benchmark, case, backend):
     suffix, dims = shape_for(dims, backend)
     T, E, k = dims["T"], dims["E"], dims["k"]
     experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
-    measure(benchmark, lambda: route(experts, E, backend), group="kernels", op="routing",
-            case=_label(name, suffix), variant=backend, backend=backend, tokens=T, bytes_moved=T * k * (8 + 4 * 4))
+    measure(
+        benchmark,
+        lambda: route(experts, E, backend),
+        group="kernels",
+        op="routing",
+        case=_label(name, suffix),
+        variant=backend,
+        backend=backend,
+        tokens=T,
+        bytes_moved=T * k * (8 + 4 * 4),
+    )
 
 
 def _grouped_inputs(dims, dtype, grad):
@@ -62,7 +80,6 @@ def test_grouped_mm(benchmark, case, variant, backward, paper_shapes):
         def forward():
             return x @ w0
     else:
-
         # As the MoE layer calls it: the public op's check of offsets would add a host sync.
         def forward():
             return grouped_mm_apply(x, w, offsets, variant)
@@ -70,6 +87,16 @@ def test_grouped_mm(benchmark, case, variant, backward, paper_shapes):
     fn = (lambda: forward().backward(grad)) if backward else forward
     M, K, N = x.shape[0], w.shape[1], w.shape[2]
     flops = 2 * M * K * N * (3 if backward else 1)
-    measure(benchmark, fn, group="kernels", op="grouped_mm " + ("fwd+bwd" if backward else "fwd"),
-            case=_label(name, suffix), variant=variant, flops=flops, dtype=dtype, tokens=dims["T"],
-            bytes_moved=(M * K + w.numel() + M * N) * x.element_size(), backend=None if variant == "dense-mm" else variant)
+    measure(
+        benchmark,
+        fn,
+        group="kernels",
+        op="grouped_mm " + ("fwd+bwd" if backward else "fwd"),
+        case=_label(name, suffix),
+        variant=variant,
+        flops=flops,
+        dtype=dtype,
+        tokens=dims["T"],
+        bytes_moved=(M * K + w.numel() + M * N) * x.element_size(),
+        backend=None if variant == "dense-mm" else variant,
+    )

@@ -40,12 +40,15 @@ def test_moe_layer(benchmark, layer_case, variant, backward, paper_shapes):
     x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=backward)
     grad = torch.randn_like(x)
     if backward:
+
         def fn():
             layer(x).backward(grad)
     else:
+
         def fn():
             with torch.no_grad():
                 layer(x)
+
     shared = 2 * D
     if variant == "dense-activated":
         flops = layer_flops(T, D, k * H + shared, 0, 1, backward=backward)
@@ -53,6 +56,15 @@ def test_moe_layer(benchmark, layer_case, variant, backward, paper_shapes):
         flops = layer_flops(T, D, E * H + shared, 0, 1, backward=backward)
     else:
         flops = layer_flops(T, D, H, E, k, shared_hidden=shared, backward=backward)
-    measure(benchmark, fn, group="layer", op="fwd+bwd" if backward else "fwd", case=name + (suffix or ""),
-            variant=variant, flops=flops, dtype=dtype, tokens=T,
-            backend=variant if variant in ("triton", "torch") else None)
+    measure(
+        benchmark,
+        fn,
+        group="layer",
+        op="fwd+bwd" if backward else "fwd",
+        case=name + (suffix or ""),
+        variant=variant,
+        flops=flops,
+        dtype=dtype,
+        tokens=T,
+        backend=variant if variant in ("triton", "torch") else None,
+    )

@@ -14,7 +14,13 @@ from dit.sampling import guided
 # name -> (DiT-MoE config, dense config, overrides, batch on CPU, batch on CUDA)
 MODELS = {
     "S/2 32x32x4": ("DiT-MoE-S/2-8E2A", "DiT-S/2", dict(input_size=32, in_channels=4, num_classes=1000), 2, 64),
-    "Ti/2 digits 8x8x1": ("DiT-MoE-Ti/2-8E2A", "DiT-Ti/2", dict(input_size=8, in_channels=1, num_classes=10), 128, 1024),
+    "Ti/2 digits 8x8x1": (
+        "DiT-MoE-Ti/2-8E2A",
+        "DiT-Ti/2",
+        dict(input_size=8, in_channels=1, num_classes=10),
+        128,
+        1024,
+    ),
 }
 
 
@@ -56,9 +62,18 @@ def test_training_step(benchmark, name, variant):
         optimizer.step()
 
     # Forward plus backward: about three forwards per image.
-    measure(benchmark, step, group="model", op="train step", case=f"{name}, batch {batch}", variant=_label(model, variant),
-            flops=3 * batch * count(model.config).flops, images=batch, backend=None if variant == "dense" else variant,
-            dtype=torch.bfloat16 if CUDA else torch.float32)
+    measure(
+        benchmark,
+        step,
+        group="model",
+        op="train step",
+        case=f"{name}, batch {batch}",
+        variant=_label(model, variant),
+        flops=3 * batch * count(model.config).flops,
+        images=batch,
+        backend=None if variant == "dense" else variant,
+        dtype=torch.bfloat16 if CUDA else torch.float32,
+    )
 
 
 @pytest.mark.parametrize("variant", _variants())
@@ -78,6 +93,15 @@ def test_sampling_step(benchmark, name, variant):
             model_fn(x, t)
 
     # Guidance runs the conditional and the unconditional pass: two forwards per image.
-    measure(benchmark, step, group="model", op="sampling step (CFG)", case=f"{name}, batch {batch}",
-            variant=_label(model, variant), flops=2 * batch * count(model.config).flops, images=batch,
-            backend=None if variant == "dense" else variant, dtype=torch.bfloat16 if CUDA else torch.float32)
+    measure(
+        benchmark,
+        step,
+        group="model",
+        op="sampling step (CFG)",
+        case=f"{name}, batch {batch}",
+        variant=_label(model, variant),
+        flops=2 * batch * count(model.config).flops,
+        images=batch,
+        backend=None if variant == "dense" else variant,
+        dtype=torch.bfloat16 if CUDA else torch.float32,
+    )

@@ -90,13 +90,17 @@ def heatmaps(counts: torch.Tensor, ylabel: str, title: str, path: Path, yticks: 
     shares = (counts.double() / counts.sum(dim=-1, keepdim=True).clamp(min=1)).numpy()
     cols = min(L, 4)
     grid_rows = math.ceil(L / cols)
-    fig, axes = plt.subplots(grid_rows, cols, figsize=(3.4 * cols + 1.2, 2.9 * grid_rows + 0.6), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        grid_rows, cols, figsize=(3.4 * cols + 1.2, 2.9 * grid_rows + 0.6), squeeze=False, constrained_layout=True
+    )
     for layer in range(grid_rows * cols):
         ax = axes[layer // cols][layer % cols]
         if layer >= L:
             ax.axis("off")
             continue
-        image = ax.imshow(shares[layer], aspect="auto", cmap="viridis", vmin=0, vmax=max(shares.max(), 1e-9), interpolation="nearest")
+        image = ax.imshow(
+            shares[layer], aspect="auto", cmap="viridis", vmin=0, vmax=max(shares.max(), 1e-9), interpolation="nearest"
+        )
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
@@ -112,7 +116,10 @@ def heatmaps(counts: torch.Tensor, ylabel: str, title: str, path: Path, yticks: 
 
 def summary(recorder: RoutingRecorder) -> str:
     E = recorder.by_step.shape[2]
-    lines = [f"entropy of expert use, bits (uniform over {E} experts = {math.log2(E):.2f})", "layer  overall  by-class(mean)  by-position(mean)"]
+    lines = [
+        f"entropy of expert use, bits (uniform over {E} experts = {math.log2(E):.2f})",
+        "layer  overall  by-class(mean)  by-position(mean)",
+    ]
     overall = entropy_bits(recorder.by_position.sum(dim=1))
     for layer in range(len(overall)):
         lines.append(
@@ -146,12 +153,31 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
         recorder.detach()
 
     np.savez(
-        out / "routing_counts.npz", by_class=recorder.by_class.numpy(), by_position=recorder.by_position.numpy(),
-        by_step=recorder.by_step.numpy(), classes=np.array(classes),
+        out / "routing_counts.npz",
+        by_class=recorder.by_class.numpy(),
+        by_position=recorder.by_position.numpy(),
+        by_step=recorder.by_step.numpy(),
+        classes=np.array(classes),
     )
-    heatmaps(recorder.by_class[:, classes], "class", "Expert choices per class (Fig. 5)", out / "experts_by_class.png", [str(c) for c in classes])
-    heatmaps(recorder.by_position, "patch position (row-major)", "Expert choices per patch position (Fig. 6)", out / "experts_by_position.png")
-    heatmaps(recorder.by_step, "denoising step (noisiest first)", "Expert choices per denoising step (Fig. 7)", out / "experts_by_step.png")
+    heatmaps(
+        recorder.by_class[:, classes],
+        "class",
+        "Expert choices per class (Fig. 5)",
+        out / "experts_by_class.png",
+        [str(c) for c in classes],
+    )
+    heatmaps(
+        recorder.by_position,
+        "patch position (row-major)",
+        "Expert choices per patch position (Fig. 6)",
+        out / "experts_by_position.png",
+    )
+    heatmaps(
+        recorder.by_step,
+        "denoising step (noisiest first)",
+        "Expert choices per denoising step (Fig. 7)",
+        out / "experts_by_step.png",
+    )
     text = summary(recorder)
     (out / "summary.txt").write_text(text + "\n")
     print(text)
@@ -160,10 +186,14 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dit.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dit.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint directory or .safetensors file of a DiT-MoE")
     p.add_argument("--samples-per-class", type=positive_int, default=16)
-    p.add_argument("--classes", type=nonnegative_int, nargs="+", default=None, help="classes to sample (default: the first 10)")
+    p.add_argument(
+        "--classes", type=nonnegative_int, nargs="+", default=None, help="classes to sample (default: the first 10)"
+    )
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps (rows of the per-step map)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None)
     p.add_argument("--cfg-scale", type=coefficient, default=1.5)

@@ -27,8 +27,8 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -262,7 +262,9 @@ def verify(checkpoint: Path, names: tuple[str, ...] | None = None) -> None:
         path = checkpoint / name
         size = path.stat().st_size
         if size != files[name]["bytes"]:
-            raise CheckpointError(f"{path} is {size} bytes, its manifest says {files[name]['bytes']}: truncated or overwritten")
+            raise CheckpointError(
+                f"{path} is {size} bytes, its manifest says {files[name]['bytes']}: truncated or overwritten"
+            )
         if _sha256(path) != files[name]["sha256"]:
             raise CheckpointError(f"{path} does not match the SHA-256 in its manifest: the file is corrupt")
 
@@ -323,7 +325,9 @@ def latest_intact_checkpoint(checkpoint_dir: Path, warn: Callable[[str], None]) 
     does not (corrupt, or incomplete) is skipped with a ``warn`` naming it."""
     if not checkpoint_dir.is_dir():
         return None
-    steps = sorted((p for p in checkpoint_dir.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: -int(p.name))
+    steps = sorted(
+        (p for p in checkpoint_dir.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: -int(p.name)
+    )
     for step in steps:
         try:
             verify(step)
@@ -366,14 +370,21 @@ def _load_sharded_weights(checkpoint: Path, which: str, verified: bool) -> tuple
     try:
         _read_shards({which: state_dict}, checkpoint)
     except (CheckpointException, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"sharded checkpoint {checkpoint} does not hold {which} weights for its config: {error}") from error
+        raise CheckpointError(
+            f"sharded checkpoint {checkpoint} does not hold {which} weights for its config: {error}"
+        ) from error
     return state_dict, config
 
 
 def load_sharded(checkpoint: Path, model: DiT, ema: DiT, optimizer: torch.optim.Optimizer) -> None:
     """Load a sharded checkpoint (verified) into a run's model, EMA and optimizer, resharding
     it to however the model is laid out now: any number of processes, any ``--ep``."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     model_sd, optimizer_sd = get_state_dict(model, optimizer)
     sharded = {"model": model_sd, "ema": get_model_state_dict(ema), "optimizer": optimizer_sd}
@@ -450,7 +461,11 @@ def check_matches(own: dict, state_dict: dict, source: str | Path) -> None:
     shape than in ``own`` (a model's state dict, which may live on the meta device)."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -476,12 +491,18 @@ def consolidate(checkpoint: Path, out: Path, which: str = "ema") -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dit.checkpoint", description="Check and convert training checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dit.checkpoint", description="Check and convert training checkpoints."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    merge = commands.add_parser("consolidate", help="write a checkpoint's weights (sharded or not) as one .safetensors file")
+    merge = commands.add_parser(
+        "consolidate", help="write a checkpoint's weights (sharded or not) as one .safetensors file"
+    )
     merge.add_argument("checkpoint", type=Path, help="a checkpoint directory, RUN/checkpoints/STEP")
     merge.add_argument("out", type=Path, help="the .safetensors file to write")
-    merge.add_argument("--which", choices=("ema", "model"), default="ema", help="the EMA weights (for sampling) or the trained ones")
+    merge.add_argument(
+        "--which", choices=("ema", "model"), default="ema", help="the EMA weights (for sampling) or the trained ones"
+    )
     check = commands.add_parser("verify", help="check every file of a checkpoint against its manifest")
     check.add_argument("checkpoint", type=Path)
     return parser

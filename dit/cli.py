@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from moe_kernels.backend import BACKENDS
 from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, Rule
@@ -41,8 +41,12 @@ seed = argument_type(SEED)
 
 
 def add_moe_backend_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--moe-backend", choices=BACKENDS, default="auto",
-                        help="moe_kernels backend: auto (Triton on CUDA, PyTorch elsewhere), triton or torch")
+    parser.add_argument(
+        "--moe-backend",
+        choices=BACKENDS,
+        default="auto",
+        help="moe_kernels backend: auto (Triton on CUDA, PyTorch elsewhere), triton or torch",
+    )
 
 
 def explicit_arguments(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None) -> set[str]:
@@ -93,8 +97,10 @@ def check_outside_checkpoints(path: Path, flag: str) -> None:
 
     checkpoint = enclosing_checkpoint(path)
     if checkpoint is not None:
-        raise ValueError(f"{flag} {path} lies inside the checkpoint {checkpoint}, which must hold only the files of "
-                         "its manifest; write it elsewhere")
+        raise ValueError(
+            f"{flag} {path} lies inside the checkpoint {checkpoint}, which must hold only the files of "
+            "its manifest; write it elsewhere"
+        )
 
 
 def replace_atomically(write: Callable[[Path], None], path: Path) -> None:

@@ -90,9 +90,13 @@ def convert_official(ckpt: str | Path | dict) -> dict[str, torch.Tensor]:
     for block, by_expert in experts.items():
         ids = sorted(by_expert)
         if ids != list(range(len(ids))) or any(set(by_expert[i]) != {"gate", "up", "down"} for i in ids):
-            raise ValueError(f"block {block}: experts must be numbered 0..E-1, each with gate_proj, up_proj and down_proj")
+            raise ValueError(
+                f"block {block}: experts must be numbered 0..E-1, each with gate_proj, up_proj and down_proj"
+            )
         # nn.Linear stores [out, in]; our experts store [in, out].
-        out[f"blocks.{block}.ffn.w_in"] = torch.stack([torch.cat([by_expert[i]["gate"].T, by_expert[i]["up"].T], dim=1) for i in ids])
+        out[f"blocks.{block}.ffn.w_in"] = torch.stack(
+            [torch.cat([by_expert[i]["gate"].T, by_expert[i]["up"].T], dim=1) for i in ids]
+        )
         out[f"blocks.{block}.ffn.w_out"] = torch.stack([by_expert[i]["down"].T for i in ids])
     for block, parts in shared.items():
         out[f"blocks.{block}.ffn.shared.proj_in.weight"] = torch.cat([parts["gate"], parts["up"]], dim=0)
@@ -104,11 +108,15 @@ def _check_pos_embed(pos_embed: torch.Tensor) -> None:
     # Ours is computed, not stored: make sure the official one is the same fixed sin-cos table.
     num_patches, dim = pos_embed.shape[-2:]
     grid = int(round(num_patches**0.5))
-    if grid * grid != num_patches or not torch.allclose(pos_embed.reshape(num_patches, dim).float(), sincos_pos_embed(dim, grid), atol=1e-4):
+    if grid * grid != num_patches or not torch.allclose(
+        pos_embed.reshape(num_patches, dim).float(), sincos_pos_embed(dim, grid), atol=1e-4
+    ):
         raise ValueError("the checkpoint's pos_embed is not the fixed 2-D sin-cos embedding DiT uses")
 
 
-def infer_config(official: dict[str, torch.Tensor], num_heads: int | None = None, top_k: int = 2, input_size: int | None = None) -> DiTConfig:
+def infer_config(
+    official: dict[str, torch.Tensor], num_heads: int | None = None, top_k: int = 2, input_size: int | None = None
+) -> DiTConfig:
     """The ``DiTConfig`` an official state dict describes. The head count is read from the
     q/k norms when present, else from the paper's table (or ``num_heads``); ``top_k`` is not
     stored in the weights (every official config uses 2)."""
@@ -134,21 +142,36 @@ def infer_config(official: dict[str, torch.Tensor], num_heads: int | None = None
         raise ValueError("not a DiT or DiT-MoE checkpoint: block 0 has neither mlp.fc1 nor moe.experts.0")
     name = f"DiT-MoE-?/{patch}-{num_experts}E{top_k}A" if num_experts else f"DiT-?/{patch}"
     return DiTConfig(
-        input_size=input_size, patch_size=patch, in_channels=channels, hidden_size=hidden, depth=depth,
-        num_heads=num_heads, mlp_ratio=mlp.shape[0] / hidden, num_classes=official["y_embedder.embedding_table.weight"].shape[0] - 1,
-        learn_sigma=out_channels == 2 * channels, num_experts=num_experts, top_k=top_k,
-        num_shared_experts=0 if shared is None else shared.shape[0] // hidden, balance_loss_alpha=0.01,
-        qk_norm="blocks.0.attn.q_norm.weight" in official, name=name, latent=channels == 4,
+        input_size=input_size,
+        patch_size=patch,
+        in_channels=channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp.shape[0] / hidden,
+        num_classes=official["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=out_channels == 2 * channels,
+        num_experts=num_experts,
+        top_k=top_k,
+        num_shared_experts=0 if shared is None else shared.shape[0] // hidden,
+        balance_loss_alpha=0.01,
+        qk_norm="blocks.0.attn.q_norm.weight" in official,
+        name=name,
+        latent=channels == 4,
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dit.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dit.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("input", help="official checkpoint (.pt)")
     p.add_argument("output", help="output .safetensors")
     p.add_argument("--num-heads", type=positive_int, default=None)
     p.add_argument("--top-k", type=positive_int, default=2)
-    p.add_argument("--input-size", type=positive_int, default=None, help="latent side (default: from pos_embed, else 32)")
+    p.add_argument(
+        "--input-size", type=positive_int, default=None, help="latent side (default: from pos_embed, else 32)"
+    )
     return p
 
 
@@ -164,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
     replace_atomically(lambda tmp: save_weights(state_dict, tmp, config), output)
-    print(f"converted {len(official)} tensors into {len(state_dict)} ({config.depth} blocks, width {config.hidden_size}, "
-          f"{config.num_experts} experts) -> {args.output}")
+    print(
+        f"converted {len(official)} tensors into {len(state_dict)} ({config.depth} blocks, width {config.hidden_size}, "
+        f"{config.num_experts} experts) -> {args.output}"
+    )
 
 
 if __name__ == "__main__":

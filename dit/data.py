@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -109,7 +109,9 @@ def load_digits(image_size: int = 8) -> TensorData:
     table = _digits_table()
     images = torch.from_numpy(table[:, :64]).float().view(-1, 1, 8, 8) / 8.0 - 1.0
     if image_size != 8:
-        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        images = F.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        )
     return TensorData(images, torch.from_numpy(table[:, 64]).long(), 10)
 
 
@@ -144,9 +146,15 @@ def load_latents(root: Path) -> TensorData:
         if "latents" not in tensors or "labels" not in tensors:
             raise ValueError(f"{shard} must hold tensors 'latents' and 'labels', found {sorted(tensors)}")
         shape = tuple(tensors["latents"].shape)
-        if len(shape) != 4 or tuple(tensors["labels"].shape) != shape[:1] or (latents and shape[1:] != latents[0].shape[1:]):
-            raise ValueError(f"{shard}: expected latents [n, C, h, w] like the other shards and labels [n], "
-                             f"got {shape} and {tuple(tensors['labels'].shape)}")
+        if (
+            len(shape) != 4
+            or tuple(tensors["labels"].shape) != shape[:1]
+            or (latents and shape[1:] != latents[0].shape[1:])
+        ):
+            raise ValueError(
+                f"{shard}: expected latents [n, C, h, w] like the other shards and labels [n], "
+                f"got {shape} and {tuple(tensors['labels'].shape)}"
+            )
         latents.append(tensors["latents"].float())
         labels.append(tensors["labels"].long())
     labels_all = torch.cat(labels)
@@ -159,7 +167,9 @@ def load_dataset(data: str, image_size: int | None) -> TensorData | ImageFolderD
         return load_digits(image_size or 8)
     root = Path(data)
     if not root.is_dir():
-        raise ValueError(f"--data must be 'digits', an image folder or a latents directory; {data!r} is not a directory")
+        raise ValueError(
+            f"--data must be 'digits', an image folder or a latents directory; {data!r} is not a directory"
+        )
     if any(root.glob("*.safetensors")):
         return load_latents(root)
     return ImageFolderData(root, image_size or 256)
@@ -228,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.image_size % 8:
-        parser.error(f"--image-size must be a multiple of 8 (the VAE's latents are 8 times smaller), got {args.image_size}")
+        parser.error(
+            f"--image-size must be a multiple of 8 (the VAE's latents are 8 times smaller), got {args.image_size}"
+        )
 
     from safetensors.torch import save_file
     from tqdm.auto import tqdm

@@ -151,7 +151,9 @@ def digits_classifier():
     from sklearn.neural_network import MLPClassifier
 
     digits = load_digits()
-    classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=0).fit(digits.data / 16, digits.target)
+    classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=0).fit(
+        digits.data / 16, digits.target
+    )
     return classifier, digits
 
 
@@ -167,7 +169,9 @@ def digits_metrics(samples: np.ndarray, labels: np.ndarray) -> dict:
     if labels is None:
         raise ValueError("the samples .npz needs arr_1 (the requested labels) for the digits report")
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= DIGIT_CLASSES:
-        found = f"{labels.dtype} labels" if labels.dtype.kind not in "iu" else f"labels in [{labels.min()}, {labels.max()}]"
+        found = (
+            f"{labels.dtype} labels" if labels.dtype.kind not in "iu" else f"labels in [{labels.min()}, {labels.max()}]"
+        )
         raise ValueError(f"arr_1 must hold integer labels in [0, {DIGIT_CLASSES}) for the digits report, got {found}")
     classifier, digits = digits_classifier()
     x = samples.astype(np.float64).mean(axis=3).reshape(len(samples), 64) / 255.0
@@ -182,11 +186,23 @@ def digits_metrics(samples: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dit.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dit.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("samples", help=".npz of generated images (arr_0) and labels (arr_1)")
-    p.add_argument("reference", nargs="?", default=None, help=".npz of reference images (arr_0), for the Inception metrics")
-    p.add_argument("--inception-weights", default=None, help="local TorchScript inception-2015-12-05.pt (or StyleGAN3's .pkl, with --allow-pickle)")
-    p.add_argument("--allow-pickle", action="store_true", help="let --inception-weights be a pickle: unpickling runs any code the file holds, so only for files you trust")
+    p.add_argument(
+        "reference", nargs="?", default=None, help=".npz of reference images (arr_0), for the Inception metrics"
+    )
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="local TorchScript inception-2015-12-05.pt (or StyleGAN3's .pkl, with --allow-pickle)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="let --inception-weights be a pickle: unpickling runs any code the file holds, so only for files you trust",
+    )
     p.add_argument("--digits", action="store_true", help="the digits report (needs no weights)")
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--json", default=None, help="also write the results here")

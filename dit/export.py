@@ -56,9 +56,15 @@ def metadata(model: DiT, batch: int, cfg: bool) -> dict[str, str]:
     """What a sampler needs besides the network, as the strings package metadata holds."""
     config = model.config
     values = {
-        "format": "dit-moe-denoiser/1", "objective": config.objective, "batch": batch, "cfg": int(cfg),
-        "in_channels": config.in_channels, "input_size": config.input_size, "num_classes": config.num_classes,
-        "learn_sigma": int(config.learn_sigma), "latent": int(config.latent),
+        "format": "dit-moe-denoiser/1",
+        "objective": config.objective,
+        "batch": batch,
+        "cfg": int(cfg),
+        "in_channels": config.in_channels,
+        "input_size": config.input_size,
+        "num_classes": config.num_classes,
+        "learn_sigma": int(config.learn_sigma),
+        "latent": int(config.latent),
         "device": next(model.parameters()).device.type,
     }
     if config.objective == "diffusion":
@@ -88,7 +94,9 @@ def export(model: DiT, out: Path, batch: int, cfg: bool) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dit.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dit.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, help="a checkpoint directory (its EMA weights) or a .safetensors file")
     p.add_argument("--out", required=True, help="the .pt2 package to write")
     p.add_argument("--batch", type=positive_int, default=1, help="images per network evaluation (fixed in the package)")
@@ -124,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
         model = build_from_checkpoint(args.ckpt, moe_backend="auto").to(device)
         start = time.perf_counter()
         export(model, out, args.batch, args.cfg)
-        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s: "
-              f"{model.config.name}, batch {args.batch}, {'guided' if args.cfg else 'unguided'}, {args.device}", file=sys.stderr)
+        print(
+            f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s: "
+            f"{model.config.name}, batch {args.batch}, {'guided' if args.cfg else 'unguided'}, {args.device}",
+            file=sys.stderr,
+        )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
 

@@ -126,12 +126,20 @@ def table(image_size: int = 256) -> str:
         config.input_size = image_size // 8
         c = count(config)
         paper = PAPER.get(name) if published else None
-        rows.append((
-            name, _size(c.params), _size(paper.params) if paper else "",
-            _size(c.active_params), _size(paper.active_params) if paper else "",
-            f"{c.linear_macs / 1e9:.2f}", f"{c.macs / 1e9:.2f}", f"{paper.gmacs:.2f}" if paper else "",
-            f"{c.flops / 1e9:.1f}", f"({paper.source})" if paper else "",
-        ))
+        rows.append(
+            (
+                name,
+                _size(c.params),
+                _size(paper.params) if paper else "",
+                _size(c.active_params),
+                _size(paper.active_params) if paper else "",
+                f"{c.linear_macs / 1e9:.2f}",
+                f"{c.macs / 1e9:.2f}",
+                f"{paper.gmacs:.2f}" if paper else "",
+                f"{c.flops / 1e9:.1f}",
+                f"({paper.source})" if paper else "",
+            )
+        )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     text_columns = (0, len(header) - 1)
 
@@ -143,10 +151,16 @@ def table(image_size: int = 256) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dit.flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=positive_int, default=256, help="image side in pixels (latents are 8x smaller)")
+    parser = argparse.ArgumentParser(
+        prog="python -m dit.flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--image-size", type=positive_int, default=256, help="image side in pixels (latents are 8x smaller)"
+    )
     memory = parser.add_argument_group("--memory: per-GPU training memory (see dit.memory)")
-    memory.add_argument("--memory", action="store_true", help="estimate per-GPU training memory instead of counting compute")
+    memory.add_argument(
+        "--memory", action="store_true", help="estimate per-GPU training memory instead of counting compute"
+    )
     memory.add_argument("--gpus", type=positive_int, default=8, help="number of GPUs (default 8)")
     memory.add_argument("--ep", type=positive_int, default=1, help="expert-parallel degree, as dit.train --ep")
     memory.add_argument("--fsdp", action="store_true", help="as dit.train --fsdp")
@@ -160,13 +174,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.image_size < 16 or args.image_size % 16:
-        parser.error(f"--image-size must be a positive multiple of 16 (latent side divisible by the patch), got {args.image_size}")
+        parser.error(
+            f"--image-size must be a positive multiple of 16 (latent side divisible by the patch), got {args.image_size}"
+        )
     side = args.image_size // 8
     if args.memory:
         _print_memory(args, side)
         return
-    print(f"per image, forward, {args.image_size}x{args.image_size} ({side}x{side}x4 latents); "
-          "GMACs: linear layers on the activated path; +attn: with attention's N x N products; GFLOPs = 2 x (+attn)")
+    print(
+        f"per image, forward, {args.image_size}x{args.image_size} ({side}x{side}x4 latents); "
+        "GMACs: linear layers on the activated path; +attn: with attention's N x N products; GFLOPs = 2 x (+attn)"
+    )
     print(table(args.image_size))
 
 
@@ -180,8 +198,10 @@ def _print_memory(args: argparse.Namespace, side: int) -> None:
         config.input_size = side
         configs.append(config)
     layout = Layout(args.gpus, args.ep, args.fsdp, args.grad_checkpointing)
-    print(f"GiB per GPU, training with AdamW and an EMA, {args.batch} images of {args.image_size}x{args.image_size} "
-          f"per GPU, bf16 activations; {layout.describe()}")
+    print(
+        f"GiB per GPU, training with AdamW and an EMA, {args.batch} images of {args.image_size}x{args.image_size} "
+        f"per GPU, bf16 activations; {layout.describe()}"
+    )
     print(memory_table(configs, layout, args.batch, args.budget))
     flagship = configs[-1]
     print(f"\n{flagship.name} on {args.gpus} GPUs, every layout, smallest first")

@@ -48,7 +48,9 @@ class Layout:
         if self.gpus % self.ep:
             raise ValueError(f"--ep {self.ep} must divide --gpus {self.gpus}")
         if self.ep > 1 and config.num_experts % self.ep:
-            raise ValueError(f"--ep {self.ep} must divide the experts per layer of {config.name} ({config.num_experts})")
+            raise ValueError(
+                f"--ep {self.ep} must divide the experts per layer of {config.name} ({config.num_experts})"
+            )
 
     def describe(self) -> str:
         parts = [f"{self.gpus} GPU(s)", f"ep {self.ep}"]
@@ -95,8 +97,13 @@ def estimate(config: DiTConfig, layout: Layout, batch: int, compute_bytes: int =
         block = counts.block_params - counts.expert_params / config.depth * (1 - 1 / layout.ep)
         params += 2 * block * compute_bytes
         grads += 2 * block * compute_bytes
-    return Memory(params=params, grads=grads, optimizer=2 * local * FP32, ema=local * FP32,
-                  activations=activation_bytes(config, batch, layout.grad_checkpointing, compute_bytes, layout.ep > 1))
+    return Memory(
+        params=params,
+        grads=grads,
+        optimizer=2 * local * FP32,
+        ema=local * FP32,
+        activations=activation_bytes(config, batch, layout.grad_checkpointing, compute_bytes, layout.ep > 1),
+    )
 
 
 def activation_bytes(
@@ -146,7 +153,9 @@ def layouts_table(config: DiTConfig, gpus: int, batch: int, budget_gib: float = 
             for grad_checkpointing in (False, True):
                 layout = Layout(gpus, ep, fsdp, grad_checkpointing)
                 m = estimate(config, layout, batch)
-                cells = [f"{value / GiB:.1f}" for value in (m.params, m.grads, m.optimizer, m.ema, m.activations, m.total)]
+                cells = [
+                    f"{value / GiB:.1f}" for value in (m.params, m.grads, m.optimizer, m.ema, m.activations, m.total)
+                ]
                 rows.append((m.total, (layout.describe(), *cells, "yes" if m.total <= budget_gib * GiB else "no")))
     return _format(header, [row for _, row in sorted(rows, key=lambda r: r[0])])
 

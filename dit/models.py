@@ -180,7 +180,6 @@ DROPOUT = Rule(integer=False, low=0, high=1, open_high=True)
 class DiTConfig:
     """Everything that shapes a DiT; ``num_experts = 0`` means the dense DiT."""
 
-
     input_size: int = 32
     patch_size: int = 2
     in_channels: int = 4
@@ -260,8 +259,13 @@ class DiT(nn.Module):
         if config.num_experts == 0:
             return Mlp(D, hidden)
         return MoE(
-            D, hidden, config.num_experts, config.top_k, num_shared_experts=config.num_shared_experts,
-            balance_loss_alpha=config.balance_loss_alpha, backend=moe_backend,
+            D,
+            hidden,
+            config.num_experts,
+            config.top_k,
+            num_shared_experts=config.num_shared_experts,
+            balance_loss_alpha=config.balance_loss_alpha,
+            backend=moe_backend,
         )
 
     def initialize_weights(self) -> None:
@@ -284,7 +288,11 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [*(block.adaLN_modulation[-1] for block in self.blocks), self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        for layer in [
+            *(block.adaLN_modulation[-1] for block in self.blocks),
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -303,7 +311,9 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, drop_labels)
         for block in self.blocks:
@@ -335,7 +345,9 @@ SIZES = {
     "XL": (28, 1152, 16),
     "G": (40, 1408, 16),
 }
-_NAME = re.compile(r"^DiT-(?:(?P<moe>MoE)-)?(?P<size>Ti|S|B|L|XL|G)/(?P<patch>2|4|8)(?:-(?P<experts>\d+)E(?P<k>\d+)A)?$")
+_NAME = re.compile(
+    r"^DiT-(?:(?P<moe>MoE)-)?(?P<size>Ti|S|B|L|XL|G)/(?P<patch>2|4|8)(?:-(?P<experts>\d+)E(?P<k>\d+)A)?$"
+)
 # The settings create_model may override: every field of DiTConfig but those its name fixes.
 OVERRIDES = tuple(f.name for f in fields(DiTConfig) if f.name not in ("name", "patch_size"))
 
@@ -354,7 +366,9 @@ def coerce_override(key: str, value: object) -> object:
             else:
                 value = kind(text)
         except (KeyError, ValueError):
-            raise TypeError(f"{key} takes {'true or false' if kind is bool else 'a number' if kind is float else 'an integer'}, got {value!r}") from None
+            raise TypeError(
+                f"{key} takes {'true or false' if kind is bool else 'a number' if kind is float else 'an integer'}, got {value!r}"
+            ) from None
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -383,8 +397,13 @@ def parse_model_name(name: str) -> DiTConfig:
     if experts and not 1 <= top_k <= experts:
         raise ValueError(f"model {name!r}: top-k ({top_k}) must be between 1 and the number of experts ({experts})")
     return DiTConfig(
-        patch_size=int(match["patch"]), depth=depth, hidden_size=hidden, num_heads=heads,
-        num_experts=experts, top_k=top_k, name=name,
+        patch_size=int(match["patch"]),
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_experts=experts,
+        top_k=top_k,
+        name=name,
     )
 
 

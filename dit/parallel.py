@@ -126,4 +126,3 @@ def _shard(module: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, pl
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """A parameter's local values: its shard if it is a DTensor, else itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-

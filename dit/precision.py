@@ -23,8 +23,12 @@ PRECISIONS = ("tf32", "fp32", "bf16")
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--precision`` flag, the same for every command that runs the model."""
-    parser.add_argument("--precision", choices=PRECISIONS, default="tf32",
-                        help="tf32: fp32 with TF32 matmuls on GPU, as DiT runs; fp32: IEEE matmuls; bf16: autocast")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="tf32",
+        help="tf32: fp32 with TF32 matmuls on GPU, as DiT runs; fp32: IEEE matmuls; bf16: autocast",
+    )
 
 
 def _check(precision: str) -> None:

@@ -15,8 +15,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 LOCK_FILE = ".lock"
 

@@ -30,20 +30,39 @@ from .sampling import SAMPLERS, check_steps, generate, save_grid, to_uint8
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dit.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint directory (its EMA weights are used) or a .safetensors file")
+    p = argparse.ArgumentParser(
+        prog="python -m dit.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--ckpt", required=True, help="a checkpoint directory (its EMA weights are used) or a .safetensors file"
+    )
     p.add_argument("--num-samples", type=positive_int, default=100)
     p.add_argument("--cfg-scale", type=coefficient, default=4.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default 250 for diffusion, 50 for rectified flow)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddpm for diffusion, euler for rectified flow")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="sampling steps (default 250 for diffusion, 50 for rectified flow)",
+    )
+    p.add_argument(
+        "--sampler", choices=SAMPLERS, default=None, help="default: ddpm for diffusion, euler for rectified flow"
+    )
     p.add_argument("--out", default="samples.npz", help="output .npz (the suffix is added if missing)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the samples (.png is added if missing)")
     p.add_argument("--class", dest="class_label", type=nonnegative_int, default=None, help="sample only this class")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL, to decode a latent model's samples")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (one graph; the first batch pays the compile time)")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture one guided denoising step in a CUDA graph and replay it (CUDA only)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (one graph; the first batch pays the compile time)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture one guided denoising step in a CUDA graph and replay it (CUDA only)",
+    )
     add_moe_backend_argument(p)
     add_precision_argument(p)
     return p
@@ -84,8 +103,16 @@ def sample(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     images = []
     with use_precision(args.precision, device):
         for chunk in tqdm(labels.split(args.batch_size), desc="batches", disable=len(labels) <= args.batch_size):
-            out = generate(model, chunk, args.cfg_scale, steps, sampler, generator=generator, progress=True,
-                           cuda_graphs=args.cuda_graphs)
+            out = generate(
+                model,
+                chunk,
+                args.cfg_scale,
+                steps,
+                sampler,
+                generator=generator,
+                progress=True,
+                cuda_graphs=args.cuda_graphs,
+            )
             images.append(to_uint8(decode(vae, out) if vae is not None else out))
     arr = np.concatenate(images)
     labels_np = labels.numpy().astype(np.int64)
@@ -102,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         arr, _ = sample(args)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
-    print(f"wrote {arr.shape[0]} samples of shape {arr.shape[1:]} to {args.out}" + (f" and a grid to {args.grid}" if args.grid else ""))
+    print(
+        f"wrote {arr.shape[0]} samples of shape {arr.shape[1:]} to {args.out}"
+        + (f" and a grid to {args.grid}" if args.grid else "")
+    )
 
 
 if __name__ == "__main__":

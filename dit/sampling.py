@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -76,7 +76,9 @@ class GuidedDenoiser(nn.Module):
         return guided(self.model, y, self.cfg_scale)(x, t)
 
 
-def cuda_graphed(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def cuda_graphed(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``model_fn`` captured in a CUDA graph on its first call and replayed on every later one,
     so a denoising step costs one graph launch instead of hundreds of kernel launches.
 

@@ -17,8 +17,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -52,8 +53,21 @@ DIGITS_DEFAULTS = {"model": "DiT-MoE-Ti/2-8E2A", "steps": 1500, "global_batch_si
 # is used) or agree with the checkpoint: changing the data, model, batch or seed mid-run would
 # silently make a different run.
 RESUME_MAY_CHANGE = (
-    "steps", "epochs", "lr", "ckpt_every", "log_every", "precision", "grad_checkpointing", "compile", "moe_backend",
-    "cfg_scale", "sample_steps", "results_dir", "resume", "ep", "fsdp",
+    "steps",
+    "epochs",
+    "lr",
+    "ckpt_every",
+    "log_every",
+    "precision",
+    "grad_checkpointing",
+    "compile",
+    "moe_backend",
+    "cfg_scale",
+    "sample_steps",
+    "results_dir",
+    "resume",
+    "ep",
+    "fsdp",
 )
 # Seconds a job waits for the one holding its run directory to end: the workers of a killed
 # job stop at their next step (``Distributed.check_agent``).
@@ -61,45 +75,122 @@ LOCK_WAIT = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help=f"config name, e.g. DiT-XL/2 or DiT-MoE-S/2-8E2A (default: {DEFAULTS['model']}; {DIGITS_DEFAULTS['model']} on digits)")
-    p.add_argument("--data", default="digits", help="'digits', an image folder (DIR/<class>/<image>), or a directory of latent shards")
-    p.add_argument("--image-size", type=positive_int, default=None, help="image side in pixels (default: 8 for digits, 256 for folders)")
-    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL: train on its latents (x0.18215) of the images")
-    p.add_argument("--global-batch-size", type=positive_int, default=None, help=f"images per step over all processes (default {DEFAULTS['global_batch_size']}; {DIGITS_DEFAULTS['global_batch_size']} on digits)")
-    p.add_argument("--lr", type=positive_float, default=None, help=f"AdamW learning rate (default {DEFAULTS['lr']:g}; {DIGITS_DEFAULTS['lr']:g} on digits)")
+    p = argparse.ArgumentParser(
+        prog="python -m dit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"config name, e.g. DiT-XL/2 or DiT-MoE-S/2-8E2A (default: {DEFAULTS['model']}; {DIGITS_DEFAULTS['model']} on digits)",
+    )
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="'digits', an image folder (DIR/<class>/<image>), or a directory of latent shards",
+    )
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        help="image side in pixels (default: 8 for digits, 256 for folders)",
+    )
+    p.add_argument(
+        "--vae", default=None, help="local diffusers AutoencoderKL: train on its latents (x0.18215) of the images"
+    )
+    p.add_argument(
+        "--global-batch-size",
+        type=positive_int,
+        default=None,
+        help=f"images per step over all processes (default {DEFAULTS['global_batch_size']}; {DIGITS_DEFAULTS['global_batch_size']} on digits)",
+    )
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help=f"AdamW learning rate (default {DEFAULTS['lr']:g}; {DIGITS_DEFAULTS['lr']:g} on digits)",
+    )
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=positive_int, default=None, help=f"optimizer steps (default {DEFAULTS['steps']}; {DIGITS_DEFAULTS['steps']} on digits)")
+    length.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"optimizer steps (default {DEFAULTS['steps']}; {DIGITS_DEFAULTS['steps']} on digits)",
+    )
     length.add_argument("--epochs", type=positive_int, default=None)
-    p.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints (the last step is always saved)")
+    p.add_argument(
+        "--ckpt-every",
+        type=positive_int,
+        default=50_000,
+        help="steps between checkpoints (the last step is always saved)",
+    )
     p.add_argument("--log-every", type=positive_int, default=100)
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--resume", default=None, help=(
-        "a checkpoint or run directory, or 'latest' (the newest run in --results-dir). A run directory or "
-        "'latest' resumes from the newest intact checkpoint, skipping corrupt or incomplete ones with a warning. "
-        "Flags left out take the checkpoint's values; these may change: "
-        + ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE if name != "resume")
-        + "; any other flag must agree with the checkpoint"))
+    p.add_argument(
+        "--resume",
+        default=None,
+        help=(
+            "a checkpoint or run directory, or 'latest' (the newest run in --results-dir). A run directory or "
+            "'latest' resumes from the newest intact checkpoint, skipping corrupt or incomplete ones with a warning. "
+            "Flags left out take the checkpoint's values; these may change: "
+            + ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE if name != "resume")
+            + "; any other flag must agree with the checkpoint"
+        ),
+    )
     add_precision_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--ep", type=positive_int, default=1, help=(
-        "expert-parallel degree: groups of this many processes each hold one copy of the experts, every process "
-        "E/ep of each layer's (it must divide the number of processes and the experts); checkpoints are then "
-        "sharded, and resume with any --ep"))
-    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help=(
-        "shard parameters, gradients and optimizer state over the processes (FSDP2 fully_shard, per block; the "
-        "experts over the data-parallel groups of --ep); with --precision bf16 on GPUs, bf16 weights in the blocks "
-        "and fp32 gradient reduction; checkpoints are sharded"))
-    p.add_argument("--compile", action="store_true", help="torch.compile the loss (forward and backward) and the optimizer step")
+    p.add_argument(
+        "--ep",
+        type=positive_int,
+        default=1,
+        help=(
+            "expert-parallel degree: groups of this many processes each hold one copy of the experts, every process "
+            "E/ep of each layer's (it must divide the number of processes and the experts); checkpoints are then "
+            "sharded, and resume with any --ep"
+        ),
+    )
+    p.add_argument(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help=(
+            "shard parameters, gradients and optimizer state over the processes (FSDP2 fully_shard, per block; the "
+            "experts over the data-parallel groups of --ep); with --precision bf16 on GPUs, bf16 weights in the blocks "
+            "and fp32 gradient reduction; checkpoints are sharded"
+        ),
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the loss (forward and backward) and the optimizer step"
+    )
     p.add_argument("--objective", choices=OBJECTIVES, default="diffusion")
-    p.add_argument("--balance-alpha", type=coefficient, default=0.05, help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)")
+    p.add_argument(
+        "--balance-alpha",
+        type=coefficient,
+        default=0.05,
+        help="weight of each MoE layer's balance loss (paper 0.05, official code 0.01)",
+    )
     p.add_argument("--ema-decay", type=fraction, default=0.9999)
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on for image folders; off for digits, which mirroring changes, and latents)")
+    p.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (default: on for image folders; off for digits, which mirroring changes, and latents)",
+    )
     p.add_argument("--cfg-scale", type=coefficient, default=4.0, help="guidance scale of the final sample grid")
-    p.add_argument("--sample-steps", type=positive_int, default=None, help="sampling steps of the final grid (default 250 DDPM or 50 Euler)")
+    p.add_argument(
+        "--sample-steps",
+        type=positive_int,
+        default=None,
+        help="sampling steps of the final grid (default 250 DDPM or 50 Euler)",
+    )
     add_moe_backend_argument(p)
-    p.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"override a model setting, e.g. --set mlp_ratio=15 --set num_shared_experts=0; settings: {', '.join(OVERRIDES)}")
+    p.add_argument(
+        "--set",
+        dest="model_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a model setting, e.g. --set mlp_ratio=15 --set num_shared_experts=0; settings: {', '.join(OVERRIDES)}",
+    )
     p.add_argument("--seed", type=seed, default=0)
     return p
 
@@ -242,8 +333,12 @@ class AgentGone(SystemExit):
 def rng_state(device: torch.device) -> dict:
     """Every RNG's state as tensors and plain values, so the checkpoint loads with ``weights_only=True``."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                   "cached_gaussian": float(cached_gaussian)}
+    numpy_state = {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
     state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -253,8 +348,15 @@ def rng_state(device: torch.device) -> dict:
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -277,7 +379,13 @@ def expert_load(model: DiT) -> list[dict]:
     stats = []
     for moe in model.moe_layers():
         counts = moe.expert_counts.float()
-        stats.append({"min": int(counts.min()), "max": int(counts.max()), "cv": float(counts.std(unbiased=False) / counts.mean())})
+        stats.append(
+            {
+                "min": int(counts.min()),
+                "max": int(counts.max()),
+                "cv": float(counts.std(unbiased=False) / counts.mean()),
+            }
+        )
     return stats
 
 
@@ -335,8 +443,10 @@ def fit_layout(args: argparse.Namespace, world_size: int, num_experts: int) -> s
         args.fsdp = False
     if (args.ep, args.fsdp) == old:
         return None
-    return (f"resuming with --ep {args.ep} {'--fsdp' if args.fsdp else '--no-fsdp'} on {world_size} process(es): the "
-            f"checkpoint's --ep {old[0]}{' --fsdp' if old[1] else ''} does not fit them (a sharded checkpoint loads in any layout)")
+    return (
+        f"resuming with --ep {args.ep} {'--fsdp' if args.fsdp else '--no-fsdp'} on {world_size} process(es): the "
+        f"checkpoint's --ep {old[0]}{' --fsdp' if old[1] else ''} does not fit them (a sharded checkpoint loads in any layout)"
+    )
 
 
 def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> DiT:
@@ -345,12 +455,18 @@ def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> D
     channels, size, _ = dataset.shape
     if args.vae:
         if size % 8:
-            raise ValueError(f"--image-size must be a multiple of 8 with --vae (its latents are 8 times smaller), got {size}")
+            raise ValueError(
+                f"--image-size must be a multiple of 8 with --vae (its latents are 8 times smaller), got {size}"
+            )
         channels, size = 4, size // 8
     overrides = dict(
-        input_size=size, in_channels=channels, num_classes=dataset.num_classes,
-        learn_sigma=args.objective == "diffusion", objective=args.objective,
-        latent=bool(args.vae) or dataset.is_latent, balance_loss_alpha=args.balance_alpha,
+        input_size=size,
+        in_channels=channels,
+        num_classes=dataset.num_classes,
+        learn_sigma=args.objective == "diffusion",
+        objective=args.objective,
+        latent=bool(args.vae) or dataset.is_latent,
+        balance_loss_alpha=args.balance_alpha,
     )
     overrides.update(parse_overrides(args.model_overrides))
     try:
@@ -413,7 +529,9 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
             warn(changed)
     global_batch = args.global_batch_size
     if global_batch % env.world_size:
-        raise ValueError(f"--global-batch-size {global_batch} must be divisible by the number of processes ({env.world_size})")
+        raise ValueError(
+            f"--global-batch-size {global_batch} must be divisible by the number of processes ({env.world_size})"
+        )
     if env.world_size % args.ep:
         raise ValueError(f"--ep {args.ep} must divide the number of processes ({env.world_size})")
     if args.fsdp and env.world_size == 1:
@@ -454,7 +572,11 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         start_step = state["step"]
         if len(state["rng"]) == env.world_size:
             set_rng_state(state["rng"][env.rank], device)
-    objective = RectifiedFlow() if model.config.objective == "rectified-flow" else create_diffusion(learn_sigma=model.config.learn_sigma)
+    objective = (
+        RectifiedFlow()
+        if model.config.objective == "rectified-flow"
+        else create_diffusion(learn_sigma=model.config.learn_sigma)
+    )
     ddp = parallel.data_parallel(model, device) if env.world_size > 1 and not args.fsdp else model
     save_tag = env.broadcast(os.getpid())
 
@@ -463,9 +585,14 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         log_file = open(run_dir / "log.txt", "a")
         n_params = sum(p.numel() for p in model.parameters())
-        layout = f" (data {env.world_size // args.ep} x expert {args.ep}{', FSDP' if args.fsdp else ''})" if sharded else ""
-        log(log_file, f"run {run_dir} | {model.config.name} | {n_params / 1e6:.2f}M parameters | data {args.data} ({len(dataset)} items) "
-            f"| {total_steps} steps of {global_batch} | {env.world_size} process(es){layout} on {device}")
+        layout = (
+            f" (data {env.world_size // args.ep} x expert {args.ep}{', FSDP' if args.fsdp else ''})" if sharded else ""
+        )
+        log(
+            log_file,
+            f"run {run_dir} | {model.config.name} | {n_params / 1e6:.2f}M parameters | data {args.data} ({len(dataset)} items) "
+            f"| {total_steps} steps of {global_batch} | {env.world_size} process(es){layout} on {device}",
+        )
         if checkpoint is not None:
             log(log_file, f"resumed from {checkpoint} (step {start_step})")
         log(log_file, "args " + json.dumps(vars(args)))
@@ -521,14 +648,21 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             elapsed = time.perf_counter() - window_start
-            mean_loss, mean_aux = env.mean(window_loss.item() / window_steps), env.mean(window_aux.item() / window_steps)
+            mean_loss, mean_aux = (
+                env.mean(window_loss.item() / window_steps),
+                env.mean(window_aux.item() / window_steps),
+            )
             images_per_s = window_steps * global_batch / elapsed
             load = expert_load(model)
             if env.main:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", balance=f"{mean_aux:.4f}", img_s=f"{images_per_s:.0f}")
                 load_text = " ".join(f"L{i}:{s['min']}/{s['max']}/cv{s['cv']:.2f}" for i, s in enumerate(load))
-                log(log_file, f"step {done:7d} | loss {mean_loss:.6f} | balance {mean_aux:.6f} | {images_per_s:.1f} img/s"
-                    + (f" | expert load min/max/cv {load_text}" if load else ""), echo=False)
+                log(
+                    log_file,
+                    f"step {done:7d} | loss {mean_loss:.6f} | balance {mean_aux:.6f} | {images_per_s:.1f} img/s"
+                    + (f" | expert load min/max/cv {load_text}" if load else ""),
+                    echo=False,
+                )
             window_loss.zero_()
             window_aux.zero_()
             window_steps, window_start = 0, time.perf_counter()
@@ -537,9 +671,13 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
             rng = env.gather(rng_state(device))
             state = {"rng": rng, "args": vars(args), "world_size": env.world_size}
             if sharded:
-                path = ckpt.save_sharded_checkpoint(run_dir / "checkpoints", done, model, ema, optimizer, state, save_tag)
+                path = ckpt.save_sharded_checkpoint(
+                    run_dir / "checkpoints", done, model, ema, optimizer, state, save_tag
+                )
             elif env.main:
-                path = ckpt.save_checkpoint(run_dir / "checkpoints", done, model, ema, {**state, "optimizer": optimizer.state_dict()})
+                path = ckpt.save_checkpoint(
+                    run_dir / "checkpoints", done, model, ema, {**state, "optimizer": optimizer.state_dict()}
+                )
             if env.main:
                 log(log_file, f"saved checkpoint {path}", echo=False)
     bar.close()

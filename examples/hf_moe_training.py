@@ -20,9 +20,21 @@ import moe_kernels.integrations.huggingface as mk_hf
 
 def build_model() -> torch.nn.Module:
     config = Qwen3MoeConfig(
-        vocab_size=32, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        output_router_logits=True, router_aux_loss_coef=0.01, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return AutoModelForCausalLM.from_config(config)
 

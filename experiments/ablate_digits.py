@@ -32,7 +32,14 @@ from dit.train import main as train_main
 MODELS = {
     "dense DiT (MLP x15)": ["--model", "DiT-Ti/2", "--set", "mlp_ratio=15"],
     "DiT-MoE, shared expert": ["--model", "DiT-MoE-Ti/2-8E2A"],
-    "DiT-MoE, no shared expert": ["--model", "DiT-MoE-Ti/2-8E2A", "--set", "num_shared_experts=0", "--set", "mlp_ratio=5"],
+    "DiT-MoE, no shared expert": [
+        "--model",
+        "DiT-MoE-Ti/2-8E2A",
+        "--set",
+        "num_shared_experts=0",
+        "--set",
+        "mlp_ratio=5",
+    ],
 }
 
 
@@ -67,7 +74,19 @@ def main(argv: list[str] | None = None) -> str:
     rows = {}
     for name, flags in MODELS.items():
         run_dir = Path(args.results_dir) / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-        train_main([*flags, "--steps", str(args.steps), "--seed", str(args.seed), "--results-dir", str(run_dir), "--sample-steps", "2"])
+        train_main(
+            [
+                *flags,
+                "--steps",
+                str(args.steps),
+                "--seed",
+                str(args.seed),
+                "--results-dir",
+                str(run_dir),
+                "--sample-steps",
+                "2",
+            ]
+        )
         checkpoint = latest_checkpoint(sorted(run_dir.glob("[0-9][0-9][0-9]-*"))[-1] / "checkpoints")
         rows[name] = evaluate(checkpoint, args.per_class, args.sample_steps, args.seed)
         print(name, json.dumps(rows[name]))
@@ -77,7 +96,11 @@ def main(argv: list[str] | None = None) -> str:
     ]
     for name, r in rows.items():
         worst = min(r["accuracy_per_class"].values())
-        routing = f"{r['load_cv']:.2f} | {r['entropy_by_position']:.2f} / {r['entropy_by_step']:.2f}" if "load_cv" in r else "- | -"
+        routing = (
+            f"{r['load_cv']:.2f} | {r['entropy_by_position']:.2f} / {r['entropy_by_step']:.2f}"
+            if "load_cv" in r
+            else "- | -"
+        )
         lines.append(
             f"| {name} | {r['params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | {r['gflops']:.3f} | "
             f"{r['accuracy']:.1%} | {worst:.0%} | {r['frechet_distance']:.2f} | {routing} |"

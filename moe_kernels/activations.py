@@ -7,7 +7,7 @@ its backward writes the two halves once, with ``torch.cat``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -16,8 +16,17 @@ _BLOCK_D = 128
 
 @triton.jit
 def _combine_kernel(
-    src_ptr, weights_ptr, out_ptr, T, D, stride_wt, stride_wk,
-    K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    src_ptr,
+    weights_ptr,
+    out_ptr,
+    T,
+    D,
+    stride_wt,
+    stride_wk,
+    K: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -36,8 +45,17 @@ def _combine_kernel(
 
 @triton.jit
 def _combine_weight_grad_kernel(
-    grad_ptr, src_ptr, out_ptr, T, D, stride_gt, stride_gd,
-    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    grad_ptr,
+    src_ptr,
+    out_ptr,
+    T,
+    D,
+    stride_gt,
+    stride_gd,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slots = tl.arange(0, BLOCK_K)
@@ -46,7 +64,9 @@ def _combine_weight_grad_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols < D)[None, :]
-        grad = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * stride_gt + cols[None, :] * stride_gd, mask=mask, other=0.0)
+        grad = tl.load(
+            grad_ptr + rows.to(tl.int64)[:, None] * stride_gt + cols[None, :] * stride_gd, mask=mask, other=0.0
+        )
         for j in range(K):
             src = tl.load(src_ptr + (rows.to(tl.int64) * K + j)[:, None] * D + cols[None, :], mask=mask, other=0.0)
             dot = tl.sum(grad.to(tl.float32) * src.to(tl.float32), axis=1)
@@ -62,9 +82,16 @@ def combine(src: torch.Tensor, weights: torch.Tensor | None, out_dtype: torch.dt
         return out
     grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(D, _BLOCK_D))
     _combine_kernel[grid](
-        src, src if weights is None else weights, out, T, D,
+        src,
+        src if weights is None else weights,
+        out,
+        T,
+        D,
         *(weights.stride() if weights is not None else (0, 0)),
-        K=k, HAS_WEIGHTS=weights is not None, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D,
+        K=k,
+        HAS_WEIGHTS=weights is not None,
+        BLOCK_T=_BLOCK_T,
+        BLOCK_D=_BLOCK_D,
     )
     return out
 
@@ -81,7 +108,15 @@ def combine_weight_grad(grad: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if T == 0:
         return out
     _combine_weight_grad_kernel[(triton.cdiv(T, _BLOCK_T),)](
-        grad, src, out, T, D, *grad.stride(),
-        K=k, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D, BLOCK_K=triton.next_power_of_2(k),
+        grad,
+        src,
+        out,
+        T,
+        D,
+        *grad.stride(),
+        K=k,
+        BLOCK_T=_BLOCK_T,
+        BLOCK_D=_BLOCK_D,
+        BLOCK_K=triton.next_power_of_2(k),
     )
     return out

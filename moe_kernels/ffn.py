@@ -25,7 +25,6 @@ import torch
 from .activations import ACTIVATIONS, activation_fn, activation_grad
 from .backend import resolve_backend
 from .combine import combine, combine_torch, combine_weight_grad
-from .library import custom_op, differentiable
 from .grouped_mm import (
     grouped_mm_act,
     grouped_mm_act_grad,
@@ -34,6 +33,7 @@ from .grouped_mm import (
     grouped_mm_wgrad,
     grouped_mm_wgrad_torch,
 )
+from .library import custom_op, differentiable
 from .routing import Routing, route, row_of_slot
 from .validation import (
     FLOAT_DTYPES,
@@ -72,8 +72,16 @@ def _forward_torch(x, weights, experts, w_in, w_out, activation):
 
 @custom_op("moe_kernels::moe_ffn")
 def moe_ffn_op(
-    x: Tensor, weights: Tensor, experts: Tensor, w_in: Tensor, w_out: Tensor, activation: str, backend: str,
-    save_preact: bool, save_h: bool, save_out: bool,
+    x: Tensor,
+    weights: Tensor,
+    experts: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    backend: str,
+    save_preact: bool,
+    save_h: bool,
+    save_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``y [T, D]`` and what the backward pass reads: the pre-activation ``[S, 2H or H]``, ``h
     [S, H]`` and the per-slot outputs ``out [T, k, D]`` where asked for (else empty along
@@ -123,8 +131,14 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, a
         )
     if needs_x or needs_w_in:
         grad_preact = grouped_mm_act_grad(
-            grad_y, w_out.transpose(1, 2), offsets, preact, activation,
-            a_rows=token_of_row, scale=scale, scale_rows=slot_of_row,
+            grad_y,
+            w_out.transpose(1, 2),
+            offsets,
+            preact,
+            activation,
+            a_rows=token_of_row,
+            scale=scale,
+            scale_rows=slot_of_row,
         )
         if needs_x:
             grad_slots = grouped_mm_triton(grad_preact, w_in.transpose(1, 2), offsets, c_rows=slot_of_row)
@@ -159,9 +173,23 @@ def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, ac
 
 @custom_op("moe_kernels::moe_ffn_backward")
 def moe_ffn_backward_op(
-    grad_y: Tensor, x: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, preact: Tensor, h: Tensor, out: Tensor,
-    slot_of_row: Tensor, token_of_row: Tensor, offsets: Tensor, activation: str, backend: str,
-    needs_x: bool, needs_weights: bool, needs_w_in: bool, needs_w_out: bool,
+    grad_y: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    preact: Tensor,
+    h: Tensor,
+    out: Tensor,
+    slot_of_row: Tensor,
+    token_of_row: Tensor,
+    offsets: Tensor,
+    activation: str,
+    backend: str,
+    needs_x: bool,
+    needs_weights: bool,
+    needs_w_in: bool,
+    needs_w_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients of ``x``, ``weights``, ``w_in`` and ``w_out`` that ``needs_*`` ask for
     (the others empty), from what ``moe_ffn`` saved."""
@@ -173,8 +201,25 @@ def moe_ffn_backward_op(
 
 
 @moe_ffn_backward_op.register_fake
-def _(grad_y, x, weights, w_in, w_out, preact, h, out, slot_of_row, token_of_row, offsets, activation, backend,
-      needs_x, needs_weights, needs_w_in, needs_w_out):
+def _(
+    grad_y,
+    x,
+    weights,
+    w_in,
+    w_out,
+    preact,
+    h,
+    out,
+    slot_of_row,
+    token_of_row,
+    offsets,
+    activation,
+    backend,
+    needs_x,
+    needs_weights,
+    needs_w_in,
+    needs_w_out,
+):
     wanted = zip((x, weights, w_in, w_out), (needs_x, needs_weights, needs_w_in, needs_w_out))
     return tuple(torch.empty_like(t) if need else x.new_empty(0) for t, need in wanted)
 
@@ -191,7 +236,9 @@ def _check_saved(saved: tuple, needs: tuple) -> None:
         (needs_weights, out.shape[0] == x.shape[0], "weights", "save_out"),
     ):
         if needed and not saved:
-            raise RuntimeError(f"moe_ffn: the gradient of {name} needs what {flag}=True keeps, and this call did not keep it")
+            raise RuntimeError(
+                f"moe_ffn: the gradient of {name} needs what {flag}=True keeps, and this call did not keep it"
+            )
 
 
 def _setup_context(ctx, inputs, output):

@@ -53,11 +53,28 @@ def _argmax(values, ids, free, NONE: tl.constexpr):
 
 @triton.jit
 def _topk_gating_kernel(
-    logits_ptr, bias_ptr, probs_ptr, weights_ptr, experts_ptr, counts_ptr, prob_sums_ptr,
-    T, E, stride_lt, stride_le, scale,
-    K: tl.constexpr, NORMALIZE: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-    NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+    logits_ptr,
+    bias_ptr,
+    probs_ptr,
+    weights_ptr,
+    experts_ptr,
+    counts_ptr,
+    prob_sums_ptr,
+    T,
+    E,
+    stride_lt,
+    stride_le,
+    scale,
+    K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, cols, row_ok, col_ok, mask = _row_block(T, E, BLOCK_T, BLOCK_E)
@@ -137,10 +154,26 @@ def _topk_gating_kernel(
 
 @triton.jit
 def _topk_gating_backward_kernel(
-    grad_logits_ptr, probs_ptr, weights_ptr, experts_ptr, grad_weights_ptr, grad_probs_ptr, grad_sums_ptr,
-    T, E, stride_gt, stride_ge, scale,
-    K: tl.constexpr, NORMALIZE: tl.constexpr, SIGMOID: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr,
-    HAS_GRAD_PROBS: tl.constexpr, HAS_GRAD_SUMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    grad_logits_ptr,
+    probs_ptr,
+    weights_ptr,
+    experts_ptr,
+    grad_weights_ptr,
+    grad_probs_ptr,
+    grad_sums_ptr,
+    T,
+    E,
+    stride_gt,
+    stride_ge,
+    scale,
+    K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr,
+    HAS_GRAD_PROBS: tl.constexpr,
+    HAS_GRAD_SUMS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, mask = _row_block(T, E, BLOCK_T, BLOCK_E)
     probs = tl.load(probs_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0.0)
@@ -182,8 +215,16 @@ def _topk_gating_backward_kernel(
 Tensor = torch.Tensor
 
 
-def _gating_triton(logits: Tensor, k: int, normalize: bool, score: str, bias: Tensor | None, num_groups: int,
-                   topk_groups: int, scale: float):
+def _gating_triton(
+    logits: Tensor,
+    k: int,
+    normalize: bool,
+    score: str,
+    bias: Tensor | None,
+    num_groups: int,
+    topk_groups: int,
+    scale: float,
+):
     T, E = logits.shape
     num_blocks = triton.cdiv(T, _BLOCK_T)
     probs = logits.new_empty((T, E), dtype=torch.float32)
@@ -193,11 +234,27 @@ def _gating_triton(logits: Tensor, k: int, normalize: bool, score: str, bias: Te
     block_sums = logits.new_empty((num_blocks, E), dtype=torch.float32)
     if T > 0:
         _topk_gating_kernel[(num_blocks,)](
-            logits, probs if bias is None else bias, probs, weights, experts, counts, block_sums,
-            T, E, logits.stride(0), logits.stride(1), scale,
-            K=k, NORMALIZE=normalize, SIGMOID=score == "sigmoid", HAS_BIAS=bias is not None,
-            NUM_GROUPS=num_groups, TOPK_GROUPS=topk_groups, BLOCK_T=_BLOCK_T,
-            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k),
+            logits,
+            probs if bias is None else bias,
+            probs,
+            weights,
+            experts,
+            counts,
+            block_sums,
+            T,
+            E,
+            logits.stride(0),
+            logits.stride(1),
+            scale,
+            K=k,
+            NORMALIZE=normalize,
+            SIGMOID=score == "sigmoid",
+            HAS_BIAS=bias is not None,
+            NUM_GROUPS=num_groups,
+            TOPK_GROUPS=topk_groups,
+            BLOCK_T=_BLOCK_T,
+            BLOCK_E=triton.next_power_of_2(E),
+            BLOCK_K=triton.next_power_of_2(k),
             BLOCK_G=triton.next_power_of_2(num_groups),
         )
     return weights, experts, probs, counts, block_sums.sum(dim=0)
@@ -207,8 +264,16 @@ def _scores_torch(logits: Tensor, score: str) -> Tensor:
     return torch.sigmoid(logits.float()) if score == "sigmoid" else torch.softmax(logits.float(), dim=-1)
 
 
-def _gating_torch(logits: Tensor, k: int, normalize: bool, score: str, bias: Tensor | None, num_groups: int,
-                  topk_groups: int, scale: float):
+def _gating_torch(
+    logits: Tensor,
+    k: int,
+    normalize: bool,
+    score: str,
+    bias: Tensor | None,
+    num_groups: int,
+    topk_groups: int,
+    scale: float,
+):
     probs = _scores_torch(logits, score)
     rank = probs if bias is None else probs + bias.float()
     if num_groups > 1:
@@ -234,8 +299,15 @@ def _gating_torch(logits: Tensor, k: int, normalize: bool, score: str, bias: Ten
 
 @custom_op("moe_kernels::topk_gating")
 def topk_gating_op(
-    logits: Tensor, k: int, normalize: bool, backend: str, score: str, bias: Tensor | None, num_groups: int,
-    topk_groups: int, scale: float,
+    logits: Tensor,
+    k: int,
+    normalize: bool,
+    backend: str,
+    score: str,
+    bias: Tensor | None,
+    num_groups: int,
+    topk_groups: int,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``logits [T, E] -> (weights [T, k], experts [T, k], probs [T, E], counts [E], prob_sums [E])``;
     ``probs`` are the scores, ``counts`` and ``prob_sums`` the balance loss's statistics."""
@@ -246,31 +318,49 @@ def topk_gating_op(
 @topk_gating_op.register_fake
 def _(logits, k, normalize, backend, score, bias, num_groups, topk_groups, scale):
     (T, E), f32 = logits.shape, torch.float32
-    return (logits.new_empty((T, k), dtype=f32), logits.new_empty((T, k), dtype=torch.int64),
-            logits.new_empty((T, E), dtype=f32), logits.new_empty((E,), dtype=torch.int32), logits.new_empty((E,), dtype=f32))
+    return (
+        logits.new_empty((T, k), dtype=f32),
+        logits.new_empty((T, k), dtype=torch.int64),
+        logits.new_empty((T, E), dtype=f32),
+        logits.new_empty((E,), dtype=torch.int32),
+        logits.new_empty((E,), dtype=f32),
+    )
 
 
-def _gating_backward_triton(probs, weights, experts, grad_weights, grad_probs, grad_sums, normalize, dtype, score, scale):
+def _gating_backward_triton(
+    probs, weights, experts, grad_weights, grad_probs, grad_sums, normalize, dtype, score, scale
+):
     T, E = probs.shape
     grad_logits = probs.new_empty((T, E), dtype=dtype)
     if T > 0:
         dummy = probs
         _topk_gating_backward_kernel[(triton.cdiv(T, _BLOCK_T),)](
-            grad_logits, probs, weights, experts,
+            grad_logits,
+            probs,
+            weights,
+            experts,
             dummy if grad_weights is None else grad_weights.contiguous(),
             dummy if grad_probs is None else grad_probs,
             dummy if grad_sums is None else grad_sums.contiguous(),
-            T, E,
-            *(grad_probs.stride() if grad_probs is not None else (0, 0)), scale,
-            K=experts.shape[1], NORMALIZE=normalize, SIGMOID=score == "sigmoid",
-            HAS_GRAD_WEIGHTS=grad_weights is not None, HAS_GRAD_PROBS=grad_probs is not None,
+            T,
+            E,
+            *(grad_probs.stride() if grad_probs is not None else (0, 0)),
+            scale,
+            K=experts.shape[1],
+            NORMALIZE=normalize,
+            SIGMOID=score == "sigmoid",
+            HAS_GRAD_WEIGHTS=grad_weights is not None,
+            HAS_GRAD_PROBS=grad_probs is not None,
             HAS_GRAD_SUMS=grad_sums is not None,
-            BLOCK_T=_BLOCK_T, BLOCK_E=triton.next_power_of_2(E),
+            BLOCK_T=_BLOCK_T,
+            BLOCK_E=triton.next_power_of_2(E),
         )
     return grad_logits
 
 
-def _gating_backward_torch(probs, weights, experts, grad_weights, grad_probs, grad_sums, normalize, dtype, score, scale):
+def _gating_backward_torch(
+    probs, weights, experts, grad_weights, grad_probs, grad_sums, normalize, dtype, score, scale
+):
     grad = torch.zeros_like(probs)
     if grad_probs is not None:
         grad += grad_probs.float()
@@ -290,8 +380,17 @@ def _gating_backward_torch(probs, weights, experts, grad_weights, grad_probs, gr
 
 @custom_op("moe_kernels::topk_gating_backward")
 def topk_gating_backward_op(
-    probs: Tensor, weights: Tensor, experts: Tensor, grad_weights: Tensor | None, grad_probs: Tensor | None,
-    grad_sums: Tensor | None, normalize: bool, dtype: torch.dtype, backend: str, score: str, scale: float,
+    probs: Tensor,
+    weights: Tensor,
+    experts: Tensor,
+    grad_weights: Tensor | None,
+    grad_probs: Tensor | None,
+    grad_sums: Tensor | None,
+    normalize: bool,
+    dtype: torch.dtype,
+    backend: str,
+    score: str,
+    scale: float,
 ) -> Tensor:
     """``d logits [T, E]`` (in ``dtype``) from the gradients of the weights, the scores and
     their column sums (any may be ``None``)."""
@@ -319,8 +418,17 @@ def _backward_gating(ctx, grad_weights, _grad_experts, grad_probs, _grad_counts,
         return (None,) * 9
     with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
         grad_logits = topk_gating_backward_op(
-            probs, weights, experts, grad_weights, grad_probs, grad_sums, ctx.normalize, ctx.dtype, ctx.backend,
-            ctx.score, ctx.scale,
+            probs,
+            weights,
+            experts,
+            grad_weights,
+            grad_probs,
+            grad_sums,
+            ctx.normalize,
+            ctx.dtype,
+            ctx.backend,
+            ctx.score,
+            ctx.scale,
         )
     return (grad_logits,) + (None,) * 8
 
@@ -330,9 +438,19 @@ topk_gating_apply = differentiable(topk_gating_op, _setup_gating, _backward_gati
 
 @triton.jit
 def _expert_stats_kernel(
-    experts_ptr, probs_ptr, counts_ptr, prob_sums_ptr,
-    T, E, stride_xt, stride_xk, stride_pt, stride_pe,
-    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    experts_ptr,
+    probs_ptr,
+    counts_ptr,
+    prob_sums_ptr,
+    T,
+    E,
+    stride_xt,
+    stride_xk,
+    stride_pt,
+    stride_pe,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, cols, row_ok, col_ok, mask = _row_block(T, E, BLOCK_T, BLOCK_E)
@@ -352,9 +470,17 @@ def _expert_stats_triton(probs: Tensor, experts: Tensor, num_experts: int):
     block_sums = probs.new_zeros((max(num_blocks, 1), num_experts), dtype=torch.float32)
     if T > 0:
         _expert_stats_kernel[(num_blocks,)](
-            experts, probs, counts, block_sums,
-            T, num_experts, *experts.stride(), *probs.stride(),
-            K=k, BLOCK_T=_BLOCK_T, BLOCK_E=triton.next_power_of_2(num_experts),
+            experts,
+            probs,
+            counts,
+            block_sums,
+            T,
+            num_experts,
+            *experts.stride(),
+            *probs.stride(),
+            K=k,
+            BLOCK_T=_BLOCK_T,
+            BLOCK_E=triton.next_power_of_2(num_experts),
         )
     return counts, block_sums.sum(dim=0)
 
@@ -369,7 +495,9 @@ def _expert_stats_torch(probs: Tensor, experts: Tensor, num_experts: int):
 @custom_op("moe_kernels::expert_stats")
 def expert_stats_op(probs: Tensor, experts: Tensor, num_experts: int, backend: str) -> tuple[Tensor, Tensor]:
     """``(probs [T, E], experts [T, k]) -> (prob_sums [E] fp32, counts [E] int32)``."""
-    counts, prob_sums = (_expert_stats_triton if backend == "triton" else _expert_stats_torch)(probs, experts, num_experts)
+    counts, prob_sums = (_expert_stats_triton if backend == "triton" else _expert_stats_torch)(
+        probs, experts, num_experts
+    )
     return prob_sums, counts
 
 
@@ -395,8 +523,15 @@ SCORES = ("softmax", "sigmoid")
 
 
 def gating_with_stats(
-    logits: Tensor, k: int, normalize: bool, backend: str, score: str = "softmax", bias: Tensor | None = None,
-    num_groups: int = 1, topk_groups: int = 1, scale: float = 1.0,
+    logits: Tensor,
+    k: int,
+    normalize: bool,
+    backend: str,
+    score: str = "softmax",
+    bias: Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    scale: float = 1.0,
 ):
     """``topk_gating`` plus the balance-loss statistics ``counts [E]`` and ``prob_sums [E]``.
 
@@ -406,7 +541,13 @@ def gating_with_stats(
 
 
 def check_routing_options(
-    num_experts: int, k: int, score: str, num_groups: int, topk_groups: int | None, scale: float, *,
+    num_experts: int,
+    k: int,
+    score: str,
+    num_groups: int,
+    topk_groups: int | None,
+    scale: float,
+    *,
     names: tuple[str, str, str] = ("the number of experts", "k", "scale"),
 ) -> tuple[int, int, float]:
     """Validate the routing variants of ``topk_gating``; return ``(num_groups, topk_groups, scale)``.
@@ -562,4 +703,3 @@ def balance_loss(
     check_expert_ids("experts", experts, num_experts)
     prob_sums, counts = expert_stats_apply(probs, experts, num_experts, resolve_backend(backend, device))
     return loss_from_stats(counts, prob_sums, experts.shape[0], experts.shape[1], alpha, convention)
-

@@ -61,11 +61,14 @@ _ROW_CONFIGS = autotune_configs(_ROW_GPU_CONFIGS, _INTERPRETER_CONFIG)
 _WGRAD_CONFIGS = autotune_configs(_WGRAD_GPU_CONFIGS, _INTERPRETER_CONFIG)
 
 
-def _candidates(configs: list[triton.Config], element_size: int, precision: str, pipeline, outputs) -> list[triton.Config]:
+def _candidates(
+    configs: list[triton.Config], element_size: int, precision: str, pipeline, outputs
+) -> list[triton.Config]:
     """The configs worth compiling for one launch: those whose pipeline (``pipeline(config)``
     elements) fits in shared memory and, for fp32 with IEEE products, which run on CUDA cores,
     those of at most 64x64 outputs per tile (``outputs(config)``): ptxas spills tens of KB per thread
     above that. The smallest config if none qualifies."""
+
     def worth(config: triton.Config) -> bool:
         fits = pipeline(config) * element_size <= SHARED_MEMORY_LIMIT
         cuda_cores = element_size == 4 and precision == "ieee"
@@ -84,7 +87,9 @@ def _row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) ->
     def pipeline(c: triton.Config) -> int:
         return c.num_stages * (c.kwargs["BLOCK_M"] + b_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
 
-    return _candidates(configs, size, kwargs["PRECISION"], pipeline, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    return _candidates(
+        configs, size, kwargs["PRECISION"], pipeline, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+    )
 
 
 def _wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -94,8 +99,13 @@ def _wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) 
     def pipeline(c: triton.Config) -> int:
         return c.num_stages * c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_N"])
 
-    return _candidates(configs, named_args["a_ptr"].element_size(), kwargs["PRECISION"], pipeline,
-                       lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"])
+    return _candidates(
+        configs,
+        named_args["a_ptr"].element_size(),
+        kwargs["PRECISION"],
+        pipeline,
+        lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"],
+    )
 
 
 # The kernels read row counts from ``offsets``; ``M_BUCKET``, the row count rounded up to a power
@@ -152,16 +162,44 @@ def _group_of_tile(offsets_ptr, tile, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.cons
 @triton.jit
 def _grouped_mm_kernel(
     # Pointers: operands, group ends, gather/scatter rows, per-slot scales, the pre-activation
-    a_ptr, b_ptr, c_ptr, offsets_ptr, a_rows_ptr, c_rows_ptr, scale_ptr, scale_rows_ptr, preact_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    offsets_ptr,
+    a_rows_ptr,
+    c_rows_ptr,
+    scale_ptr,
+    scale_rows_ptr,
+    preact_ptr,
     # Sizes (rows come from offsets; M_BUCKET only keys the autotuner)
-    M_BUCKET, N, K, E,
+    M_BUCKET,
+    N,
+    K,
+    E,
     # Strides
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_pm, stride_pn,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_pm,
+    stride_pn,
     # Options
-    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, STORE_PREACT: tl.constexpr,
-    GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GLU: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    SCATTER_C: tl.constexpr,
+    SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
     # Tiles
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """``c[rows] = epilogue(a[rows] @ b[group])`` for one ``BLOCK_M x BLOCK_N`` tile.
 
@@ -232,8 +270,17 @@ def _grouped_mm_kernel(
 
 
 @triton.jit
-def _wgrad_rows(rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
-                GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr):
+def _wgrad_rows(
+    rm,
+    row_end,
+    a_rows_ptr,
+    b_rows_ptr,
+    scale_ptr,
+    scale_rows_ptr,
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    SCALE: tl.constexpr,
+):
     """For reduction rows ``rm``: the rows of a and of b to read and the scale of each (1 unless SCALE)."""
     row_ok = rm < row_end
     a_rows = rm.to(tl.int64)
@@ -250,21 +297,43 @@ def _wgrad_rows(rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
 
 
 @triton.autotune(
-    configs=_WGRAD_CONFIGS, key=["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION"],
+    configs=_WGRAD_CONFIGS,
+    key=["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION"],
     prune_configs_by={"early_config_prune": _wgrad_candidates},
 )
 @triton.jit
 def _grouped_wgrad_kernel(
     # Pointers: operands, group ends, gather rows, per-slot scales
-    a_ptr, b_ptr, c_ptr, offsets_ptr, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    offsets_ptr,
+    a_rows_ptr,
+    b_rows_ptr,
+    scale_ptr,
+    scale_rows_ptr,
     # Sizes (rows come from offsets; M_BUCKET only keys the autotuner)
-    M_BUCKET, N, K, E,
+    M_BUCKET,
+    N,
+    K,
+    E,
     # Strides
-    stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_ck, stride_cn,
+    stride_am,
+    stride_ak,
+    stride_bm,
+    stride_bn,
+    stride_ce,
+    stride_ck,
+    stride_cn,
     # Options
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
     # Tiles: BLOCK_K x BLOCK_N of the output, BLOCK_M rows of reduction per step
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """``c[e] = (scale * a[rows of e])^T @ b[rows of e]`` for one ``BLOCK_K x BLOCK_N`` tile of ``c[e]``.
 
@@ -287,17 +356,27 @@ def _grouped_wgrad_kernel(
     row_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0).to(tl.int32)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     rm = row_start + tl.arange(0, BLOCK_M)
-    a_rows, b_rows, scales = _wgrad_rows(rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
-                                         GATHER_A, GATHER_B, SCALE)
+    a_rows, b_rows, scales = _wgrad_rows(
+        rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr, GATHER_A, GATHER_B, SCALE
+    )
     for m0 in range(row_start, row_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         row_ok = rm < row_end
-        a = tl.load(a_ptr + a_rows[None, :] * stride_am + rk[:, None] * stride_ak, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + rn[None, :] * stride_bn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + a_rows[None, :] * stride_am + rk[:, None] * stride_ak,
+            mask=k_ok[:, None] & row_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + b_rows[:, None] * stride_bm + rn[None, :] * stride_bn,
+            mask=row_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
         if SCALE:
             a = (a * scales[None, :]).to(b.dtype)
-        a_rows, b_rows, scales = _wgrad_rows(rm + BLOCK_M, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
-                                             GATHER_A, GATHER_B, SCALE)
+        a_rows, b_rows, scales = _wgrad_rows(
+            rm + BLOCK_M, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr, GATHER_A, GATHER_B, SCALE
+        )
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     c_ptrs = c_ptr + group.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
@@ -316,8 +395,22 @@ def _split_activation(activation: str) -> tuple[str, bool]:
 
 
 def _launch_rows(
-    a, b, offsets, c, num_rows, num_cols, *, epilogue="none", activation="silu", glu=False, preact=None,
-    store_preact=False, a_rows=None, c_rows=None, scale=None, scale_rows=None,
+    a,
+    b,
+    offsets,
+    c,
+    num_rows,
+    num_cols,
+    *,
+    epilogue="none",
+    activation="silu",
+    glu=False,
+    preact=None,
+    store_preact=False,
+    a_rows=None,
+    c_rows=None,
+    scale=None,
+    scale_rows=None,
 ):
     E, K = b.shape[0], b.shape[1]
     if num_rows == 0 or num_cols == 0:
@@ -332,15 +425,37 @@ def _launch_rows(
         return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(num_cols, meta["BLOCK_N"]),)
 
     _grouped_mm_kernel[grid](
-        a, b, c, offsets,
-        unused if a_rows is None else a_rows, unused if c_rows is None else c_rows,
-        c if scale is None else scale, unused if scale_rows is None else scale_rows, preact,
-        triton.next_power_of_2(num_rows), num_cols, K, E,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        preact.stride(0), preact.stride(1),
-        EPILOGUE=epilogue, ACTIVATION=activation, GLU=glu, STORE_PREACT=store_preact,
-        GATHER_A=a_rows is not None, SCATTER_C=c_rows is not None, SCALE=scale is not None,
-        PRECISION=_precision(a.dtype), BLOCK_E=triton.next_power_of_2(E),
+        a,
+        b,
+        c,
+        offsets,
+        unused if a_rows is None else a_rows,
+        unused if c_rows is None else c_rows,
+        c if scale is None else scale,
+        unused if scale_rows is None else scale_rows,
+        preact,
+        triton.next_power_of_2(num_rows),
+        num_cols,
+        K,
+        E,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        c.stride(0),
+        c.stride(1),
+        preact.stride(0),
+        preact.stride(1),
+        EPILOGUE=epilogue,
+        ACTIVATION=activation,
+        GLU=glu,
+        STORE_PREACT=store_preact,
+        GATHER_A=a_rows is not None,
+        SCATTER_C=c_rows is not None,
+        SCALE=scale is not None,
+        PRECISION=_precision(a.dtype),
+        BLOCK_E=triton.next_power_of_2(E),
     )
     return c
 
@@ -388,8 +503,18 @@ def grouped_mm_act(
     h = a.new_empty((num_rows, hidden))
     preact = a.new_empty((num_rows, b.shape[2])) if save_preact else None
     _launch_rows(
-        a, b, offsets, h, num_rows, hidden, epilogue="act", activation=name, glu=glu,
-        preact=preact, store_preact=save_preact, a_rows=a_rows,
+        a,
+        b,
+        offsets,
+        h,
+        num_rows,
+        hidden,
+        epilogue="act",
+        activation=name,
+        glu=glu,
+        preact=preact,
+        store_preact=save_preact,
+        a_rows=a_rows,
     )
     return h, preact
 
@@ -417,8 +542,19 @@ def grouped_mm_act_grad(
     num_rows = preact.shape[0]
     out = torch.empty_like(preact)
     _launch_rows(
-        grad, b, offsets, out, num_rows, b.shape[2], epilogue="act_grad", activation=name, glu=glu,
-        preact=preact, a_rows=a_rows, scale=scale, scale_rows=scale_rows,
+        grad,
+        b,
+        offsets,
+        out,
+        num_rows,
+        b.shape[2],
+        epilogue="act_grad",
+        activation=name,
+        glu=glu,
+        preact=preact,
+        a_rows=a_rows,
+        scale=scale,
+        scale_rows=scale_rows,
     )
     return out
 
@@ -451,12 +587,28 @@ def grouped_mm_wgrad(
         return (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _grouped_wgrad_kernel[grid](
-        a, b, c, offsets,
-        unused if a_rows is None else a_rows, unused if b_rows is None else b_rows,
-        c if scale is None else scale, unused if scale_rows is None else scale_rows,
-        triton.next_power_of_2(a.shape[0] if a_rows is None else a_rows.shape[0]), N, K, E,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2),
-        GATHER_A=a_rows is not None, GATHER_B=b_rows is not None, SCALE=scale is not None,
+        a,
+        b,
+        c,
+        offsets,
+        unused if a_rows is None else a_rows,
+        unused if b_rows is None else b_rows,
+        c if scale is None else scale,
+        unused if scale_rows is None else scale_rows,
+        triton.next_power_of_2(a.shape[0] if a_rows is None else a_rows.shape[0]),
+        N,
+        K,
+        E,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        c.stride(1),
+        c.stride(2),
+        GATHER_A=a_rows is not None,
+        GATHER_B=b_rows is not None,
+        SCALE=scale is not None,
         PRECISION=_precision(a.dtype),
     )
     return c
@@ -552,9 +704,7 @@ def _backward(ctx, grad):
 grouped_mm_apply = differentiable(grouped_mm_op, _setup_context, _backward)
 
 
-def grouped_mm(
-    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str | None = None
-) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Multiply consecutive groups of rows of ``x`` by their own matrix.
 
     Args:

@@ -4,15 +4,16 @@ expert-level balance loss of DiT-MoE."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .activations import ACTIVATIONS, activation_fn
 from .backend import BACKENDS, resolve_backend
 from .ffn import moe_ffn_unchecked
 from .gating import CONVENTIONS, check_routing_options, gating_with_stats, loss_from_stats, router_z_loss
-from .activations import ACTIVATIONS, activation_fn
 from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, check_k, check_positive_int
 
 if TYPE_CHECKING:
@@ -105,7 +106,13 @@ class MoE(nn.Module):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         self.num_groups, self.topk_groups, self.routed_scale = check_routing_options(
-            num_experts, top_k, score, num_groups, topk_groups, routed_scale, names=("num_experts", "top_k", "routed_scale")
+            num_experts,
+            top_k,
+            score,
+            num_groups,
+            topk_groups,
+            routed_scale,
+            names=("num_experts", "top_k", "routed_scale"),
         )
         if balance_loss_convention not in CONVENTIONS:
             raise ValueError(f"balance_loss_convention must be one of {CONVENTIONS}, got {balance_loss_convention!r}")
@@ -162,8 +169,15 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, self.dim)
         logits = self.router(tokens)
         weights, experts, _, counts, prob_sums = gating_with_stats(
-            logits, self.top_k, self.normalize_weights, backend, self.score, self.expert_bias, self.num_groups,
-            self.topk_groups, self.routed_scale,
+            logits,
+            self.top_k,
+            self.normalize_weights,
+            backend,
+            self.score,
+            self.expert_bias,
+            self.num_groups,
+            self.topk_groups,
+            self.routed_scale,
         )
         if self.on_route is not None:
             self.on_route(experts, weights)
@@ -175,7 +189,9 @@ class MoE(nn.Module):
             from .parallel import expert_parallel_ffn  # torch.distributed loads only for sharded layers
 
             w_in, w_out = (w.to_local().to(dtype) for w in (self.w_in, self.w_out))
-            y = expert_parallel_ffn(tokens.to(dtype), weights, experts, w_in, w_out, self.activation, backend, self.expert_mesh)
+            y = expert_parallel_ffn(
+                tokens.to(dtype), weights, experts, w_in, w_out, self.activation, backend, self.expert_mesh
+            )
         if self.shared is not None:
             shared = self.shared(tokens)
             y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)

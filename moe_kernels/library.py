@@ -17,7 +17,7 @@ could act on the call.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -84,12 +84,16 @@ def differentiable(op: CustomOp, setup_context: Callable, backward: Callable) ->
     def forward(*args):
         return op(*args)
 
-    function = type(name.title().replace("_", "") + "Function", (torch.autograd.Function,), {
-        "__doc__": f"``{op.name}`` as an ``autograd.Function`` (see ``moe_kernels.library``).",
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward),
-    })
+    function = type(
+        name.title().replace("_", "") + "Function",
+        (torch.autograd.Function,),
+        {
+            "__doc__": f"``{op.name}`` as an ``autograd.Function`` (see ``moe_kernels.library``).",
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
 
     def apply(*args):
         # With grad mode off there is nothing to record, and torch.compile cannot trace an

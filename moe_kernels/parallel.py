@@ -55,7 +55,9 @@ def expert_parallel(moe: MoE, mesh: DeviceMesh) -> MoE:
     if not isinstance(mesh, DeviceMesh):
         raise TypeError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
     if mesh.ndim != 1:
-        raise ValueError(f"mesh must be 1-D (the expert-parallel ranks), got {mesh.ndim}-D; pass a sub-mesh, e.g. mesh['ep']")
+        raise ValueError(
+            f"mesh must be 1-D (the expert-parallel ranks), got {mesh.ndim}-D; pass a sub-mesh, e.g. mesh['ep']"
+        )
     if moe.expert_mesh is not None:
         raise ValueError("this MoE is already expert-parallel")
     size = mesh.size()

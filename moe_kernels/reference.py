@@ -7,10 +7,11 @@ tests compare both backends against. Shapes: ``T`` tokens, ``D`` model width, ``
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
 
 def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The elementwise map between the two expert GEMMs. ``"swiglu"`` takes ``[..., 2H]``
@@ -37,9 +38,10 @@ def topk_gating(
     at a time, among the experts of the best ``topk_groups`` groups when ``num_groups > 1``.
 
     Selection ranks ``scores + bias``; the weights are the unbiased scores (renormalised over the
-    ``k`` if ``normalize``), times ``scale``; all NaN if any bias is not finite. A
-    group's rank is the sum of its two best biased scores. Ties go to the lower index. A NaN score ranks above every number, as ``torch.sort``
-    ranks it, so such a row still names ``k`` valid experts and its NaN weights carry on.
+    ``k`` if ``normalize``), times ``scale``; all NaN if any bias is not finite. A group's rank is
+    the sum of its two best biased scores. Ties go to the lower index. A NaN score ranks above
+    every number, as ``torch.sort`` ranks it, so such a row still names ``k`` valid experts and its
+    NaN weights carry on.
 
     Args:
         logits: ``[T, E]``; bias: ``[E]`` or ``None``.
@@ -55,16 +57,26 @@ def topk_gating(
     if num_groups > 1:
         size = num_experts // num_groups
         group_rank = torch.stack(
-            [rank[:, g * size : (g + 1) * size].sort(dim=-1, descending=True).values[:, :2].sum(dim=-1)
-             for g in range(num_groups)], dim=1)
+            [
+                rank[:, g * size : (g + 1) * size].sort(dim=-1, descending=True).values[:, :2].sum(dim=-1)
+                for g in range(num_groups)
+            ],
+            dim=1,
+        )
         allowed = torch.zeros_like(allowed)
         for t in range(num_tokens):
             for g in _argmax_rounds(group_rank[t], topk_groups or num_groups):
                 allowed[t, g * size : (g + 1) * size] = True
-    experts = torch.stack([
-        torch.tensor(_argmax_rounds(torch.where(allowed[t], rank[t], -torch.inf), k), dtype=torch.int64)
-        for t in range(num_tokens)
-    ]).reshape(num_tokens, k).to(probs.device)
+    experts = (
+        torch.stack(
+            [
+                torch.tensor(_argmax_rounds(torch.where(allowed[t], rank[t], -torch.inf), k), dtype=torch.int64)
+                for t in range(num_tokens)
+            ]
+        )
+        .reshape(num_tokens, k)
+        .to(probs.device)
+    )
     weights = probs.gather(1, experts)
     if bias is not None and not bool(bias.isfinite().all()):  # a bad bias shows, never skews silently
         weights = torch.full_like(weights, torch.nan)
@@ -82,9 +94,7 @@ def _argmax_rounds(values: torch.Tensor, n: int) -> list[int]:
     return taken
 
 
-def balance_loss(
-    probs: torch.Tensor, experts: torch.Tensor, num_experts: int, alpha: float = 0.05
-) -> torch.Tensor:
+def balance_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int, alpha: float = 0.05) -> torch.Tensor:
     """Expert-level balance loss (DiT-MoE eq. 5): ``alpha * sum_i f_i * P_i``.
 
     ``f_i = E * count_i / (T * k)`` is expert ``i``'s share of the ``T * k`` routed slots, times

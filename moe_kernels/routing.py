@@ -39,8 +39,16 @@ class Routing(NamedTuple):
 
 @triton.jit
 def _rank_kernel(
-    experts_ptr, ranks_ptr, block_counts_ptr, S, E, K, stride_t, stride_k,
-    BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+    experts_ptr,
+    ranks_ptr,
+    block_counts_ptr,
+    S,
+    E,
+    K,
+    stride_t,
+    stride_k,
+    BLOCK_S: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slots = pid * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -57,8 +65,13 @@ def _rank_kernel(
 
 @triton.jit
 def _scan_kernel(
-    block_counts_ptr, block_starts_ptr, offsets_ptr, num_blocks, E,
-    BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
+    block_counts_ptr,
+    block_starts_ptr,
+    offsets_ptr,
+    num_blocks,
+    E,
+    BLOCK_B: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
@@ -81,8 +94,16 @@ def _scan_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    experts_ptr, ranks_ptr, block_starts_ptr, slot_of_row_ptr, token_of_row_ptr,
-    S, E, K, stride_t, stride_k,
+    experts_ptr,
+    ranks_ptr,
+    block_starts_ptr,
+    slot_of_row_ptr,
+    token_of_row_ptr,
+    S,
+    E,
+    K,
+    stride_t,
+    stride_k,
     BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -116,10 +137,21 @@ def _route_triton(experts: torch.Tensor, num_experts: int) -> Routing:
         _rank_kernel[(num_blocks,)](
             experts, ranks, block_counts, S, num_experts, k, *experts.stride(), BLOCK_S=block_s, BLOCK_E=block_e
         )
-    _scan_kernel[(1,)](block_counts, block_starts, offsets, num_blocks, num_experts, BLOCK_B=_SCAN_BLOCKS, BLOCK_E=block_e)
+    _scan_kernel[(1,)](
+        block_counts, block_starts, offsets, num_blocks, num_experts, BLOCK_B=_SCAN_BLOCKS, BLOCK_E=block_e
+    )
     if num_blocks > 0:
         _scatter_kernel[(num_blocks,)](
-            experts, ranks, block_starts, slot_of_row, token_of_row, S, num_experts, k, *experts.stride(), BLOCK_S=block_s
+            experts,
+            ranks,
+            block_starts,
+            slot_of_row,
+            token_of_row,
+            S,
+            num_experts,
+            k,
+            *experts.stride(),
+            BLOCK_S=block_s,
         )
     return Routing(slot_of_row, token_of_row, offsets)
 

@@ -44,9 +44,7 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 def check_dim(name: str, tensor: torch.Tensor, dim: int, expected: int, meaning: str) -> None:
     """Check ``tensor.shape[dim] == expected`` and say what the size stands for if not."""
     if tensor.shape[dim] != expected:
-        raise ValueError(
-            f"{name} has shape {tuple(tensor.shape)}: dimension {dim} must be {expected} ({meaning})"
-        )
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}: dimension {dim} must be {expected} ({meaning})")
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,9 @@ class Rule:
             try:
                 value = operator.index(value)  # ints, NumPy integers, SymInts
             except TypeError:
-                shown = f"{value!r} ({type(value).__name__})" if isinstance(value, numbers.Real) else type(value).__name__
+                shown = (
+                    f"{value!r} ({type(value).__name__})" if isinstance(value, numbers.Real) else type(value).__name__
+                )
                 raise TypeError(f"{name} must be {self.wanted}, got {shown}") from None
         elif isinstance(value, numbers.Real):
             value = float(value)

@@ -15,7 +15,7 @@ the original timestep indices.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -89,7 +89,9 @@ class GaussianDiffusion:
             logvar = frac * self._at("log_betas", t, xt) + (1 - frac) * self._at("posterior_log_variance", t, xt)
         else:
             logvar = self._at("posterior_log_variance", t, xt).expand_as(xt)
-        pred_x0 = self._at("sqrt_recip_alphas_cumprod", t, xt) * xt - self._at("sqrt_recipm1_alphas_cumprod", t, xt) * eps
+        pred_x0 = (
+            self._at("sqrt_recip_alphas_cumprod", t, xt) * xt - self._at("sqrt_recipm1_alphas_cumprod", t, xt) * eps
+        )
         if clip:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _ = self.q_posterior(pred_x0, xt, t)
@@ -102,7 +104,11 @@ class GaussianDiffusion:
         return torch.randint(0, self.num_steps, (n,), device=device, **drawn_by)
 
     def training_losses(
-        self, model: Callable, x0: torch.Tensor, model_kwargs: dict, noise: torch.Tensor | None = None,
+        self,
+        model: Callable,
+        x0: torch.Tensor,
+        model_kwargs: dict,
+        noise: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
     ) -> dict:
         """Per-sample losses at uniformly drawn steps (or at ``t``): ``loss = mse (+ vb when sigma is learned)``."""
@@ -133,7 +139,11 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample_loop(
-        self, model_fn: ModelFn, noise: torch.Tensor, clip: bool = False, progress: bool = False,
+        self,
+        model_fn: ModelFn,
+        noise: torch.Tensor,
+        clip: bool = False,
+        progress: bool = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Ancestral (DDPM) sampling from ``x_T = noise``; each step's noise is drawn on the
@@ -143,7 +153,9 @@ class GaussianDiffusion:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             p = self.p_mean_variance(model_fn(x, self.model_timesteps(t)), x, t, clip)
             if i > 0:
-                x = p["mean"] + torch.exp(0.5 * p["logvar"]) * torch.randn(x.shape, device=x.device, generator=generator)
+                x = p["mean"] + torch.exp(0.5 * p["logvar"]) * torch.randn(
+                    x.shape, device=x.device, generator=generator
+                )
             else:
                 x = p["mean"]
         return x
@@ -158,7 +170,9 @@ class GaussianDiffusion:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             p = self.p_mean_variance(model_fn(x, self.model_timesteps(t)), x, t, clip)
             # Recompute eps from the (possibly clipped) x0 so the update stays consistent.
-            eps = (self._at("sqrt_recip_alphas_cumprod", t, x) * x - p["pred_x0"]) / self._at("sqrt_recipm1_alphas_cumprod", t, x)
+            eps = (self._at("sqrt_recip_alphas_cumprod", t, x) * x - p["pred_x0"]) / self._at(
+                "sqrt_recipm1_alphas_cumprod", t, x
+            )
             abar, abar_prev = self._at("alphas_cumprod", t, x), self._at("alphas_cumprod_prev", t, x)
             sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
             x = torch.sqrt(abar_prev) * p["pred_x0"] + torch.sqrt(1 - abar_prev - sigma**2) * eps

@@ -7,7 +7,7 @@ model sees ``1000 t`` as its timestep, the scale of the diffusion timesteps.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +24,11 @@ class RectifiedFlow:
         return torch.sigmoid(torch.randn(n, device=device, **drawn_by))
 
     def training_losses(
-        self, model: Callable, x0: torch.Tensor, model_kwargs: dict, noise: torch.Tensor | None = None,
+        self,
+        model: Callable,
+        x0: torch.Tensor,
+        model_kwargs: dict,
+        noise: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
     ) -> dict:
         """Per-sample velocity losses at drawn times (or at ``t``)."""
@@ -37,7 +41,9 @@ class RectifiedFlow:
         return {"loss": mse, "mse": mse}
 
     @torch.no_grad()
-    def sample(self, model_fn: Callable, noise: torch.Tensor, num_steps: int = 50, progress: bool = False) -> torch.Tensor:
+    def sample(
+        self, model_fn: Callable, noise: torch.Tensor, num_steps: int = 50, progress: bool = False
+    ) -> torch.Tensor:
         """Euler integration of ``dz/dt = v(z, t)`` from ``t = 1`` (noise) to ``t = 0``."""
         z = noise
         times = torch.linspace(1.0, 0.0, num_steps + 1, device=noise.device)

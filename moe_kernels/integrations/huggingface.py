@@ -74,12 +74,17 @@ def register(backend: str | None = None) -> str:
             "pip install 'moe-kernels[hf]'"
         ) from error
 
-    def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def experts_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         activation, reason = _activation(self)
         if activation is None:
             if type(self) not in _warned:
                 _warned.add(type(self))
-                warnings.warn(f"moe_kernels does not run {type(self).__name__}: {reason}; using transformers' grouped_mm", stacklevel=2)
+                warnings.warn(
+                    f"moe_kernels does not run {type(self).__name__}: {reason}; using transformers' grouped_mm",
+                    stacklevel=2,
+                )
             return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         w_in, w_out = _weights(self)
         x = hidden_states.to(w_in.dtype)

@@ -46,8 +46,22 @@ def run(binary: str, *args: str) -> subprocess.CompletedProcess:
 def train_and_export(tmp: Path, objective: str, device: str) -> tuple[Path, Path]:
     """A checkpoint of the digits model trained for a few steps, and its guided batch-8 package."""
     runs = tmp / objective
-    train_main(["--steps", "10", "--global-batch-size", "32", "--sample-steps", "2", "--log-every", "10",
-                "--objective", objective, "--results-dir", str(runs)])
+    train_main(
+        [
+            "--steps",
+            "10",
+            "--global-batch-size",
+            "32",
+            "--sample-steps",
+            "2",
+            "--log-every",
+            "10",
+            "--objective",
+            objective,
+            "--results-dir",
+            str(runs),
+        ]
+    )
     (checkpoint,) = runs.glob("*/checkpoints/0000010")
     package = runs / "model.pt2"
     start = time.perf_counter()
@@ -63,8 +77,21 @@ def compare(binary: str, checkpoint: Path, package: Path, sampling: list[str], d
     assert result.returncode == 0, result.stderr
     print("dit_sample:", result.stderr.strip())
     start = time.perf_counter()
-    sample_main(["--ckpt", str(checkpoint), "--out", str(out / "python.npz"), "--batch-size", "8",
-                 "--moe-backend", "torch", "--precision", "fp32", *sampling])
+    sample_main(
+        [
+            "--ckpt",
+            str(checkpoint),
+            "--out",
+            str(out / "python.npz"),
+            "--batch-size",
+            "8",
+            "--moe-backend",
+            "torch",
+            "--precision",
+            "fp32",
+            *sampling,
+        ]
+    )
     print(f"python -m dit.sample {' '.join(sampling)}: {time.perf_counter() - start:.2f} s")
     cpp, python = np.load(out / "cpp.npz"), np.load(out / "python.npz")
     assert cpp["arr_0"].shape == python["arr_0"].shape and cpp["arr_0"].dtype == np.uint8
@@ -98,11 +125,15 @@ def main() -> None:
         checkpoint, package = train_and_export(tmp, "diffusion", args.device)
         for sampler in ("ddpm", "ddim"):
             compare(binary, checkpoint, package, [*SAMPLING, "--sampler", sampler], args.device, args.tolerance)
-            print(f"python eager ({sampler}): {python_step_ms(checkpoint, sampler, args.device):.2f} ms per step of batch 8")
+            print(
+                f"python eager ({sampler}): {python_step_ms(checkpoint, sampler, args.device):.2f} ms per step of batch 8"
+            )
         compare(binary, checkpoint, package, ["--num-samples", "8"], args.device, args.tolerance)  # the defaults
         flow_checkpoint, flow_package = train_and_export(tmp, "rectified-flow", args.device)
         compare(binary, flow_checkpoint, flow_package, SAMPLING, args.device, args.tolerance)
-        print(f"python eager (euler): {python_step_ms(flow_checkpoint, 'euler', args.device):.2f} ms per step of batch 8")
+        print(
+            f"python eager (euler): {python_step_ms(flow_checkpoint, 'euler', args.device):.2f} ms per step of batch 8"
+        )
         foreign = tmp / "foreign.pt2"
         exported = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
         torch._inductor.aoti_compile_and_package(exported, package_path=str(foreign))
@@ -125,7 +156,10 @@ def main() -> None:
             result = run(binary, *args)
             first = result.stderr.splitlines()[0] if result.stderr else ""
             assert result.returncode != 0 and first.startswith("error: "), (case, result.returncode, result.stderr)
-            assert "frame #" not in result.stderr and "Exception raised from" not in result.stderr, (case, result.stderr)
+            assert "frame #" not in result.stderr and "Exception raised from" not in result.stderr, (
+                case,
+                result.stderr,
+            )
             print(f"{case}: {first}")
 
 

@@ -17,8 +17,12 @@ def test_a_python_without_torch_is_named_with_the_way_out(tmp_path):
     base = Path(sys._base_executable)
     if subprocess.run([str(base), "-c", "import torch"], capture_output=True).returncode == 0:
         pytest.skip(f"{base} has torch: no Python without it to show CMake")
-    result = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), f"-DPython3_EXECUTABLE={base}"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path), f"-DPython3_EXECUTABLE={base}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     message = " ".join(result.stderr.split())
     assert result.returncode != 0
     assert f"CMake found the Python {base}, which cannot import torch" in message

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,8 +40,17 @@ def torchrun(nproc: int, *argv: str, check: bool = True, timeout: float = 600) -
     """``torchrun --nproc_per_node nproc -m <argv>`` on the CPU; with ``check``, a failure fails
     the caller with the tail of its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           "-m", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        *argv,
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert not check or result.returncode == 0, result.stderr[-3000:]
     return result

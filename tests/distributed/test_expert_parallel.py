@@ -15,8 +15,15 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 # DeepSeek-V3-style routing and a gated shared expert, to check the options travel too.
-DEEPSEEK = dict(score="sigmoid", selection_bias=True, num_groups=2, topk_groups=1, normalize_weights=True,
-                routed_scale=2.5, shared_gate=True)
+DEEPSEEK = dict(
+    score="sigmoid",
+    selection_bias=True,
+    num_groups=2,
+    topk_groups=1,
+    normalize_weights=True,
+    routed_scale=2.5,
+    shared_gate=True,
+)
 
 
 def _layer(backend: str, num_experts: int, top_k: int, unused: int, options: dict) -> mk.MoE:
@@ -43,7 +50,10 @@ def _check_against_unsharded(rank: int, world_size: int, backend: str) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
     # Uneven token counts, a rank with no tokens at all (it sends nothing), k=1 and k=E.
     for num_experts, top_k, counts, options in (
-        (8, 2, [7, 0, 5, 3], {}), (4, 1, [6, 9, 1, 4], {}), (4, 4, [3, 5, 2, 6], {}), (8, 3, [4, 6, 0, 5], DEEPSEEK),
+        (8, 2, [7, 0, 5, 3], {}),
+        (4, 1, [6, 9, 1, 4], {}),
+        (4, 4, [3, 5, 2, 6], {}),
+        (8, 3, [4, 6, 0, 5], DEEPSEEK),
     ):
         if num_experts % world_size:
             continue
@@ -122,7 +132,9 @@ def test_sharding_keeps_frozen_experts_frozen(frozen):
         getattr(layer, frozen).requires_grad_(False)
         expert_parallel(layer, init_device_mesh("cpu", (2,)))
         assert {name: getattr(layer, name).requires_grad for name in ("w_in", "w_out")} == {
-            "w_in": frozen != "w_in", "w_out": frozen != "w_out"}
+            "w_in": frozen != "w_in",
+            "w_out": frozen != "w_out",
+        }
         assert frozen not in {name for name, p in layer.named_parameters() if p.requires_grad}
     finally:
         dist.destroy_process_group()

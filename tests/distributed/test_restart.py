@@ -22,10 +22,29 @@ ARGS = ["--global-batch-size", "16", "--log-every", "1", "--sample-steps", "2", 
 
 def start(results: Path, *flags: str) -> subprocess.Popen:
     """``torchrun`` of 2 CPU processes in a session of its own, so that its agent can be killed alone."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "dit.train", *ARGS, "--results-dir", str(results), *flags]
-    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "dit.train",
+        *ARGS,
+        "--results-dir",
+        str(results),
+        *flags,
+    ]
+    return subprocess.Popen(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(condition, timeout: float = 120) -> None:

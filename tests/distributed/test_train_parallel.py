@@ -14,8 +14,8 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dit import checkpoint as ckpt
 from dit import parallel
-from dit.models import create_model
 from dit.checkpoint import main as checkpoint_main
+from dit.models import create_model
 from dit.sample import main as sample_main
 from dit.train import main as train_main
 from tests.distributed.helpers import torchrun
@@ -23,8 +23,22 @@ from tests.distributed.helpers import torchrun
 STEPS = 20
 # The balance loss is each process's own (as in the official code), so it would make the runs
 # differ; without it, a run does not depend on how it is laid out.
-ARGS = ["--global-batch-size", "16", "--steps", str(STEPS), "--log-every", "1", "--sample-steps", "2",
-        "--balance-alpha", "0", "--ckpt-every", "15", "--set", "depth=2"]
+ARGS = [
+    "--global-batch-size",
+    "16",
+    "--steps",
+    str(STEPS),
+    "--log-every",
+    "1",
+    "--sample-steps",
+    "2",
+    "--balance-alpha",
+    "0",
+    "--ckpt-every",
+    "15",
+    "--set",
+    "depth=2",
+]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -68,7 +82,9 @@ def test_parallel_training_matches_one_process(one_process, tmp_path):
 
     torchrun(2, "dit.train", *ARGS, "--ep", "2", "--results-dir", str(tmp_path / "ep"))
     check(only_run(tmp_path / "ep"), range(1, STEPS + 1), "2 process(es) (data 1 x expert 2)")
-    torchrun(4, "dit.train", *ARGS, "--ep", "2", "--fsdp", "--grad-checkpointing", "--results-dir", str(tmp_path / "fsdp"))
+    torchrun(
+        4, "dit.train", *ARGS, "--ep", "2", "--fsdp", "--grad-checkpointing", "--results-dir", str(tmp_path / "fsdp")
+    )
     run_dir = only_run(tmp_path / "fsdp")
     check(run_dir, range(1, STEPS + 1), "4 process(es) (data 2 x expert 2, FSDP)")
 
@@ -82,8 +98,13 @@ def test_parallel_training_matches_one_process(one_process, tmp_path):
     want, got = load_file(reference), load_file(out)
     assert got.keys() == want.keys()
     for name in want:
-        torch.testing.assert_close(determined(name, got[name]), determined(name, want[name]), atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            determined(name, got[name]),
+            determined(name, want[name]),
+            atol=1e-5,
+            rtol=1e-4,
+            msg=lambda m: f"{name}: {m}",
+        )
     assert ckpt.read_config(out) == ckpt.read_config(reference)
     # A damaged shard stops every reader of the sharded checkpoint, the model weights as the EMA.
     damaged = tmp_path / "damaged" / sharded.name
@@ -100,9 +121,11 @@ def test_parallel_training_matches_one_process(one_process, tmp_path):
     # Step 15 of the 4-process FSDP run, resumed in other layouts: the rest of the run as before.
     # On one process, --ep 2 --fsdp (taken from the checkpoint, not given again) cannot hold:
     # the layout follows the processes, and the log says so.
-    for nproc, flags, layout in ((4, ["--no-fsdp"], "4 process(es) (data 2 x expert 2)"),
-                                 (2, ["--ep", "1"], "2 process(es) (data 2 x expert 1, FSDP)"),
-                                 (1, [], "resuming with --ep 1 --no-fsdp on 1 process(es)")):
+    for nproc, flags, layout in (
+        (4, ["--no-fsdp"], "4 process(es) (data 2 x expert 2)"),
+        (2, ["--ep", "1"], "2 process(es) (data 2 x expert 1, FSDP)"),
+        (1, [], "resuming with --ep 1 --no-fsdp on 1 process(es)"),
+    ):
         resumed = tmp_path / f"resume{nproc}"
         shutil.copytree(run_dir, resumed / run_dir.name)
         shutil.rmtree(resumed / run_dir.name / "checkpoints" / f"{STEPS:07d}")

@@ -27,7 +27,10 @@ def test_recorder_counts_every_choice_of_the_conditional_images(cfg_scale):
     P, k = model.grid_size**2, model.config.top_k
     per_image_layer = P * k * steps
     assert recorder.by_class.shape == (2, 10, 4)
-    assert recorder.by_class[:, 1].sum() == 2 * 2 * per_image_layer and recorder.by_class[:, 7].sum() == 2 * per_image_layer
+    assert (
+        recorder.by_class[:, 1].sum() == 2 * 2 * per_image_layer
+        and recorder.by_class[:, 7].sum() == 2 * per_image_layer
+    )
     assert recorder.by_class[:, [0, 2, 3]].sum() == 0
     assert (recorder.by_position.sum(dim=(1, 2)) == 3 * per_image_layer).all()
     assert (recorder.by_step.sum(dim=(0, 2)) == 2 * 3 * P * k).all()
@@ -43,7 +46,21 @@ def test_cli_writes_maps_counts_and_summary(tmp_path, capsys):
     model = _tiny()
     save_weights(model.state_dict(), tmp_path / "m.safetensors", model.config)
     out = tmp_path / "routing"
-    main(["--ckpt", str(tmp_path / "m.safetensors"), "--samples-per-class", "1", "--classes", "0", "3", "--steps", "3", "--out", str(out)])
+    main(
+        [
+            "--ckpt",
+            str(tmp_path / "m.safetensors"),
+            "--samples-per-class",
+            "1",
+            "--classes",
+            "0",
+            "3",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     for name in ("experts_by_class.png", "experts_by_position.png", "experts_by_step.png", "summary.txt"):
         assert (out / name).is_file()
     counts = np.load(out / "routing_counts.npz")

@@ -58,7 +58,9 @@ def test_flipped_bytes_are_caught_on_load(trained, tmp_path, name):
             sample_main(["--ckpt", str(checkpoint), "--num-samples", "2", "--steps", "2", "--out", str(out)])
         assert not out.exists()
         with pytest.raises(SystemExit, match="ema.safetensors does not match"):
-            analyze_main(["--ckpt", str(checkpoint), "--samples-per-class", "1", "--steps", "2", "--out", str(tmp_path / "r")])
+            analyze_main(
+                ["--ckpt", str(checkpoint), "--samples-per-class", "1", "--steps", "2", "--out", str(tmp_path / "r")]
+            )
     with pytest.raises(SystemExit, match=f"{name} does not match"):
         train_main([*FAST, "--steps", "3", "--resume", str(checkpoint)])
 
@@ -123,7 +125,10 @@ def test_a_crafted_training_state_is_refused_without_running_it(trained, tmp_pat
     torch.save(state, checkpoint / "state.pt")
     # The attacker rewrites the manifest too, so only the unpickling rule stands in the way.
     manifest = json.loads((checkpoint / ckpt.MANIFEST).read_text())
-    manifest["files"]["state.pt"] = {"bytes": (checkpoint / "state.pt").stat().st_size, "sha256": ckpt._sha256(checkpoint / "state.pt")}
+    manifest["files"]["state.pt"] = {
+        "bytes": (checkpoint / "state.pt").stat().st_size,
+        "sha256": ckpt._sha256(checkpoint / "state.pt"),
+    }
     (checkpoint / ckpt.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(SystemExit, match="refusing to load .*state.pt: it holds a reference to io.open"):
         train_main([*FAST, "--steps", "3", "--resume", str(checkpoint)])
@@ -132,8 +137,16 @@ def test_a_crafted_training_state_is_refused_without_running_it(trained, tmp_pat
 
 @pytest.mark.parametrize(
     "flag",
-    [["--seed", "1"], ["--global-batch-size", "8"], ["--set", "num_shared_experts=0"], ["--objective", "rectified-flow"],
-     ["--image-size", "16"], ["--data", "."], ["--ema-decay", "0.5"], ["--hflip"]],
+    [
+        ["--seed", "1"],
+        ["--global-batch-size", "8"],
+        ["--set", "num_shared_experts=0"],
+        ["--objective", "rectified-flow"],
+        ["--image-size", "16"],
+        ["--data", "."],
+        ["--ema-decay", "0.5"],
+        ["--hflip"],
+    ],
     ids=lambda flag: flag[0],
 )
 def test_resume_refuses_flags_that_contradict_the_checkpoint(trained, tmp_path, flag):
@@ -146,8 +159,24 @@ def test_resume_refuses_flags_that_contradict_the_checkpoint(trained, tmp_path, 
 def test_resume_takes_the_checkpoints_flags_and_accepts_those_that_may_change(tmp_path):
     run_dir = run(tmp_path, "--steps", "1", "--ema-decay", "0.5", "--set", "num_shared_experts=0", "--seed", "3")
     # The same flags in another order and spelling agree; --lr and --steps may change.
-    train_main(["--global-batch-size", "16", "--set", "num_shared_experts=0", "--steps", "2", "--lr", "1e-3",
-                "--log-every", "1", "--sample-steps", "2", "--resume", str(run_dir)])
+    train_main(
+        [
+            "--global-batch-size",
+            "16",
+            "--set",
+            "num_shared_experts=0",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--log-every",
+            "1",
+            "--sample-steps",
+            "2",
+            "--resume",
+            str(run_dir),
+        ]
+    )
     state = ckpt.load_state(run_dir / "checkpoints" / "0000002")
     args = state["args"]
     assert (args["ema_decay"], args["seed"], args["model"], args["lr"]) == (0.5, 3, "DiT-MoE-Ti/2-4E2A", 1e-3)
@@ -185,7 +214,10 @@ _MALFORMED = {
     "files a list": lambda m: {**m, "files": list(m["files"])},
     "bytes a string": lambda m: {**m, "files": {**m["files"], "state.pt": {**m["files"]["state.pt"], "bytes": "12"}}},
     "no sha256": lambda m: {**m, "files": {**m["files"], "state.pt": {"bytes": m["files"]["state.pt"]["bytes"]}}},
-    "sha256 not hex": lambda m: {**m, "files": {**m["files"], "state.pt": {**m["files"]["state.pt"], "sha256": "x" * 64}}},
+    "sha256 not hex": lambda m: {
+        **m,
+        "files": {**m["files"], "state.pt": {**m["files"]["state.pt"], "sha256": "x" * 64}},
+    },
     "a path outside": lambda m: {**m, "files": {**m["files"], "../other/state.pt": m["files"]["state.pt"]}},
     "no format": lambda m: {key: value for key, value in m.items() if key != "format"},
     "another step": lambda m: {**m, "step": 7},
@@ -284,9 +316,16 @@ def test_the_lock_of_a_killed_job_is_free_at_once(trained, tmp_path):
     from dit.run_lock import LOCK_FILE
 
     run_dir = _copy_run(trained, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from dit.run_lock import RunLock; "
-                               f"RunLock().acquire(Path({str(run_dir)!r})); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from dit.run_lock import RunLock; "
+            f"RunLock().acquire(Path({str(run_dir)!r})); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert f'"pid": {holder.pid}' in (run_dir / LOCK_FILE).read_text()

@@ -23,9 +23,22 @@ def _argparse_error(main, argv, capsys) -> str:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--global-batch-size", "-4"], ["--global-batch-size", "0"], ["--ckpt-every", "0"], ["--log-every", "0"],
-     ["--steps", "0"], ["--steps", "-5"], ["--epochs", "0"], ["--image-size", "0"], ["--lr", "0"], ["--lr", "nan"],
-     ["--ema-decay", "1.5"], ["--sample-steps", "0"], ["--balance-alpha", "-1"], ["--steps", "ten"]],
+    [
+        ["--global-batch-size", "-4"],
+        ["--global-batch-size", "0"],
+        ["--ckpt-every", "0"],
+        ["--log-every", "0"],
+        ["--steps", "0"],
+        ["--steps", "-5"],
+        ["--epochs", "0"],
+        ["--image-size", "0"],
+        ["--lr", "0"],
+        ["--lr", "nan"],
+        ["--ema-decay", "1.5"],
+        ["--sample-steps", "0"],
+        ["--balance-alpha", "-1"],
+        ["--steps", "ten"],
+    ],
     ids=lambda argv: " ".join(argv),
 )
 def test_train_rejects_bad_numbers_while_parsing(tmp_path, capsys, argv):
@@ -36,10 +49,12 @@ def test_train_rejects_bad_numbers_while_parsing(tmp_path, capsys, argv):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--sample-steps", "1"], "ddpm sampling takes 2 to 1000 steps, got 1"),
-     (["--set", "depth=-1"], "depth must be an integer >= 1"),
-     (["--set", "hidden_size=30"], "multiple of num_heads"),
-     (["--image-size", "7"], "input_size \\(7\\) must be a multiple of patch_size")],
+    [
+        (["--sample-steps", "1"], "ddpm sampling takes 2 to 1000 steps, got 1"),
+        (["--set", "depth=-1"], "depth must be an integer >= 1"),
+        (["--set", "hidden_size=30"], "multiple of num_heads"),
+        (["--image-size", "7"], "input_size \\(7\\) must be a multiple of patch_size"),
+    ],
 )
 def test_train_rejects_bad_settings_before_training(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -56,7 +71,9 @@ def test_a_corrupt_image_stops_the_run_at_the_start(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "3.png").write_bytes(b"this is not a png")
     with pytest.raises(SystemExit, match="3.png is not a readable image"):
-        train_main([*FAST, "--results-dir", str(tmp_path / "runs"), "--data", str(tmp_path / "images"), "--image-size", "8"])
+        train_main(
+            [*FAST, "--results-dir", str(tmp_path / "runs"), "--data", str(tmp_path / "images"), "--image-size", "8"]
+        )
     assert not list((tmp_path / "runs").glob("*/checkpoints"))
 
 
@@ -65,8 +82,11 @@ def checkpoint(tmp_path_factory) -> Path:
     return run(tmp_path_factory.mktemp("sample"), "--steps", "1") / "checkpoints" / "0000001"
 
 
-@pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--steps", "0"], ["--num-samples", "0"], ["--num-samples", "-3"]],
-                         ids=lambda argv: " ".join(argv))
+@pytest.mark.parametrize(
+    "argv",
+    [["--batch-size", "0"], ["--steps", "0"], ["--num-samples", "0"], ["--num-samples", "-3"]],
+    ids=lambda argv: " ".join(argv),
+)
 def test_sample_rejects_bad_numbers_while_parsing(checkpoint, capsys, argv):
     err = _argparse_error(sample_main, ["--ckpt", str(checkpoint), *argv], capsys)
     assert argv[0] in err
@@ -108,7 +128,14 @@ def test_evaluate_rejects_bad_files(tmp_path):
         evaluate_main([str(tmp_path / "truncated.npz"), "--digits"])
     (tmp_path / "inception.pkl").write_bytes(b"\x80\x04N.")
     with pytest.raises(SystemExit, match="--allow-pickle"):
-        evaluate_main([str(tmp_path / "good.npz"), str(tmp_path / "good.npz"), "--inception-weights", str(tmp_path / "inception.pkl")])
+        evaluate_main(
+            [
+                str(tmp_path / "good.npz"),
+                str(tmp_path / "good.npz"),
+                "--inception-weights",
+                str(tmp_path / "inception.pkl"),
+            ]
+        )
 
 
 def test_evaluate_loads_a_pickled_inception_only_when_allowed(tmp_path):
@@ -119,15 +146,27 @@ def test_evaluate_loads_a_pickled_inception_only_when_allowed(tmp_path):
     _digits_npz(tmp_path / "a.npz")
     with open(tmp_path / "inception.pkl", "wb") as handle:
         pickle.dump(FakeInception(), handle)
-    evaluate_main([str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--inception-weights", str(tmp_path / "inception.pkl"),
-                   "--allow-pickle", "--json", str(tmp_path / "r.json")])
+    evaluate_main(
+        [
+            str(tmp_path / "a.npz"),
+            str(tmp_path / "a.npz"),
+            "--inception-weights",
+            str(tmp_path / "inception.pkl"),
+            "--allow-pickle",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert (tmp_path / "r.json").is_file()
 
 
 @pytest.mark.parametrize(
     "content, message",
-    [([1, 2, 3], "got a list"), ({"x_embedder.proj.weight": torch.zeros(4, 1, 2, 2)}, "lacks final_layer.linear.weight"),
-     ({"model": {"a": 1}}, "expected a state dict of tensors")],
+    [
+        ([1, 2, 3], "got a list"),
+        ({"x_embedder.proj.weight": torch.zeros(4, 1, 2, 2)}, "lacks final_layer.linear.weight"),
+        ({"model": {"a": 1}}, "expected a state dict of tensors"),
+    ],
     ids=["not a dict", "missing keys", "not tensors"],
 )
 def test_convert_rejects_what_is_not_an_official_checkpoint(tmp_path, content, message):
@@ -153,7 +192,12 @@ def test_an_impossible_results_dir_is_one_line_on_every_process(tmp_path):
 
 def test_evaluate_refuses_labels_outside_the_digits(tmp_path):
     images = np.full((3, 8, 8, 1), 128, dtype=np.uint8)
-    for labels, shown in ((np.array([0, 4, 12]), r"labels in \[0, 12\]"), (np.array([0.5, 1.0, 2.0]), "float64 labels")):
+    for labels, shown in (
+        (np.array([0, 4, 12]), r"labels in \[0, 12\]"),
+        (np.array([0.5, 1.0, 2.0]), "float64 labels"),
+    ):
         np.savez(tmp_path / "s.npz", arr_0=images, arr_1=labels)
-        with pytest.raises(SystemExit, match=rf"arr_1 must hold integer labels in \[0, 10\) for the digits report, got {shown}"):
+        with pytest.raises(
+            SystemExit, match=rf"arr_1 must hold integer labels in \[0, 10\) for the digits report, got {shown}"
+        ):
             evaluate_main([str(tmp_path / "s.npz"), "--digits"])

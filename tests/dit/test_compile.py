@@ -18,8 +18,16 @@ from tests.moe_kernels.helpers import BACKENDS
 
 def _model(backend):
     torch.manual_seed(0)
-    return create_model("DiT-MoE-Ti/2-4E2A", input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32,
-                        num_heads=2, moe_backend=backend)
+    return create_model(
+        "DiT-MoE-Ti/2-4E2A",
+        input_size=8,
+        in_channels=1,
+        num_classes=10,
+        depth=1,
+        hidden_size=32,
+        num_heads=2,
+        moe_backend=backend,
+    )
 
 
 def _loss_fn(model, precision):
@@ -67,8 +75,21 @@ def test_train_and_sample_with_compile(tmp_path):
     """Inductor on the CPU, end to end: the slowest test here (compiling takes a minute)."""
     run_dir = run(tmp_path, "--steps", "2", "--compile", "--moe-backend", "torch")
     out = tmp_path / "s.npz"
-    sample_main(["--ckpt", str(run_dir / "checkpoints" / "0000002"), "--num-samples", "3", "--steps", "2",
-                 "--moe-backend", "torch", "--compile", "--out", str(out)])
+    sample_main(
+        [
+            "--ckpt",
+            str(run_dir / "checkpoints" / "0000002"),
+            "--num-samples",
+            "3",
+            "--steps",
+            "2",
+            "--moe-backend",
+            "torch",
+            "--compile",
+            "--out",
+            str(out),
+        ]
+    )
     assert np.load(out)["arr_0"].shape == (3, 8, 8, 1)
 
 

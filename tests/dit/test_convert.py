@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dit.convert import convert_official, infer_config, main
 from dit.checkpoint import build_from_checkpoint, load_into
+from dit.convert import convert_official, infer_config, main
 from dit.models import DiT
 
 D, DEPTH, HEADS, E, PATCH, C, SIZE, CLASSES = 32, 2, 2, 4, 2, 1, 8, 10
@@ -18,6 +18,7 @@ D, DEPTH, HEADS, E, PATCH, C, SIZE, CLASSES = 32, 2, 2, 4, 2, 1, 8, 10
 
 def sincos_2d(dim, grid):
     """MAE's fixed embedding: first half encodes the column (w) coordinate, second the row; sin then cos."""
+
     def axis(pos, width):
         omega = 1.0 / 10000 ** (np.arange(width // 2) / (width / 2))
         out = np.outer(pos, omega)
@@ -38,7 +39,11 @@ def linear(i, o, bias=True):
 class SwiGLU(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = linear(dim, hidden, False), linear(dim, hidden, False), linear(hidden, dim, False)
+        self.gate_proj, self.up_proj, self.down_proj = (
+            linear(dim, hidden, False),
+            linear(dim, hidden, False),
+            linear(hidden, dim, False),
+        )
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -111,7 +116,9 @@ class OfficialDiTMoE(nn.Module):
         half = 128
         freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
         angles = t.float()[:, None] * freqs
-        c = self.t_embedder.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], -1)) + self.y_embedder.embedding_table(y)
+        c = self.t_embedder.mlp(
+            torch.cat([torch.cos(angles), torch.sin(angles)], -1)
+        ) + self.y_embedder.embedding_table(y)
         for block in self.blocks:
             x = block(x, c)
         shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
@@ -130,7 +137,13 @@ def test_converted_model_matches_the_official_one(flash, wrapper):
     ckpt = state if wrapper is None else {wrapper: state, "opt": {}}
     converted = convert_official(ckpt)
     config = infer_config(state, num_heads=None if flash else HEADS)  # timm layouts do not record heads
-    assert (config.hidden_size, config.depth, config.num_heads, config.num_experts, config.qk_norm) == (D, DEPTH, HEADS, E, flash)
+    assert (config.hidden_size, config.depth, config.num_heads, config.num_experts, config.qk_norm) == (
+        D,
+        DEPTH,
+        HEADS,
+        E,
+        flash,
+    )
     assert (config.input_size, config.in_channels, config.num_classes, config.learn_sigma) == (SIZE, C, CLASSES, True)
     ours = DiT(config, moe_backend="torch").eval()
     load_into(ours, converted, "test")

@@ -88,7 +88,9 @@ def test_rectified_flow_recovers_a_point_mass_and_trains():
     flow = RectifiedFlow()
     target = torch.full((1, 1, 4, 4), -0.6)
     # The exact velocity for data that is always ``target``: (z - x) / t.
-    out = flow.sample(lambda z, t: (z - target) / (t / 1000).reshape(-1, 1, 1, 1), torch.randn(2, 1, 4, 4), num_steps=10)
+    out = flow.sample(
+        lambda z, t: (z - target) / (t / 1000).reshape(-1, 1, 1, 1), torch.randn(2, 1, 4, 4), num_steps=10
+    )
     torch.testing.assert_close(out, target.expand_as(out), atol=1e-5, rtol=0)
     terms = flow.training_losses(lambda x, t, y: torch.zeros_like(x), torch.rand(3, 1, 4, 4), {"y": None})
     assert terms["loss"].shape == (3,)

@@ -61,7 +61,16 @@ def test_inception_metrics_with_a_local_torchscript_file(tmp_path, capsys):
     weights = tmp_path / "inception.pt"
     torch.jit.script(FakeInception()).save(str(weights))
     _digits_npz(tmp_path / "a.npz")
-    main([str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--inception-weights", str(weights), "--json", str(tmp_path / "r.json")])
+    main(
+        [
+            str(tmp_path / "a.npz"),
+            str(tmp_path / "a.npz"),
+            "--inception-weights",
+            str(weights),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     import json
 
     results = json.loads((tmp_path / "r.json").read_text())

@@ -44,8 +44,10 @@ def test_bad_arguments_stop_before_the_compile(tmp_path):
     assert exit_info.value.code == 2
 
 
-@pytest.mark.parametrize("device, message", [("foo", "is not a device"), ("cuda:99", "CUDA device|no such GPU"),
-                                             ("mps", "packages run on cpu or cuda")])
+@pytest.mark.parametrize(
+    "device, message",
+    [("foo", "is not a device"), ("cuda:99", "CUDA device|no such GPU"), ("mps", "packages run on cpu or cuda")],
+)
 def test_a_missing_or_unknown_device_is_one_line(tmp_path, device, message):
     with pytest.raises(SystemExit, match=f"error: --device .*({message})"):
         main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "model.pt2"), "--device", device])

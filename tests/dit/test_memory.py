@@ -33,7 +33,9 @@ def test_local_parameters_and_optimizer_state_match_a_sharded_model(gpus, ep, fs
         stored = sum(parallel.local(p).numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters())
         _init_optim_state(optimizer)
-        moments = sum(parallel.local(v).numel() for state in optimizer.state.values() for k, v in state.items() if k != "step")
+        moments = sum(
+            parallel.local(v).numel() for state in optimizer.state.values() for k, v in state.items() if k != "step"
+        )
     finally:
         dist.destroy_process_group()
     layout = Layout(gpus, ep, fsdp)
@@ -67,7 +69,9 @@ def test_activation_estimate_matches_what_autograd_saves(name):
     batch = 8
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.randn(batch, 4, 8, 8), torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,)))
-    assert activation_bytes(model.config, batch, grad_checkpointing=False, compute_bytes=4) == pytest.approx(sum(saved.values()), rel=0.1)
+    assert activation_bytes(model.config, batch, grad_checkpointing=False, compute_bytes=4) == pytest.approx(
+        sum(saved.values()), rel=0.1
+    )
 
 
 def test_the_cli_shows_a_layout_that_fits_the_flagship(capsys):

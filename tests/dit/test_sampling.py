@@ -40,7 +40,9 @@ def test_guidance_needs_a_model_trained_with_class_dropout():
 
 def test_bf16_inference_weights_change_nothing_but_the_rounding_autocast_does_anyway():
     torch.manual_seed(0)
-    model = create_model("DiT-MoE-Ti/2-4E2A", input_size=8, in_channels=1, num_classes=10, moe_backend="torch", qk_norm=True).eval()
+    model = create_model(
+        "DiT-MoE-Ti/2-4E2A", input_size=8, in_channels=1, num_classes=10, moe_backend="torch", qk_norm=True
+    ).eval()
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 4, 10])
     with torch.no_grad(), autocast("bf16", torch.device("cpu")):
         want = model(x, t, y)

@@ -66,7 +66,19 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
     run_dir = run(tmp_path, "--steps", "1")
     checkpoint = run_dir / "checkpoints" / "0000001"
     with pytest.raises(SystemExit, match="--model 'DiT-MoE-Ti/2-8E2A' contradicts the checkpoint"):
-        train_main([*FAST, "--results-dir", str(tmp_path), "--model", "DiT-MoE-Ti/2-8E2A", "--steps", "2", "--resume", str(checkpoint)])
+        train_main(
+            [
+                *FAST,
+                "--results-dir",
+                str(tmp_path),
+                "--model",
+                "DiT-MoE-Ti/2-8E2A",
+                "--steps",
+                "2",
+                "--resume",
+                str(checkpoint),
+            ]
+        )
     state, config = ckpt.load_weights(checkpoint, "model")
     state["blocks.0.ffn.w_in"] = state["blocks.0.ffn.w_in"][:2]
     from dit.models import DiT
@@ -84,12 +96,29 @@ def test_sample_cli(tmp_path):
     run_dir = run(tmp_path, "--steps", "1")
     checkpoint = run_dir / "checkpoints" / "0000001"
     out, grid = tmp_path / "s.npz", tmp_path / "g.png"
-    sample_main(["--ckpt", str(checkpoint), "--num-samples", "12", "--steps", "3", "--out", str(out), "--grid", str(grid)])
+    sample_main(
+        ["--ckpt", str(checkpoint), "--num-samples", "12", "--steps", "3", "--out", str(out), "--grid", str(grid)]
+    )
     data = np.load(out)
     assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (12, 8, 8, 1)
     assert data["arr_1"].dtype == np.int64 and data["arr_1"].tolist() == [i % 10 for i in range(12)]
     assert grid.is_file()
-    sample_main(["--ckpt", str(checkpoint), "--num-samples", "3", "--steps", "2", "--class", "7", "--sampler", "ddim", "--out", str(out)])
+    sample_main(
+        [
+            "--ckpt",
+            str(checkpoint),
+            "--num-samples",
+            "3",
+            "--steps",
+            "2",
+            "--class",
+            "7",
+            "--sampler",
+            "ddim",
+            "--out",
+            str(out),
+        ]
+    )
     assert np.load(out)["arr_1"].tolist() == [7, 7, 7]
     with pytest.raises(SystemExit, match="class"):
         sample_main(["--ckpt", str(checkpoint), "--class", "10", "--out", str(out)])
@@ -100,8 +129,20 @@ def test_precisions(tmp_path):
     run_dir = run(tmp_path, "--steps", "1", "--precision", "bf16")
     out = tmp_path / "s.npz"
     for precision in ("bf16", "fp32"):
-        sample_main(["--ckpt", str(run_dir / "checkpoints" / "0000001"), "--num-samples", "2", "--steps", "2",
-                     "--precision", precision, "--out", str(out)])
+        sample_main(
+            [
+                "--ckpt",
+                str(run_dir / "checkpoints" / "0000001"),
+                "--num-samples",
+                "2",
+                "--steps",
+                "2",
+                "--precision",
+                precision,
+                "--out",
+                str(out),
+            ]
+        )
         assert np.load(out)["arr_0"].shape == (2, 8, 8, 1)
     # The switches are torch's globals: each command sets them for its own run only.
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
@@ -137,14 +178,21 @@ def test_model_overrides(tmp_path, capsys):
     assert type(parsed["mlp_ratio"]) is float and type(parsed["num_shared_experts"]) is int
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["mlp_ratio"])
-    for bad, message in [("width=3", "unknown model setting 'width'"), ("mlp_ratio=abc", "mlp_ratio takes a number, got 'abc'"),
-                         ("depth=2.5", "depth takes an integer"), ("qk_norm=maybe", "qk_norm takes true or false")]:
+    for bad, message in [
+        ("width=3", "unknown model setting 'width'"),
+        ("mlp_ratio=abc", "mlp_ratio takes a number, got 'abc'"),
+        ("depth=2.5", "depth takes an integer"),
+        ("qk_norm=maybe", "qk_norm takes true or false"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             run(tmp_path, "--steps", "1", "--set", bad)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
-    for bad, message in [("depth=-1", "depth must be an integer >= 1, got -1"), ("num_heads=5", "multiple of num_heads"),
-                         ("top_k=9", r"top_k must be <= num_experts \(4\), got 9")]:
+    for bad, message in [
+        ("depth=-1", "depth must be an integer >= 1, got -1"),
+        ("num_heads=5", "multiple of num_heads"),
+        ("top_k=9", r"top_k must be <= num_experts \(4\), got 9"),
+    ]:
         with pytest.raises(SystemExit, match=message):
             run(tmp_path, "--steps", "1", "--set", bad)
     run_dir = run(tmp_path, "--steps", "1", "--set", "num_shared_experts=0")
@@ -162,14 +210,19 @@ def test_image_folder_and_latent_directories(tmp_path):
         for i in range(3):
             pixels = np.random.default_rng(i).integers(0, 256, (12, 10, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / label / f"{i}.png")
-    run_dir = run(tmp_path / "runs", "--data", str(folder), "--image-size", "8", "--steps", "1", "--global-batch-size", "2")
+    run_dir = run(
+        tmp_path / "runs", "--data", str(folder), "--image-size", "8", "--steps", "1", "--global-batch-size", "2"
+    )
     _, config = ckpt.load_weights(run_dir / "checkpoints" / "0000001")
     assert (config.in_channels, config.input_size, config.num_classes, config.latent) == (3, 8, 2, False)
     assert (run_dir / "samples.png").is_file()
 
     latents = tmp_path / "latents"
     latents.mkdir()
-    save_file({"latents": torch.randn(6, 4, 4, 4).half(), "labels": torch.tensor([0, 1, 2, 0, 1, 2])}, str(latents / "00000.safetensors"))
+    save_file(
+        {"latents": torch.randn(6, 4, 4, 4).half(), "labels": torch.tensor([0, 1, 2, 0, 1, 2])},
+        str(latents / "00000.safetensors"),
+    )
     run_dir = run(tmp_path / "runs", "--data", str(latents), "--steps", "1", "--global-batch-size", "2")
     _, config = ckpt.load_weights(run_dir / "checkpoints" / "0000001")
     assert (config.in_channels, config.input_size, config.num_classes, config.latent) == (4, 4, 3, True)

@@ -7,25 +7,57 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", minversion="5", reason="the hf extra (transformers >= 5) is not installed")
+transformers = pytest.importorskip(
+    "transformers", minversion="5", reason="the hf extra (transformers >= 5) is not installed"
+)
 
 import moe_kernels.integrations.huggingface as mk_hf  # noqa: E402
 
-COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64, output_router_logits=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    output_router_logits=True,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 CONFIGS = {
-    "mixtral": lambda: transformers.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2
+    ),
     "olmoe": lambda: transformers.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2),
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        **COMMON, intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
-        num_experts_per_tok=2, decoder_sparse_step=1),
+        **COMMON,
+        intermediate_size=24,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+    ),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        **COMMON, intermediate_size=24, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8),
+        **COMMON, intermediate_size=24, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8
+    ),
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
-        **{**COMMON, "num_key_value_heads": 4}, intermediate_size=24,
-        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
-        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8),
+        **{**COMMON, "num_key_value_heads": 4},
+        intermediate_size=24,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    ),
 }
 
 
@@ -137,8 +169,15 @@ def test_experts_stored_transposed_match_eager():
     from transformers.models.aria.modeling_aria import AriaTextMoELayer
 
     name = mk_hf.register(backend="torch")
-    config = transformers.AriaTextConfig(hidden_size=16, intermediate_size=24, moe_num_experts=4, moe_topk=2,
-                                         num_attention_heads=2, num_hidden_layers=1, moe_num_shared_experts=1)
+    config = transformers.AriaTextConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        moe_num_experts=4,
+        moe_topk=2,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        moe_num_shared_experts=1,
+    )
     torch.manual_seed(0)
     layer = AriaTextMoELayer(config)
     assert layer.experts.is_transposed

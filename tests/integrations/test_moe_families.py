@@ -4,7 +4,9 @@ transformers families, weights copied over: the table is tested, not just writte
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", minversion="5", reason="the hf extra (transformers >= 5) is not installed")
+transformers = pytest.importorskip(
+    "transformers", minversion="5", reason="the hf extra (transformers >= 5) is not installed"
+)
 
 import moe_kernels as mk  # noqa: E402
 from tests.integrations.test_huggingface import CONFIGS  # noqa: E402
@@ -17,8 +19,13 @@ def _block(family: str):
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    classes = {"mixtral": MixtralSparseMoeBlock, "olmoe": OlmoeSparseMoeBlock, "qwen2_moe": Qwen2MoeSparseMoeBlock,
-               "qwen3_moe": Qwen3MoeSparseMoeBlock, "deepseek_v3": DeepseekV3MoE}
+    classes = {
+        "mixtral": MixtralSparseMoeBlock,
+        "olmoe": OlmoeSparseMoeBlock,
+        "qwen2_moe": Qwen2MoeSparseMoeBlock,
+        "qwen3_moe": Qwen3MoeSparseMoeBlock,
+        "deepseek_v3": DeepseekV3MoE,
+    }
     config = CONFIGS[family]()
     config._experts_implementation = "eager"
     torch.manual_seed(0)
@@ -35,14 +42,27 @@ def _block(family: str):
 def _options(family: str, config) -> dict:
     """The table's row for ``family``: the MoE arguments that reproduce it."""
     if family == "deepseek_v3":
-        return dict(num_experts=config.n_routed_experts, top_k=config.num_experts_per_tok, hidden_dim=config.moe_intermediate_size,
-                    num_shared_experts=1, shared_hidden_dim=config.moe_intermediate_size * config.n_shared_experts,
-                    score="sigmoid", selection_bias=True, num_groups=config.n_group, topk_groups=config.topk_group,
-                    normalize_weights=config.norm_topk_prob, routed_scale=config.routed_scaling_factor)
+        return dict(
+            num_experts=config.n_routed_experts,
+            top_k=config.num_experts_per_tok,
+            hidden_dim=config.moe_intermediate_size,
+            num_shared_experts=1,
+            shared_hidden_dim=config.moe_intermediate_size * config.n_shared_experts,
+            score="sigmoid",
+            selection_bias=True,
+            num_groups=config.n_group,
+            topk_groups=config.topk_group,
+            normalize_weights=config.norm_topk_prob,
+            routed_scale=config.routed_scaling_factor,
+        )
     num_experts = config.num_local_experts if family == "mixtral" else config.num_experts
-    options = dict(num_experts=num_experts, top_k=config.num_experts_per_tok, num_shared_experts=0,
-                   normalize_weights=True if family == "mixtral" else config.norm_topk_prob,
-                   balance_loss_convention="switch")
+    options = dict(
+        num_experts=num_experts,
+        top_k=config.num_experts_per_tok,
+        num_shared_experts=0,
+        normalize_weights=True if family == "mixtral" else config.norm_topk_prob,
+        balance_loss_convention="switch",
+    )
     options["hidden_dim"] = config.intermediate_size if family in ("mixtral", "olmoe") else config.moe_intermediate_size
     if family == "qwen2_moe":
         options.update(num_shared_experts=1, shared_hidden_dim=config.shared_expert_intermediate_size, shared_gate=True)
@@ -92,5 +112,7 @@ def test_switch_convention_is_transformers_load_balancing_loss():
     moe(torch.randn(3, 5, config.hidden_size))
     want = load_balancing_loss_func((moe.router_logits,), moe.num_experts, moe.top_k)
     torch.testing.assert_close(moe.aux_loss, want)
-    dit_moe = mk.balance_loss(torch.softmax(moe.router_logits, -1), moe.router_logits.topk(2).indices, moe.num_experts, alpha=1.0)
+    dit_moe = mk.balance_loss(
+        torch.softmax(moe.router_logits, -1), moe.router_logits.topk(2).indices, moe.num_experts, alpha=1.0
+    )
     torch.testing.assert_close(dit_moe * moe.top_k, want)

@@ -67,8 +67,11 @@ def record_launches(workload: Callable[[], None]) -> list[dict]:
             elif attr:
                 attrs[name] = attr
         launch = {
-            "module": self.fn.__module__, "kernel": self.fn.__name__,
-            "signature": signature, "constants": constants, "attrs": attrs,
+            "module": self.fn.__module__,
+            "kernel": self.fn.__name__,
+            "signature": signature,
+            "constants": constants,
+            "attrs": attrs,
             "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs},
         }
         launches.setdefault(json.dumps(launch, sort_keys=True), launch)
@@ -92,11 +95,16 @@ def _ptxas_report(ptx: str) -> dict:
             f.write(ptx)
         log = subprocess.run(
             [get_ptxas(TARGET_CAPABILITY).path, "-v", f"--gpu-name=sm_{TARGET_CAPABILITY}a", path, "-o", path + ".o"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stderr
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
-    return {"registers": int(registers.group(1)) if registers else None, "spill_bytes": int(spills.group(1)) if spills else 0}
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_bytes": int(spills.group(1)) if spills else 0,
+    }
 
 
 def _spills_in_loops(cubin: bytes) -> int | None:
@@ -175,8 +183,11 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
             "dtype": next(t[1:] for t in launch["signature"].values() if t.startswith("*")),
             "constants": launch["constants"],
             # Strides Triton cannot prove 16-byte aligned rule out vectorised loads.
-            "aligned": all(name in launch["attrs"] for name, kind in launch["signature"].items()
-                           if name.startswith("stride") and kind != "constexpr"),
+            "aligned": all(
+                name in launch["attrs"]
+                for name, kind in launch["signature"].items()
+                if name.startswith("stride") and kind != "constexpr"
+            ),
             "config": {**(config.kwargs if config else {}), **options},
         }
         try:
@@ -185,7 +196,8 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
             result |= {"ok": True, "shared_bytes": compiled.metadata.shared}
             if full_report:
                 result |= _ptxas_report(compiled.asm["ptx"]) | {
-                    "mma": _mma_kind(compiled.asm["ptx"]), "loop_spills": _spills_in_loops(compiled.asm["cubin"]),
+                    "mma": _mma_kind(compiled.asm["ptx"]),
+                    "loop_spills": _spills_in_loops(compiled.asm["cubin"]),
                 }
         except Exception as error:  # noqa: BLE001 - every failure is reported with its launch
             result |= {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
@@ -205,7 +217,12 @@ def compile_launches(
     done = subprocess.run(
         [sys.executable, "-m", "tests.moe_kernels.hopper_compile", "--compile"],
         input=json.dumps({"launches": launches, "full_report": full_report}),
-        capture_output=True, text=True, env=env, timeout=timeout, cwd=root, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=root,
+        check=False,
     )
     if done.returncode:
         raise RuntimeError(f"the compile process failed:\n{done.stderr[-4000:]}")
@@ -244,8 +261,17 @@ def moe_workload(
         _, experts, probs = topk_gating(logits, 2, normalize=True, backend="triton")
         balance_loss(probs, experts, 4, backend="triton").backward()
         # DeepSeek-V3's routing: sigmoid scores, a selection bias, group-limited top-k, scaling.
-        weights, _, _ = topk_gating(logits, 2, normalize=True, backend="triton", score="sigmoid",
-                                    bias=torch.zeros(4), num_groups=2, topk_groups=1, scale=2.5)
+        weights, _, _ = topk_gating(
+            logits,
+            2,
+            normalize=True,
+            backend="triton",
+            score="sigmoid",
+            bias=torch.zeros(4),
+            num_groups=2,
+            topk_groups=1,
+            scale=2.5,
+        )
         weights.sum().backward()
         for k, n in ((32, 48), (16, 24)):  # 16-byte aligned rows, as at real sizes, and not
             x = torch.randn(20, k, dtype=dtype, requires_grad=True)
@@ -267,7 +293,17 @@ def moe_workload(
     return run
 
 
-_VARIANT_KEYS = ("EPILOGUE", "ACTIVATION", "GLU", "STORE_PREACT", "GATHER_A", "GATHER_B", "SCATTER_C", "SCALE", "PRECISION")
+_VARIANT_KEYS = (
+    "EPILOGUE",
+    "ACTIVATION",
+    "GLU",
+    "STORE_PREACT",
+    "GATHER_A",
+    "GATHER_B",
+    "SCATTER_C",
+    "SCALE",
+    "PRECISION",
+)
 
 
 def table(results: list[dict]) -> str:
@@ -279,13 +315,17 @@ def table(results: list[dict]) -> str:
         "---|---|---|---|---|---|---|---|---|---|---",
     ]
     for r in results:
-        variant = " ".join(f"{k}={r['constants'][k]}" for k in _VARIANT_KEYS if r["constants"].get(k) not in (None, False))
+        variant = " ".join(
+            f"{k}={r['constants'][k]}" for k in _VARIANT_KEYS if r["constants"].get(k) not in (None, False)
+        )
         config = " ".join(f"{k}={v}" for k, v in r["config"].items())
         head = f"{r['kernel']} | {r['dtype']} | {variant} | {'yes' if r['aligned'] else 'no'} | {config}"
         if not r["ok"]:
             lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | | |")
             continue
-        shared = f"{r['shared_bytes'] / 1024:.0f}" + (" (over the limit)" if r["shared_bytes"] > SHARED_MEMORY_LIMIT else "")
+        shared = f"{r['shared_bytes'] / 1024:.0f}" + (
+            " (over the limit)" if r["shared_bytes"] > SHARED_MEMORY_LIMIT else ""
+        )
         in_loops = "?" if r["loop_spills"] is None else r["loop_spills"]
         lines.append(f"{head} | yes | {r['mma']} | {r['registers']} | {r['spill_bytes']} | {in_loops} | {shared}")
     return "\n".join(lines)
@@ -299,29 +339,49 @@ def summary(results: list[dict]) -> str:
     too_big = [r for r in compiled if r["shared_bytes"] > SHARED_MEMORY_LIMIT]
     half = [r for r in compiled if r["aligned"] and r["dtype"] in ("bf16", "fp16") and "grouped" in r["kernel"]]
     spilling = [r for r in half if r["spill_bytes"]]
-    tensor_core = [r for r in compiled if r["aligned"] and "grouped" in r["kernel"] and r["mma"] == "wgmma"
-                   and r["shared_bytes"] <= SHARED_MEMORY_LIMIT]
+    tensor_core = [
+        r
+        for r in compiled
+        if r["aligned"]
+        and "grouped" in r["kernel"]
+        and r["mma"] == "wgmma"
+        and r["shared_bytes"] <= SHARED_MEMORY_LIMIT
+    ]
     loop_spilling = [r for r in tensor_core if r["loop_spills"]]
     wgmma = [r for r in half if r["mma"] == "wgmma"]
-    return "\n".join([
-        (f"Every launch of the public ops' forward and backward (`moe_workload`), compiled for "
-         f"sm_{TARGET_CAPABILITY}a by Triton {results[0]['triton']} with each autotune config: "
-         "`python -m tests.moe_kernels.hopper_compile`."),
-        "",
-        f"- {len(compiled)} of {len(results)} launch x config pairs compile.",
-        (f"- {len(too_big)} need more shared memory than Hopper's {SHARED_MEMORY_LIMIT // 1024} KiB; "
-         "the autotuner skips those configs on the GPU."),
-        (f"- {len(wgmma)} of the {len(half)} aligned bf16/fp16 GEMM pairs use wgmma; {len(spilling)} spill registers "
-         "(spill bytes per thread, from ptxas)."),
-        (f"- {len(loop_spilling)} of the {len(tensor_core)} aligned wgmma GEMM pairs (bf16, fp16, TF32) that fit in "
-         "shared memory spill inside a loop. *spills in loops* counts the spill instructions (`STL`/`LDL` in "
-         "the SASS, from `nvdisasm`) between a backward branch and its target: those run on every K step; "
-         "the others, after the loop, once per tile."),
-        ("- *aligned*: every runtime stride is a multiple of 16 elements, as at real model sizes; the "
-         "unaligned launches (rows of 16 x 24) show the fallback Triton takes without 16-byte alignment."),
-        ("- fp32 with PRECISION=ieee (torch's default `allow_tf32=False`, and `--precision fp32`) runs "
-         "`tl.dot` on CUDA cores, hence its registers; PRECISION=tf32 (the trainer's default) uses tensor cores."),
-    ])
+    return "\n".join(
+        [
+            (
+                f"Every launch of the public ops' forward and backward (`moe_workload`), compiled for "
+                f"sm_{TARGET_CAPABILITY}a by Triton {results[0]['triton']} with each autotune config: "
+                "`python -m tests.moe_kernels.hopper_compile`."
+            ),
+            "",
+            f"- {len(compiled)} of {len(results)} launch x config pairs compile.",
+            (
+                f"- {len(too_big)} need more shared memory than Hopper's {SHARED_MEMORY_LIMIT // 1024} KiB; "
+                "the autotuner skips those configs on the GPU."
+            ),
+            (
+                f"- {len(wgmma)} of the {len(half)} aligned bf16/fp16 GEMM pairs use wgmma; {len(spilling)} spill registers "
+                "(spill bytes per thread, from ptxas)."
+            ),
+            (
+                f"- {len(loop_spilling)} of the {len(tensor_core)} aligned wgmma GEMM pairs (bf16, fp16, TF32) that fit in "
+                "shared memory spill inside a loop. *spills in loops* counts the spill instructions (`STL`/`LDL` in "
+                "the SASS, from `nvdisasm`) between a backward branch and its target: those run on every K step; "
+                "the others, after the loop, once per tile."
+            ),
+            (
+                "- *aligned*: every runtime stride is a multiple of 16 elements, as at real model sizes; the "
+                "unaligned launches (rows of 16 x 24) show the fallback Triton takes without 16-byte alignment."
+            ),
+            (
+                "- fp32 with PRECISION=ieee (torch's default `allow_tf32=False`, and `--precision fp32`) runs "
+                "`tl.dot` on CUDA cores, hence its registers; PRECISION=tf32 (the trainer's default) uses tensor cores."
+            ),
+        ]
+    )
 
 
 def main() -> None:
@@ -334,11 +394,16 @@ def main() -> None:
             results = [result for results in pool.map(_compile_one, job["launches"], full_report) for result in results]
         json.dump({"triton": triton.__version__, "results": results}, sys.stdout)
         return
-    parser = argparse.ArgumentParser(prog="python -m tests.moe_kernels.hopper_compile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.moe_kernels.hopper_compile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", help="also write the markdown table here")
     parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--triton", metavar="DIR", help="compile with the Triton in DIR (pip install --target DIR triton==3.6.0)")
+    parser.add_argument(
+        "--triton", metavar="DIR", help="compile with the Triton in DIR (pip install --target DIR triton==3.6.0)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "1")
     results = compile_launches(record_launches(moe_workload()), triton_dir=args.triton)

@@ -37,8 +37,10 @@ def test_unknown_backend():
 def test_autotune_off_keeps_the_smallest_config(monkeypatch):
     import triton
 
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64}, num_stages=s) for m, n, s in
-               ((128, 128, 3), (64, 64, 4), (128, 64, 4))]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64}, num_stages=s)
+        for m, n, s in ((128, 128, 3), (64, 64, 4), (128, 64, 4))
+    ]
     interpreter = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
     monkeypatch.setattr(backend_module, "INTERPRET", False)
     assert backend_module.autotune_configs(configs, interpreter) == configs

@@ -46,7 +46,9 @@ def test_moe_ffn_matches_reference(backend, dtype, activation, T, D, H, E, k, ro
     assert_close_to_reference(y, ref, dtype, "y")
     grad_y = torch.randn_like(ref)
     inputs = [x, weights, w_in, w_out]
-    for name, got, want in zip(("dx", "dweights", "dw_in", "dw_out"), grads(y, inputs, grad_y), grads(ref, inputs, grad_y)):
+    for name, got, want in zip(
+        ("dx", "dweights", "dw_in", "dw_out"), grads(y, inputs, grad_y), grads(ref, inputs, grad_y)
+    ):
         assert got.dtype == (weights.dtype if name == "dweights" else dtype)
         assert_close_to_reference(got, want, dtype, name)
 
@@ -62,7 +64,12 @@ def test_non_contiguous_inputs_int32_experts_and_expanded_gradient(backend):
     ref = _reference(x, weights, experts, w_in, w_out, "swiglu")
     ref.sum().backward()
     assert_close_to_reference(y, ref, torch.float32)
-    for name, got, want in [("dx", x_nc, x), ("dweights", weights_nc, weights), ("dw_in", w_in_nc, w_in), ("dw_out", w_out_nc, w_out)]:
+    for name, got, want in [
+        ("dx", x_nc, x),
+        ("dweights", weights_nc, weights),
+        ("dw_in", w_in_nc, w_in),
+        ("dw_out", w_out_nc, w_out),
+    ]:
         assert_close_to_reference(got.grad, want.grad, torch.float32, name)
 
 
@@ -92,7 +99,9 @@ def test_wide_model_reaches_every_column_tile(backend):
     assert_close_to_reference(y, ref, torch.float32, "y")
     grad_y = torch.randn_like(ref)
     inputs = [x, weights, w_in, w_out]
-    for name, got, want in zip(("dx", "dweights", "dw_in", "dw_out"), grads(y, inputs, grad_y), grads(ref, inputs, grad_y)):
+    for name, got, want in zip(
+        ("dx", "dweights", "dw_in", "dw_out"), grads(y, inputs, grad_y), grads(ref, inputs, grad_y)
+    ):
         assert_close_to_reference(got, want, torch.float32, name)
 
 

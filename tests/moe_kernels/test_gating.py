@@ -104,7 +104,9 @@ def test_ties_pick_the_lower_index_first(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_logits_do_not_overflow(backend):
     """exp(100) overflows fp32: the softmax must subtract each row's maximum first."""
-    logits = torch.tensor([[100.0, 90.0, 0.0, 1.0], [-200.0, -210.0, -300.0, -205.0]], device=DEVICE, requires_grad=True)
+    logits = torch.tensor(
+        [[100.0, 90.0, 0.0, 1.0], [-200.0, -210.0, -300.0, -205.0]], device=DEVICE, requires_grad=True
+    )
     weights, experts, probs = mk.topk_gating(logits, 2, backend=backend)
     expected = torch.softmax(logits.detach().double(), dim=-1)
     torch.testing.assert_close(probs.double(), expected)
@@ -170,7 +172,9 @@ def test_balance_loss_is_alpha_when_perfectly_balanced(backend):
     E = 4
     probs = torch.full((8, E), 1 / E, device=DEVICE)
     experts = torch.tensor([[0, 1], [2, 3]] * 4, device=DEVICE)
-    torch.testing.assert_close(mk.balance_loss(probs, experts, E, alpha=0.05, backend=backend), torch.tensor(0.05, device=DEVICE))
+    torch.testing.assert_close(
+        mk.balance_loss(probs, experts, E, alpha=0.05, backend=backend), torch.tensor(0.05, device=DEVICE)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -151,12 +151,18 @@ def test_autotune_candidates_fit_each_launch():
     assert rows(torch.bfloat16, glu=True, epilogue="act_grad") == rows(torch.float16)  # one B tile, no GLU dot
     # TF32's 64-wide K steps fit a GLU's two B tiles only at 64x64; 32-wide ones fit larger tiles.
     assert rows(torch.float32, glu=True, epilogue="act", precision="tf32") == {
-        (64, 64, 64), (128, 128, 32), (128, 64, 32), (64, 128, 32)}
+        (64, 64, 64),
+        (128, 128, 32),
+        (128, 64, 32),
+        (64, 128, 32),
+    }
     assert (128, 128, 64) in rows(torch.float32, precision="tf32")
     assert rows(torch.float32, glu=True, epilogue="act") == rows(torch.float32) == {(64, 64, 64)}
 
     def wgrad(dtype, precision="ieee"):
-        return _tiles(_wgrad_candidates(_WGRAD_GPU_CONFIGS, {"a_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision))
+        return _tiles(
+            _wgrad_candidates(_WGRAD_GPU_CONFIGS, {"a_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision)
+        )
 
     assert wgrad(torch.bfloat16) == _tiles(_WGRAD_GPU_CONFIGS)
     assert wgrad(torch.float32, "tf32") == _tiles(_WGRAD_GPU_CONFIGS) - {(128, 128, 128)}

@@ -11,7 +11,9 @@ from .hopper_compile import compile_launches, count_loop_spills, moe_workload, n
 
 _NO_COMPILER = nvidia_backend_missing()
 pytestmark = [
-    pytest.mark.skipif(not INTERPRET, reason="records launches through the interpreter; on a GPU the tests compile the kernels anyway"),
+    pytest.mark.skipif(
+        not INTERPRET, reason="records launches through the interpreter; on a GPU the tests compile the kernels anyway"
+    ),
     pytest.mark.skipif(_NO_COMPILER is not None, reason=str(_NO_COMPILER)),
 ]
 
@@ -22,15 +24,26 @@ def test_every_launch_compiles_for_hopper():
     # `python -m tests.moe_kernels.hopper_compile` compiles them all.
     launches = record_launches(moe_workload((torch.float32, torch.bfloat16)))
     kernels = {launch["kernel"] for launch in launches}
-    assert {"_topk_gating_kernel", "_topk_gating_backward_kernel", "_expert_stats_kernel", "_rank_kernel",
-            "_scan_kernel", "_scatter_kernel", "_grouped_mm_kernel", "_grouped_wgrad_kernel", "_combine_kernel",
-            "_combine_weight_grad_kernel"} <= kernels
+    assert {
+        "_topk_gating_kernel",
+        "_topk_gating_backward_kernel",
+        "_expert_stats_kernel",
+        "_rank_kernel",
+        "_scan_kernel",
+        "_scatter_kernel",
+        "_grouped_mm_kernel",
+        "_grouped_wgrad_kernel",
+        "_combine_kernel",
+        "_combine_weight_grad_kernel",
+    } <= kernels
     assert {launch["constants"].get("PRECISION") for launch in launches} >= {"ieee", "tf32"}
     results = compile_launches(launches, full_report=False)
     failures = [f"{r['kernel']} {r['dtype']} {r['constants']}: {r['error']}" for r in results if not r["ok"]]
     assert not failures, "\n\n".join(failures)
     too_big = [r for r in results if r["shared_bytes"] > SHARED_MEMORY_LIMIT]
-    assert not too_big, f"even the smallest config of these launches needs more shared memory than Hopper has: {too_big}"
+    assert not too_big, (
+        f"even the smallest config of these launches needs more shared memory than Hopper has: {too_big}"
+    )
 
 
 def test_launches_are_recorded_with_the_jit_specialization():

@@ -139,12 +139,15 @@ def test_balance_loss_conventions():
         mk.balance_loss(probs, experts, 4, convention="gshard")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(shared_gate=True, num_shared_experts=0), "shared_gate needs a shared expert"),
-    (dict(balance_loss_convention="mixtral"), "balance_loss_convention"),
-    (dict(score="tanh"), "score"),
-    (dict(num_groups=3), "num_groups"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(shared_gate=True, num_shared_experts=0), "shared_gate needs a shared expert"),
+        (dict(balance_loss_convention="mixtral"), "balance_loss_convention"),
+        (dict(score="tanh"), "score"),
+        (dict(num_groups=3), "num_groups"),
+    ],
+)
 def test_bad_routing_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mk.MoE(8, 8, 4, 2, **kwargs)

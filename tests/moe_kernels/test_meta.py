@@ -42,7 +42,10 @@ def test_ops_on_meta_tensors_match_real_shapes(name):
         floats = [out for out in outputs if out.requires_grad]
         sum(out.float().sum() for out in floats).backward()
         grads = {key: t.grad for key, t in inputs.items() if t.grad is not None}
-        results[device] = ([(o.shape, o.dtype, o.device.type) for o in outputs], {key: (g.shape, g.dtype) for key, g in grads.items()})
+        results[device] = (
+            [(o.shape, o.dtype, o.device.type) for o in outputs],
+            {key: (g.shape, g.dtype) for key, g in grads.items()},
+        )
     (cpu_outs, cpu_grads), (meta_outs, meta_grads) = results["cpu"], results["meta"]
     assert [(s, d) for s, d, _ in meta_outs] == [(s, d) for s, d, _ in cpu_outs]
     assert {device for _, _, device in meta_outs} == {"meta"}
@@ -62,7 +65,9 @@ def test_a_layer_built_on_meta_runs_forward_and_backward():
 
 def test_meta_and_real_tensors_do_not_mix():
     with pytest.raises(ValueError, match="on meta but .* on cpu|on cpu but .* on meta"):
-        mk.grouped_mm(torch.randn(T, D, device="meta"), torch.randn(E, D, H), torch.tensor([2, 2, 5, T], dtype=torch.int32))
+        mk.grouped_mm(
+            torch.randn(T, D, device="meta"), torch.randn(E, D, H), torch.tensor([2, 2, 5, T], dtype=torch.int32)
+        )
     moe = mk.MoE(D, H, E, k, backend="torch")
     with pytest.raises(ValueError, match="x is on meta but the MoE's parameters are on cpu"):
         moe(torch.randn(T, D, device="meta"))

@@ -17,7 +17,7 @@ import math
 import numbers
 import operator
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -170,7 +170,11 @@ def reference_layer(moe: mk.MoE, x: torch.Tensor) -> list[torch.Tensor]:
     """The layer's output and auxiliary loss from the reference ops and its own weights."""
     logits = moe.router(x)
     weights, experts, probs = reference.topk_gating(
-        logits, moe.top_k, moe.normalize_weights, num_groups=moe.num_groups, topk_groups=moe.topk_groups,
+        logits,
+        moe.top_k,
+        moe.normalize_weights,
+        num_groups=moe.num_groups,
+        topk_groups=moe.topk_groups,
         scale=moe.routed_scale,
     )
     y = reference.moe_ffn(x, weights, experts, moe.w_in, moe.w_out)

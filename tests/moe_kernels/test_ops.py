@@ -33,8 +33,10 @@ def _op_cases(backend):
     weights, experts, probs, _, _ = topk_gating_op(logits.detach(), k, True, backend, "softmax", None, 1, 1, 1.0)
     grads = (torch.randn_like(weights), torch.randn_like(probs), torch.randn(E, device=DEVICE))
     yield topk_gating_backward_op, (probs, weights, experts, *grads, True, torch.float32, backend, "softmax", 1.0)
-    yield topk_gating_backward_op, (probs, weights, experts, grads[0], None, None, False, torch.float32, backend,
-                                    "sigmoid", 2.5)
+    yield (
+        topk_gating_backward_op,
+        (probs, weights, experts, grads[0], None, None, False, torch.float32, backend, "sigmoid", 2.5),
+    )
     yield expert_stats_op, (probs.detach().requires_grad_(), experts, E, backend)
     offsets = torch.tensor([3, 3, 9, 14], dtype=torch.int32, device=DEVICE)
     x, w = _leaf(14, D), _leaf(E, D, H)
@@ -42,12 +44,23 @@ def _op_cases(backend):
     yield grouped_mm_wgrad_op, (x.detach(), torch.randn(14, H, device=DEVICE), offsets, backend)
     x, weights, experts, w_in, w_out = _routed()
     yield moe_ffn_op, (x, weights, experts, w_in, w_out, "swiglu", backend, True, True, True)
-    yield moe_ffn_op, (x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), "swiglu", backend, False, False, False)
+    yield (
+        moe_ffn_op,
+        (x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), "swiglu", backend, False, False, False),
+    )
     yield moe_ffn_op, (x, weights, experts, _leaf(E, D, H), w_out, "gelu", backend, True, True, True)
-    saved = moe_ffn_op(x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), "swiglu", backend, True, True, True)
+    saved = moe_ffn_op(
+        x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), "swiglu", backend, True, True, True
+    )
     frozen = (x.detach(), weights.detach(), w_in.detach(), w_out.detach())
-    yield moe_ffn_backward_op, (torch.randn(T, D, device=DEVICE), *frozen, *saved[1:], "swiglu", backend, True, True, True, True)
-    yield moe_ffn_backward_op, (torch.randn(T, D, device=DEVICE), *frozen, *saved[1:], "swiglu", backend, True, False, False, False)
+    yield (
+        moe_ffn_backward_op,
+        (torch.randn(T, D, device=DEVICE), *frozen, *saved[1:], "swiglu", backend, True, True, True, True),
+    )
+    yield (
+        moe_ffn_backward_op,
+        (torch.randn(T, D, device=DEVICE), *frozen, *saved[1:], "swiglu", backend, True, False, False, False),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -58,7 +71,15 @@ def test_every_op_passes_opcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ops_are_registered_in_the_moe_kernels_namespace(backend):
-    names = {"topk_gating", "topk_gating_backward", "expert_stats", "grouped_mm", "grouped_mm_wgrad", "moe_ffn", "moe_ffn_backward"}
+    names = {
+        "topk_gating",
+        "topk_gating_backward",
+        "expert_stats",
+        "grouped_mm",
+        "grouped_mm_wgrad",
+        "moe_ffn",
+        "moe_ffn_backward",
+    }
     for name in names:
         assert hasattr(torch.ops.moe_kernels, name)
     x, weights, experts, w_in, w_out = _routed()
@@ -78,7 +99,9 @@ class _Passthrough(TorchDispatchMode):
 def test_plain_eager_calls_skip_the_dispatcher_and_agree_with_it(backend, monkeypatch):
     dispatched = []
     for op in (ffn.moe_ffn_op, ffn.moe_ffn_backward_op, gating.topk_gating_op, gating.topk_gating_backward_op):
-        monkeypatch.setattr(op, "overload", lambda *args, op=op, run=op.overload: dispatched.append(op.name) or run(*args))
+        monkeypatch.setattr(
+            op, "overload", lambda *args, op=op, run=op.overload: dispatched.append(op.name) or run(*args)
+        )
     layer = mk.MoE(D, H, E, k, backend=backend).to(DEVICE)
     x = _leaf(T, D)
     with torch.no_grad():
@@ -111,11 +134,13 @@ def test_torch_func_grad_over_moe_ffn(backend):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     offsets = torch.tensor([3, 3, 9, 11], dtype=torch.int32, device=DEVICE)
-    got = torch.func.grad(lambda w: mk.grouped_mm(x.detach(), w, offsets, backend=backend).square().sum())(w_in.detach())
+    got = torch.func.grad(lambda w: mk.grouped_mm(x.detach(), w, offsets, backend=backend).square().sum())(
+        w_in.detach()
+    )
     (want,) = torch.autograd.grad(reference.grouped_mm(x.detach(), w_in, offsets).square().sum(), w_in)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     logits = torch.randn(T, E, device=DEVICE)
-    got = torch.func.grad(lambda l: mk.topk_gating(l, k, backend=backend)[0].sum())(logits)
+    got = torch.func.grad(lambda x: mk.topk_gating(x, k, backend=backend)[0].sum())(logits)
     ref_logits = logits.clone().requires_grad_()
     (want,) = torch.autograd.grad(reference.topk_gating(ref_logits, k)[0].sum(), ref_logits)
     torch.testing.assert_close(got, want)
@@ -181,5 +206,7 @@ def test_value_checks_are_skipped_while_compiling():
     with pytest.raises(ValueError, match="expert ids"):
         mk.moe_ffn(x, weights, bad, w_in, w_out, backend="torch")
     torch._dynamo.reset()
-    fn = torch.compile(lambda e: mk.moe_ffn(x, weights, e, w_in, w_out, backend="triton"), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda e: mk.moe_ffn(x, weights, e, w_in, w_out, backend="triton"), fullgraph=True, backend="aot_eager"
+    )
     fn(experts)  # ...and never read from the device inside a compiled graph
