@@ -7,8 +7,9 @@ Underneath, each op is a custom op in ``torch.ops.moe_kernels`` (see ``moe_kerne
 ``torch.compile``, ``torch.export`` and ``torch.func.grad`` work through them.
 """
 
+from .balance import balance_loss, update_selection_bias
 from .ffn import moe_ffn
-from .gating import balance_loss, topk_gating, update_selection_bias
+from .gating import topk_gating
 from .grouped_mm import grouped_mm
 from .layer import MoE
 

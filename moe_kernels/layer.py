@@ -12,8 +12,9 @@ from torch import nn
 
 from .activations import ACTIVATIONS, activation_fn
 from .backend import BACKENDS, resolve_backend
+from .balance import CONVENTIONS, loss_from_stats, router_z_loss
 from .ffn import moe_ffn_unchecked
-from .gating import CONVENTIONS, check_routing_options, gating_with_stats, loss_from_stats, router_z_loss
+from .gating import check_routing_options, gating_with_stats
 from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, check_k, check_positive_int
 
 if TYPE_CHECKING:

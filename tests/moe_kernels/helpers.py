@@ -12,6 +12,8 @@ DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_a
 # The interpreter computes tl.dot on bf16 wrongly, so bf16 is tested on the GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 BACKENDS = list(IMPLEMENTATIONS)
+# Routing shapes (T, E, k): T=1, k=1, k=E, E not a power of two, T not a multiple of the block.
+ROUTING_SHAPES = [(1, 4, 1), (37, 8, 2), (5, 16, 16), (70, 6, 3), (64, 3, 3)]
 # Against an fp64 reference; fp16 keeps about 3 significant digits through two GEMMs.
 TOLERANCES = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),

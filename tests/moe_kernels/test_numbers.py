@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import moe_kernels as mk
 from moe_kernels import reference
-from moe_kernels.gating import router_z_loss
+from moe_kernels.balance import router_z_loss
 
 ANYTHING = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),

@@ -6,8 +6,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_kernels as mk
 from moe_kernels import ffn, gating, reference
+from moe_kernels.balance import expert_stats_op
 from moe_kernels.ffn import moe_ffn_backward_op, moe_ffn_op
-from moe_kernels.gating import expert_stats_op, topk_gating_backward_op, topk_gating_op
+from moe_kernels.gating import topk_gating_backward_op, topk_gating_op
 from moe_kernels.grouped_mm import grouped_mm_op, grouped_mm_wgrad_op
 from tests.moe_kernels.helpers import BACKENDS, DEVICE
 
