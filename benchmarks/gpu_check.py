@@ -53,8 +53,9 @@ from dit.precision import autocast, inference_weights, matmul_precision
 from dit.sampling import cuda_graphed, guided
 from moe_kernels import reference
 from moe_kernels.activations import ACTIVATIONS
-from moe_kernels.backend import AUTOTUNE, INTERPRET
+from moe_kernels.backend import INTERPRET
 from moe_kernels.grouped_mm import _grouped_mm_kernel, _grouped_wgrad_kernel
+from moe_kernels.tuning import AUTOTUNE
 
 STARTED = time.time()
 

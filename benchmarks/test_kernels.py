@@ -1,5 +1,7 @@
-"""Kernel group: gating, routing and grouped_mm (forward, forward+backward); the triton and torch
-backends against a dense ``torch.mm`` of the same FLOPs."""
+"""Kernel group, one benchmark per public op under its name (``topk_gating``, ``balance_loss``,
+``grouped_mm``, ``moe_ffn``; the layer's are in ``test_layer.py``) and the internal routing: the
+triton and torch backends, the GEMMs forward and forward+backward against a dense product of the
+same FLOPs."""
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ def _label(name, suffix):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gating(benchmark, case, backend, paper_shapes):
+def test_topk_gating(benchmark, case, backend, paper_shapes):
     name, dims = case
     suffix, dims = shape_for(dims, backend)
     T, E, k = dims["T"], dims["E"], dims["k"]
@@ -27,13 +29,33 @@ def test_gating(benchmark, case, backend, paper_shapes):
         benchmark,
         lambda: mk.topk_gating(logits, k, backend=backend),
         group="kernels",
-        op="gating",
+        op="topk_gating",
         case=_label(name, suffix),
         variant=backend,
         backend=backend,
         dtype=logits.dtype,
         tokens=T,
         bytes_moved=T * E * (logits.element_size() + 4) + T * k * 12,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_balance_loss(benchmark, case, backend):
+    name, dims = case
+    suffix, dims = shape_for(dims, backend)
+    T, E, k = dims["T"], dims["E"], dims["k"]
+    probs = torch.softmax(torch.randn(T, E, device=DEVICE), dim=-1).requires_grad_()
+    experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
+    measure(
+        benchmark,
+        lambda: mk.balance_loss(probs, experts, E, backend=backend).backward(),
+        group="kernels",
+        op="balance_loss fwd+bwd",
+        case=_label(name, suffix),
+        variant=backend,
+        backend=backend,
+        tokens=T,
+        bytes_moved=T * E * 4 * 2 + T * k * 8,
     )
 
 
@@ -99,4 +121,35 @@ def test_grouped_mm(benchmark, case, variant, backward, paper_shapes):
         tokens=dims["T"],
         bytes_moved=(M * K + w.numel() + M * N) * x.element_size(),
         backend=None if variant == "dense-mm" else variant,
+    )
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_ffn(benchmark, case, backend, backward, paper_shapes):
+    name, dims = case
+    suffix, dims = shape_for(dims, backend)
+    T, D, H, E, k = (dims[key] for key in ("T", "D", "H", "E", "k"))
+    dtype = dtype_for(paper_shapes)
+    x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=backward)
+    weights = torch.rand(T, k, device=DEVICE, requires_grad=backward)
+    experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
+    w_in = (torch.randn(E, D, 2 * H, device=DEVICE) / D**0.5).to(dtype).requires_grad_(backward)
+    w_out = (torch.randn(E, H, D, device=DEVICE) / H**0.5).to(dtype).requires_grad_(backward)
+    grad = torch.randn(T, D, device=DEVICE, dtype=dtype)
+
+    def forward():
+        return mk.moe_ffn(x, weights, experts, w_in, w_out, backend=backend)
+
+    measure(
+        benchmark,
+        (lambda: forward().backward(grad)) if backward else forward,
+        group="kernels",
+        op="moe_ffn " + ("fwd+bwd" if backward else "fwd"),
+        case=_label(name, suffix),
+        variant=backend,
+        flops=2 * T * k * 3 * D * H * (3 if backward else 1),
+        dtype=dtype,
+        tokens=T,
+        backend=backend,
     )

@@ -1,4 +1,5 @@
-"""The activations of the PyTorch path and of the shared experts.
+"""The activations between the two expert GEMMs: ``act``/``act_grad`` for the Triton kernels'
+epilogues, and the PyTorch path's (also the shared experts').
 
 SwiGLU gets its own autograd function: slicing one ``[..., 2H]`` projection into gate and up
 halves would make autograd build two zero-filled ``[..., 2H]`` gradients in the backward pass;
@@ -11,8 +12,58 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "silu", "relu")
+
+
+@triton.jit
+def _normal_cdf_pdf(x):
+    """The standard normal's distribution and density at ``x``: GELU is ``x * cdf``, its
+    derivative ``cdf + x * pdf``."""
+    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)), 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def _gelu_tanh_arg(x):
+    """``2 sqrt(2 / pi) (x + 0.044715 x^3)`` and its derivative: GELU-tanh is ``x * sigmoid`` of
+    it (``0.5 (1 + tanh(z)) == sigmoid(2 z)``)."""
+    scale = 1.5957691216057308  # 2 sqrt(2 / pi)
+    cubic = 0.044715
+    return scale * (x + cubic * x * x * x), scale * (1.0 + 3.0 * cubic * x * x)
+
+
+@triton.jit
+def act(x, ACTIVATION: tl.constexpr):
+    """``ACTIVATION`` (``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"relu"``) of ``x``, elementwise."""
+    if ACTIVATION == "silu":
+        return x * tl.sigmoid(x)
+    elif ACTIVATION == "gelu":
+        cdf, _ = _normal_cdf_pdf(x)
+        return x * cdf
+    elif ACTIVATION == "gelu_tanh":
+        arg, _ = _gelu_tanh_arg(x)
+        return x * tl.sigmoid(arg)
+    else:
+        return tl.maximum(x, 0.0)
+
+
+@triton.jit
+def act_grad(x, ACTIVATION: tl.constexpr):
+    """The derivative of ``act(x, ACTIVATION)``, elementwise."""
+    if ACTIVATION == "silu":
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    elif ACTIVATION == "gelu":
+        cdf, pdf = _normal_cdf_pdf(x)
+        return cdf + x * pdf
+    elif ACTIVATION == "gelu_tanh":
+        arg, darg = _gelu_tanh_arg(x)
+        s = tl.sigmoid(arg)
+        return s + x * s * (1.0 - s) * darg
+    else:
+        return (x > 0.0).to(tl.float32)
 
 
 class SwiGLUFunction(torch.autograd.Function):

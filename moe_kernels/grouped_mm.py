@@ -22,125 +22,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import SHARED_MEMORY_LIMIT, autotune_configs, pipeline_size, resolve_backend
+from .activations import act, act_grad
+from .backend import resolve_backend
 from .library import custom_op, differentiable
+from .tuning import ROW_CONFIGS, ROW_KEYS, WGRAD_CONFIGS, row_candidates, wgrad_candidates
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
-
-
-def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages
-    )
-
-
-_INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1)
-# Candidates for Hopper-class GPUs. Row kernel: BLOCK_M rows x BLOCK_N columns, BLOCK_K reduction.
-# The BLOCK_K=32 ones are for fp32 (TF32), whose 64-wide K steps leave room in shared memory for
-# little more than 64x64 tiles once a GLU loads two B tiles; ``_row_candidates`` picks per launch.
-_ROW_GPU_CONFIGS = [
-    _config(128, 128, 64, 8, 3),
-    _config(128, 256, 64, 8, 3),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(64, 64, 64, 4, 4),
-    _config(128, 128, 32, 8, 3),
-    _config(128, 64, 32, 4, 4),
-    _config(64, 128, 32, 4, 4),
-]
-# Weight-gradient kernel: BLOCK_K x BLOCK_N output tile, BLOCK_M rows of reduction per step.
-# A step of 64 (often gathered) rows is short next to a load's latency: the 4-stage config keeps
-# three steps of copies in flight.
-_WGRAD_GPU_CONFIGS = [
-    _config(64, 128, 128, 8, 3),
-    _config(64, 128, 128, 8, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(128, 128, 128, 8, 3),
-    _config(64, 64, 64, 4, 4),
-]
-_ROW_CONFIGS = autotune_configs(_ROW_GPU_CONFIGS, _INTERPRETER_CONFIG)
-_WGRAD_CONFIGS = autotune_configs(_WGRAD_GPU_CONFIGS, _INTERPRETER_CONFIG)
-
-
-def _candidates(
-    configs: list[triton.Config], element_size: int, precision: str, pipeline, outputs
-) -> list[triton.Config]:
-    """The configs worth compiling for one launch: those whose pipeline (``pipeline(config)``
-    elements) fits in shared memory and, for fp32 with IEEE products, which run on CUDA cores,
-    those of at most 64x64 outputs per tile (``outputs(config)``): ptxas spills tens of KB per thread
-    above that. The smallest config if none qualifies."""
-
-    def worth(config: triton.Config) -> bool:
-        fits = pipeline(config) * element_size <= SHARED_MEMORY_LIMIT
-        cuda_cores = element_size == 4 and precision == "ieee"
-        return fits and (not cuda_cores or outputs(config) <= 64 * 64)
-
-    return [config for config in configs if worth(config)] or [min(configs, key=pipeline_size)]
-
-
-def _row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The row kernel's candidates (``early_config_prune``): the GLU forward loads two B tiles per
-    K step, and a K step narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps."""
-    size = named_args["a_ptr"].element_size()
-    b_tiles = 2 if kwargs["GLU"] and kwargs["EPILOGUE"] == "act" else 1
-    configs = [c for c in configs if c.kwargs["BLOCK_K"] * size >= 128] or configs
-
-    def pipeline(c: triton.Config) -> int:
-        return c.num_stages * (c.kwargs["BLOCK_M"] + b_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
-
-    return _candidates(
-        configs, size, kwargs["PRECISION"], pipeline, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
-    )
-
-
-def _wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The weight-gradient kernel's candidates (``early_config_prune``): each step loads a
-    BLOCK_M x BLOCK_K tile of a and a BLOCK_M x BLOCK_N tile of b into a BLOCK_K x BLOCK_N tile."""
-
-    def pipeline(c: triton.Config) -> int:
-        return c.num_stages * c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_N"])
-
-    return _candidates(
-        configs,
-        named_args["a_ptr"].element_size(),
-        kwargs["PRECISION"],
-        pipeline,
-        lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"],
-    )
-
-
-# The kernels read row counts from ``offsets``; ``M_BUCKET``, the row count rounded up to a power
-# of two, only keys the autotuner, so a new token count reuses the config tuned for its bucket
-# instead of benchmarking every config again. PRECISION is a key: TF32 and IEEE products differ
-# in which tile is fastest (Triton adds the dtypes itself).
-_ROW_KEYS = ["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C", "PRECISION"]
-
-
-@triton.jit
-def _act(x, ACTIVATION: tl.constexpr):
-    if ACTIVATION == "silu":
-        return x * tl.sigmoid(x)
-    elif ACTIVATION == "gelu":
-        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    elif ACTIVATION == "gelu_tanh":
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        return x * tl.sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
-    else:
-        return tl.maximum(x, 0.0)
-
-
-@triton.jit
-def _act_grad(x, ACTIVATION: tl.constexpr):
-    if ACTIVATION == "silu":
-        s = tl.sigmoid(x)
-        return s * (1.0 + x * (1.0 - s))
-    elif ACTIVATION == "gelu":
-        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
-    elif ACTIVATION == "gelu_tanh":
-        s = tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x))
-        return s + x * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-    else:
-        return (x > 0.0).to(tl.float32)
 
 
 @triton.jit
@@ -158,7 +44,7 @@ def _group_of_tile(offsets_ptr, tile, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.cons
     return group, row_start, tl.sum(tl.where(this, ends, 0), axis=0)
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=_ROW_KEYS, prune_configs_by={"early_config_prune": _row_candidates})
+@triton.autotune(configs=ROW_CONFIGS, key=ROW_KEYS, prune_configs_by={"early_config_prune": row_candidates})
 @triton.jit
 def _grouped_mm_kernel(
     # Pointers: operands, group ends, gather/scatter rows, per-slot scales, the pre-activation
@@ -253,7 +139,7 @@ def _grouped_mm_kernel(
             tl.store(preact_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=mask)
             if GLU:
                 tl.store(preact_ptrs + N * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=mask)
-        out = _act(acc, ACTIVATION)
+        out = act(acc, ACTIVATION)
         if GLU:
             out = out * acc_up
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
@@ -261,10 +147,10 @@ def _grouped_mm_kernel(
         pre = tl.load(preact_ptrs, mask=mask, other=0.0).to(tl.float32)
         if GLU:
             up = tl.load(preact_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
-            tl.store(c_ptrs, (acc * up * _act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
-            tl.store(c_ptrs + N * stride_cn, (acc * _act(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs, (acc * up * act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs + N * stride_cn, (acc * act(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(c_ptrs, (acc * _act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs, (acc * act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -297,9 +183,9 @@ def _wgrad_rows(
 
 
 @triton.autotune(
-    configs=_WGRAD_CONFIGS,
+    configs=WGRAD_CONFIGS,
     key=["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION"],
-    prune_configs_by={"early_config_prune": _wgrad_candidates},
+    prune_configs_by={"early_config_prune": wgrad_candidates},
 )
 @triton.jit
 def _grouped_wgrad_kernel(

@@ -160,7 +160,7 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.autotuner import Autotuner
 
-    from moe_kernels.backend import pipeline_size
+    from moe_kernels.tuning import pipeline_size
 
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
     configs = kernel.configs if isinstance(kernel, Autotuner) else [None]
@@ -308,7 +308,7 @@ _VARIANT_KEYS = (
 
 def table(results: list[dict]) -> str:
     """A markdown table of ``compile_launches`` results; fits Hopper's limits or says why not."""
-    from moe_kernels.backend import SHARED_MEMORY_LIMIT
+    from moe_kernels.tuning import SHARED_MEMORY_LIMIT
 
     lines = [
         "kernel | dtype | variant | aligned | config | compiles | tensor cores | registers | spill bytes | spills in loops | shared KiB",
@@ -333,7 +333,7 @@ def table(results: list[dict]) -> str:
 
 def summary(results: list[dict]) -> str:
     """What a reader of the table needs first: what compiled, what cannot launch, what spills."""
-    from moe_kernels.backend import SHARED_MEMORY_LIMIT
+    from moe_kernels.tuning import SHARED_MEMORY_LIMIT
 
     compiled = [r for r in results if r["ok"]]
     too_big = [r for r in compiled if r["shared_bytes"] > SHARED_MEMORY_LIMIT]

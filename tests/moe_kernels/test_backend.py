@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moe_kernels import backend as backend_module
+from moe_kernels import tuning
 from moe_kernels.backend import resolve_backend
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -42,9 +43,9 @@ def test_autotune_off_keeps_the_smallest_config(monkeypatch):
         for m, n, s in ((128, 128, 3), (64, 64, 4), (128, 64, 4))
     ]
     interpreter = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
-    monkeypatch.setattr(backend_module, "INTERPRET", False)
-    assert backend_module.autotune_configs(configs, interpreter) == configs
-    monkeypatch.setattr(backend_module, "AUTOTUNE", False)
-    assert backend_module.autotune_configs(configs, interpreter) == [configs[1]]
-    monkeypatch.setattr(backend_module, "INTERPRET", True)
-    assert backend_module.autotune_configs(configs, interpreter) == [interpreter]
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    assert tuning.autotune_configs(configs, interpreter) == configs
+    monkeypatch.setattr(tuning, "AUTOTUNE", False)
+    assert tuning.autotune_configs(configs, interpreter) == [configs[1]]
+    monkeypatch.setattr(tuning, "INTERPRET", True)
+    assert tuning.autotune_configs(configs, interpreter) == [interpreter]

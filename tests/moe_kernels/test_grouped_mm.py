@@ -139,11 +139,11 @@ def test_autotune_candidates_fit_each_launch():
     """On the GPU the autotuner compiles only configs that can launch (ptxas's shared memory for
     the same tiles: 240 KiB for bf16's GLU forward at 128x256, over Hopper's 227) and, for fp32
     with IEEE products, tiles that do not spill."""
-    from moe_kernels.grouped_mm import _ROW_GPU_CONFIGS, _WGRAD_GPU_CONFIGS, _row_candidates, _wgrad_candidates
+    from moe_kernels.tuning import ROW_GPU_CONFIGS, WGRAD_GPU_CONFIGS, row_candidates, wgrad_candidates
 
     def rows(dtype, glu=False, epilogue="none", precision="ieee"):
         named = {"a_ptr": torch.empty(1, dtype=dtype)}
-        return _tiles(_row_candidates(_ROW_GPU_CONFIGS, named, GLU=glu, EPILOGUE=epilogue, PRECISION=precision))
+        return _tiles(row_candidates(ROW_GPU_CONFIGS, named, GLU=glu, EPILOGUE=epilogue, PRECISION=precision))
 
     bf16_glu = rows(torch.bfloat16, glu=True, epilogue="act")
     assert bf16_glu == {(128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 64)}
@@ -160,10 +160,8 @@ def test_autotune_candidates_fit_each_launch():
     assert rows(torch.float32, glu=True, epilogue="act") == rows(torch.float32) == {(64, 64, 64)}
 
     def wgrad(dtype, precision="ieee"):
-        return _tiles(
-            _wgrad_candidates(_WGRAD_GPU_CONFIGS, {"a_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision)
-        )
+        return _tiles(wgrad_candidates(WGRAD_GPU_CONFIGS, {"a_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision))
 
-    assert wgrad(torch.bfloat16) == _tiles(_WGRAD_GPU_CONFIGS)
-    assert wgrad(torch.float32, "tf32") == _tiles(_WGRAD_GPU_CONFIGS) - {(128, 128, 128)}
+    assert wgrad(torch.bfloat16) == _tiles(WGRAD_GPU_CONFIGS)
+    assert wgrad(torch.float32, "tf32") == _tiles(WGRAD_GPU_CONFIGS) - {(128, 128, 128)}
     assert wgrad(torch.float32) == {(64, 64, 64)}

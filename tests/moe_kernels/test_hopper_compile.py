@@ -5,7 +5,8 @@ that the GPU compiler rejects."""
 import pytest
 import torch
 
-from moe_kernels.backend import INTERPRET, SHARED_MEMORY_LIMIT
+from moe_kernels.backend import INTERPRET
+from moe_kernels.tuning import SHARED_MEMORY_LIMIT
 
 from .hopper_compile import compile_launches, count_loop_spills, moe_workload, nvidia_backend_missing, record_launches
 
