@@ -20,6 +20,8 @@ with fake (shape-only) implementations; ``moe_ffn_apply`` ties them together for
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .activations import ACTIVATIONS, activation_fn, activation_grad
@@ -33,7 +35,7 @@ from .grouped_mm import (
     grouped_mm_wgrad,
     grouped_mm_wgrad_torch,
 )
-from .library import custom_op, differentiable
+from .library import custom_op, differentiable, gradients
 from .routing import Routing, route, row_of_slot
 from .validation import (
     FLOAT_DTYPES,
@@ -241,41 +243,60 @@ def _check_saved(saved: tuple, needs: tuple) -> None:
             )
 
 
+class FfnInputs(NamedTuple):
+    """The arguments of ``moe_kernels::moe_ffn``, in its schema's order."""
+
+    x: Tensor
+    weights: Tensor
+    experts: Tensor
+    w_in: Tensor
+    w_out: Tensor
+    activation: str
+    backend: str
+    save_preact: bool
+    save_h: bool
+    save_out: bool
+
+
+# The inputs with gradients, in the order moe_ffn_backward takes and returns them.
+DIFFERENTIABLE = ("x", "weights", "w_in", "w_out")
+
+
 def _setup_context(ctx, inputs, output):
-    x, weights, _, w_in, w_out, activation, backend, *_ = inputs
+    args = FfnInputs(*inputs)
     _, preact, h, out, *routing = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(x, weights, w_in, w_out, preact, h, out, *routing)
-    ctx.activation, ctx.backend = activation, backend
+    ctx.save_for_backward(args.x, args.weights, args.w_in, args.w_out, preact, h, out, *routing)
+    ctx.activation, ctx.backend = args.activation, args.backend
 
 
 def _backward(ctx, grad_y, *_):
-    needs = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:5]
+    needs = tuple(ctx.needs_input_grad[FfnInputs._fields.index(name)] for name in DIFFERENTIABLE)
     if grad_y is None or not any(needs):
-        return (None,) * 10
+        return gradients(FfnInputs)
     saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no more
     _check_saved(saved, needs)
     with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
         grads = moe_ffn_backward_op(grad_y, *saved, ctx.activation, ctx.backend, *needs)
-    grad_x, grad_weights, grad_w_in, grad_w_out = (grad if need else None for grad, need in zip(grads, needs))
-    return grad_x, grad_weights, None, grad_w_in, grad_w_out, None, None, None, None, None
+    return gradients(FfnInputs, **{name: grad for name, grad, need in zip(DIFFERENTIABLE, grads, needs) if need})
 
 
 moe_ffn_apply = differentiable(moe_ffn_op, _setup_context, _backward)
 
 
-def moe_ffn_unchecked(x, weights, experts, w_in, w_out, activation: str, backend: str) -> torch.Tensor:
+def moe_ffn_unchecked(x, weights, experts, w_in, w_out, *, activation: str, backend: str) -> torch.Tensor:
     """``moe_ffn`` for inputs already known to be valid, with ``backend`` already resolved."""
     needs_x, needs_weights, needs_w_in, needs_w_out = (
         torch.is_grad_enabled() and t.requires_grad for t in (x, weights, w_in, w_out)
     )
     # Keep only what the requested gradients read: the pre-activation for x and w_in, h for
     # w_out, the per-slot outputs for the weights.
-    outputs = moe_ffn_apply(
-        x, weights, experts, w_in, w_out, activation, backend, needs_x or needs_w_in, needs_w_out, needs_weights
-    )
-    return outputs[0]
+    args = FfnInputs(
+        x, weights, experts, w_in, w_out, activation, backend,
+        save_preact=needs_x or needs_w_in, save_h=needs_w_out, save_out=needs_weights,
+    )  # fmt: skip
+    return moe_ffn_apply(*args)[0]
 
 
 def moe_ffn(
@@ -332,4 +353,6 @@ def moe_ffn(
     check_dim("w_out", w_out, 2, D, "D, the width of x")
     device = check_same_device(x=x, weights=weights, experts=experts, w_in=w_in, w_out=w_out)
     check_expert_ids("experts", experts, E)
-    return moe_ffn_unchecked(x, weights, experts, w_in, w_out, activation, resolve_backend(backend, device))
+    return moe_ffn_unchecked(
+        x, weights, experts, w_in, w_out, activation=activation, backend=resolve_backend(backend, device)
+    )

@@ -12,13 +12,15 @@ gradient of the logits.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .backend import resolve_backend
 from .balance import BLOCK_ROWS, expert_stats_torch, row_block
-from .library import custom_op, differentiable
+from .library import custom_op, differentiable, gradients
 from .validation import (
     FLOAT_DTYPES,
     SCALE,
@@ -389,34 +391,54 @@ def _(probs, weights, experts, grad_weights, grad_probs, grad_sums, normalize, d
     return probs.new_empty(probs.shape, dtype=dtype)
 
 
+class GatingInputs(NamedTuple):
+    """The arguments of ``moe_kernels::topk_gating``, in its schema's order."""
+
+    logits: Tensor
+    k: int
+    normalize: bool
+    backend: str
+    score: str
+    bias: Tensor | None
+    num_groups: int
+    topk_groups: int
+    scale: float
+
+
+class Gating(NamedTuple):
+    """What gating gives: the routing and the balance loss's statistics."""
+
+    weights: Tensor  # [T, k] fp32
+    experts: Tensor  # [T, k] int64
+    probs: Tensor  # [T, E] fp32, the scores
+    counts: Tensor  # [E] int32, routed slots per expert
+    prob_sums: Tensor  # [E] fp32, column sums of the scores
+
+
 def _setup_gating(ctx, inputs, output):
-    logits, _, normalize, backend, score, _, _, _, scale = inputs
-    weights, experts, probs, counts, _ = output
+    args, out = GatingInputs(*inputs), Gating(*output)
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(experts, counts)
-    ctx.save_for_backward(probs, weights, experts)
-    ctx.normalize, ctx.dtype, ctx.backend, ctx.score, ctx.scale = normalize, logits.dtype, backend, score, scale
+    ctx.mark_non_differentiable(out.experts, out.counts)
+    ctx.save_for_backward(out.probs, out.weights, out.experts)
+    ctx.normalize, ctx.dtype, ctx.backend, ctx.score, ctx.scale = (
+        args.normalize,
+        args.logits.dtype,
+        args.backend,
+        args.score,
+        args.scale,
+    )
 
 
 def _backward_gating(ctx, grad_weights, _grad_experts, grad_probs, _grad_counts, grad_sums):
     probs, weights, experts = ctx.saved_tensors
     if grad_weights is None and grad_probs is None and grad_sums is None:
-        return (None,) * 9
+        return gradients(GatingInputs)
     with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
         grad_logits = topk_gating_backward_op(
-            probs,
-            weights,
-            experts,
-            grad_weights,
-            grad_probs,
-            grad_sums,
-            ctx.normalize,
-            ctx.dtype,
-            ctx.backend,
-            ctx.score,
-            ctx.scale,
-        )
-    return (grad_logits,) + (None,) * 8
+            probs, weights, experts, grad_weights, grad_probs, grad_sums,
+            ctx.normalize, ctx.dtype, ctx.backend, ctx.score, ctx.scale,
+        )  # fmt: skip
+    return gradients(GatingInputs, logits=grad_logits)
 
 
 topk_gating_apply = differentiable(topk_gating_op, _setup_gating, _backward_gating)
@@ -427,6 +449,7 @@ SCORES = ("softmax", "sigmoid")
 
 def gating_with_stats(
     logits: Tensor,
+    *,
     k: int,
     normalize: bool,
     backend: str,
@@ -435,12 +458,13 @@ def gating_with_stats(
     num_groups: int = 1,
     topk_groups: int = 1,
     scale: float = 1.0,
-):
+) -> Gating:
     """``topk_gating`` plus the balance-loss statistics ``counts [E]`` and ``prob_sums [E]``.
 
     Inputs are assumed valid; ``backend`` is already resolved.
     """
-    return topk_gating_apply(logits, k, normalize, backend, score, bias, num_groups, topk_groups, scale)
+    args = GatingInputs(logits, k, normalize, backend, score, bias, num_groups, topk_groups, scale)
+    return Gating(*topk_gating_apply(*args))
 
 
 def check_routing_options(
@@ -524,7 +548,8 @@ def topk_gating(
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(bias).all()):
             raise ValueError("bias must be finite")
     backend = resolve_backend(backend, logits.device)
-    weights, experts, probs, _, _ = gating_with_stats(
-        logits, k, bool(normalize), backend, score, bias, num_groups, topk_groups, scale
-    )
-    return weights, experts, probs
+    gating = gating_with_stats(
+        logits, k=k, normalize=bool(normalize), backend=backend, score=score, bias=bias, num_groups=num_groups,
+        topk_groups=topk_groups, scale=scale,
+    )  # fmt: skip
+    return gating.weights, gating.experts, gating.probs

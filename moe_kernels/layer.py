@@ -169,38 +169,46 @@ class MoE(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         tokens = x.reshape(-1, self.dim)
         logits = self.router(tokens)
-        weights, experts, _, counts, prob_sums = gating_with_stats(
+        gating = gating_with_stats(
             logits,
-            self.top_k,
-            self.normalize_weights,
-            backend,
-            self.score,
-            self.expert_bias,
-            self.num_groups,
-            self.topk_groups,
-            self.routed_scale,
+            k=self.top_k,
+            normalize=self.normalize_weights,
+            backend=backend,
+            score=self.score,
+            bias=self.expert_bias,
+            num_groups=self.num_groups,
+            topk_groups=self.topk_groups,
+            scale=self.routed_scale,
         )
+        weights, experts = gating.weights, gating.experts
         if self.on_route is not None:
             self.on_route(experts, weights)
         if self.expert_mesh is None:
+            w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
             y = moe_ffn_unchecked(
-                tokens.to(dtype), weights, experts, self.w_in.to(dtype), self.w_out.to(dtype), self.activation, backend
+                tokens.to(dtype), weights, experts, w_in, w_out, activation=self.activation, backend=backend
             )
         else:
             from .parallel import expert_parallel_ffn  # torch.distributed loads only for sharded layers
 
             w_in, w_out = (w.to_local().to(dtype) for w in (self.w_in, self.w_out))
             y = expert_parallel_ffn(
-                tokens.to(dtype), weights, experts, w_in, w_out, self.activation, backend, self.expert_mesh
-            )
+                tokens.to(dtype), weights, experts, w_in, w_out,
+                activation=self.activation, backend=backend, mesh=self.expert_mesh,
+            )  # fmt: skip
         if self.shared is not None:
             shared = self.shared(tokens)
             y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
-        self.expert_counts, self.router_logits = counts, logits
+        self.expert_counts, self.router_logits = gating.counts, logits
         self.aux_loss = None
         if self.training:
             self.aux_loss = loss_from_stats(
-                counts, prob_sums, tokens.shape[0], self.top_k, self.balance_loss_alpha, self.balance_loss_convention
+                gating.counts,
+                gating.prob_sums,
+                tokens.shape[0],
+                self.top_k,
+                self.balance_loss_alpha,
+                self.balance_loss_convention,
             )
             if self.z_loss_coef:
                 self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)

@@ -75,6 +75,16 @@ def custom_op(name: str) -> Callable[[Callable], CustomOp]:
     return functools.partial(CustomOp, name)
 
 
+def gradients(inputs: type[tuple], **grads: torch.Tensor | None) -> tuple:
+    """What an op's autograd backward returns, one entry per input of the op in its schema's
+    order (``inputs``, a NamedTuple of them): the gradients named in ``grads``, ``None`` for the
+    rest."""
+    unknown = set(grads) - set(inputs._fields)
+    if unknown:
+        raise TypeError(f"{inputs.__name__} has no inputs {sorted(unknown)}")
+    return tuple(grads.get(name) for name in inputs._fields)
+
+
 def differentiable(op: CustomOp, setup_context: Callable, backward: Callable) -> Callable:
     """Register ``setup_context``/``backward`` as ``op``'s autograd; return ``apply(*args)``,
     which runs ``op(*args)`` through an ``autograd.Function`` with that same autograd."""

@@ -82,6 +82,7 @@ def expert_parallel_ffn(
     experts: torch.Tensor,
     w_in: torch.Tensor,
     w_out: torch.Tensor,
+    *,
     activation: str,
     backend: str,
     mesh: DeviceMesh,
@@ -108,7 +109,7 @@ def expert_parallel_ffn(
     local_experts = torch.arange(local, device=x.device, dtype=torch.int32).repeat(size)
     expert_of_row = torch.repeat_interleave(local_experts, received, output_size=sum(recv))
     ones = x.new_ones((rows.shape[0], 1))
-    out = moe_ffn_unchecked(rows, ones, expert_of_row[:, None], w_in, w_out, activation, backend)
+    out = moe_ffn_unchecked(rows, ones, expert_of_row[:, None], w_in, w_out, activation=activation, backend=backend)
     out = funcol.all_to_all_single_autograd(out, send, recv, group)
     out = out.index_select(0, row_of_slot(routing.slot_of_row)).view(T, k, D)
     return combine_torch(out, weights, x.dtype)

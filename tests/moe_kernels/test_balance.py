@@ -21,7 +21,7 @@ def test_update_selection_bias():
 @pytest.mark.parametrize("T,E,k", ROUTING_SHAPES)
 def test_fused_statistics_give_the_balance_loss(backend, T, E, k):
     logits = torch.randn(T, E, device=DEVICE, requires_grad=True)
-    weights, experts, probs, counts, prob_sums = gating_with_stats(logits, k, False, backend)
+    weights, experts, probs, counts, prob_sums = gating_with_stats(logits, k=k, normalize=False, backend=backend)
     assert torch.equal(counts.long(), torch.bincount(experts.flatten(), minlength=E))
     loss = loss_from_stats(counts, prob_sums, T, k, 0.05)
     ref_logits = logits.detach().clone().requires_grad_()
