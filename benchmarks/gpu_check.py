@@ -244,7 +244,7 @@ def time_sampling(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
 
 # name: (model, batch); one training step at 256 px (32x32x4 latents, 1000 classes): the official
 # code trains S/2-8E2A at 633 img/s at batch 256 on an H200 (bf16 autocast).
-# XL/2 at batch 32 needs about 84 GiB (python -m dit.flops --memory, without the EMA): an H200's;
+# XL/2 at batch 32 needs about 84 GiB (python -m dit.memory, without the EMA): an H200's;
 # on an H100 its row records the out-of-memory error.
 TRAINING_CASES = {
     "S/2-8E2A batch 256": ("DiT-MoE-S/2-8E2A", 256, ("bf16", "tf32")),

@@ -1,9 +1,8 @@
 """Analytic parameter and compute counts of DiT / DiT-MoE, per image, forward.
 
     python -m dit.flops [--image-size 256]
-    python -m dit.flops --memory --gpus 8 --ep 8 --fsdp [--grad-checkpointing] [--batch 32]
 
-``--memory`` estimates per-GPU training memory instead (see ``dit.memory``).
+Per-GPU training memory is ``python -m dit.memory``'s.
 
 Compute is counted three ways, because the two papers count it differently:
 
@@ -22,7 +21,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from .cli import positive_float, positive_int
+from .cli import positive_int
 from .models import DiTConfig, parse_model_name
 
 FREQUENCY_SIZE = 256
@@ -150,6 +149,16 @@ def table(image_size: int = 256) -> str:
     return "\n".join(line(row) for row in [header, *rows])
 
 
+def latent_side(image_size: int) -> int:
+    """The latent side of ``image_size`` pixels (the VAE is 8x smaller), which the patch of 2
+    must divide; ``ValueError`` otherwise."""
+    if image_size < 16 or image_size % 16:
+        raise ValueError(
+            f"--image-size must be a positive multiple of 16 (latent side divisible by the patch), got {image_size}"
+        )
+    return image_size // 8
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dit.flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,55 +166,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-size", type=positive_int, default=256, help="image side in pixels (latents are 8x smaller)"
     )
-    memory = parser.add_argument_group("--memory: per-GPU training memory (see dit.memory)")
-    memory.add_argument(
-        "--memory", action="store_true", help="estimate per-GPU training memory instead of counting compute"
-    )
-    memory.add_argument("--gpus", type=positive_int, default=8, help="number of GPUs (default 8)")
-    memory.add_argument("--ep", type=positive_int, default=1, help="expert-parallel degree, as dit.train --ep")
-    memory.add_argument("--fsdp", action="store_true", help="as dit.train --fsdp")
-    memory.add_argument("--grad-checkpointing", action="store_true", help="as dit.train --grad-checkpointing")
-    memory.add_argument("--batch", type=positive_int, default=32, help="images per GPU (default 32)")
-    memory.add_argument("--budget", type=positive_float, default=80, help="GiB per GPU (default 80)")
+    # The memory report moved to its own command; the old flag says where.
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.image_size < 16 or args.image_size % 16:
-        parser.error(
-            f"--image-size must be a positive multiple of 16 (latent side divisible by the patch), got {args.image_size}"
-        )
-    side = args.image_size // 8
+    args, rest = parser.parse_known_args(argv)
     if args.memory:
-        _print_memory(args, side)
-        return
+        parser.error("the memory report is python -m dit.memory now, with the same flags (--gpus, --ep, ...)")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        side = latent_side(args.image_size)
+    except ValueError as error:
+        parser.error(str(error))
     print(
         f"per image, forward, {args.image_size}x{args.image_size} ({side}x{side}x4 latents); "
         "GMACs: linear layers on the activated path; +attn: with attention's N x N products; GFLOPs = 2 x (+attn)"
     )
     print(table(args.image_size))
-
-
-def _print_memory(args: argparse.Namespace, side: int) -> None:
-    from .memory import Layout, layouts_table
-    from .memory import table as memory_table
-
-    configs = []
-    for name in (n for n in PAPER if "MoE" in n):
-        config = parse_model_name(name)
-        config.input_size = side
-        configs.append(config)
-    layout = Layout(args.gpus, args.ep, args.fsdp, args.grad_checkpointing)
-    print(
-        f"GiB per GPU, training with AdamW and an EMA, {args.batch} images of {args.image_size}x{args.image_size} "
-        f"per GPU, bf16 activations; {layout.describe()}"
-    )
-    print(memory_table(configs, layout, args.batch, args.budget))
-    flagship = configs[-1]
-    print(f"\n{flagship.name} on {args.gpus} GPUs, every layout, smallest first")
-    print(layouts_table(flagship, args.gpus, args.batch, args.budget))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Per-GPU training memory of DiT-MoE under each parallel layout, estimated from the config.
 
-    python -m dit.flops --memory --gpus 8 --ep 8 --fsdp --grad-checkpointing --batch 32
+    python -m dit.memory --gpus 8 --ep 8 --fsdp --grad-checkpointing --batch 32
 
 What ``dit.train`` keeps on each GPU, in bytes:
 
@@ -24,10 +24,12 @@ Allocator fragmentation, the CUDA context (about 0.5 GB) and communication buffe
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
-from .flops import count
-from .models import DiTConfig
+from .cli import positive_float, positive_int
+from .flops import PAPER, count, latent_side
+from .models import DiTConfig, parse_model_name
 
 FP32 = 4
 GiB = 2**30
@@ -167,3 +169,46 @@ def _format(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
         return " ".join(f"{v:<{w}s}" if i == 0 else f"{v:>{w}s}" for i, (v, w) in enumerate(zip(row, widths))).rstrip()
 
     return "\n".join(line(row) for row in [header, *rows])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dit.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--image-size", type=positive_int, default=256, help="image side in pixels (latents are 8x smaller)"
+    )
+    parser.add_argument("--gpus", type=positive_int, default=8, help="number of GPUs (default 8)")
+    parser.add_argument("--ep", type=positive_int, default=1, help="expert-parallel degree, as dit.train --ep")
+    parser.add_argument("--fsdp", action="store_true", help="as dit.train --fsdp")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="as dit.train --grad-checkpointing")
+    parser.add_argument("--batch", type=positive_int, default=32, help="images per GPU (default 32)")
+    parser.add_argument("--budget", type=positive_float, default=80, help="GiB per GPU (default 80)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        side = latent_side(args.image_size)
+    except ValueError as error:
+        parser.error(str(error))
+    configs = []
+    for name in (n for n in PAPER if "MoE" in n):
+        config = parse_model_name(name)
+        config.input_size = side
+        configs.append(config)
+    layout = Layout(args.gpus, args.ep, args.fsdp, args.grad_checkpointing)
+    print(
+        f"GiB per GPU, training with AdamW and an EMA, {args.batch} images of {args.image_size}x{args.image_size} "
+        f"per GPU, bf16 activations; {layout.describe()}"
+    )
+    print(table(configs, layout, args.batch, args.budget))
+    flagship = configs[-1]
+    print(f"\n{flagship.name} on {args.gpus} GPUs, every layout, smallest first")
+    print(layouts_table(flagship, args.gpus, args.batch, args.budget))
+
+
+if __name__ == "__main__":
+    main()

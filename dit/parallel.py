@@ -1,4 +1,7 @@
-"""How a DiT-MoE is laid out over the training processes: data, expert and sharded data parallelism.
+"""The training processes: who they are (``Distributed``: rank, device, a process group under
+torchrun, the main process's decisions shared with all; ``StepDraws`` and the RNG states: the
+same random draws on any number of processes), and how a DiT-MoE is laid out over them: data,
+expert and sharded data parallelism.
 
 The processes form a 2-D ``DeviceMesh`` ``(dp, ep)``: ``ep`` consecutive ranks share one copy of
 the experts, each holding ``E / ep`` of every MoE layer's experts (``moe_kernels.parallel``);
@@ -19,6 +22,12 @@ itself (the experts' divided by the world size, not by ``dp``).
 
 from __future__ import annotations
 
+import os
+import random
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,6 +39,142 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from moe_kernels.parallel import expert_parallel
 
 from .models import DiT
+
+T = TypeVar("T")
+
+
+class Distributed:
+    """Rank, world size and device; a process group when launched by torchrun."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # A torchrun worker's parent is its agent; if that changes, the agent is gone.
+        self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1:
+            dist.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def check_agent(self) -> None:
+        """Stop this process, touching nothing more, if the torchrun agent that started it is
+        gone: a restarted job may already be resuming from the run's checkpoints."""
+        if self.agent is not None and os.getppid() != self.agent:
+            raise AgentGone(f"the torchrun agent that started process {os.getpid()} is gone; stopping without saving")
+
+    def on_main(self, action: Callable[[], T]) -> T:
+        """``action()`` run by the main process alone; its result, or the ``ValueError`` it
+        raised, on every process (so all of them stop alike instead of waiting on one that did)."""
+        outcome = None
+        if self.main:
+            try:
+                outcome = (True, action())
+            except ValueError as error:
+                outcome = (False, str(error))
+        ok, value = self.broadcast(outcome)
+        if not ok:
+            raise JobRefused(value)
+        return value
+
+    def gather(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def broadcast(self, value):
+        """The main process's ``value``, on every process."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
+class JobRefused(ValueError):
+    """A refusal every process of a job raises alike (``Distributed.on_main``)."""
+
+
+class AgentGone(SystemExit):
+    """Raised in a torchrun worker whose agent died: it exits without saving or cleaning up."""
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every RNG's state as tensors and plain values, so the checkpoint loads with ``weights_only=True``."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class StepDraws:
+    """The random draws of one optimizer step, for this process's ``rows`` of the global batch.
+
+    Each draw is made for the whole global batch from a generator seeded by (seed, step), and
+    each process keeps its rows. So the losses of a run do not depend on how many processes
+    share it, and a resumed run draws what the uninterrupted one would have.
+    """
+
+    def __init__(self, seed: int, step: int, global_batch: int, rows: slice, device: torch.device):
+        self.generator = torch.Generator(device).manual_seed((seed % 2**31) * 2**32 + step)
+        self.global_batch, self.rows, self.device = global_batch, rows, device
+
+    def take(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a draw for the global batch."""
+        return values[self.rows]
+
+    def uniform(self) -> torch.Tensor:
+        return self.take(torch.rand(self.global_batch, device=self.device, generator=self.generator))
+
+    def normal(self, shape: torch.Size) -> torch.Tensor:
+        return self.take(torch.randn((self.global_batch, *shape), device=self.device, generator=self.generator))
 
 
 def lay_out(model: DiT, ema: DiT, world_size: int, ep: int, fsdp: bool, bf16: bool = False) -> DeviceMesh | None:

@@ -19,11 +19,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -41,6 +39,7 @@ from .cli import (
 from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
 from .models import OBJECTIVES, OVERRIDES, DiT, coerce_override, create_model
+from .parallel import Distributed, JobRefused, StepDraws, rng_state, set_rng_state
 from .precision import add_precision_argument, autocast, matmul_precision
 from .run_lock import RunLock
 from .sampling import check_steps, default_steps, generate, save_grid, to_uint8
@@ -248,120 +247,6 @@ def _show(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-T = TypeVar("T")
-
-
-class Distributed:
-    """Rank, world size and device; a process group when launched by torchrun."""
-
-    def __init__(self):
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        # A torchrun worker's parent is its agent; if that changes, the agent is gone.
-        self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        if self.world_size > 1:
-            dist.init_process_group("nccl" if cuda else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def check_agent(self) -> None:
-        """Stop this process, touching nothing more, if the torchrun agent that started it is
-        gone: a restarted job may already be resuming from the run's checkpoints."""
-        if self.agent is not None and os.getppid() != self.agent:
-            raise AgentGone(f"the torchrun agent that started process {os.getpid()} is gone; stopping without saving")
-
-    def on_main(self, action: Callable[[], T]) -> T:
-        """``action()`` run by the main process alone; its result, or the ``ValueError`` it
-        raised, on every process (so all of them stop alike instead of waiting on one that did)."""
-        outcome = None
-        if self.main:
-            try:
-                outcome = (True, action())
-            except ValueError as error:
-                outcome = (False, str(error))
-        ok, value = self.broadcast(outcome)
-        if not ok:
-            raise JobRefused(value)
-        return value
-
-    def gather(self, obj):
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def mean(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        t = torch.tensor(value, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item() / self.world_size
-
-    def broadcast(self, value):
-        """The main process's ``value``, on every process."""
-        if self.world_size == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world_size > 1:
-            dist.destroy_process_group()
-
-
-class JobRefused(ValueError):
-    """A refusal every process of a job raises alike (``Distributed.on_main``)."""
-
-
-class AgentGone(SystemExit):
-    """Raised in a torchrun worker whose agent died: it exits without saving or cleaning up."""
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every RNG's state as tensors and plain values, so the checkpoint loads with ``weights_only=True``."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = {
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached_gaussian),
-    }
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 @torch.no_grad()
 def update_ema(ema: DiT, model: DiT, decay: float) -> None:
     ema_params = [parallel.local(p) for p in ema.parameters()]
@@ -518,7 +403,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         warnings.append(message)
         tqdm.write(f"warning: {message}", file=sys.stderr)
 
-    # Everything that can refuse the run is checked before the data, the model and the steps.
+    # Find the run, and check everything that can refuse it before the data and the model:
     run_dir, checkpoint = env.on_main(lambda: find_run(args, lock, warn))
     state = None
     if checkpoint is not None:
@@ -539,6 +424,8 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     sharded = args.ep > 1 or args.fsdp
     if checkpoint is not None and sharded and not ckpt.is_sharded(checkpoint):
         raise ValueError(f"--resume {checkpoint} was written without --ep or --fsdp; resume it without them")
+
+    # Data: this process's rows of each global batch.
     batch = global_batch // env.world_size
     rows = slice(env.rank * batch, (env.rank + 1) * batch)
     dataset = load_dataset(args.data, args.image_size)
@@ -546,6 +433,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     if args.hflip is None:
         args.hflip = not (args.data == "digits" or dataset.is_latent)
 
+    # Model and EMA, laid out over the processes:
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = build_model(args, dataset, checkpoint).to(device)
     check_steps(model.config, args.sample_steps)
@@ -559,6 +447,8 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     random.seed(args.seed * env.world_size + env.rank)
     vae = load_vae(args.vae, device) if args.vae else None
     model.grad_checkpointing = args.grad_checkpointing
+
+    # Optimizer, and where a resumed run left off:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start_step = 0
     if checkpoint is not None:
@@ -580,6 +470,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     ddp = parallel.data_parallel(model, device) if env.world_size > 1 and not args.fsdp else model
     save_tag = env.broadcast(os.getpid())
 
+    # Log, by the main process:
     log_file = None
     if env.main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -599,6 +490,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         for message in warnings:
             log(log_file, f"warning: {message}", echo=False)
 
+    # The losses of one batch, and the optimizer step, compiled if asked:
     def compute_loss(x, y, t, noise, drop) -> tuple[torch.Tensor, torch.Tensor]:
         """The diffusion loss and the summed balance loss of one batch."""
         with autocast(args.precision, device):
@@ -614,6 +506,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         compute_loss = torch.compile(compute_loss, fullgraph=env.world_size == 1)
         optimizer_step = torch.compile(optimizer.step)
 
+    # Train:
     model.train()
     data = batches(dataset, batch, args.seed, start_step, env.rank, env.world_size)
     bar = tqdm(total=total_steps, initial=start_step, disable=not env.main, desc="train", dynamic_ncols=True)
@@ -623,6 +516,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     window_steps, window_start = 0, time.perf_counter()
     for step in range(start_step, total_steps):
         env.check_agent()
+        # This process's rows of the step's batch and of its random draws:
         x, y = next(data)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         draws = StepDraws(args.seed, step, global_batch, rows, device)
@@ -633,6 +527,8 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         drop = draws.uniform() < model.config.class_dropout_prob
         t = draws.take(objective.sample_times(global_batch, device, draws.generator))
         noise = draws.normal(x.shape[1:])
+
+        # One optimizer step, then the EMA:
         loss, aux = compute_loss(x, y, t, noise, drop)
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
@@ -641,6 +537,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         optimizer_step()
         update_ema(ema, model, ema_decay(step, args.ema_decay))
 
+        # Log the window's mean losses, speed and expert load; save a checkpoint:
         window_loss += loss.detach()
         window_aux += aux.detach()
         window_steps += 1
@@ -682,35 +579,12 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
                 log(log_file, f"saved checkpoint {path}", echo=False)
     bar.close()
 
-    # With sharded experts every process takes part in sampling; the main one writes the grid.
+    # Sample a grid from the EMA. With sharded experts every process takes part; the main one writes it.
     if env.main or sharded:
         write_sample_grid(args, ema, vae, run_dir / "samples.png", log_file, write=env.main)
     if env.main:
         log_file.close()
     return run_dir
-
-
-class StepDraws:
-    """The random draws of one optimizer step, for this process's ``rows`` of the global batch.
-
-    Each draw is made for the whole global batch from a generator seeded by (seed, step), and
-    each process keeps its rows. So the losses of a run do not depend on how many processes
-    share it, and a resumed run draws what the uninterrupted one would have.
-    """
-
-    def __init__(self, seed: int, step: int, global_batch: int, rows: slice, device: torch.device):
-        self.generator = torch.Generator(device).manual_seed((seed % 2**31) * 2**32 + step)
-        self.global_batch, self.rows, self.device = global_batch, rows, device
-
-    def take(self, values: torch.Tensor) -> torch.Tensor:
-        """This process's rows of a draw for the global batch."""
-        return values[self.rows]
-
-    def uniform(self) -> torch.Tensor:
-        return self.take(torch.rand(self.global_batch, device=self.device, generator=self.generator))
-
-    def normal(self, shape: torch.Size) -> torch.Tensor:
-        return self.take(torch.randn((self.global_batch, *shape), device=self.device, generator=self.generator))
 
 
 def write_sample_grid(args, ema: DiT, vae, path: Path, log_file, write: bool = True) -> None:

@@ -369,12 +369,12 @@ def test_cleanup_tolerates_files_vanishing_and_appearing_under_it(tmp_path):
 
 
 def test_a_worker_whose_agent_is_gone_stops_without_saving(tmp_path, monkeypatch):
-    import dit.train
+    import dit.parallel
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     parents = iter([os.getppid(), os.getppid()])
-    monkeypatch.setattr(dit.train.os, "getppid", lambda: next(parents, 1))  # the agent dies after the first step
-    with pytest.raises(dit.train.AgentGone, match="torchrun agent that started process .* is gone"):
+    monkeypatch.setattr(dit.parallel.os, "getppid", lambda: next(parents, 1))  # the agent dies after the first step
+    with pytest.raises(dit.parallel.AgentGone, match="torchrun agent that started process .* is gone"):
         train_main([*FAST, "--results-dir", str(tmp_path), "--steps", "3", "--ckpt-every", "1"])
     (run_dir,) = tmp_path.iterdir()
     assert not any((run_dir / "checkpoints").iterdir())

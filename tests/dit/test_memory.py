@@ -10,6 +10,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from dit import parallel
 from dit.flops import main as flops_main
 from dit.memory import Layout, activation_bytes, estimate, local_parameters
+from dit.memory import main as memory_main
 from dit.models import create_model, parse_model_name
 
 
@@ -75,7 +76,7 @@ def test_activation_estimate_matches_what_autograd_saves(name):
 
 
 def test_the_cli_shows_a_layout_that_fits_the_flagship(capsys):
-    flops_main(["--memory", "--gpus", "8", "--ep", "8", "--fsdp", "--grad-checkpointing"])
+    memory_main(["--gpus", "8", "--ep", "8", "--fsdp", "--grad-checkpointing"])
     out = capsys.readouterr().out
     flagship = next(line for line in out.splitlines() if line.startswith("DiT-MoE-G/2-16E2A "))
     assert flagship.endswith("yes")
@@ -89,4 +90,7 @@ def test_bad_layouts_are_refused(capsys):
     with pytest.raises(ValueError, match="must divide the experts per layer"):
         estimate(config, Layout(16, 16), batch=1)
     with pytest.raises(SystemExit):
-        flops_main(["--memory", "--gpus", "0"])
+        memory_main(["--gpus", "0"])
+    with pytest.raises(SystemExit) as exit_info:  # the old place of the report says where it went
+        flops_main(["--memory", "--gpus", "8"])
+    assert exit_info.value.code == 2 and "python -m dit.memory" in capsys.readouterr().err
