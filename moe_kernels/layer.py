@@ -60,7 +60,7 @@ class MoE(nn.Module):
 
     Under autocast the experts run in the autocast dtype; otherwise in the dtype of ``x``.
 
-    The defaults build DiT-MoE's layer. Other MoE families (see the README's table) take:
+    The defaults build DiT-MoE's layer. Other MoE families (the table in docs/kernels.md) take:
     ``score`` (``"softmax"`` or ``"sigmoid"``), ``router_bias`` (a bias in the router's Linear),
     ``selection_bias`` (a buffer ``expert_bias [E]`` that shifts selection but not the weights,
     moved by ``moe_kernels.update_selection_bias``), ``num_groups``/``topk_groups``

@@ -1,4 +1,4 @@
-"""``mk.MoE`` with the options of the README's table reproduces the sparse MoE blocks of five
+"""``mk.MoE`` with the options of the family table (docs/kernels.md) reproduces the sparse MoE blocks of five
 transformers families, weights copied over: the table is tested, not just written."""
 
 import pytest
