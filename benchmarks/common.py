@@ -135,8 +135,10 @@ def cases(paper: bool) -> dict[str, dict]:
     return PAPER_CASES if paper else SMALL_CASES
 
 
-def shape_for(case: dict, backend: str) -> tuple[str | None, dict]:
-    """The interpreter gets the tiny shape instead of ``case``; returns (label suffix, dims)."""
+def shape_for(case: tuple[str, dict], backend: str) -> tuple[str, dict]:
+    """A ``(name, dims)`` case's label and dims as ``backend`` runs it: the interpreter gets the
+    tiny shape instead, and says so in the label."""
+    name, dims = case
     if backend == "triton" and not CUDA:
-        return " (interpreter, tiny)", TINY
-    return None, case
+        return name + " (interpreter, tiny)", TINY
+    return name, dims

@@ -15,24 +15,24 @@ from moe_kernels.routing import route
 BACKENDS = list(IMPLEMENTATIONS)
 
 
-def _label(name, suffix):
-    return name + (suffix or "")
+def _measure(benchmark, fn, *, op: str, case: str, variant: str, **info) -> None:
+    """``measure`` in the kernels group; ``variant`` is also the backend it runs, unless a
+    baseline's (``dense-mm``)."""
+    backend = variant if variant in IMPLEMENTATIONS else None
+    measure(benchmark, fn, group="kernels", op=op, case=case, variant=variant, backend=backend, **info)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_gating(benchmark, case, backend, paper_shapes):
-    name, dims = case
-    suffix, dims = shape_for(dims, backend)
+    label, dims = shape_for(case, backend)
     T, E, k = dims["T"], dims["E"], dims["k"]
     logits = torch.randn(T, E, device=DEVICE, dtype=dtype_for(paper_shapes))
-    measure(
+    _measure(
         benchmark,
         lambda: mk.topk_gating(logits, k, backend=backend),
-        group="kernels",
         op="topk_gating",
-        case=_label(name, suffix),
+        case=label,
         variant=backend,
-        backend=backend,
         dtype=logits.dtype,
         tokens=T,
         bytes_moved=T * E * (logits.element_size() + 4) + T * k * 12,
@@ -41,19 +41,16 @@ def test_topk_gating(benchmark, case, backend, paper_shapes):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_balance_loss(benchmark, case, backend):
-    name, dims = case
-    suffix, dims = shape_for(dims, backend)
+    label, dims = shape_for(case, backend)
     T, E, k = dims["T"], dims["E"], dims["k"]
     probs = torch.softmax(torch.randn(T, E, device=DEVICE), dim=-1).requires_grad_()
     experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
-    measure(
+    _measure(
         benchmark,
         lambda: mk.balance_loss(probs, experts, E, backend=backend).backward(),
-        group="kernels",
         op="balance_loss fwd+bwd",
-        case=_label(name, suffix),
+        case=label,
         variant=backend,
-        backend=backend,
         tokens=T,
         bytes_moved=T * E * 4 * 2 + T * k * 8,
     )
@@ -61,18 +58,15 @@ def test_balance_loss(benchmark, case, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_routing(benchmark, case, backend):
-    name, dims = case
-    suffix, dims = shape_for(dims, backend)
+    label, dims = shape_for(case, backend)
     T, E, k = dims["T"], dims["E"], dims["k"]
     experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
-    measure(
+    _measure(
         benchmark,
         lambda: route(experts, E, backend),
-        group="kernels",
         op="routing",
-        case=_label(name, suffix),
+        case=label,
         variant=backend,
-        backend=backend,
         tokens=T,
         bytes_moved=T * k * (8 + 4 * 4),
     )
@@ -91,8 +85,7 @@ def _grouped_inputs(dims, dtype, grad):
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("variant", ["triton", "torch", "dense-mm"])
 def test_grouped_mm(benchmark, case, variant, backward, paper_shapes):
-    name, dims = case
-    suffix, dims = shape_for(dims, variant)
+    label, dims = shape_for(case, variant)
     dtype = dtype_for(paper_shapes)
     x, w, offsets = _grouped_inputs(dims, dtype, backward)
     grad = torch.randn(x.shape[0], w.shape[2], device=DEVICE, dtype=dtype)
@@ -109,28 +102,25 @@ def test_grouped_mm(benchmark, case, variant, backward, paper_shapes):
     fn = (lambda: forward().backward(grad)) if backward else forward
     M, K, N = x.shape[0], w.shape[1], w.shape[2]
     flops = 2 * M * K * N * (3 if backward else 1)
-    measure(
+    _measure(
         benchmark,
         fn,
-        group="kernels",
         op="grouped_mm " + ("fwd+bwd" if backward else "fwd"),
-        case=_label(name, suffix),
+        case=label,
         variant=variant,
         flops=flops,
         dtype=dtype,
         tokens=dims["T"],
         bytes_moved=(M * K + w.numel() + M * N) * x.element_size(),
-        backend=None if variant == "dense-mm" else variant,
     )
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_ffn(benchmark, case, backend, backward, paper_shapes):
-    name, dims = case
-    suffix, dims = shape_for(dims, backend)
-    T, D, H, E, k = (dims[key] for key in ("T", "D", "H", "E", "k"))
     dtype = dtype_for(paper_shapes)
+    label, dims = shape_for(case, backend)
+    T, D, H, E, k = (dims[key] for key in ("T", "D", "H", "E", "k"))
     x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=backward)
     weights = torch.rand(T, k, device=DEVICE, requires_grad=backward)
     experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
@@ -141,15 +131,13 @@ def test_moe_ffn(benchmark, case, backend, backward, paper_shapes):
     def forward():
         return mk.moe_ffn(x, weights, experts, w_in, w_out, backend=backend)
 
-    measure(
+    _measure(
         benchmark,
         (lambda: forward().backward(grad)) if backward else forward,
-        group="kernels",
         op="moe_ffn " + ("fwd+bwd" if backward else "fwd"),
-        case=_label(name, suffix),
+        case=label,
         variant=backend,
         flops=2 * T * k * 3 * D * H * (3 if backward else 1),
         dtype=dtype,
         tokens=T,
-        backend=backend,
     )

@@ -32,8 +32,7 @@ def _build(variant, D, H, E, k, dtype):
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_moe_layer(benchmark, layer_case, variant, backward, paper_shapes):
-    name, dims = layer_case
-    suffix, dims = shape_for(dims, variant)
+    label, dims = shape_for(layer_case, variant)
     T, D, H, E, k = (dims[key] for key in ("T", "D", "H", "E", "k"))
     dtype = dtype_for(paper_shapes)
     layer = _build(variant, D, H, E, k, dtype)
@@ -61,7 +60,7 @@ def test_moe_layer(benchmark, layer_case, variant, backward, paper_shapes):
         fn,
         group="layer",
         op="fwd+bwd" if backward else "fwd",
-        case=name + (suffix or ""),
+        case=label,
         variant=variant,
         flops=flops,
         dtype=dtype,

@@ -50,29 +50,23 @@ def config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) ->
 
 
 INTERPRETER_CONFIG = config(32, 32, 32, 4, 1)
-# Candidates for Hopper-class GPUs. Row kernel: BLOCK_M rows x BLOCK_N columns, BLOCK_K reduction.
-# The BLOCK_K=32 ones are for fp32 (TF32), whose 64-wide K steps leave room in shared memory for
-# little more than 64x64 tiles once a GLU loads two B tiles; ``row_candidates`` picks per launch.
+# Candidates for Hopper-class GPUs, as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+# Row kernel: BLOCK_M rows x BLOCK_N columns, BLOCK_K reduction. The BLOCK_K=32 ones are for
+# fp32 (TF32), whose 64-wide K steps leave room in shared memory for little more than 64x64
+# tiles once a GLU loads two B tiles; ``row_candidates`` picks per launch.
 ROW_GPU_CONFIGS = [
-    config(128, 128, 64, 8, 3),
-    config(128, 256, 64, 8, 3),
-    config(128, 64, 64, 4, 4),
-    config(64, 128, 64, 4, 4),
-    config(64, 64, 64, 4, 4),
-    config(128, 128, 32, 8, 3),
-    config(128, 64, 32, 4, 4),
-    config(64, 128, 32, 4, 4),
-]
+    config(*c)
+    for c in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+              (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)]
+]  # fmt: skip
 # Weight-gradient kernel: BLOCK_K x BLOCK_N output tile, BLOCK_M rows of reduction per step.
 # A step of 64 (often gathered) rows is short next to a load's latency: the 4-stage config keeps
 # three steps of copies in flight.
 WGRAD_GPU_CONFIGS = [
-    config(64, 128, 128, 8, 3),
-    config(64, 128, 128, 8, 4),
-    config(64, 128, 64, 4, 4),
-    config(128, 128, 128, 8, 3),
-    config(64, 64, 64, 4, 4),
-]
+    config(*c)
+    for c in [(64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+              (64, 64, 64, 4, 4)]
+]  # fmt: skip
 ROW_CONFIGS = autotune_configs(ROW_GPU_CONFIGS, INTERPRETER_CONFIG)
 WGRAD_CONFIGS = autotune_configs(WGRAD_GPU_CONFIGS, INTERPRETER_CONFIG)
 
