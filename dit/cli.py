@@ -63,13 +63,7 @@ def check_writable(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a directory; give a file name")
-    check_outside_checkpoints(path, flag)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
-            pass
-    except OSError as error:
-        raise ValueError(f"{flag} {path} cannot be written: {error.strerror or error}") from error
+    _probe(path.parent, path, flag)
     return path
 
 
@@ -79,14 +73,20 @@ def check_writable_dir(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; give a directory")
+    _probe(path, path, flag)
+    return path
+
+
+def _probe(directory: Path, path: Path, flag: str) -> None:
+    """Refuse ``path`` inside a checkpoint, create ``directory`` and write a temporary file in
+    it; a failure is a ``ValueError`` naming ``flag`` and ``path``."""
     check_outside_checkpoints(path, flag)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".writable.", delete=True):
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".writable.", delete=True):
             pass
     except OSError as error:
         raise ValueError(f"{flag} {path} cannot be written: {error.strerror or error}") from error
-    return path
 
 
 def check_outside_checkpoints(path: Path, flag: str) -> None:

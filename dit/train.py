@@ -409,7 +409,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     if checkpoint is not None:
         state = ckpt.load_state(checkpoint, verified=True)
         resume_arguments(args, state["args"])
-        changed = fit_layout(args, env.world_size, ckpt.checkpoint_config(checkpoint, verified=True).num_experts)
+        changed = fit_layout(args, env.world_size, state["config"]["num_experts"])
         if changed and env.main:
             warn(changed)
     global_batch = args.global_batch_size
