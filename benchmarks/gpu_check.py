@@ -141,23 +141,36 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
     ):
         compare(f"grouped_mm {name}", a, b)
 
-    for activation in ACTIVATIONS:
+    # Every activation, and the biased experts of an upcycled DiT (GELU-tanh) and of SwiGLU.
+    for activation, biased in [(a, False) for a in ACTIVATIONS] + [("gelu_tanh", True), ("swiglu", True)]:
         width = 2 * H if activation == "swiglu" else H
+        op = f"moe_ffn {activation}{' biased' if biased else ''}"
         x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=True)
         weights = torch.rand(T, k, device=dev, requires_grad=True)
         w_in = (torch.randn(E, D, width, device=dev) / D**0.5).to(dtype).requires_grad_()
         w_out = (torch.randn(E, H, D, device=dev) / H**0.5).to(dtype).requires_grad_()
-        y = mk.moe_ffn(x, weights, experts, w_in, w_out, activation, backend="triton")
-        ref = reference.moe_ffn(x.double(), weights.double(), experts, w_in.double(), w_out.double(), activation)
-        compare(f"moe_ffn {activation}", y, ref)
+        biases = [torch.randn(E, n, device=dev).to(dtype).requires_grad_() for n in (width, D)] if biased else []
+        y = mk.moe_ffn(
+            x, weights, experts, w_in, w_out, activation, backend="triton", **dict(zip(("b_in", "b_out"), biases))
+        )
+        ref = reference.moe_ffn(
+            x.double(),
+            weights.double(),
+            experts,
+            w_in.double(),
+            w_out.double(),
+            activation,
+            *(b.double() for b in biases),
+        )
+        compare(op, y, ref)
         dy = torch.randn_like(ref)
-        params = [x, weights, w_in, w_out]
+        params = [x, weights, w_in, w_out, *biases]
         for name, a, b in zip(
-            ("dx", "dweights", "dw_in", "dw_out"),
+            ("dx", "dweights", "dw_in", "dw_out", "db_in", "db_out"),
             torch.autograd.grad((y.double() * dy).sum(), params),
             torch.autograd.grad((ref * dy).sum(), params),
         ):
-            compare(f"moe_ffn {activation} {name}", a, b)
+            compare(f"{op} {name}", a, b)
     return failures, errors
 
 

@@ -5,8 +5,8 @@
 //
 // Writes what `python -m dit.sample` writes: arr_0 uint8 [N, H, W, C], arr_1 int64 labels, with
 // its defaults. With the same seed, labels, sampler, steps and guidance, it draws the same noise
-// (torch's CPU generator, as dit.sample draws it, then for DDPM a generator on the package's
-// device seeded from it) and takes the same steps.
+// (torch's CPU generator, one per sample, seeded from the seed and the sample's index, as
+// dit.sample draws it) and takes the same steps.
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -18,7 +18,6 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
-#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -154,19 +153,30 @@ int main(int argc, char** argv) {
     const auto shape = [&](int64_t rows) {
       return std::vector<int64_t>{rows, info.in_channels, info.input_size, info.input_size};
     };
-    auto generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
     std::vector<at::Tensor> images;
     const auto start = std::chrono::steady_clock::now();
     for (int64_t first = 0; first < options.num_samples; first += info.batch) {
       const int64_t n = std::min(info.batch, options.num_samples - first);
-      // dit.sample's noise: one draw per chunk from the seeded CPU generator; padded to the batch.
-      const at::Tensor noise = at::randn(shape(n), generator);
       at::Tensor labels = all_labels.slice(0, first, first + n);
       if (n < info.batch) labels = at::cat({labels, at::zeros({info.batch - n}, at::kLong)});
       const at::Tensor y = labels.to(device);
       const auto pad = [&](const at::Tensor& rows) {
         return n < info.batch ? at::cat({rows, at::zeros(shape(info.batch - n), rows.options())}) : rows;
       };
+      // dit.sampling.SampleNoise: sample i's draws (its starting noise, then DDPM's steps') come
+      // from its own CPU generator, seeded seed * 2**32 + i; padded to the batch, on the device.
+      std::vector<at::Generator> generators;
+      for (int64_t i = first; i < first + n; ++i) {
+        generators.push_back(at::make_generator<at::CPUGeneratorImpl>((static_cast<uint64_t>(options.seed) << 32) + i));
+      }
+      const auto draw = [&] {
+        std::vector<at::Tensor> rows;
+        for (at::Generator& generator : generators) {
+          rows.push_back(at::randn({info.in_channels, info.input_size, info.input_size}, generator));
+        }
+        return pad(at::stack(rows)).to(device);
+      };
+      const at::Tensor noise = draw();
       const dit::Denoise evaluate = [&](const at::Tensor& x, const at::Tensor& t) {
         const auto begin = std::chrono::steady_clock::now();
         at::Tensor out = loader.run({x, t, y, scale})[0];
@@ -176,20 +186,11 @@ int main(int argc, char** argv) {
       };
       at::Tensor x;
       if (sampler == "ddpm") {
-        // Then the seed of the steps' noise, for a generator on the package's device.
-        const int64_t seed = at::randint(0, int64_t{1} << 62, {1}, generator).item<int64_t>();
-        at::Generator steps_generator = at::globalContext().defaultGenerator(device);
-        {
-          std::lock_guard<std::mutex> lock(steps_generator.mutex());
-          steps_generator.set_current_seed(static_cast<uint64_t>(seed));
-        }
-        const auto step_noise = [&] { return pad(at::randn(shape(n), steps_generator, floats)); };
-        x = dit::ddpm_sample(evaluate, pad(noise).to(device), info.alphas_cumprod, steps, /*clip=*/true,
-                             info.learn_sigma, step_noise);
+        x = dit::ddpm_sample(evaluate, noise, info.alphas_cumprod, steps, /*clip=*/true, info.learn_sigma, draw);
       } else if (sampler == "ddim") {
-        x = dit::ddim_sample(evaluate, pad(noise).to(device), info.alphas_cumprod, steps, /*clip=*/true);
+        x = dit::ddim_sample(evaluate, noise, info.alphas_cumprod, steps, /*clip=*/true);
       } else {
-        x = dit::euler_sample(evaluate, pad(noise).to(device), steps);
+        x = dit::euler_sample(evaluate, noise, steps);
       }
       images.push_back(x.narrow(0, 0, n).cpu());
     }

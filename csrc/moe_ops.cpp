@@ -58,8 +58,8 @@ Tensor activate(const Tensor& preact, const std::string& activation) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_ffn(
     const Tensor& x, const Tensor& weights, const Tensor& experts, const Tensor& w_in, const Tensor& w_out,
-    c10::string_view activation, c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/,
-    bool /*save_out*/) {
+    const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out, c10::string_view activation,
+    c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/, bool /*save_out*/) {
   const int64_t tokens = x.size(0), dim = x.size(1), k = experts.size(1), num_experts = w_in.size(0);
   // The slots sorted by expert (stably), each expert's rows ending at offsets[e].
   auto [sorted, slot_of_row] = experts.reshape(-1).sort(true, 0, false);
@@ -73,8 +73,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_ffn(
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t end = ends[e].item<int64_t>();
     if (end > start) {
-      const Tensor h = activate(rows.slice(0, start, end).mm(w_in[e]), act);
-      out_rows.slice(0, start, end).copy_(h.mm(w_out[e]));
+      Tensor preact = rows.slice(0, start, end).mm(w_in[e]);
+      if (b_in.has_value()) preact = preact + (*b_in)[e];
+      Tensor out = activate(preact, act).mm(w_out[e]);
+      if (b_out.has_value()) out = out + (*b_out)[e];
+      out_rows.slice(0, start, end).copy_(out);
     }
     start = end;
   }
@@ -90,8 +93,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_ffn(
 TORCH_LIBRARY(moe_kernels, m) {
   m.def("topk_gating(Tensor logits, SymInt k, bool normalize, str backend, str score, Tensor? bias, SymInt num_groups, "
         "SymInt topk_groups, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("moe_ffn(Tensor x, Tensor weights, Tensor experts, Tensor w_in, Tensor w_out, str activation, str backend, "
-        "bool save_preact, bool save_h, bool save_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_ffn(Tensor x, Tensor weights, Tensor experts, Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, "
+        "str activation, str backend, bool save_preact, bool save_h, bool save_out) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {

@@ -144,11 +144,11 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
     out = check_writable_dir(args.out, "--out")
     labels = torch.tensor(classes).repeat_interleave(args.samples_per_class)
     recorder = RoutingRecorder(model, args.steps).attach()
-    generator = torch.Generator().manual_seed(args.seed)
     try:
-        for chunk in tqdm(labels.split(args.batch_size), desc="sampling with routing recorded"):
+        for first in tqdm(range(0, len(labels), args.batch_size), desc="sampling with routing recorded"):
+            chunk = labels[first : first + args.batch_size]
             recorder.start(chunk)
-            generate(model, chunk, args.cfg_scale, args.steps, args.sampler, generator=generator)
+            generate(model, chunk, args.cfg_scale, args.steps, args.sampler, seed=args.seed, first_index=first)
     finally:
         recorder.detach()
 

@@ -312,6 +312,16 @@ def _manifest_problem(manifest: object, checkpoint: Path) -> str | None:
     return None
 
 
+def fingerprint(path: str | Path) -> str:
+    """What identifies the weights at ``path``: a checkpoint directory's manifest (which holds
+    every file's SHA-256) hashed, or a single file's size and modification time."""
+    path = Path(path)
+    if path.is_dir():
+        return "manifest sha256 " + hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+    stat = path.stat()
+    return f"{stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The highest-step complete checkpoint in ``checkpoint_dir``, or ``None`` (not verified)."""
     if not checkpoint_dir.is_dir():

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moe_kernels.backend import BACKENDS
-from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, Rule
+from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, SCALE, Rule
 
 
 def argument_type(rule: Rule) -> Callable[[str], int | float]:
@@ -38,6 +38,7 @@ positive_float = argument_type(POSITIVE)
 coefficient = argument_type(COEFFICIENT)
 fraction = argument_type(PROBABILITY)
 seed = argument_type(SEED)
+shift = argument_type(SCALE)
 
 
 def add_moe_backend_argument(parser: argparse.ArgumentParser) -> None:

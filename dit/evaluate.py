@@ -10,7 +10,11 @@ Two modes, both reading ``.npz`` files whose ``arr_0`` holds uint8 ``[N, H, W, C
   nothing is downloaded. Its features follow the TensorFlow network, so FID, IS, precision and
   recall are comparable to numbers from the ADM evaluator (guided-diffusion's
   ``evaluations/evaluator.py``, which DiT and DiT-MoE report), not to torch-fidelity's or
-  pytorch-fid's PyTorch re-implementations. Published FID-50K needs 50,000 samples.
+  pytorch-fid's PyTorch re-implementations. Published FID-50K needs 50,000 samples. ``REF.npz``
+  may be an ADM reference batch as published (``VIRTUAL_imagenet256_labeled.npz``): its
+  precomputed ``mu``/``sigma`` (and ``mu_s``/``sigma_s``) then give FID (and sFID) as ADM's
+  evaluator computes them. sFID compares the first 7 channels of ``mixed_6/conv`` (2023-d),
+  where the network exposes that layer.
 * Digits (``--digits``, no weights needed): a classifier trained on the real digits labels the
   samples; it reports accuracy per class and overall, and the Fréchet distance between real and
   generated digits in the classifier's hidden features (an FID analogue for 8x8 digits).
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import linalg
 
 from .cli import check_writable, positive_int, replace_atomically
@@ -53,16 +58,53 @@ def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[F]`` and covariance ``[F, F]`` of features ``[N, F]``, in fp64, as ADM computes them."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` between two feature sets ``[N, F]``."""
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    """The Fréchet distance between two feature sets ``[N, F]`` (see ``frechet_from_statistics``)."""
+    return frechet_from_statistics(*statistics(a), *statistics(b))
+
+
+def frechet_from_statistics(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``: FID from the statistics, which
+    is how ADM's evaluator uses a reference batch's precomputed ``mu`` and ``sigma``."""
     # tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues) of S_a^(1/2) S_b S_a^(1/2), a symmetric PSD
-    # matrix: stable even when the covariances are singular (fewer samples than features).
+    # matrix: stable even when the covariances are singular (fewer samples than features), and
+    # equal to scipy's sqrtm of S_a S_b, which ADM takes, where that one is defined.
     values, vectors = linalg.eigh(cov_a)
     root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
     trace_root = np.sqrt(linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
+
+
+# The statistics an ADM reference batch stores beside its images: pool features (2048-d) and
+# spatial features (the first 7 channels of mixed_6/conv, 17 x 17, flattened: 2023-d).
+REFERENCE_STATISTICS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
+
+
+def load_reference_statistics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The precomputed statistics of an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``:
+    ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` beside ``arr_0``), by kind (``"pool"``, ``"spatial"``),
+    those it holds; ``ValueError`` for a half pair or inconsistent shapes."""
+    out = {}
+    with np.load(path, allow_pickle=False) as data:
+        for kind, (mu_key, sigma_key) in REFERENCE_STATISTICS.items():
+            present = [key in data for key in (mu_key, sigma_key)]
+            if not any(present):
+                continue
+            if not all(present):
+                raise ValueError(f"{path} holds only one of {mu_key} and {sigma_key}")
+            mu, sigma = data[mu_key].astype(np.float64), data[sigma_key].astype(np.float64)
+            if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+                raise ValueError(
+                    f"{path}: {mu_key} must be [F] and {sigma_key} [F, F], got {mu.shape} and {sigma.shape}"
+                )
+            out[kind] = (mu, sigma)
+    return out
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
@@ -90,6 +132,28 @@ def inception_score(probs: torch.Tensor, splits: int = 10) -> float:
     return float(np.mean(scores))
 
 
+SPATIAL_LAYERS = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed") + tuple(
+    f"mixed_{i}" for i in range(1, 6)
+)
+SPATIAL_MISSING = (
+    "sFID needs Inception's spatial features (mixed_6/conv), and these --inception-weights do not expose "
+    "them (the TorchScript inception-2015-12-05.pt does, as layers.mixed_6.conv); FID, IS, precision "
+    "and recall do not need them"
+)
+
+
+def tf_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of ``[N, C, H, W]`` to ``size x size`` with TensorFlow 1's sampling
+    positions (the corners of the input grid map to those of the output, offset by half an input
+    pixel), which the TorchScript Inception reproduces with an affine sampling grid."""
+    n, _, height, width = images.shape
+    theta = torch.eye(2, 3, device=images.device, dtype=images.dtype).repeat(n, 1, 1)
+    theta[:, 0, 2] += 1 / width - 1 / size
+    theta[:, 1, 2] += 1 / height - 1 / size
+    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class Inception:
     """The TorchScript Inception-v3 of StyleGAN3's metrics: uint8 ``[N, 3, H, W]`` in, pool
     features (``return_features=True``) or class probabilities (``no_output_bias=True``) out."""
@@ -115,31 +179,91 @@ class Inception:
 
     @torch.no_grad()
     def run(self, images: np.ndarray, batch_size: int, **kwargs) -> torch.Tensor:
+        return self._batches(images, batch_size, lambda batch: self.net(batch, **kwargs))
+
+    def _batches(self, images: np.ndarray, batch_size: int, fn) -> torch.Tensor:
         out = []
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(images[start : start + batch_size]).to(self.device).permute(0, 3, 1, 2)
             if batch.shape[1] == 1:
                 batch = batch.expand(-1, 3, -1, -1)
-            out.append(self.net(batch, **kwargs).float().cpu())
+            out.append(fn(batch).float().cpu())
         return torch.cat(out)
+
+    def spatial_layers(self) -> list[torch.nn.Module] | None:
+        """The network's layers up to ``mixed_6/conv``, where the TorchScript port of the
+        TensorFlow graph exposes them (``layers.conv`` ... ``layers.mixed_6.conv``), else ``None``."""
+        try:
+            layers = self.net.layers
+            return [getattr(layers, name) for name in SPATIAL_LAYERS] + [layers.mixed_6.conv]
+        except AttributeError:
+            return None
+
+    @torch.no_grad()
+    def spatial(self, images: np.ndarray, batch_size: int) -> torch.Tensor:
+        """ADM's spatial features ``[N, 2023]``: the first 7 channels of ``mixed_6/conv`` (17 x 17),
+        flattened, from the images resized to 299 as the network's own forward resizes them."""
+        layers = self.spatial_layers()
+        if layers is None:
+            raise ValueError(SPATIAL_MISSING)
+
+        def features(batch: torch.Tensor) -> torch.Tensor:
+            x = (tf_resize(batch.float(), 299) - 128) / 128
+            for layer in layers:
+                x = layer(x)
+            return x[:, :7].flatten(1)
+
+        return self._batches(images, batch_size, features)
 
 
 def inception_metrics(
-    samples: np.ndarray, reference: np.ndarray, weights: str | Path, batch_size: int = 100, allow_pickle: bool = False
+    samples: np.ndarray,
+    reference: np.ndarray,
+    weights: str | Path,
+    batch_size: int = 100,
+    allow_pickle: bool = False,
+    reference_statistics: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict:
+    """FID, sFID, Inception Score, precision and recall of ``samples`` against ``reference``
+    (uint8 NHWC). FID and sFID use ``reference_statistics`` (an ADM reference batch's ``mu``,
+    ``sigma``, ``mu_s``, ``sigma_s``, see ``load_reference_statistics``) where given, as ADM's
+    evaluator does, else the statistics of the reference images; precision and recall always
+    use the reference images' features. ``sfid`` is ``None`` when the network gives no spatial
+    features (``notes`` says why)."""
     net = Inception(weights, torch.device("cuda" if torch.cuda.is_available() else "cpu"), allow_pickle)
+    stats = reference_statistics or {}
     fake = net.run(samples, batch_size, return_features=True)
     real = net.run(reference, batch_size, return_features=True)
     probs = net.run(samples, batch_size, no_output_bias=True)
     precision, recall = precision_recall(real, fake)
-    return {
-        "fid": frechet_distance(real.double().numpy(), fake.double().numpy()),
+    results = {
+        "fid": _frechet_against(stats.get("pool"), real, fake, "mu/sigma"),
+        "sfid": None,
         "inception_score": inception_score(probs),
         "precision": precision,
         "recall": recall,
         "num_samples": len(samples),
         "num_reference": len(reference),
+        "reference_statistics": sorted(stats),
+        "notes": [],
     }
+    if net.spatial_layers() is None:
+        results["notes"].append(SPATIAL_MISSING)
+    else:
+        spatial_real = None if "spatial" in stats else net.spatial(reference, batch_size)
+        results["sfid"] = _frechet_against(
+            stats.get("spatial"), spatial_real, net.spatial(samples, batch_size), "mu_s/sigma_s"
+        )
+    return results
+
+
+def _frechet_against(statistics_ref, real: torch.Tensor | None, fake: torch.Tensor, names: str) -> float:
+    """The Fréchet distance of ``fake`` features to the reference: its precomputed statistics if
+    any, else its features ``real``."""
+    mu, sigma = statistics(real.double().numpy()) if statistics_ref is None else statistics_ref
+    if len(mu) != fake.shape[1]:
+        raise ValueError(f"the reference's {names} have {len(mu)} features, the samples' {fake.shape[1]}")
+    return frechet_from_statistics(mu, sigma, *statistics(fake.double().numpy()))
 
 
 DIGIT_CLASSES = 10
@@ -220,11 +344,22 @@ def main(argv: list[str] | None = None) -> None:
             if args.reference is None or args.inception_weights is None:
                 raise ValueError("the Inception metrics need REF.npz and --inception-weights (or pass --digits)")
             reference, _ = load_images(args.reference)
-            results = inception_metrics(samples, reference, args.inception_weights, args.batch_size, args.allow_pickle)
+            results = inception_metrics(
+                samples,
+                reference,
+                args.inception_weights,
+                args.batch_size,
+                args.allow_pickle,
+                load_reference_statistics(args.reference),
+            )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
     for key, value in results.items():
-        print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+        if key == "notes":
+            for note in value:
+                print(f"note: {note}")
+        else:
+            print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     if json_path is not None:
         replace_atomically(lambda tmp: tmp.write_text(json.dumps(results, indent=2)), json_path)
 

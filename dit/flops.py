@@ -87,9 +87,12 @@ def count(config: DiTConfig) -> Counts:
     attn_params = 4 * D * D + 4 * D + (4 * (D // config.num_heads) if config.qk_norm else 0)
     adaln_params = 6 * D * D + 6 * D
     if E:
-        ffn_params = E * D + E * 3 * D * H + 3 * D * shared
-        ffn_active = E * D + k * 3 * D * H + 3 * D * shared
-        ffn_macs = N * ffn_active
+        matrices = 3 if config.expert_activation == "swiglu" else 2  # gate, up, down or in, out
+        expert_macs = matrices * D * H
+        expert = expert_macs + ((matrices - 1) * H + D if config.expert_biases else 0)
+        ffn_params = E * D + E * expert + matrices * D * shared
+        ffn_active = E * D + k * expert + matrices * D * shared
+        ffn_macs = N * (E * D + k * expert_macs + matrices * D * shared)
     else:
         ffn_params = ffn_active = 2 * D * H + H + D
         ffn_macs = N * 2 * D * H
@@ -104,7 +107,7 @@ def count(config: DiTConfig) -> Counts:
         active_params=common + L * ffn_active,
         linear_macs=embed_macs + L * block_macs + final_macs,
         attention_macs=L * 2 * N * N * D,
-        expert_params=L * E * 3 * D * H,
+        expert_params=L * E * expert if E else 0,
         block_params=attn_params + adaln_params + ffn_params,
     )
 

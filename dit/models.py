@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_kernels import MoE
+from moe_kernels.activations import ACTIVATIONS
 from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, check_k
 
 
@@ -194,6 +195,12 @@ class DiTConfig:
     top_k: int = 2
     num_shared_experts: int = 2
     balance_loss_alpha: float = 0.05
+    # The routed (and shared) experts' MLP: SwiGLU without biases as DiT-MoE's, or DiT's own
+    # MLP ("gelu_tanh" with biases), which an upcycled model keeps; and whether the top-k
+    # weights are renormalised to sum to 1 (DiT-MoE does not; upcycling does, see dit.upcycle).
+    expert_activation: str = "swiglu"
+    expert_biases: bool = False
+    normalize_weights: bool = False
     qk_norm: bool = False
     name: str = ""
     # How the model's inputs and outputs are read: the training objective ("diffusion" or
@@ -218,6 +225,8 @@ class DiTConfig:
             check_k(self.top_k, self.num_experts, "top_k", "num_experts")
         DROPOUT.check("class_dropout_prob", self.class_dropout_prob)
         COEFFICIENT.check("balance_loss_alpha", self.balance_loss_alpha)
+        if self.expert_activation not in ACTIVATIONS:
+            raise ValueError(f"expert_activation must be one of {ACTIVATIONS}, got {self.expert_activation!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
@@ -264,8 +273,11 @@ class DiT(nn.Module):
             config.num_experts,
             config.top_k,
             num_shared_experts=config.num_shared_experts,
+            activation=config.expert_activation,
+            normalize_weights=config.normalize_weights,
             balance_loss_alpha=config.balance_loss_alpha,
             backend=moe_backend,
+            expert_biases=config.expert_biases,
         )
 
     def initialize_weights(self) -> None:
@@ -280,6 +292,9 @@ class DiT(nn.Module):
             moe.router.reset_parameters()
             _xavier_by_blocks(moe.w_in, moe.hidden_dim)
             _xavier_by_blocks(moe.w_out, moe.dim)
+            for bias in (moe.b_in, moe.b_out):
+                if bias is not None:
+                    nn.init.zeros_(bias)
             if moe.shared is not None:
                 _xavier_by_blocks(moe.shared.proj_in.weight.T, moe.shared.proj_out.in_features)
         w = self.x_embedder.proj.weight

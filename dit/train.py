@@ -38,7 +38,7 @@ from .cli import (
 )
 from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
-from .models import OBJECTIVES, OVERRIDES, DiT, coerce_override, create_model
+from .models import OBJECTIVES, OVERRIDES, DiT, DiTConfig, coerce_override, create_model
 from .parallel import Distributed, JobRefused, StepDraws, rng_state, set_rng_state
 from .precision import add_precision_argument, autocast, matmul_precision
 from .run_lock import RunLock
@@ -135,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
             + "; any other flag must agree with the checkpoint"
         ),
     )
+    p.add_argument(
+        "--init",
+        default=None,
+        help=(
+            "start a new run from these weights: a .safetensors file (from dit.upcycle, dit.convert or "
+            "dit.checkpoint consolidate) or a checkpoint directory (its EMA weights); the model is the one they "
+            "describe, and --model, --objective, if given, must agree with it"
+        ),
+    )
     add_precision_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(
@@ -203,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parse_overrides(args.model_overrides)
     except ValueError as error:
         parser.error(str(error))
+    if args.init is not None and {"resume", "init"} <= set(args.given):
+        parser.error("--init starts a new run and --resume continues one: give one of them")
     digits = args.data == "digits"
     if not digits:
         args.data = str(Path(args.data).resolve())
@@ -334,9 +345,23 @@ def fit_layout(args: argparse.Namespace, world_size: int, num_experts: int) -> s
     )
 
 
-def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> DiT:
-    if checkpoint is not None:
-        return DiT(ckpt.checkpoint_config(checkpoint, verified=True), moe_backend=args.moe_backend)
+def load_init(args: argparse.Namespace) -> tuple[dict, DiTConfig]:
+    """The weights and config ``--init`` names. The model flags take their values from it;
+    ``--model`` and ``--objective``, if given, must agree, and ``--set`` cannot change it."""
+    state_dict, config = ckpt.load_weights(args.init, "ema")
+    for flag, given, own in (("--model", args.model, config.name), ("--objective", args.objective, config.objective)):
+        if flag[2:] in args.given and given != own:
+            raise ValueError(f"{flag} {given} contradicts --init {args.init}, which holds {own}; leave {flag} out")
+    if args.model_overrides:
+        raise ValueError(f"--set cannot change the model --init {args.init} holds ({config.name})")
+    args.model, args.objective = config.name, config.objective
+    if "balance_alpha" in args.given:
+        config.balance_loss_alpha = args.balance_alpha
+    return state_dict, config
+
+
+def data_shape(args: argparse.Namespace, dataset) -> dict:
+    """The model settings the data fixes: ``input_size``, ``in_channels``, ``num_classes``."""
     channels, size, _ = dataset.shape
     if args.vae:
         if size % 8:
@@ -344,10 +369,24 @@ def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None) -> D
                 f"--image-size must be a multiple of 8 with --vae (its latents are 8 times smaller), got {size}"
             )
         channels, size = 4, size // 8
+    return dict(input_size=size, in_channels=channels, num_classes=dataset.num_classes)
+
+
+def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None, init: DiTConfig | None = None) -> DiT:
+    if checkpoint is not None:
+        return DiT(ckpt.checkpoint_config(checkpoint, verified=True), moe_backend=args.moe_backend)
+    shape = data_shape(args, dataset)
+    if init is not None:
+        wrong = [
+            f"{key} {getattr(init, key)} (the data's: {value})"
+            for key, value in shape.items()
+            if getattr(init, key) != value
+        ]
+        if wrong:
+            raise ValueError(f"--init {args.init} does not fit the data: its model has {', '.join(wrong)}")
+        return DiT(init, moe_backend=args.moe_backend)
     overrides = dict(
-        input_size=size,
-        in_channels=channels,
-        num_classes=dataset.num_classes,
+        **shape,
         learn_sigma=args.objective == "diffusion",
         objective=args.objective,
         latent=bool(args.vae) or dataset.is_latent,
@@ -404,6 +443,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         tqdm.write(f"warning: {message}", file=sys.stderr)
 
     # Find the run, and check everything that can refuse it before the data and the model:
+    init_weights, init_config = load_init(args) if args.init is not None and args.resume is None else (None, None)
     run_dir, checkpoint = env.on_main(lambda: find_run(args, lock, warn))
     state = None
     if checkpoint is not None:
@@ -435,7 +475,10 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
 
     # Model and EMA, laid out over the processes:
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = build_model(args, dataset, checkpoint).to(device)
+    model = build_model(args, dataset, checkpoint, init_config)
+    if init_weights is not None:
+        ckpt.load_into(model, init_weights, args.init)
+    model = model.to(device)
     check_steps(model.config, args.sample_steps)
     if checkpoint is not None and not ckpt.is_sharded(checkpoint):
         ckpt.load_into(model, ckpt.load_weights(checkpoint, "model", verified=True)[0], checkpoint)
@@ -486,6 +529,8 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         )
         if checkpoint is not None:
             log(log_file, f"resumed from {checkpoint} (step {start_step})")
+        elif init_weights is not None:
+            log(log_file, f"initialised from {args.init}")
         log(log_file, "args " + json.dumps(vars(args)))
         for message in warnings:
             log(log_file, f"warning: {message}", echo=False)
@@ -597,7 +642,7 @@ def write_sample_grid(args, ema: DiT, vae, path: Path, log_file, write: bool = T
     per_class = 8 if config.num_classes <= 16 else 1
     labels = torch.arange(min(config.num_classes, 64)).repeat_interleave(per_class)
     steps = args.sample_steps or default_steps(config)
-    images = generate(ema, labels, args.cfg_scale, steps, generator=torch.Generator().manual_seed(args.seed))
+    images = generate(ema, labels, args.cfg_scale, steps, seed=args.seed)
     if not write:
         return
     if vae is not None:

@@ -49,7 +49,7 @@ def evaluate(checkpoint: Path, per_class: int, sample_steps: int, seed: int) -> 
     recorder = RoutingRecorder(model, sample_steps).attach() if model.moe_layers() else None
     if recorder:
         recorder.start(labels)
-    images = generate(model, labels, 1.0, sample_steps, generator=torch.Generator().manual_seed(seed))
+    images = generate(model, labels, 1.0, sample_steps, seed=seed)
     if recorder:
         recorder.detach()
     result = digits_metrics(to_uint8(images), labels.numpy())

@@ -122,9 +122,14 @@ def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def activation_grad(activation: str, preact: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``d loss / d preact`` from ``grad = d loss / d activation(preact)``, with each derivative
-    written once: SwiGLU's own, and a vector-Jacobian product through torch's functions for the
-    others (``torch.func.vjp``, which works inside a custom op, where autograd is off)."""
+    written once: SwiGLU's own, and for the others the backward ops autograd itself runs (plain
+    ops: ``torch.func.vjp`` would fail on a gradient that arrives as a tensor subclass, as the
+    expert-parallel exchange's does)."""
     if activation == "swiglu":
         return swiglu_backward(preact, grad)
-    _, vjp = torch.func.vjp(activation_fn(activation), preact)
-    return vjp(grad)[0]
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, preact, 0)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, preact)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return torch.ops.aten.gelu_backward(grad, preact, approximate=approximate)

@@ -28,6 +28,8 @@ from .activations import ACTIVATIONS, activation_fn, activation_grad
 from .backend import resolve_backend
 from .combine import combine, combine_torch, combine_weight_grad
 from .grouped_mm import (
+    group_of_row,
+    group_sums_torch,
     grouped_mm_act,
     grouped_mm_act_grad,
     grouped_mm_torch,
@@ -50,25 +52,30 @@ from .validation import (
 Tensor = torch.Tensor
 
 
-def _forward_triton(x, weights, experts, w_in, w_out, activation, save_preact):
+def _forward_triton(x, weights, experts, w_in, w_out, b_in, b_out, activation, save_preact):
     T, D = x.shape
     k = experts.shape[1]
     routing = route(experts, w_in.shape[0], "triton")
     h, preact = grouped_mm_act(
-        x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=save_preact
+        x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=save_preact, bias=b_in
     )
-    out = grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row).view(T, k, D)
+    out = grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row, bias=b_out).view(T, k, D)
     return combine(out, weights, x.dtype), preact, h, out, routing
 
 
-def _forward_torch(x, weights, experts, w_in, w_out, activation):
+def _forward_torch(x, weights, experts, w_in, w_out, b_in, b_out, activation):
     T, k = experts.shape
     routing = route(experts, w_in.shape[0], "torch")
+    groups = group_of_row(routing.offsets, T * k) if b_in is not None or b_out is not None else None
     preact = grouped_mm_torch(x.index_select(0, routing.token_of_row), w_in, routing.offsets)
+    if b_in is not None:
+        preact = preact + b_in.index_select(0, groups)
     h = activation_fn(activation)(preact)
+    out = grouped_mm_torch(h, w_out, routing.offsets)
+    if b_out is not None:
+        out = out + b_out.index_select(0, groups)
     # Back to slot order with a gather (deterministic, unlike a scatter-add).
-    out = grouped_mm_torch(h, w_out, routing.offsets).index_select(0, row_of_slot(routing.slot_of_row))
-    out = out.view(T, k, x.shape[1])
+    out = out.index_select(0, row_of_slot(routing.slot_of_row)).view(T, k, x.shape[1])
     return combine_torch(out, weights, x.dtype), preact, h, out, routing
 
 
@@ -79,6 +86,8 @@ def moe_ffn_op(
     experts: Tensor,
     w_in: Tensor,
     w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
     activation: str,
     backend: str,
     save_preact: bool,
@@ -89,9 +98,11 @@ def moe_ffn_op(
     [S, H]`` and the per-slot outputs ``out [T, k, D]`` where asked for (else empty along
     dimension 0), and the routing (``slot_of_row``, ``token_of_row``, ``offsets``)."""
     if backend == "triton":
-        y, preact, h, out, routing = _forward_triton(x, weights, experts, w_in, w_out, activation, save_preact)
+        y, preact, h, out, routing = _forward_triton(
+            x, weights, experts, w_in, w_out, b_in, b_out, activation, save_preact
+        )
     else:
-        y, preact, h, out, routing = _forward_torch(x, weights, experts, w_in, w_out, activation)
+        y, preact, h, out, routing = _forward_torch(x, weights, experts, w_in, w_out, b_in, b_out, activation)
     empty = x.new_empty
     return (
         y,
@@ -103,7 +114,7 @@ def moe_ffn_op(
 
 
 @moe_ffn_op.register_fake
-def _(x, weights, experts, w_in, w_out, activation, backend, save_preact, save_h, save_out):
+def _(x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, save_preact, save_h, save_out):
     (T, D), k, E = x.shape, experts.shape[1], w_in.shape[0]
     S = T * k
     index = dict(dtype=torch.int32)
@@ -119,19 +130,29 @@ def _(x, weights, experts, w_in, w_out, activation, backend, save_preact, save_h
 
 
 def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, activation, needs):
-    needs_x, needs_weights, needs_w_in, needs_w_out = needs
+    needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out = needs
     slot_of_row, token_of_row, offsets = routing
     (T, D), k = x.shape, weights.shape[1]
     # Per-slot factors, indexed by slot_of_row inside the kernels.
     scale = weights.reshape(-1).float().contiguous()
-    grad_x = grad_weights = grad_w_in = grad_w_out = None
+    grad_x = grad_weights = grad_w_in = grad_w_out = grad_b_in = grad_b_out = None
     if needs_weights:
         grad_weights = combine_weight_grad(grad_y, out).to(weights.dtype)
-    if needs_w_out:
-        grad_w_out = grouped_mm_wgrad(
-            h, grad_y, offsets, w_out.dtype, b_rows=token_of_row, scale=scale, scale_rows=slot_of_row
+    if needs_w_out or needs_b_out:
+        # A bias alone needs no weight gradient: zero columns of h leave only the bias sums.
+        rows = h if needs_w_out else h.new_empty((slot_of_row.shape[0], 0))
+        grad_w_out, grad_b_out = grouped_mm_wgrad(
+            rows,
+            grad_y,
+            offsets,
+            w_out.dtype,
+            b_rows=token_of_row,
+            scale=scale,
+            scale_rows=slot_of_row,
+            bias_grad=needs_b_out,
         )
-    if needs_x or needs_w_in:
+        grad_w_out = grad_w_out if needs_w_out else None
+    if needs_x or needs_w_in or needs_b_in:
         grad_preact = grouped_mm_act_grad(
             grad_y,
             w_out.transpose(1, 2),
@@ -145,16 +166,24 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, a
         if needs_x:
             grad_slots = grouped_mm_triton(grad_preact, w_in.transpose(1, 2), offsets, c_rows=slot_of_row)
             grad_x = grad_slots if k == 1 else combine(grad_slots.view(T, k, D), None, x.dtype)
-        if needs_w_in:
-            grad_w_in = grouped_mm_wgrad(x, grad_preact, offsets, w_in.dtype, a_rows=token_of_row)
-    return grad_x, grad_weights, grad_w_in, grad_w_out
+        if needs_w_in or needs_b_in:
+            grad_w_in, grad_b_in = grouped_mm_wgrad(
+                x if needs_w_in else x.new_empty((T, 0)),
+                grad_preact,
+                offsets,
+                w_in.dtype,
+                a_rows=token_of_row,
+                bias_grad=needs_b_in,
+            )
+            grad_w_in = grad_w_in if needs_w_in else None
+    return grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out
 
 
 def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, activation, needs):
-    needs_x, needs_weights, needs_w_in, needs_w_out = needs
+    needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out = needs
     slot_of_row, token_of_row, offsets = routing
     (T, D), k = x.shape, weights.shape[1]
-    grad_x = grad_weights = grad_w_in = grad_w_out = None
+    grad_x = grad_weights = grad_w_in = grad_w_out = grad_b_in = grad_b_out = None
     if needs_weights:
         grad_weights = torch.bmm(out.float(), grad_y.float().unsqueeze(2)).squeeze(2).to(weights.dtype)
     # d(expert output) of each row: the token's gradient times its routing weight.
@@ -162,15 +191,19 @@ def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, ac
     grad_rows = (grad_y.index_select(0, token_of_row).float() * row_weights[:, None]).to(x.dtype)
     if needs_w_out:
         grad_w_out = grouped_mm_wgrad_torch(h, grad_rows, offsets)
-    if needs_x or needs_w_in:
+    if needs_b_out:
+        grad_b_out = group_sums_torch(grad_rows, offsets)
+    if needs_x or needs_w_in or needs_b_in:
         grad_h = grouped_mm_torch(grad_rows, w_out.transpose(1, 2), offsets)
         grad_preact = activation_grad(activation, preact, grad_h)
+        if needs_b_in:
+            grad_b_in = group_sums_torch(grad_preact, offsets)
         if needs_x:
             grad_x_rows = grouped_mm_torch(grad_preact, w_in.transpose(1, 2), offsets)
             grad_x = grad_x_rows.index_select(0, row_of_slot(slot_of_row)).view(T, k, D).float().sum(1).to(x.dtype)
         if needs_w_in:
             grad_w_in = grouped_mm_wgrad_torch(x.index_select(0, token_of_row), grad_preact, offsets)
-    return grad_x, grad_weights, grad_w_in, grad_w_out
+    return grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out
 
 
 @custom_op("moe_kernels::moe_ffn_backward")
@@ -192,12 +225,15 @@ def moe_ffn_backward_op(
     needs_weights: bool,
     needs_w_in: bool,
     needs_w_out: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of ``x``, ``weights``, ``w_in`` and ``w_out`` that ``needs_*`` ask for
-    (the others empty), from what ``moe_ffn`` saved."""
+    needs_b_in: bool,
+    needs_b_out: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of ``x``, ``weights``, ``w_in``, ``w_out``, ``b_in`` and ``b_out`` that
+    ``needs_*`` ask for (the others empty), from what ``moe_ffn`` saved. The biases' gradients
+    do not read the biases, only their shapes: ``[E, w_in.shape[2]]`` and ``[E, D]``."""
     backward = _backward_triton if backend == "triton" else _backward_torch
     routing = Routing(slot_of_row, token_of_row, offsets)
-    needs = (needs_x, needs_weights, needs_w_in, needs_w_out)
+    needs = (needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out)
     grads = backward(grad_y, x, weights, w_in, w_out, preact, h, out, routing, activation, needs)
     return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
@@ -221,19 +257,32 @@ def _(
     needs_weights,
     needs_w_in,
     needs_w_out,
+    needs_b_in,
+    needs_b_out,
 ):
-    wanted = zip((x, weights, w_in, w_out), (needs_x, needs_weights, needs_w_in, needs_w_out))
-    return tuple(torch.empty_like(t) if need else x.new_empty(0) for t, need in wanted)
+    shapes = (
+        x.shape,
+        weights.shape,
+        w_in.shape,
+        w_out.shape,
+        (w_in.shape[0], w_in.shape[2]),
+        (w_in.shape[0], x.shape[1]),
+    )
+    dtypes = (x.dtype, weights.dtype, w_in.dtype, w_out.dtype, w_in.dtype, x.dtype)
+    needs = (needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out)
+    return tuple(
+        x.new_empty(shape, dtype=dtype) if need else x.new_empty(0) for shape, dtype, need in zip(shapes, dtypes, needs)
+    )
 
 
 def _check_saved(saved: tuple, needs: tuple) -> None:
     """A caller of ``torch.ops.moe_kernels.moe_ffn`` chooses what it saves: refuse a gradient
     whose inputs it did not keep, rather than read past an empty tensor."""
-    needs_x, needs_weights, needs_w_in, needs_w_out = needs
+    needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, _ = needs
     x, weights, _, _, preact, h, out, *_ = saved
     rows = weights.numel()
     for needed, saved, name, flag in (
-        (needs_x or needs_w_in, preact.shape[0] == rows, "x and w_in", "save_preact"),
+        (needs_x or needs_w_in or needs_b_in, preact.shape[0] == rows, "x, w_in and b_in", "save_preact"),
         (needs_w_out, h.shape[0] == rows, "w_out", "save_h"),
         (needs_weights, out.shape[0] == x.shape[0], "weights", "save_out"),
     ):
@@ -251,6 +300,8 @@ class FfnInputs(NamedTuple):
     experts: Tensor
     w_in: Tensor
     w_out: Tensor
+    b_in: Tensor | None
+    b_out: Tensor | None
     activation: str
     backend: str
     save_preact: bool
@@ -259,7 +310,7 @@ class FfnInputs(NamedTuple):
 
 
 # The inputs with gradients, in the order moe_ffn_backward takes and returns them.
-DIFFERENTIABLE = ("x", "weights", "w_in", "w_out")
+DIFFERENTIABLE = ("x", "weights", "w_in", "w_out", "b_in", "b_out")
 
 
 def _setup_context(ctx, inputs, output):
@@ -285,16 +336,18 @@ def _backward(ctx, grad_y, *_):
 moe_ffn_apply = differentiable(moe_ffn_op, _setup_context, _backward)
 
 
-def moe_ffn_unchecked(x, weights, experts, w_in, w_out, *, activation: str, backend: str) -> torch.Tensor:
+def moe_ffn_unchecked(
+    x, weights, experts, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str
+) -> torch.Tensor:
     """``moe_ffn`` for inputs already known to be valid, with ``backend`` already resolved."""
-    needs_x, needs_weights, needs_w_in, needs_w_out = (
-        torch.is_grad_enabled() and t.requires_grad for t in (x, weights, w_in, w_out)
+    needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in = (
+        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weights, w_in, w_out, b_in)
     )
-    # Keep only what the requested gradients read: the pre-activation for x and w_in, h for
-    # w_out, the per-slot outputs for the weights.
+    # Keep only what the requested gradients read: the pre-activation for x, w_in and b_in, h
+    # for w_out, the per-slot outputs for the weights (b_out's needs only the routing).
     args = FfnInputs(
-        x, weights, experts, w_in, w_out, activation, backend,
-        save_preact=needs_x or needs_w_in, save_h=needs_w_out, save_out=needs_weights,
+        x, weights, experts, w_in, w_out, b_in, b_out, activation, backend,
+        save_preact=needs_x or needs_w_in or needs_b_in, save_h=needs_w_out, save_out=needs_weights,
     )  # fmt: skip
     return moe_ffn_apply(*args)[0]
 
@@ -307,11 +360,14 @@ def moe_ffn(
     w_out: torch.Tensor,
     activation: str = "swiglu",
     backend: str | None = None,
+    *,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed expert MLPs with a weighted combine; no token is ever dropped.
 
-    ``y[t] = sum_j weights[t, j] * act(x[t] @ w_in[e]) @ w_out[e]`` with ``e = experts[t, j]``;
-    for ``"swiglu"``, ``act(a) = silu(a[:, :H]) * a[:, H:]``.
+    ``y[t] = sum_j weights[t, j] * (act(x[t] @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e])`` with
+    ``e = experts[t, j]``; for ``"swiglu"``, ``act(a) = silu(a[:, :H]) * a[:, H:]``.
 
     Args:
         x: ``[T, D]`` (fp16, bf16 or fp32).
@@ -321,8 +377,11 @@ def moe_ffn(
             ``"silu"``, ``"relu"``; dtype of ``x``.
         w_out: ``[E, H, D]``, dtype of ``x``.
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``.
+        b_in: optional expert biases of the first projection, ``[E, 2H]`` for ``"swiglu"`` (gate,
+            then up) else ``[E, H]``; b_out: optional ``[E, D]``; both in the dtype of ``x``.
     Returns:
-        ``y [T, D]`` in ``x.dtype``, differentiable in ``x``, ``weights``, ``w_in`` and ``w_out``.
+        ``y [T, D]`` in ``x.dtype``, differentiable in ``x``, ``weights``, ``w_in``, ``w_out``
+        and the biases.
     """
     check_tensor("x", x, 2, FLOAT_DTYPES)
     check_tensor("weights", weights, 2, FLOAT_DTYPES)
@@ -351,8 +410,20 @@ def moe_ffn(
     check_dim("w_out", w_out, 0, E, "E, the experts of w_in")
     check_dim("w_out", w_out, 1, hidden, "H, the expert hidden width of w_in")
     check_dim("w_out", w_out, 2, D, "D, the width of x")
-    device = check_same_device(x=x, weights=weights, experts=experts, w_in=w_in, w_out=w_out)
+    biases = {}
+    for name, bias, width, what in (
+        ("b_in", b_in, w_in.shape[2], "the last dimension of w_in"),
+        ("b_out", b_out, D, "D"),
+    ):
+        if bias is not None:
+            check_tensor(name, bias, 2, FLOAT_DTYPES)
+            if bias.dtype != x.dtype:
+                raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {bias.dtype}")
+            check_dim(name, bias, 0, E, "E, the experts of w_in")
+            check_dim(name, bias, 1, width, what)
+            biases[name] = bias
+    device = check_same_device(x=x, weights=weights, experts=experts, w_in=w_in, w_out=w_out, **biases)
     check_expert_ids("experts", experts, E)
     return moe_ffn_unchecked(
-        x, weights, experts, w_in, w_out, activation=activation, backend=resolve_backend(backend, device)
+        x, weights, experts, w_in, w_out, b_in, b_out, activation=activation, backend=resolve_backend(backend, device)
     )

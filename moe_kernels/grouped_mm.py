@@ -57,6 +57,7 @@ def _grouped_mm_kernel(
     scale_ptr,
     scale_rows_ptr,
     preact_ptr,
+    bias_ptr,
     # Sizes (rows come from offsets; M_BUCKET only keys the autotuner)
     M_BUCKET,
     N,
@@ -72,6 +73,8 @@ def _grouped_mm_kernel(
     stride_cn,
     stride_pm,
     stride_pn,
+    stride_bias_e,
+    stride_bias_n,
     # Options
     EPILOGUE: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -80,6 +83,7 @@ def _grouped_mm_kernel(
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
     SCALE: tl.constexpr,
+    BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     # Tiles
     BLOCK_M: tl.constexpr,
@@ -87,8 +91,9 @@ def _grouped_mm_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """``c[rows] = epilogue(a[rows] @ b[group])`` for one ``BLOCK_M x BLOCK_N`` tile.
+    """``c[rows] = epilogue(a[rows] @ b[group] + bias[group])`` for one ``BLOCK_M x BLOCK_N`` tile.
 
+    BIAS adds the group's bias row (``2N`` wide with GLU and EPILOGUE "act") to the product.
     EPILOGUE "none": c = acc (times the row scale if SCALE).
     EPILOGUE "act": c = act(acc), or act(acc) * acc_up with GLU, where acc_up multiplies b's
     columns N:2N; with STORE_PREACT the pre-activation (both halves) is written to preact.
@@ -124,6 +129,11 @@ def _grouped_mm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    if BIAS:
+        bias_ptrs = bias_ptr + group.to(tl.int64) * stride_bias_e + rn * stride_bias_n
+        acc += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GLU and EPILOGUE == "act":
+            acc_up += tl.load(bias_ptrs + N * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SCALE:
         slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
         acc *= tl.load(scale_ptr + slots, mask=row_ok, other=0.0)[:, None]
@@ -198,6 +208,7 @@ def _grouped_wgrad_kernel(
     b_rows_ptr,
     scale_ptr,
     scale_rows_ptr,
+    bias_grad_ptr,
     # Sizes (rows come from offsets; M_BUCKET only keys the autotuner)
     M_BUCKET,
     N,
@@ -211,10 +222,12 @@ def _grouped_wgrad_kernel(
     stride_ce,
     stride_ck,
     stride_cn,
+    stride_db_e,
     # Options
     GATHER_A: tl.constexpr,
     GATHER_B: tl.constexpr,
     SCALE: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr,
     # Tiles: BLOCK_K x BLOCK_N of the output, BLOCK_M rows of reduction per step
     BLOCK_M: tl.constexpr,
@@ -223,6 +236,9 @@ def _grouped_wgrad_kernel(
 ):
     """``c[e] = (scale * a[rows of e])^T @ b[rows of e]`` for one ``BLOCK_K x BLOCK_N`` tile of ``c[e]``.
 
+    With BIAS_GRAD, the programs of the first K tile also write ``bias_grad[e] = sum over the
+    rows of e of scale * b`` (fp32), the gradient of a per-group bias: no second pass over b.
+
     The gather rows and scales of each step are loaded one step ahead. Loaded in the step that
     uses them, they make Triton's software pipeliner give the gathered tiles one buffer fewer
     and wait for every copy at the top of each step, so a step's loads overlap only the previous
@@ -230,17 +246,19 @@ def _grouped_wgrad_kernel(
     The scale multiplies the A tile, which Hopper's MMA reads from registers: scaled there, it
     needs no trip back through shared memory, as a scaled B tile does.
     """
-    num_k = tl.cdiv(K, BLOCK_K)
+    num_k = tl.cdiv(tl.maximum(K, 1), BLOCK_K)  # one K tile when K == 0, to sum the bias gradient
     num_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     group = pid // (num_k * num_n)
-    rk = (pid // num_n % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_k = pid // num_n % num_k
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rn = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = rk < K
     n_ok = rn < N
     row_end = tl.load(offsets_ptr + group).to(tl.int32)
     row_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0).to(tl.int32)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     rm = row_start + tl.arange(0, BLOCK_M)
     a_rows, b_rows, scales = _wgrad_rows(
         rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr, GATHER_A, GATHER_B, SCALE
@@ -258,6 +276,11 @@ def _grouped_wgrad_kernel(
             mask=row_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
+        if BIAS_GRAD:
+            if SCALE:
+                bias_acc += tl.sum(b.to(tl.float32) * scales[:, None], axis=0)
+            else:
+                bias_acc += tl.sum(b.to(tl.float32), axis=0)
         if SCALE:
             a = (a * scales[None, :]).to(b.dtype)
         a_rows, b_rows, scales = _wgrad_rows(
@@ -266,6 +289,9 @@ def _grouped_wgrad_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     c_ptrs = c_ptr + group.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
+    if BIAS_GRAD:
+        if pid_k == 0:
+            tl.store(bias_grad_ptr + group.to(tl.int64) * stride_db_e + rn, bias_acc, mask=n_ok)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -297,15 +323,17 @@ def _launch_rows(
     c_rows=None,
     scale=None,
     scale_rows=None,
+    bias=None,
 ):
     E, K = b.shape[0], b.shape[1]
     if num_rows == 0 or num_cols == 0:
         return c
-    if K == 0:
+    if K == 0 and bias is None:
         return c.zero_()
     # Pointers of disabled options are never read; any tensor stands in for them.
     unused = offsets
     preact = c if preact is None else preact
+    bias_strides = (0, 0) if bias is None else bias.stride()
 
     def grid(meta):
         return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(num_cols, meta["BLOCK_N"]),)
@@ -320,6 +348,7 @@ def _launch_rows(
         c if scale is None else scale,
         unused if scale_rows is None else scale_rows,
         preact,
+        unused if bias is None else bias,
         triton.next_power_of_2(num_rows),
         num_cols,
         K,
@@ -333,6 +362,7 @@ def _launch_rows(
         c.stride(1),
         preact.stride(0),
         preact.stride(1),
+        *bias_strides,
         EPILOGUE=epilogue,
         ACTIVATION=activation,
         GLU=glu,
@@ -340,6 +370,7 @@ def _launch_rows(
         GATHER_A=a_rows is not None,
         SCATTER_C=c_rows is not None,
         SCALE=scale is not None,
+        BIAS=bias is not None,
         PRECISION=_precision(a.dtype),
         BLOCK_E=triton.next_power_of_2(E),
     )
@@ -353,18 +384,21 @@ def grouped_mm_triton(
     *,
     a_rows: torch.Tensor | None = None,
     c_rows: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``c[c_rows[r]] = a[a_rows[r]] @ b[group of r]`` for the rows ``r`` that ``offsets`` groups.
+    """``c[c_rows[r]] = a[a_rows[r]] @ b[group of r] + bias[group of r]`` for the rows ``r``
+    that ``offsets`` groups.
 
     Args:
         a: ``[*, K]``; b: ``[E, K, N]`` (any strides); offsets: ``[E]`` cumulative row ends.
         a_rows, c_rows: ``[M]`` int32 gather / scatter indices, identity when ``None``.
+        bias: ``[E, N]`` or ``None``.
     Returns:
         ``c [M, N]`` in ``a.dtype``.
     """
     num_rows = a.shape[0] if a_rows is None else a_rows.shape[0]
     c = a.new_empty((num_rows, b.shape[2]))
-    return _launch_rows(a, b, offsets, c, num_rows, b.shape[2], a_rows=a_rows, c_rows=c_rows)
+    return _launch_rows(a, b, offsets, c, num_rows, b.shape[2], a_rows=a_rows, c_rows=c_rows, bias=bias)
 
 
 def grouped_mm_act(
@@ -375,11 +409,14 @@ def grouped_mm_act(
     *,
     a_rows: torch.Tensor | None = None,
     save_preact: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``h = act(a[a_rows] @ b[group])``, the MoE's first GEMM with its activation fused.
+    """``h = act(a[a_rows] @ b[group] + bias[group])``, the MoE's first GEMM with its
+    activation fused.
 
     Args:
         a: ``[*, K]``; b: ``[E, K, 2H]`` for swiglu (gate columns, then up columns), else ``[E, K, H]``.
+        bias: ``[E, 2H]`` (or ``[E, H]``) or ``None``; the saved pre-activation includes it.
     Returns:
         ``h [M, H]`` and, with ``save_preact``, the pre-activation ``[M, 2H]`` (or ``[M, H]``).
     """
@@ -401,6 +438,7 @@ def grouped_mm_act(
         preact=preact,
         store_preact=save_preact,
         a_rows=a_rows,
+        bias=bias,
     )
     return h, preact
 
@@ -455,22 +493,27 @@ def grouped_mm_wgrad(
     b_rows: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     scale_rows: torch.Tensor | None = None,
-) -> torch.Tensor:
+    bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``c[e] = (scale * a[a_rows of e])^T @ b[b_rows of e]``: a weight gradient (the scale per row).
 
     Args:
         a: ``[*, K]``; b: ``[*, N]``; offsets: ``[E]``.
+        bias_grad: also return ``sum over the rows of e of scale * b[b_rows]``, the gradient
+            of a per-group bias, computed from the same loads of b.
     Returns:
-        ``c [E, K, N]`` in ``out_dtype``; an empty group's slice is zero.
+        ``c [E, K, N]`` in ``out_dtype`` (an empty group's slice is zero) and the bias gradient
+        ``[E, N]`` in ``out_dtype`` with ``bias_grad``, else ``None``.
     """
     E, K, N = offsets.shape[0], a.shape[1], b.shape[1]
     c = a.new_empty((E, K, N), dtype=out_dtype)
-    if K == 0 or N == 0:
-        return c
+    summed = a.new_empty((E, N), dtype=torch.float32) if bias_grad else None
+    if N == 0 or (K == 0 and not bias_grad):
+        return c, None if summed is None else summed.to(out_dtype)
     unused = offsets
 
     def grid(meta):
-        return (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (E * triton.cdiv(max(K, 1), meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _grouped_wgrad_kernel[grid](
         a,
@@ -481,6 +524,7 @@ def grouped_mm_wgrad(
         unused if b_rows is None else b_rows,
         c if scale is None else scale,
         unused if scale_rows is None else scale_rows,
+        c if summed is None else summed,
         triton.next_power_of_2(a.shape[0] if a_rows is None else a_rows.shape[0]),
         N,
         K,
@@ -492,12 +536,14 @@ def grouped_mm_wgrad(
         c.stride(0),
         c.stride(1),
         c.stride(2),
+        0 if summed is None else summed.stride(0),
         GATHER_A=a_rows is not None,
         GATHER_B=b_rows is not None,
         SCALE=scale is not None,
+        BIAS_GRAD=bias_grad,
         PRECISION=_precision(a.dtype),
     )
-    return c
+    return c, None if summed is None else summed.to(out_dtype)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -525,6 +571,19 @@ def grouped_mm_torch(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
         b = _pad_last(F.pad(b, (0, 0, 0, a.shape[1] - b.shape[1])), multiple).contiguous()
         return torch._grouped_mm(a, b, offs=offsets)[:, :N].contiguous()
     return torch._grouped_mm(a, b, offs=offsets)
+
+
+def group_of_row(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[num_rows]`` int64: the group each row belongs to, from the cumulative ends ``offsets [E]``."""
+    rows = torch.arange(num_rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets, rows, right=True)
+
+
+def group_sums_torch(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[E, N]``: the sum of each group's rows of ``rows [M, N]`` (a per-group bias's gradient),
+    as a grouped product with a column of ones, so the order of the sum is fixed."""
+    ones = rows.new_ones((rows.shape[0], 1))
+    return grouped_mm_wgrad_torch(ones, rows, offsets)[:, 0]
 
 
 def grouped_mm_wgrad_torch(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -561,7 +620,7 @@ def _(x, w, offsets, backend):
 def grouped_mm_wgrad_op(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
     """The weight gradient of ``grouped_mm``: ``x [M, K], grad [M, N] -> dw [E, K, N]`` in ``x.dtype``."""
     if backend == "triton":
-        return grouped_mm_wgrad(x, grad, offsets, x.dtype)
+        return grouped_mm_wgrad(x, grad, offsets, x.dtype)[0]
     return grouped_mm_wgrad_torch(x, grad, offsets)
 
 

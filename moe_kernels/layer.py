@@ -68,7 +68,10 @@ class MoE(nn.Module):
     (the shared expert's output times ``sigmoid(Linear(dim, 1)(x))``), ``z_loss_coef`` (ST-MoE's
     router z-loss, added to ``aux_loss``) and ``balance_loss_convention`` (``"dit-moe"`` or
     ``"switch"``, see ``balance_loss``). ``router_logits`` holds the last forward's ``[T, E]``
-    router logits, with their graph, for losses computed outside the layer.
+    router logits, with their graph, for losses computed outside the layer. ``expert_biases``
+    gives every routed expert the biases of an ``nn.Linear`` pair, ``b_in [E, 2 * hidden_dim or
+    hidden_dim]`` and ``b_out [E, dim]`` (DiT's and GPT-2's MLPs have them; an upcycled layer
+    copies them), added inside the expert GEMMs; without them both are ``None``.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class MoE(nn.Module):
         shared_gate: bool = False,
         z_loss_coef: float = 0.0,
         balance_loss_convention: str = "dit-moe",
+        expert_biases: bool = False,
     ):
         super().__init__()
         dim = check_positive_int("dim", dim)
@@ -139,6 +143,8 @@ class MoE(nn.Module):
             self.expert_bias = None
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, width_in))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b_in = nn.Parameter(torch.empty(num_experts, width_in)) if expert_biases else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, dim)) if expert_biases else None
         self.shared = None
         if num_shared_experts > 0:
             self.shared = SharedExpert(dim, shared_width, activation)
@@ -151,9 +157,11 @@ class MoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each expert matrix as ``nn.Linear`` initialises its weight: ``U(+-1/sqrt(fan_in))``."""
-        nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
-        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
+        """Each expert matrix and bias as ``nn.Linear`` initialises them: ``U(+-1/sqrt(fan_in))``."""
+        for weight, bias, fan_in in ((self.w_in, self.b_in, self.dim), (self.w_out, self.b_out, self.hidden_dim)):
+            for tensor in (weight, bias):
+                if tensor is not None:
+                    nn.init.uniform_(tensor, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -183,17 +191,26 @@ class MoE(nn.Module):
         weights, experts = gating.weights, gating.experts
         if self.on_route is not None:
             self.on_route(experts, weights)
+        expert_tensors = (self.w_in, self.w_out, self.b_in, self.b_out)
         if self.expert_mesh is None:
-            w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
+            w_in, w_out, b_in, b_out = (None if w is None else w.to(dtype) for w in expert_tensors)
             y = moe_ffn_unchecked(
-                tokens.to(dtype), weights, experts, w_in, w_out, activation=self.activation, backend=backend
+                tokens.to(dtype),
+                weights,
+                experts,
+                w_in,
+                w_out,
+                b_in,
+                b_out,
+                activation=self.activation,
+                backend=backend,
             )
         else:
             from .parallel import expert_parallel_ffn  # torch.distributed loads only for sharded layers
 
-            w_in, w_out = (w.to_local().to(dtype) for w in (self.w_in, self.w_out))
+            w_in, w_out, b_in, b_out = (None if w is None else w.to_local().to(dtype) for w in expert_tensors)
             y = expert_parallel_ffn(
-                tokens.to(dtype), weights, experts, w_in, w_out,
+                tokens.to(dtype), weights, experts, w_in, w_out, b_in, b_out,
                 activation=self.activation, backend=backend, mesh=self.expert_mesh,
             )  # fmt: skip
         if self.shared is not None:
@@ -223,5 +240,6 @@ class MoE(nn.Module):
         shared = 0 if self.shared is None else self.shared.proj_out.in_features
         return (
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"shared_hidden_dim={shared}, activation={self.activation!r}, backend={self.backend!r}"
+            f"shared_hidden_dim={shared}, activation={self.activation!r}, expert_biases={self.b_in is not None}, "
+            f"backend={self.backend!r}"
         )

@@ -1,6 +1,6 @@
 """Expert parallelism: the experts of an ``MoE`` split over the ranks of a 1-D ``DeviceMesh``.
 
-Rank ``r`` of ``P`` holds experts ``r * E/P`` to ``(r + 1) * E/P - 1``: ``w_in`` and ``w_out``
+Rank ``r`` of ``P`` holds experts ``r * E/P`` to ``(r + 1) * E/P - 1``: ``w_in`` and ``w_out`` (and the biases)
 become ``DTensor`` parameters sharded on dimension 0, so state dicts and
 ``torch.distributed.checkpoint`` see the full expert tensors and can reshard them. Everything
 else (router, shared experts and their gate) stays replicated. A forward, on each rank:
@@ -35,7 +35,7 @@ from .routing import route, row_of_slot
 if TYPE_CHECKING:
     from .layer import MoE
 
-EXPERT_PARAMETERS = ("w_in", "w_out")
+EXPERT_PARAMETERS = ("w_in", "w_out", "b_in", "b_out")
 
 
 def expert_parallel(moe: MoE, mesh: DeviceMesh) -> MoE:
@@ -69,6 +69,8 @@ def expert_parallel(moe: MoE, mesh: DeviceMesh) -> MoE:
     first = mesh.get_local_rank() * local
     for name in EXPERT_PARAMETERS:
         full = getattr(moe, name)
+        if full is None:  # a layer without expert biases
+            continue
         shard = full.detach()[first : first + local].clone()
         sharded = DTensor.from_local(shard, mesh, [Shard(0)], run_check=False)
         setattr(moe, name, torch.nn.Parameter(sharded, requires_grad=full.requires_grad))
@@ -82,6 +84,8 @@ def expert_parallel_ffn(
     experts: torch.Tensor,
     w_in: torch.Tensor,
     w_out: torch.Tensor,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
     *,
     activation: str,
     backend: str,
@@ -93,6 +97,7 @@ def expert_parallel_ffn(
         x: ``[T, D]``, this rank's tokens.
         weights, experts: ``[T, k]``, routing weights and global expert ids in ``[0, E)``.
         w_in, w_out: this rank's experts, ``[E/P, D, 2H or H]`` and ``[E/P, H, D]`` (local tensors).
+        b_in, b_out: their biases, ``[E/P, 2H or H]`` and ``[E/P, D]``, or ``None``.
     Returns:
         ``y [T, D]`` in ``x.dtype``.
     """
@@ -109,7 +114,9 @@ def expert_parallel_ffn(
     local_experts = torch.arange(local, device=x.device, dtype=torch.int32).repeat(size)
     expert_of_row = torch.repeat_interleave(local_experts, received, output_size=sum(recv))
     ones = x.new_ones((rows.shape[0], 1))
-    out = moe_ffn_unchecked(rows, ones, expert_of_row[:, None], w_in, w_out, activation=activation, backend=backend)
+    out = moe_ffn_unchecked(
+        rows, ones, expert_of_row[:, None], w_in, w_out, b_in, b_out, activation=activation, backend=backend
+    )
     out = funcol.all_to_all_single_autograd(out, send, recv, group)
     out = out.index_select(0, row_of_slot(routing.slot_of_row)).view(T, k, D)
     return combine_torch(out, weights, x.dtype)

@@ -126,12 +126,16 @@ def moe_ffn(
     w_in: torch.Tensor,
     w_out: torch.Tensor,
     activation: str = "swiglu",
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y[t] = sum_j weights[t, j] * act(x[t] @ w_in[e]) @ w_out[e]`` with ``e = experts[t, j]``.
+    """``y[t] = sum_j weights[t, j] * (act(x[t] @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e])``
+    with ``e = experts[t, j]`` (a missing bias is zero).
 
     Args:
         x: ``[T, D]``; weights: ``[T, k]``; experts: ``[T, k]``;
-        w_in: ``[E, D, 2H]`` for swiglu, else ``[E, D, H]``; w_out: ``[E, H, D]``.
+        w_in: ``[E, D, 2H]`` for swiglu, else ``[E, D, H]``; w_out: ``[E, H, D]``;
+        b_in: ``[E, 2H or H]``; b_out: ``[E, D]``.
     Returns:
         ``[T, D]`` in ``x.dtype``; the weighted combine is accumulated in fp32.
     """
@@ -139,6 +143,7 @@ def moe_ffn(
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(w_in.shape[0]):
         token, slot = (experts == e).nonzero(as_tuple=True)
-        out = act(x[token] @ w_in[e]) @ w_out[e]
+        preact = x[token] @ w_in[e] + (0 if b_in is None else b_in[e])
+        out = act(preact) @ w_out[e] + (0 if b_out is None else b_out[e])
         y = y.index_add(0, token, weights[token, slot, None].float() * out.float())
     return y.to(x.dtype)

@@ -144,18 +144,17 @@ class GaussianDiffusion:
         noise: torch.Tensor,
         clip: bool = False,
         progress: bool = False,
-        generator: torch.Generator | None = None,
+        step_noise: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Ancestral (DDPM) sampling from ``x_T = noise``; each step's noise is drawn on the
-        device of ``noise`` from ``generator`` (a generator of that device; default: the global one)."""
+        """Ancestral (DDPM) sampling from ``x_T = noise``; each step's noise comes from
+        ``step_noise()`` (default: the global generator)."""
         x = noise
         for i in self._loop(progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             p = self.p_mean_variance(model_fn(x, self.model_timesteps(t)), x, t, clip)
             if i > 0:
-                x = p["mean"] + torch.exp(0.5 * p["logvar"]) * torch.randn(
-                    x.shape, device=x.device, generator=generator
-                )
+                z = torch.randn_like(x) if step_noise is None else step_noise()
+                x = p["mean"] + torch.exp(0.5 * p["logvar"]) * z
             else:
                 x = p["mean"]
         return x
@@ -180,13 +179,41 @@ class GaussianDiffusion:
                 x = x + sigma * torch.randn_like(x)
         return x
 
+    @torch.no_grad()
+    def dpm_solver_sample_loop(
+        self, model_fn: ModelFn, noise: torch.Tensor, clip: bool = False, progress: bool = False
+    ) -> torch.Tensor:
+        """DPM-Solver++(2M) (Lu et al., 2022): the probability-flow ODE in data prediction,
+        second order from the previous step's ``x0``, one network evaluation per step.
+
+        In half-log-SNR ``lambda = log(alpha / sigma)``, with ``h = lambda_next - lambda``, a step
+        is ``x_next = (sigma_next / sigma) x - alpha_next (exp(-h) - 1) D``: ``D = x0`` is DDIM,
+        ``D = x0 + (x0 - x0_prev) / (2r)`` with ``r = h_prev / h`` the second-order update. The
+        last step, to the clean data (``sigma = 0``, ``h`` infinite), is first order: ``x0``.
+        """
+        x = noise
+        x0_prev = h_prev = None
+        for i in self._loop(progress):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            x0 = self.p_mean_variance(model_fn(x, self.model_timesteps(t)), x, t, clip)["pred_x0"]
+            abar, abar_next = (float(self._tables[name][i]) for name in ("alphas_cumprod", "alphas_cumprod_prev"))
+            if abar_next >= 1.0:
+                return x0
+            (alpha, sigma), (alpha_next, sigma_next) = ((math.sqrt(a), math.sqrt(1 - a)) for a in (abar, abar_next))
+            h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)
+            D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
+            x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * D
+            x0_prev, h_prev = x0, h
+        return x
+
 
 def space_timesteps(num_steps: int, spacing: str | int) -> np.ndarray:
     """The steps a respaced diffusion keeps: ``"250"`` (or 250) spreads 250 steps evenly over
     ``[0, num_steps)``, first and last included; ``"ddim50"`` takes every i-th step from 0 with
-    the stride i that gives exactly 50 (as IDDPM does), or spreads them evenly when no stride does."""
+    the stride i that gives exactly 50 (as IDDPM does), or spreads them evenly when no stride
+    does; ``"logsnr20"`` spreads 20 evenly in log-SNR, first and last included."""
     text = str(spacing)
-    count = int(text.removeprefix("ddim"))
+    count = int(text.removeprefix("ddim").removeprefix("logsnr"))
     # One kept step would be t = 0 alone: no noise level to start from.
     if not 2 <= count <= num_steps:
         raise ValueError(f"a respaced diffusion takes 2 to {num_steps} steps, got {count}")
@@ -194,7 +221,23 @@ def space_timesteps(num_steps: int, spacing: str | int) -> np.ndarray:
         for stride in range(1, num_steps):
             if len(range(0, num_steps, stride)) == count:
                 return np.arange(0, num_steps, stride)
+    if text.startswith("logsnr"):
+        return _logsnr_steps(num_steps, count)
     return np.unique(np.round(np.linspace(0, num_steps - 1, count)).astype(np.int64))
+
+
+def _logsnr_steps(num_steps: int, count: int) -> np.ndarray:
+    """``count`` steps from the last to the first, even in half-log-SNR ``log(alpha / sigma)``:
+    the grid DPM-Solver++ takes for its multistep extrapolation, whose step ratio is then 1. Each
+    is the nearest original step, moved up where two would coincide (near t = 0, where the
+    log-SNR changes fastest)."""
+    abar = np.cumprod(1.0 - linear_betas(num_steps))
+    lam = 0.5 * np.log(abar / (1.0 - abar))  # decreasing in t
+    targets = np.linspace(lam[0], lam[-1], count)
+    steps = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+    for i in range(1, count):
+        steps[i] = max(steps[i], steps[i - 1] + 1)
+    return np.minimum(steps, num_steps - count + np.arange(count))
 
 
 def create_diffusion(

@@ -13,7 +13,8 @@ only the routed experts run through ``moe_ffn``. Its stacked weights already fit
 ``gate_up_proj [E, 2I, D]`` (gate rows first) and ``down_proj [E, D, I]`` are ``w_in`` and
 ``w_out`` transposed, so they are passed as views, never copied.
 
-Experts this path does not cover (biases, interleaved gate/up, a custom gate, a post-expert norm,
+Expert biases (``gate_up_proj_bias``/``up_proj_bias`` and ``down_proj_bias``) are added inside
+the expert GEMMs. Experts this path does not cover (interleaved gate/up, a custom gate, a post-expert norm,
 an activation ``moe_ffn`` lacks, expert parallelism inside transformers) run through
 transformers' own ``grouped_mm`` implementation, with a warning saying why, once per class.
 """
@@ -36,8 +37,6 @@ _warned: set[type] = set()
 def _activation(experts: torch.nn.Module) -> tuple[str | None, str]:
     """``moe_ffn``'s activation for this experts module, or ``None`` and why it has none."""
     act = getattr(experts.config, "hidden_act", None)
-    if getattr(experts, "has_bias", False):
-        return None, "its experts have biases"
     if getattr(experts, "has_post_expert_norm", False):
         return None, "its experts have a post-expert norm"
     if getattr(experts, "_is_expert_parallel", False):
@@ -49,6 +48,14 @@ def _activation(experts: torch.nn.Module) -> tuple[str | None, str]:
             return None, "it has a custom gate"
         return _GATED.get(act), f"its gated activation {act!r} is not SiLU"
     return _PLAIN.get(act), f"its activation {act!r} is not one of {sorted(_PLAIN)}"
+
+
+def _biases(experts: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``b_in [E, 2I or I]`` and ``b_out [E, D]``, or ``None`` for experts without biases."""
+    if not getattr(experts, "has_bias", False):
+        return None, None
+    b_in = experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
+    return b_in, experts.down_proj_bias
 
 
 def _weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +94,11 @@ def register(backend: str | None = None) -> str:
                 )
             return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         w_in, w_out = _weights(self)
+        b_in, b_out = _biases(self)
         x = hidden_states.to(w_in.dtype)
-        y = moe_ffn(x, top_k_weights, top_k_index, w_in, w_out, activation=activation, backend=backend)
+        y = moe_ffn(
+            x, top_k_weights, top_k_index, w_in, w_out, activation=activation, backend=backend, b_in=b_in, b_out=b_out
+        )
         return y.to(hidden_states.dtype)
 
     ExpertsInterface.register(NAME, experts_forward)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import moe_kernels as mk
-from moe_kernels.parallel import expert_parallel
+from moe_kernels.parallel import EXPERT_PARAMETERS, expert_parallel
 from tests.distributed.helpers import run_processes
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -51,7 +51,7 @@ def _check_against_unsharded(rank: int, world_size: int, backend: str) -> None:
     # Uneven token counts, a rank with no tokens at all (it sends nothing), k=1 and k=E.
     for num_experts, top_k, counts, options in (
         (8, 2, [7, 0, 5, 3], {}),
-        (4, 1, [6, 9, 1, 4], {}),
+        (4, 1, [6, 9, 1, 4], dict(expert_biases=True, activation="gelu_tanh")),
         (4, 4, [3, 5, 2, 6], {}),
         (8, 3, [4, 6, 0, 5], DEEPSEEK),
     ):
@@ -76,14 +76,15 @@ def _check_against_unsharded(rank: int, world_size: int, backend: str) -> None:
         torch.testing.assert_close(x.grad, x_all.grad[rows], **TOL)
         local = num_experts // world_size
         experts = slice(rank * local, (rank + 1) * local)
-        for name in ("w_in", "w_out"):
+        sharded = [name for name in EXPERT_PARAMETERS if getattr(layer, name) is not None]
+        for name in sharded:
             grad = getattr(layer, name).grad
             assert grad.placements == getattr(layer, name).placements
             torch.testing.assert_close(grad.to_local(), getattr(reference, name).grad[experts], **TOL)
         # Replicated parameters: this rank's part; summed over ranks, the unsharded gradient.
         full = dict(reference.named_parameters())
         for name, mine in layer.named_parameters():
-            if name not in ("w_in", "w_out"):
+            if name not in sharded:
                 total = mine.grad.clone()
                 dist.all_reduce(total)
                 torch.testing.assert_close(total, full[name].grad, **TOL, msg=lambda m: f"{name}: {m}")

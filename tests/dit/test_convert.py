@@ -50,9 +50,11 @@ class SwiGLU(nn.Module):
 
 
 class OfficialBlock(nn.Module):
-    def __init__(self, flash):
+    """A DiT-MoE block, or with ``dense`` the original DiT release's (timm's ``mlp.fc1/fc2``)."""
+
+    def __init__(self, flash, dense=False):
         super().__init__()
-        self.flash = flash
+        self.flash, self.dense = flash, dense
         self.attn = nn.Module()
         if flash:
             self.attn.Wqkv, self.attn.out_proj = linear(D, 3 * D), linear(D, D)
@@ -62,11 +64,15 @@ class OfficialBlock(nn.Module):
                 nn.init.normal_(norm.bias, 0.0, 0.2)
         else:
             self.attn.qkv, self.attn.proj = linear(D, 3 * D), linear(D, D)
-        self.moe = nn.Module()
-        self.moe.gate = nn.Module()
-        self.moe.gate.weight = nn.Parameter(torch.randn(E, D))
-        self.moe.experts = nn.ModuleList(SwiGLU(D, 4 * D) for _ in range(E))
-        self.moe.shared_experts = SwiGLU(D, 2 * D)
+        if dense:
+            self.mlp = nn.Module()
+            self.mlp.fc1, self.mlp.fc2 = linear(D, 4 * D), linear(4 * D, D)
+        else:
+            self.moe = nn.Module()
+            self.moe.gate = nn.Module()
+            self.moe.gate.weight = nn.Parameter(torch.randn(E, D))
+            self.moe.experts = nn.ModuleList(SwiGLU(D, 4 * D) for _ in range(E))
+            self.moe.shared_experts = SwiGLU(D, 2 * D)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), linear(D, 6 * D))
 
     def attention(self, x):
@@ -80,6 +86,8 @@ class OfficialBlock(nn.Module):
         return (self.attn.out_proj if self.flash else self.attn.proj)(out)
 
     def moe_forward(self, x):
+        if self.dense:
+            return self.mlp.fc2(F.gelu(self.mlp.fc1(x), approximate="tanh"))
         flat = x.reshape(-1, D)
         probs = torch.softmax(flat @ self.moe.gate.weight.T, dim=-1)
         top_w, top_i = probs.topk(2, dim=-1)
@@ -97,7 +105,7 @@ class OfficialBlock(nn.Module):
 
 
 class OfficialDiTMoE(nn.Module):
-    def __init__(self, flash=False):
+    def __init__(self, flash=False, dense=False):
         super().__init__()
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv2d(C, D, PATCH, PATCH)
@@ -106,7 +114,7 @@ class OfficialDiTMoE(nn.Module):
         self.t_embedder.mlp = nn.Sequential(linear(256, D), nn.SiLU(), linear(D, D))
         self.y_embedder = nn.Module()
         self.y_embedder.embedding_table = nn.Embedding(CLASSES + 1, D)
-        self.blocks = nn.ModuleList(OfficialBlock(flash) for _ in range(DEPTH))
+        self.blocks = nn.ModuleList(OfficialBlock(flash, dense) for _ in range(DEPTH))
         self.final_layer = nn.Module()
         self.final_layer.linear = linear(D, PATCH * PATCH * 2 * C)
         self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), linear(D, 2 * D))
@@ -128,11 +136,15 @@ class OfficialDiTMoE(nn.Module):
         return x.reshape(-1, 2 * C, SIZE, SIZE)
 
 
-@pytest.mark.parametrize("flash", [False, True], ids=["timm-attention", "flash-attention"])
+@pytest.mark.parametrize(
+    "flash, dense",
+    [(False, False), (True, False), (False, True)],
+    ids=["timm-attention", "flash-attention", "dense-dit"],
+)
 @pytest.mark.parametrize("wrapper", [None, "ema", "model"])
-def test_converted_model_matches_the_official_one(flash, wrapper):
+def test_converted_model_matches_the_official_one(flash, dense, wrapper):
     torch.manual_seed(0)
-    official = OfficialDiTMoE(flash).eval()
+    official = OfficialDiTMoE(flash, dense).eval()
     state = official.state_dict()
     ckpt = state if wrapper is None else {wrapper: state, "opt": {}}
     converted = convert_official(ckpt)
@@ -141,7 +153,7 @@ def test_converted_model_matches_the_official_one(flash, wrapper):
         D,
         DEPTH,
         HEADS,
-        E,
+        0 if dense else E,
         flash,
     )
     assert (config.input_size, config.in_channels, config.num_classes, config.learn_sigma) == (SIZE, C, CLASSES, True)

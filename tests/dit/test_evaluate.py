@@ -86,3 +86,92 @@ def test_errors(tmp_path):
         main([str(tmp_path / "a.npz"), str(tmp_path / "a.npz")])
     with pytest.raises(SystemExit, match="does not exist"):
         main([str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--inception-weights", str(tmp_path / "none.pt")])
+
+
+def _adm_frechet(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """ADM's frechet_distance, as its evaluator computes it: scipy's sqrtm of the product, a small
+    offset where it is not finite, and the real part."""
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real)
+
+
+@pytest.mark.parametrize("features", [16, 256])
+def test_fid_from_statistics_equals_adms_frechet_distance(features):
+    from dit.evaluate import frechet_from_statistics
+
+    rng = np.random.default_rng(features)
+    a = rng.normal(size=(4 * features, features)) @ rng.normal(size=(features, features)) / features**0.5
+    b = rng.normal(size=(3 * features, features)) @ rng.normal(size=(features, features)) / features**0.5 + 0.3
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    ours = frechet_from_statistics(*stats[0], *stats[1])
+    assert ours == pytest.approx(_adm_frechet(*stats[0], *stats[1]), abs=1e-6)
+    assert frechet_from_statistics(*stats[0], *stats[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+class SpatialInception(torch.nn.Module):
+    """A stand-in with the TorchScript port's layout: ``layers.conv`` ... ``layers.mixed_6.conv``
+    (each a cheap map), so the spatial path runs as it would on the real network."""
+
+    def __init__(self):
+        super().__init__()
+        from dit.evaluate import SPATIAL_LAYERS
+
+        self.layers = torch.nn.Module()
+        for name in SPATIAL_LAYERS:
+            setattr(self.layers, name, torch.nn.Identity())
+        self.layers.pool1 = torch.nn.AdaptiveAvgPool2d(17)
+        self.layers.mixed_6 = torch.nn.Module()
+        self.layers.mixed_6.conv = torch.nn.Conv2d(3, 8, 1)
+        self.pool = FakeInception()
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
+        return self.pool(img, return_features, no_output_bias)
+
+
+def test_adm_reference_batch_statistics_are_used_as_published(tmp_path):
+    """A reference batch with precomputed mu/sigma (pool) and mu_s/sigma_s (spatial): FID and
+    sFID come from them, as ADM's evaluator takes them; without them, from the images."""
+    from dit.evaluate import Inception, inception_metrics, load_reference_statistics, statistics
+
+    weights = tmp_path / "inception.pt"
+    torch.jit.script(SpatialInception()).save(str(weights))
+    _digits_npz(tmp_path / "samples.npz")
+    samples = np.load(tmp_path / "samples.npz")["arr_0"][:40]
+    reference = np.random.default_rng(1).integers(0, 256, (48, 8, 8, 1), dtype=np.uint8)
+    net = Inception(weights, torch.device("cpu"))
+    pool = statistics(net.run(reference, 50, return_features=True).double().numpy())
+    spatial = statistics(net.spatial(reference, 50).double().numpy())
+    assert net.spatial(reference[:2], 50).shape == (2, 7 * 17 * 17)
+    np.savez(tmp_path / "ref.npz", arr_0=reference, mu=pool[0], sigma=pool[1], mu_s=spatial[0], sigma_s=spatial[1])
+    stats = load_reference_statistics(tmp_path / "ref.npz")
+    from_stats = inception_metrics(samples, reference, weights, 50, reference_statistics=stats)
+    from_images = inception_metrics(samples, reference, weights, 50)
+    assert from_stats["fid"] == pytest.approx(from_images["fid"], rel=1e-9)
+    assert from_stats["sfid"] == pytest.approx(from_images["sfid"], rel=1e-9) and from_stats["sfid"] > 0
+    assert from_stats["reference_statistics"] == ["pool", "spatial"]
+    # Statistics that differ from the images' are what FID follows: they are the reference.
+    np.savez(tmp_path / "shifted.npz", arr_0=reference, mu=pool[0] + 1.0, sigma=pool[1])
+    shifted = inception_metrics(
+        samples, reference, weights, 50, reference_statistics=load_reference_statistics(tmp_path / "shifted.npz")
+    )
+    assert shifted["fid"] != pytest.approx(from_images["fid"])
+    # A network without spatial layers: sFID is None, with a note saying why.
+    plain = tmp_path / "plain.pt"
+    torch.jit.script(FakeInception()).save(str(plain))
+    result = inception_metrics(samples, reference, plain, 50, reference_statistics=stats)
+    assert result["sfid"] is None and "mixed_6/conv" in result["notes"][0]
+
+
+def test_bad_reference_statistics(tmp_path):
+    from dit.evaluate import load_reference_statistics
+
+    np.savez(tmp_path / "half.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8), mu=np.zeros(4))
+    with pytest.raises(ValueError, match="only one of mu and sigma"):
+        load_reference_statistics(tmp_path / "half.npz")
+    np.savez(tmp_path / "shape.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8), mu=np.zeros(4), sigma=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"sigma \[F, F\]"):
+        load_reference_statistics(tmp_path / "shape.npz")

@@ -4,15 +4,20 @@ import torch
 from dit.flops import PAPER, count, main
 from dit.models import create_model, parse_model_name
 
+UPCYCLED = dict(expert_activation="gelu_tanh", expert_biases=True)
+
 
 @pytest.mark.parametrize("name", ["DiT-MoE-S/2-8E2A", "DiT-S/2", "DiT-MoE-Ti/4-4E1A", "DiT-B/8"])
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_parameter_count_matches_the_model(name, qk_norm):
+@pytest.mark.parametrize("options", [{}, dict(qk_norm=True), UPCYCLED])
+def test_parameter_count_matches_the_model(name, options):
     with torch.device("meta"):
-        model = create_model(name, qk_norm=qk_norm)
+        model = create_model(name, **options)
     counts = count(model.config)
     assert counts.params == sum(p.numel() for p in model.parameters())
-    routed = sum(m.w_in.numel() + m.w_out.numel() for m in model.moe_layers())
+    routed = sum(
+        sum(p.numel() for p in (m.w_in, m.w_out, m.b_in, m.b_out) if p is not None) for m in model.moe_layers()
+    )
+    assert counts.expert_params == routed
     config = model.config
     expected_active = counts.params - routed + routed * config.top_k // max(config.num_experts, 1)
     assert counts.active_params == expected_active

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import dit
 import moe_kernels as mk
 from dit.models import DiTConfig, coerce_override
-from dit.sampling import guided
+from dit.sampling import check_steps, guided
 
 EXAMPLES = settings(max_examples=40, deadline=None, derandomize=True)
 TEXTS = st.one_of(
@@ -89,15 +89,21 @@ def parse(command: str, argv: list[str]) -> tuple[argparse.Namespace | None, str
 @given(text=TEXTS)
 def test_a_flag_accepts_what_its_rule_accepts(command, required, flag, action, text):
     rule = action.type.rule
-    args, err = parse(command, [*required, f"{flag}={text}"])  # "=": "-1e3" is no option
+    if isinstance(action.nargs, int):  # --cfg-interval LO HI: the value for each
+        args, err = parse(command, [*required, flag, *[text] * action.nargs])
+    else:
+        args, err = parse(command, [*required, f"{flag}={text}"])  # "=": "-1e3" is no option
     try:
         expected = rule.check(flag, int(text) if rule.integer else float(text))
     except (TypeError, ValueError):
         expected = None
     if expected is None:
-        assert args is None and flag in err and f"expected {rule.wanted}" in err, err
+        # Several values cannot take the "=" form, and argparse reads "-1e3" as an option there.
+        bare = isinstance(action.nargs, int) and text.startswith("-")
+        assert args is None and (bare or (flag in err and f"expected {rule.wanted}" in err)), err
     else:
-        assert args is not None and getattr(args, action.dest) in (expected, [expected])
+        wanted = [expected] * action.nargs if isinstance(action.nargs, int) else expected
+        assert args is not None and getattr(args, action.dest) in (wanted, [wanted])
 
 
 # Flags that feed a Python API: the CLI and the API must accept the same values.
@@ -116,6 +122,7 @@ FEEDS = {
     ("train", "--cfg-scale"): _guided,
     ("sample", "--cfg-scale"): _guided,
     ("analyze", "--cfg-scale"): _guided,
+    ("sample", "--time-shift"): lambda v: check_steps(DiTConfig(objective="rectified-flow"), None, None, None, v),
 }
 
 

@@ -54,3 +54,57 @@ def test_bf16_inference_weights_change_nothing_but_the_rounding_autocast_does_an
     assert moe.w_in.to(torch.bfloat16) is moe.w_in  # no copy of the experts on each forward
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     assert inference_weights(model, "fp32") is model
+
+
+def test_guidance_over_the_full_interval_is_plain_guidance_bit_for_bit():
+    torch.manual_seed(0)
+    model = create_model("DiT-Ti/2", input_size=8, in_channels=1, num_classes=10, moe_backend="torch").eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    labels, x = torch.tensor([1, 8]), torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        for t in (0, 500, 999):
+            times = torch.tensor([t, t])
+            plain = guided(model, labels, 4.0)(x, times)
+            assert torch.equal(guided(model, labels, 4.0, (0.0, 1.0))(x, times), plain)
+
+
+def test_guidance_interval_guides_only_inside_it():
+    labels, x = torch.tensor([3, 7]), torch.randn(2, 1, 2, 2)
+    model_fn = guided(LabelEcho(), labels, 4.0, (0.2, 0.6))
+    cond = labels.float().reshape(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+    for t, scale in ((100, 1.0), (200, 4.0), (450, 4.0), (600, 4.0), (700, 1.0)):
+        out = model_fn(x, torch.tensor([t, t]))
+        torch.testing.assert_close(out[:, :1], 10.0 + scale * (cond - 10.0), msg=f"t={t}")
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.2), (-0.1, 0.5), (0.0, 1.5), (0.1,)])
+def test_bad_guidance_intervals(interval):
+    with pytest.raises(ValueError, match="cfg_interval"):
+        guided(LabelEcho(), torch.tensor([1]), 4.0, interval)
+
+
+@pytest.mark.parametrize(
+    "objective, sampler",
+    [("diffusion", "euler"), ("diffusion", "heun"), ("rectified-flow", "ddpm"), ("rectified-flow", "dpm++2m")],
+)
+def test_a_sampler_of_the_other_objective_is_refused(objective, sampler):
+    from dit.sampling import check_steps
+
+    config = SimpleNamespace(objective=objective)
+    with pytest.raises(ValueError, match="does not fit a model trained with"):
+        check_steps(config, 10, sampler)
+
+
+@pytest.mark.parametrize("objective, sampler", [("diffusion", "dpm++2m"), ("rectified-flow", "heun")])
+def test_the_new_samplers_generate(objective, sampler):
+    from dit.sampling import generate
+
+    torch.manual_seed(0)
+    model = create_model(
+        "DiT-MoE-Ti/2-4E2A", input_size=8, in_channels=1, num_classes=10, objective=objective,
+        learn_sigma=objective == "diffusion", moe_backend="torch",
+    ).eval()  # fmt: skip
+    out = generate(model, torch.tensor([0, 5]), 2.0, 4, sampler, seed=0,
+                   cfg_interval=(0.1, 0.9), time_shift=2.0 if objective == "rectified-flow" else 1.0)  # fmt: skip
+    assert out.shape == (2, 1, 8, 8) and out.isfinite().all()

@@ -227,3 +227,39 @@ def test_image_folder_and_latent_directories(tmp_path):
     _, config = ckpt.load_weights(run_dir / "checkpoints" / "0000001")
     assert (config.in_channels, config.input_size, config.num_classes, config.latent) == (4, 4, 3, True)
     assert "no sample grid" in (run_dir / "log.txt").read_text()
+
+
+def test_init_starts_a_new_run_from_upcycled_weights(tmp_path, capsys):
+    from dit.upcycle import main as upcycle_main
+
+    common = ["--global-batch-size", "16", "--sample-steps", "2", "--log-every", "1"]
+    train_main(["--model", "DiT-Ti/2", *common, "--steps", "2", "--results-dir", str(tmp_path / "dense")])
+    dense = ckpt.latest_checkpoint(next((tmp_path / "dense").iterdir()) / "checkpoints")
+    upcycled = tmp_path / "upcycled.safetensors"
+    upcycle_main(["--dense", str(dense), "--model", "DiT-MoE-Ti/2-4E2A", "--out", str(upcycled)])
+    train_main(
+        ["--init", str(upcycled), *common, "--steps", "1", "--lr", "1e-12", "--results-dir", str(tmp_path / "moe")]
+    )
+    run_dir = sorted((tmp_path / "moe").iterdir())[-1]
+    assert run_dir.name.endswith("DiT-MoE-Ti-2-4E2A")
+    assert f"initialised from {upcycled}" in (run_dir / "log.txt").read_text()
+    start = load_file(upcycled)
+    trained = load_file(run_dir / "checkpoints" / "0000001" / "model.safetensors")
+    assert start.keys() == trained.keys()
+    for key in start:
+        torch.testing.assert_close(trained[key], start[key], atol=1e-9, rtol=0)
+
+    bad = [
+        (["--model", "DiT-MoE-Ti/2-8E2A"], "contradicts --init"),
+        (["--set", "mlp_ratio=2"], "--set cannot change"),
+        (["--objective", "rectified-flow"], "contradicts --init"),
+        (["--image-size", "16"], "does not fit the data"),
+    ]
+    for extra, match in bad:
+        with pytest.raises(SystemExit, match=match):
+            train_main(
+                ["--init", str(upcycled), *common, "--steps", "1", "--results-dir", str(tmp_path / "bad"), *extra]
+            )
+    with pytest.raises(SystemExit):
+        train_main(["--init", str(upcycled), "--resume", "latest", "--results-dir", str(tmp_path / "moe")])
+    assert "give one of them" in capsys.readouterr().err

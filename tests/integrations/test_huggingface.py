@@ -197,3 +197,49 @@ def test_experts_stored_transposed_match_eager():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for param, grad in want_grads.items():
         torch.testing.assert_close(got_grads[param], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{param}: {m}")
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_experts_with_biases_are_served(gated):
+    """Experts with biases (as GPT-2-style MLPs upcycled into experts have) run through moe_ffn,
+    with the biases inside its GEMMs: the same outputs and gradients as transformers' grouped_mm."""
+    from transformers.integrations.moe import use_experts_implementation
+
+    E, D, inner = 4, 16, 12
+
+    @use_experts_implementation(has_bias=True, has_gate=gated)
+    class BiasedExperts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = E
+            width = 2 * inner if gated else inner
+            name = "gate_up_proj" if gated else "up_proj"
+            setattr(self, name, torch.nn.Parameter(torch.randn(E, width, D) / 4))
+            setattr(self, name + "_bias", torch.nn.Parameter(torch.randn(E, width)))
+            self.down_proj = torch.nn.Parameter(torch.randn(E, D, inner) / 4)
+            self.down_proj_bias = torch.nn.Parameter(torch.randn(E, D))
+            self.act_fn = transformers.activations.ACT2FN[config.hidden_act]
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            raise AssertionError("the eager forward is not under test")
+
+    name = mk_hf.register(backend="torch")
+    config = transformers.PretrainedConfig(hidden_act="silu" if gated else "gelu_pytorch_tanh")
+    torch.manual_seed(0)
+    experts = BiasedExperts(config)
+    x = torch.randn(9, D)
+    top_k_index = torch.rand(9, E).argsort(dim=1)[:, :2]
+    top_k_weights = torch.rand(9, 2)
+    results = {}
+    for implementation in ("grouped_mm", name):
+        config._experts_implementation = implementation
+        experts.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = experts(x, top_k_index, top_k_weights)
+        y.square().sum().backward()
+        results[implementation] = (y.detach(), {n: p.grad.clone() for n, p in experts.named_parameters()})
+    (want, want_grads), (got, got_grads) = results["grouped_mm"], results[name]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for param, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[param], grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{param}: {m}")

@@ -53,6 +53,53 @@ def test_moe_ffn_matches_reference(backend, dtype, activation, T, D, H, E, k, ro
         assert_close_to_reference(got, want, dtype, name)
 
 
+def _biases(E, D, w_in, dtype):
+    b_in = torch.randn(E, w_in.shape[2], device=DEVICE).to(dtype).requires_grad_()
+    b_out = torch.randn(E, D, device=DEVICE).to(dtype).requires_grad_()
+    return b_in, b_out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
+@pytest.mark.parametrize("T,D,H,E,k,routing", CASES)
+def test_expert_biases_match_reference(backend, dtype, activation, T, D, H, E, k, routing):
+    """Biases added in the GEMM epilogues; their gradients summed inside the weight-gradient kernel."""
+    x, weights, experts, w_in, w_out = _inputs(T, D, H, E, k, routing, activation, dtype)
+    b_in, b_out = _biases(E, D, w_in, dtype)
+    y = mk.moe_ffn(x, weights, experts, w_in, w_out, activation, backend, b_in=b_in, b_out=b_out)
+    ref = reference.moe_ffn(
+        x.double(), weights.double(), experts, w_in.double(), w_out.double(), activation, b_in.double(), b_out.double()
+    )
+    assert_close_to_reference(y, ref, dtype, "y")
+    grad_y = torch.randn_like(ref)
+    inputs = [x, weights, w_in, w_out, b_in, b_out]
+    names = ("dx", "dweights", "dw_in", "dw_out", "db_in", "db_out")
+    for name, got, want in zip(names, grads(y, inputs, grad_y), grads(ref, inputs, grad_y)):
+        assert got.dtype == (weights.dtype if name == "dweights" else dtype)
+        assert_close_to_reference(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wanted", ["b_in", "b_out", "b_in,b_out", "x,b_out"])
+def test_bias_gradients_alone(backend, wanted):
+    """Training only the biases (frozen expert matrices) computes no weight gradient."""
+    x, weights, experts, w_in, w_out = _inputs(13, 16, 12, 4, 2, "random", "swiglu", torch.float32)
+    b_in, b_out = _biases(4, 16, w_in, torch.float32)
+    tensors = dict(x=x, b_in=b_in, b_out=b_out)
+    chosen = wanted.split(",")
+    frozen = {name: t if name in chosen else t.detach() for name, t in tensors.items()}
+    y = mk.moe_ffn(
+        frozen["x"], weights.detach(), experts, w_in.detach(), w_out.detach(), "swiglu", backend,
+        b_in=frozen["b_in"], b_out=frozen["b_out"],
+    )  # fmt: skip
+    got = torch.autograd.grad(y.square().sum(), [frozen[name] for name in chosen])
+    ref = reference.moe_ffn(x, weights, experts, w_in, w_out, "swiglu", b_in, b_out)
+    want = torch.autograd.grad(ref.square().sum(), [tensors[name] for name in chosen])
+    for name, g, w in zip(chosen, got, want):
+        assert_close_to_reference(g, w, torch.float32, name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs_int32_experts_and_expanded_gradient(backend):
     x, weights, experts, w_in, w_out = _inputs(11, 24, 16, 4, 2, "random", "swiglu", torch.float32)
@@ -163,6 +210,12 @@ def _bad(**changes):
         (_bad(w_out=torch.randn(2, 6, 8)), ValueError, "w_out"),
         (_bad(activation="gelu"), ValueError, "w_out"),
         (_bad(activation="tanh"), ValueError, "activation"),
+        (_bad(b_in=torch.randn(3, 6)), ValueError, "b_in"),
+        (_bad(b_in=torch.randn(2, 12)), ValueError, "b_in"),
+        (_bad(b_in=torch.randn(3, 12).half()), TypeError, "b_in"),
+        (_bad(b_out=torch.randn(3, 8, 1)), ValueError, "b_out"),
+        (_bad(b_out=torch.randn(3, 6)), ValueError, "b_out"),
+        (_bad(b_out=[0.0] * 8), TypeError, "b_out"),
     ],
 )
 def test_bad_input_raises(args, error, match):

@@ -9,7 +9,7 @@ from tests.moe_kernels.helpers import BACKENDS, DEVICE
 def _reference_forward(layer: mk.MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = x.reshape(-1, layer.dim)
     weights, experts, probs = reference.topk_gating(layer.router(tokens), layer.top_k, layer.normalize_weights)
-    y = reference.moe_ffn(tokens, weights, experts, layer.w_in, layer.w_out, layer.activation)
+    y = reference.moe_ffn(tokens, weights, experts, layer.w_in, layer.w_out, layer.activation, layer.b_in, layer.b_out)
     if layer.shared is not None:
         y = y + layer.shared(tokens)
     aux = reference.balance_loss(probs, experts, layer.num_experts, layer.balance_loss_alpha)
@@ -23,6 +23,8 @@ def _reference_forward(layer: mk.MoE, x: torch.Tensor) -> tuple[torch.Tensor, to
         dict(num_experts=4, top_k=2),
         dict(num_experts=3, top_k=1, num_shared_experts=0, activation="gelu"),
         dict(num_experts=4, top_k=4, normalize_weights=True, shared_hidden_dim=24, balance_loss_alpha=0.01),
+        dict(num_experts=4, top_k=2, activation="gelu_tanh", expert_biases=True),
+        dict(num_experts=3, top_k=2, expert_biases=True),
     ],
 )
 def test_forward_backward_match_reference(backend, kwargs):

@@ -44,24 +44,33 @@ def _op_cases(backend):
     yield grouped_mm_op, (x, w, offsets, backend)
     yield grouped_mm_wgrad_op, (x.detach(), torch.randn(14, H, device=DEVICE), offsets, backend)
     x, weights, experts, w_in, w_out = _routed()
-    yield moe_ffn_op, (x, weights, experts, w_in, w_out, "swiglu", backend, True, True, True)
+    b_in, b_out = _leaf(E, 2 * H), _leaf(E, D)
+    yield moe_ffn_op, (x, weights, experts, w_in, w_out, None, None, "swiglu", backend, True, True, True)
+    yield moe_ffn_op, (x, weights, experts, w_in, w_out, b_in, b_out, "swiglu", backend, True, True, True)
     yield (
         moe_ffn_op,
-        (x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), "swiglu", backend, False, False, False),
+        (x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), None, None)
+        + ("swiglu", backend, False, False, False),
     )
-    yield moe_ffn_op, (x, weights, experts, _leaf(E, D, H), w_out, "gelu", backend, True, True, True)
+    yield moe_ffn_op, (x, weights, experts, _leaf(E, D, H), w_out, _leaf(E, H), None, "gelu", backend, True, True, True)
     saved = moe_ffn_op(
-        x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), "swiglu", backend, True, True, True
+        x.detach(),
+        weights.detach(),
+        experts,
+        w_in.detach(),
+        w_out.detach(),
+        None,
+        None,
+        "swiglu",
+        backend,
+        True,
+        True,
+        True,
     )
     frozen = (x.detach(), weights.detach(), w_in.detach(), w_out.detach())
-    yield (
-        moe_ffn_backward_op,
-        (torch.randn(T, D, device=DEVICE), *frozen, *saved[1:], "swiglu", backend, True, True, True, True),
-    )
-    yield (
-        moe_ffn_backward_op,
-        (torch.randn(T, D, device=DEVICE), *frozen, *saved[1:], "swiglu", backend, True, False, False, False),
-    )
+    grad_y = torch.randn(T, D, device=DEVICE)
+    for needs in ((True,) * 6, (True, False, False, False, False, False), (False,) * 4 + (True, True)):
+        yield moe_ffn_backward_op, (grad_y, *frozen, *saved[1:], "swiglu", backend, *needs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -84,7 +93,9 @@ def test_ops_are_registered_in_the_moe_kernels_namespace(backend):
     for name in names:
         assert hasattr(torch.ops.moe_kernels, name)
     x, weights, experts, w_in, w_out = _routed()
-    y = torch.ops.moe_kernels.moe_ffn(x, weights, experts, w_in, w_out, "swiglu", backend, True, True, True)[0]
+    y = torch.ops.moe_kernels.moe_ffn(
+        x, weights, experts, w_in, w_out, None, None, "swiglu", backend, True, True, True
+    )[0]
     y.square().sum().backward()  # differentiable when called through torch.ops too
     ref_x = x.detach().clone().requires_grad_()
     reference.moe_ffn(ref_x, weights, experts, w_in, w_out).square().sum().backward()
@@ -118,7 +129,7 @@ def test_plain_eager_calls_skip_the_dispatcher_and_agree_with_it(backend, monkey
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_gradient_whose_inputs_were_not_saved_is_refused(backend):
     x, weights, experts, w_in, w_out = _routed()
-    y = moe_ffn_op(x, weights, experts, w_in, w_out, "swiglu", backend, True, False, True)[0]
+    y = moe_ffn_op(x, weights, experts, w_in, w_out, None, None, "swiglu", backend, True, False, True)[0]
     with pytest.raises(RuntimeError, match="gradient of w_out needs what save_h=True keeps"):
         y.sum().backward()
 
