@@ -1,7 +1,8 @@
 // dit_sample: draw samples from a DiT-MoE exported by `python -m dit.export`, without Python.
 //
 //   dit_sample --package model.pt2 --out samples.npz [--num-samples 100] [--class C] [--seed 0]
-//              [--steps 250] [--cfg-scale 4] [--sampler ddpm|ddim|euler]
+//              [--steps 250] [--cfg-scale 4] [--sampler ddpm|ddim|dpm++2m|euler|heun]
+//              [--cfg-interval LO HI] [--time-shift S]
 //
 // Writes what `python -m dit.sample` writes: arr_0 uint8 [N, H, W, C], arr_1 int64 labels, with
 // its defaults. With the same seed, labels, sampler, steps and guidance, it draws the same noise
@@ -19,6 +20,7 @@
 #include <iostream>
 #include <map>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -32,14 +34,22 @@ struct Options {
   int64_t num_samples = 100, seed = 0, batch = 0;
   std::optional<int64_t> steps, class_label;
   std::optional<double> cfg_scale;
+  std::optional<std::pair<double, double>> cfg_interval;
+  double time_shift = 1.0;
 };
+
+// dit.sampling: the samplers of each objective, the first the default, with their default steps.
+const std::map<std::string, std::pair<std::string, int64_t>> kSamplers = {
+    {"ddpm", {"diffusion", 250}}, {"ddim", {"diffusion", 250}}, {"dpm++2m", {"diffusion", 20}},
+    {"euler", {"rectified-flow", 50}}, {"heun", {"rectified-flow", 25}}};
 
 // The defaults are dit.sample's; those that depend on the package say how.
 const char* kUsage =
     "usage: dit_sample --package MODEL.pt2 --out SAMPLES.npz [--num-samples N (100)] [--class C (all, in turn)]\n"
-    "                  [--seed S (0)] [--sampler ddpm|ddim|euler (ddpm; euler for rectified flow)]\n"
-    "                  [--steps K (250; 50 for euler)] [--cfg-scale G (4; 1 for a package exported without --cfg)]\n"
-    "                  [--batch B (checked against the package)]";
+    "                  [--seed S (0)] [--sampler ddpm|ddim|dpm++2m (ddpm) for diffusion, euler|heun (euler) for\n"
+    "                  rectified flow] [--steps K (ddpm, ddim 250; dpm++2m 20; euler 50; heun 25)]\n"
+    "                  [--cfg-scale G (4; 1 for a package exported without --cfg)] [--cfg-interval LO HI (all)]\n"
+    "                  [--time-shift S (1; rectified flow)] [--batch B (checked against the package)]";
 
 // The number rules of the Python command lines (moe_kernels.validation): a seed in [0, 2**32),
 // guidance a finite number in [0, 1e6], counts >= 1, a class >= 0.
@@ -52,10 +62,13 @@ int64_t to_int(const std::string& flag, const std::string& text, int64_t low, in
   return *value;
 }
 
-double to_coefficient(const std::string& flag, const std::string& text) {
+// A finite number in [low, high] (the interval open at `low` if `open_low`).
+double to_number(const std::string& flag, const std::string& text, double low, double high, bool open_low = false) {
   const std::optional<double> value = dit::whole_number(text);
-  if (!value || !std::isfinite(*value) || *value < 0 || *value > 1e6) {
-    throw std::invalid_argument(flag + " expects a finite number in [0, 1e+06], got '" + text + "'");
+  if (!value || !std::isfinite(*value) || *value < low || (open_low && *value == low) || *value > high) {
+    std::ostringstream wanted;
+    wanted << (open_low ? "(" : "[") << low << ", " << high << "]";
+    throw std::invalid_argument(flag + " expects a finite number in " + wanted.str() + ", got '" + text + "'");
   }
   return *value;
 }
@@ -69,6 +82,13 @@ Options parse(int argc, char** argv) {
       std::exit(0);
     }
     if (flag.rfind("--", 0) != 0 || i + 1 >= argc) throw std::invalid_argument("unexpected argument '" + flag + "'");
+    if (flag == "--cfg-interval") {  // the one flag of two values
+      if (i + 2 >= argc) throw std::invalid_argument("--cfg-interval expects two numbers, LO HI");
+      given[flag] = argv[i + 1];
+      given["--cfg-interval HI"] = argv[i + 2];
+      i += 2;
+      continue;
+    }
     given[flag] = argv[++i];
   }
   Options options;
@@ -81,12 +101,18 @@ Options parse(int argc, char** argv) {
     else if (flag == "--seed") options.seed = to_int(flag, value, 0, (int64_t{1} << 32) - 1);
     else if (flag == "--steps") options.steps = to_int(flag, value, 1, INT64_MAX);
     else if (flag == "--batch") options.batch = to_int(flag, value, 1, INT64_MAX);
-    else if (flag == "--cfg-scale") options.cfg_scale = to_coefficient(flag, value);
-    else throw std::invalid_argument("unknown flag " + flag);
+    else if (flag == "--cfg-scale") options.cfg_scale = to_number(flag, value, 0, 1e6);
+    else if (flag == "--time-shift") options.time_shift = to_number(flag, value, 0, 1e6, /*open_low=*/true);
+    else if (flag == "--cfg-interval") {
+      options.cfg_interval = {to_number(flag, value, 0, 1), to_number(flag, given.at("--cfg-interval HI"), 0, 1)};
+      if (options.cfg_interval->first > options.cfg_interval->second) {
+        throw std::invalid_argument("--cfg-interval expects LO <= HI, got " + value + " " + given.at("--cfg-interval HI"));
+      }
+    } else if (flag != "--cfg-interval HI") throw std::invalid_argument("unknown flag " + flag);
   }
   if (options.package.empty() || options.out.empty()) throw std::invalid_argument("--package and --out are required");
-  if (!options.sampler.empty() && options.sampler != "ddpm" && options.sampler != "ddim" && options.sampler != "euler") {
-    throw std::invalid_argument("--sampler must be ddpm, ddim or euler, got '" + options.sampler + "'");
+  if (!options.sampler.empty() && kSamplers.find(options.sampler) == kSamplers.end()) {
+    throw std::invalid_argument("--sampler must be ddpm, ddim, dpm++2m, euler or heun, got '" + options.sampler + "'");
   }
   return options;
 }
@@ -119,12 +145,16 @@ int main(int argc, char** argv) {
     const dit::PackageInfo info = dit::read_package_info(metadata);
     const bool flow = info.objective == "rectified-flow";
     const std::string sampler = options.sampler.empty() ? (flow ? "euler" : "ddpm") : options.sampler;
-    if ((sampler == "euler") != flow) {
+    if (kSamplers.at(sampler).first != info.objective) {
       throw std::invalid_argument("--sampler " + sampler + " does not fit a model trained with the " + info.objective +
-                                  " objective (ddpm or ddim for diffusion, euler for rectified-flow)");
+                                  " objective (ddpm, ddim or dpm++2m for diffusion, euler or heun for rectified-flow)");
     }
-    const int64_t steps = options.steps.value_or(flow ? 50 : 250);
-    if (!flow) dit::kept_timesteps(steps, static_cast<int64_t>(info.alphas_cumprod.size()), sampler == "ddim");
+    if (options.time_shift != 1.0 && !flow) {
+      throw std::invalid_argument("--time-shift applies to rectified-flow models; this one was trained with diffusion");
+    }
+    const int64_t steps = options.steps.value_or(kSamplers.at(sampler).second);
+    if (sampler == "dpm++2m") dit::logsnr_timesteps(steps, info.alphas_cumprod);
+    else if (!flow) dit::kept_timesteps(steps, static_cast<int64_t>(info.alphas_cumprod.size()), sampler == "ddim");
     if (options.class_label && *options.class_label >= info.num_classes) {
       throw std::invalid_argument("--class must be in [0, " + std::to_string(info.num_classes) + "), got " +
                                   std::to_string(*options.class_label));
@@ -144,6 +174,7 @@ int main(int argc, char** argv) {
     const at::Device device(info.device);
     const auto floats = at::TensorOptions().dtype(at::kFloat).device(device);
     const at::Tensor scale = at::full({1}, cfg_scale, floats);
+    const at::Tensor unguided = at::ones({1}, floats);
     int64_t evaluations = 0;
     double network_ms = 0;
 
@@ -179,7 +210,17 @@ int main(int argc, char** argv) {
       const at::Tensor noise = draw();
       const dit::Denoise evaluate = [&](const at::Tensor& x, const at::Tensor& t) {
         const auto begin = std::chrono::steady_clock::now();
-        at::Tensor out = loader.run({x, t, y, scale})[0];
+        // dit.sampling.guided: guidance only while t / 1000 lies in the interval, chosen on the
+        // device (the scale is the package's input), the conditional prediction elsewhere.
+        at::Tensor step_scale = scale;
+        if (options.cfg_interval) {
+          const at::Tensor time = t.narrow(0, 0, 1).to(at::kFloat) / static_cast<double>(dit::kNumTimesteps);
+          step_scale = at::where((time >= options.cfg_interval->first) & (time <= options.cfg_interval->second),
+                                 scale, unguided);
+        }
+        // The package reads its inputs as dense tensors: an expanded view (stride 0) would hand
+        // it one value and the memory past it.
+        at::Tensor out = loader.run({x.contiguous(), t.contiguous(), y, step_scale})[0];
         network_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - begin).count();
         ++evaluations;
         return out;
@@ -189,8 +230,10 @@ int main(int argc, char** argv) {
         x = dit::ddpm_sample(evaluate, noise, info.alphas_cumprod, steps, /*clip=*/true, info.learn_sigma, draw);
       } else if (sampler == "ddim") {
         x = dit::ddim_sample(evaluate, noise, info.alphas_cumprod, steps, /*clip=*/true);
+      } else if (sampler == "dpm++2m") {
+        x = dit::dpm_solver_sample(evaluate, noise, info.alphas_cumprod, steps, /*clip=*/true);
       } else {
-        x = dit::euler_sample(evaluate, noise, steps);
+        x = dit::flow_sample(evaluate, noise, steps, sampler == "heun", options.time_shift);
       }
       images.push_back(x.narrow(0, 0, n).cpu());
     }

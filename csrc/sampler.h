@@ -1,5 +1,6 @@
-// The samplers of dit.sampling, in C++: DDPM and DDIM (eta = 0) for diffusion models, Euler for
-// rectified flow, driven by a network evaluation and the schedule a dit.export package carries.
+// The samplers of dit.sampling, in C++: DDPM, DDIM (eta = 0) and DPM-Solver++(2M) for diffusion
+// models, Euler and Heun for rectified flow, driven by a network evaluation and the schedule a
+// dit.export package carries.
 #pragma once
 
 #include <ATen/Tensor.h>
@@ -12,6 +13,8 @@
 #include <vector>
 
 namespace dit {
+
+constexpr int64_t kNumTimesteps = 1000;  // dit.diffusion.NUM_TIMESTEPS
 
 // What a package's metadata says about its network and schedule.
 struct PackageInfo {
@@ -37,6 +40,11 @@ using Denoise = std::function<at::Tensor(const at::Tensor&, const at::Tensor&)>;
 // exactly `steps` if one does.
 std::vector<int64_t> kept_timesteps(int64_t steps, int64_t num_timesteps, bool ddim);
 
+// DPM-Solver++'s steps (dit.diffusion.space_timesteps "logsnrN"): `steps` even in half-log-SNR
+// log(alpha / sigma) from the first to the last, each the nearest original step, moved up where
+// two would coincide.
+std::vector<int64_t> logsnr_timesteps(int64_t steps, const std::vector<double>& alphas_cumprod);
+
 // Deterministic DDIM from x_T = noise; `clip` bounds the predicted x0 to [-1, 1] (pixels).
 at::Tensor ddim_sample(const Denoise& denoise, at::Tensor noise, const std::vector<double>& alphas_cumprod,
                        int64_t steps, bool clip);
@@ -46,7 +54,13 @@ at::Tensor ddim_sample(const Denoise& denoise, at::Tensor noise, const std::vect
 at::Tensor ddpm_sample(const Denoise& denoise, at::Tensor noise, const std::vector<double>& alphas_cumprod,
                        int64_t steps, bool clip, bool learn_sigma, const std::function<at::Tensor()>& step_noise);
 
-// Euler integration of the rectified-flow velocity from t = 1 (noise) to t = 0.
-at::Tensor euler_sample(const Denoise& denoise, at::Tensor noise, int64_t steps);
+// DPM-Solver++(2M) on logsnr_timesteps: data prediction, second order from the previous step,
+// the last step (to the data) first order (dit.diffusion.GaussianDiffusion.dpm_solver_sample_loop).
+at::Tensor dpm_solver_sample(const Denoise& denoise, at::Tensor noise, const std::vector<double>& alphas_cumprod,
+                             int64_t steps, bool clip);
+
+// Integration of the rectified-flow velocity from t = 1 (noise) to t = 0: Euler, or with `heun`
+// Heun's second-order method; `time_shift` s moves the steps, t -> s t / (1 + (s - 1) t).
+at::Tensor flow_sample(const Denoise& denoise, at::Tensor noise, int64_t steps, bool heun, double time_shift);
 
 }  // namespace dit

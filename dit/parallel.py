@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -82,6 +83,17 @@ class Distributed:
         if not ok:
             raise JobRefused(value)
         return value
+
+    def refuse(self, error: JobRefused) -> NoReturn:
+        """Stop for ``error``, which every process raised alike: on one process, raise it; on
+        many, the main process prints it, then all stop together (none is left waiting, and
+        torchrun stops none before the reason is out)."""
+        if self.world_size == 1:
+            raise error
+        if self.main:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        self.barrier()
+        raise SystemExit(1) from error
 
     def gather(self, obj):
         if self.world_size == 1:

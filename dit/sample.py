@@ -120,12 +120,7 @@ def sample(args: argparse.Namespace) -> int:
     try:
         return _sample(args, env)
     except JobRefused as error:
-        if env.world_size == 1:
-            raise
-        if env.main:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        env.barrier()
-        raise SystemExit(1) from error
+        env.refuse(error)
     finally:
         env.close()
 

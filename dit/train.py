@@ -421,14 +421,7 @@ def train(args: argparse.Namespace) -> Path:
         with matmul_precision(args.precision):
             return _train(args, env, lock)
     except JobRefused as error:
-        if env.world_size == 1:
-            raise
-        # Every process is here: the main one says why, then all stop together (none is left
-        # waiting, and torchrun stops none before the reason is out).
-        if env.main:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        env.barrier()
-        raise SystemExit(1) from error
+        env.refuse(error)
     finally:
         lock.release()
         env.close()

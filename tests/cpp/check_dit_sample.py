@@ -3,7 +3,8 @@
     python -m tests.cpp.check_dit_sample build/dit_sample
     python -m tests.cpp.check_dit_sample build/dit_sample --device cuda   # on a GPU
 
-For a diffusion model (DDPM, DDIM) and a rectified-flow model (Euler), each the documented
+For a diffusion model (DDPM, DDIM, DPM-Solver++(2M), and DDIM guided only inside an interval)
+and a rectified-flow model (Euler; Heun with a time shift and a guidance interval), each the documented
 digits model (``DiT-MoE-Ti/2-8E2A``, ``make train``'s) trained for a few steps: exports it
 (``python -m dit.export``, guided, batch 8), samples 12 images (a full batch and a padded one)
 with both programs from the same seed, guidance 4, and requires the same labels and images within
@@ -123,14 +124,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint, package = train_and_export(tmp, "diffusion", args.device)
-        for sampler in ("ddpm", "ddim"):
+        for sampler in ("ddpm", "ddim", "dpm++2m"):
             compare(binary, checkpoint, package, [*SAMPLING, "--sampler", sampler], args.device, args.tolerance)
             print(
                 f"python eager ({sampler}): {python_step_ms(checkpoint, sampler, args.device):.2f} ms per step of batch 8"
             )
+        interval = [*SAMPLING, "--sampler", "ddim", "--cfg-interval", "0.3", "0.7"]
+        compare(binary, checkpoint, package, interval, args.device, args.tolerance)
         compare(binary, checkpoint, package, ["--num-samples", "8"], args.device, args.tolerance)  # the defaults
         flow_checkpoint, flow_package = train_and_export(tmp, "rectified-flow", args.device)
         compare(binary, flow_checkpoint, flow_package, SAMPLING, args.device, args.tolerance)
+        heun = [*SAMPLING, "--sampler", "heun", "--time-shift", "3", "--cfg-interval", "0.2", "0.9"]
+        compare(binary, flow_checkpoint, flow_package, heun, args.device, args.tolerance)
         print(
             f"python eager (euler): {python_step_ms(flow_checkpoint, 'euler', args.device):.2f} ms per step of batch 8"
         )
@@ -146,7 +151,18 @@ def main() -> None:
             "unwritable output": ["--package", str(package), "--out", str(tmp / "no" / "such" / "x.npz")],
             "bad number": ["--package", str(package), "--out", str(tmp / "x.npz"), "--steps", "ten"],
             "too few steps": ["--package", str(package), "--out", str(tmp / "x.npz"), "--steps", "1"],
-            "wrong sampler": ["--package", str(package), "--out", str(tmp / "x.npz"), "--sampler", "euler"],
+            "wrong sampler": ["--package", str(package), "--out", str(tmp / "x.npz"), "--sampler", "heun"],
+            "time shift of diffusion": ["--package", str(package), "--out", str(tmp / "x.npz"), "--time-shift", "2"],
+            "reversed interval": [
+                "--package",
+                str(package),
+                "--out",
+                str(tmp / "x.npz"),
+                "--cfg-interval",
+                "0.8",
+                "0.2",
+            ],
+            "half an interval": ["--package", str(package), "--out", str(tmp / "x.npz"), "--cfg-interval", "0.8"],
             "another program's package": ["--package", str(foreign), "--out", str(tmp / "x.npz")],
             "infinite guidance": ["--package", str(package), "--out", str(tmp / "x.npz"), "--cfg-scale", "inf"],
             "NaN guidance": ["--package", str(package), "--out", str(tmp / "x.npz"), "--cfg-scale", "nan"],

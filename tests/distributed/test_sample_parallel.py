@@ -33,17 +33,18 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return data["arr_0"], data["arr_1"]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_the_npz_is_the_same_for_one_and_two_processes(tmp_path, weights, sampler):
+@pytest.mark.parametrize("sampler, processes", [("ddpm", 2), ("ddim", 2), ("ddpm", 4)])
+def test_the_npz_is_the_same_for_any_number_of_processes(tmp_path, weights, sampler, processes):
+    """4 processes for 3 shards: one process has none and only waits for the merge."""
     args = ["--ckpt", str(weights), *SMALL, "--sampler", sampler]
     sample_main([*args, "--out", str(tmp_path / "one.npz")])
-    result = torchrun(2, "dit.sample", *args, "--out", str(tmp_path / "two.npz"))
-    assert result.stderr.count("samples (process 0 of 2") >= 1  # one progress bar, the main process's
-    one, two = _read(tmp_path / "one.npz"), _read(tmp_path / "two.npz")
+    result = torchrun(processes, "dit.sample", *args, "--out", str(tmp_path / "many.npz"))
+    assert f"samples (process 0 of {processes}" in result.stderr  # one progress bar, the main process's
+    one, many = _read(tmp_path / "one.npz"), _read(tmp_path / "many.npz")
     assert one[0].shape == (7, 8, 8, 1) and one[0].dtype == np.uint8 and one[1].dtype == np.int64
-    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+    assert np.array_equal(one[0], many[0]) and np.array_equal(one[1], many[1])
     assert np.array_equal(one[1], np.arange(7) % 10)
-    assert not (tmp_path / "one.npz.parts").exists() and not (tmp_path / "two.npz.parts").exists()
+    assert not (tmp_path / "one.npz.parts").exists() and not (tmp_path / "many.npz.parts").exists()
 
 
 def test_an_interrupted_run_resumes_from_its_shards(tmp_path, weights, monkeypatch):
