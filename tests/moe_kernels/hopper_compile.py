@@ -252,8 +252,11 @@ def moe_workload(
     from moe_kernels import MoE, balance_loss, grouped_mm, topk_gating
 
     def run_ops(dtype: torch.dtype) -> None:
-        for activation in ("swiglu", "gelu"):
-            layer = MoE(32, 32, num_experts=4, top_k=2, activation=activation, backend="triton").to(dtype)
+        # SwiGLU, GELU, and an upcycled DiT's experts: GELU-tanh with biases (BIAS, BIAS_GRAD).
+        for activation, biases in (("swiglu", False), ("gelu", False), ("gelu_tanh", True)):
+            layer = MoE(
+                32, 32, num_experts=4, top_k=2, activation=activation, backend="triton", expert_biases=biases
+            ).to(dtype)
             x = torch.randn(24, 32, dtype=dtype, requires_grad=True)
             out = layer(x)
             (out.float().square().mean() + layer.aux_loss).backward()
