@@ -36,6 +36,8 @@ class RoutingRecorder:
         layers = model.moe_layers()
         if not layers:
             raise ValueError("the model has no MoE layers to analyse")
+        if model.config.routing != "token-choice":
+            raise ValueError(f"routing analysis reads token-choice routing; this model has {model.config.routing!r}")
         L, E, P = len(layers), layers[0].num_experts, model.grid_size**2
         self.by_class = torch.zeros(L, model.config.num_classes, E, dtype=torch.long)
         self.by_position = torch.zeros(L, P, E, dtype=torch.long)

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_kernels import MoE
 from moe_kernels.activations import ACTIVATIONS
+from moe_kernels.layer import ROUTINGS
 from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, check_k
 
 
@@ -201,6 +202,9 @@ class DiTConfig:
     expert_activation: str = "swiglu"
     expert_biases: bool = False
     normalize_weights: bool = False
+    # "token-choice" (DiT-MoE's top-k) or "expert-choice" (EC-DiT: each expert takes the best
+    # top_k * tokens / num_experts tokens of each image, so no image depends on its batch).
+    routing: str = "token-choice"
     qk_norm: bool = False
     name: str = ""
     # How the model's inputs and outputs are read: the training objective ("diffusion" or
@@ -225,6 +229,8 @@ class DiTConfig:
             check_k(self.top_k, self.num_experts, "top_k", "num_experts")
         DROPOUT.check("class_dropout_prob", self.class_dropout_prob)
         COEFFICIENT.check("balance_loss_alpha", self.balance_loss_alpha)
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.expert_activation not in ACTIVATIONS:
             raise ValueError(f"expert_activation must be one of {ACTIVATIONS}, got {self.expert_activation!r}")
         if self.objective not in OBJECTIVES:
@@ -278,6 +284,8 @@ class DiT(nn.Module):
             balance_loss_alpha=config.balance_loss_alpha,
             backend=moe_backend,
             expert_biases=config.expert_biases,
+            routing=config.routing,
+            group_size=(config.input_size // config.patch_size) ** 2 if config.routing == "expert-choice" else None,
         )
 
     def initialize_weights(self) -> None:

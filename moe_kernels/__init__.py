@@ -8,10 +8,19 @@ Underneath, each op is a custom op in ``torch.ops.moe_kernels`` (see ``moe_kerne
 """
 
 from .balance import balance_loss, update_selection_bias
+from .expert_choice import expert_choice_gating
 from .ffn import moe_ffn
 from .gating import topk_gating
 from .grouped_mm import grouped_mm
 from .layer import MoE
 
-__all__ = ["MoE", "balance_loss", "grouped_mm", "moe_ffn", "topk_gating", "update_selection_bias"]
+__all__ = [
+    "MoE",
+    "balance_loss",
+    "expert_choice_gating",
+    "grouped_mm",
+    "moe_ffn",
+    "topk_gating",
+    "update_selection_bias",
+]
 __version__ = "0.1.0"

@@ -13,9 +13,12 @@ from torch import nn
 from .activations import ACTIVATIONS, activation_fn
 from .backend import BACKENDS, resolve_backend
 from .balance import CONVENTIONS, loss_from_stats, router_z_loss
+from .expert_choice import check_groups, expert_choice_ffn, expert_choice_gating_apply
 from .ffn import moe_ffn_unchecked
 from .gating import check_routing_options, gating_with_stats
-from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, check_k, check_positive_int
+from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, SCALE, check_k, check_positive_int
+
+ROUTINGS = ("token-choice", "expert-choice")
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -72,6 +75,16 @@ class MoE(nn.Module):
     gives every routed expert the biases of an ``nn.Linear`` pair, ``b_in [E, 2 * hidden_dim or
     hidden_dim]`` and ``b_out [E, dim]`` (DiT's and GPT-2's MLPs have them; an upcycled layer
     copies them), added inside the expert GEMMs; without them both are ``None``.
+
+    ``routing="expert-choice"`` (EC-DiT) lets each expert take the ``C`` highest-scoring tokens
+    of each group of ``group_size`` consecutive tokens (``None``: all the tokens of a forward),
+    scores being the softmax over experts; a token gets 0 to ``E`` experts, weighted by their
+    scores. ``capacity_factor`` (default ``top_k``) is the average number of experts per token:
+    ``C = round(group_size * capacity_factor / num_experts)`` (halves up), so at ``top_k`` the
+    FLOPs are token choice's; change it at evaluation to spend more or less compute. It needs no
+    balance loss: ``aux_loss`` is zero (plus the z-loss if asked), and ``expert_counts`` is ``G *
+    C`` for every expert. It takes the softmax score only (no selection bias, no groups of
+    experts) and does not run under expert parallelism yet.
     """
 
     def __init__(
@@ -97,6 +110,9 @@ class MoE(nn.Module):
         z_loss_coef: float = 0.0,
         balance_loss_convention: str = "dit-moe",
         expert_biases: bool = False,
+        routing: str = "token-choice",
+        group_size: int | None = None,
+        capacity_factor: float | None = None,
     ):
         super().__init__()
         dim = check_positive_int("dim", dim)
@@ -123,6 +139,13 @@ class MoE(nn.Module):
             raise ValueError(f"balance_loss_convention must be one of {CONVENTIONS}, got {balance_loss_convention!r}")
         if shared_gate and num_shared_experts == 0:
             raise ValueError("shared_gate needs a shared expert (num_shared_experts >= 1)")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if routing == "expert-choice" and (score != "softmax" or selection_bias or num_groups > 1):
+            raise ValueError("expert-choice routing takes the softmax score alone: no selection_bias, num_groups 1")
+        self.routing = routing
+        self.group_size = None if group_size is None else check_positive_int("group_size", group_size)
+        self.capacity_factor = float(top_k) if capacity_factor is None else capacity_factor
         self.score, self.balance_loss_convention = score, balance_loss_convention
         self.z_loss_coef = COEFFICIENT.check("z_loss_coef", z_loss_coef)
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
@@ -163,6 +186,19 @@ class MoE(nn.Module):
                 if tensor is not None:
                     nn.init.uniform_(tensor, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
+    def capacity(self, group_size: int) -> int:
+        """``C``, the tokens each expert takes from a group of ``group_size`` under expert choice."""
+        factor = SCALE.check("capacity_factor", self.capacity_factor)
+        if factor > self.num_experts:
+            raise ValueError(f"capacity_factor ({factor}) cannot exceed num_experts ({self.num_experts})")
+        capacity = math.floor(group_size * factor / self.num_experts + 0.5)
+        if capacity < 1:
+            raise ValueError(
+                f"group_size ({group_size}) x capacity_factor ({factor}) / num_experts ({self.num_experts}) rounds "
+                "to 0 tokens per expert: use larger groups or a larger capacity_factor"
+            )
+        return capacity
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -177,6 +213,8 @@ class MoE(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         tokens = x.reshape(-1, self.dim)
         logits = self.router(tokens)
+        if self.routing == "expert-choice":
+            return self._expert_choice(x, tokens, logits, dtype, backend)
         gating = gating_with_stats(
             logits,
             k=self.top_k,
@@ -231,6 +269,32 @@ class MoE(nn.Module):
                 self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
         return y.reshape(x.shape)
 
+    def _expert_choice(self, x, tokens, logits, dtype, backend) -> torch.Tensor:
+        if self.expert_mesh is not None:
+            raise ValueError("expert-choice routing does not run under expert parallelism yet")
+        capacity = self.capacity(self.group_size or max(tokens.shape[0], 1))
+        size = check_groups(tokens.shape[0], capacity, self.group_size, backend)
+        weights, chosen, _ = expert_choice_gating_apply(logits, capacity, size, backend)
+        w_in, w_out, b_in, b_out = (
+            None if w is None else w.to(dtype) for w in (self.w_in, self.w_out, self.b_in, self.b_out)
+        )
+        y = expert_choice_ffn(
+            tokens.to(dtype), weights, chosen, w_in, w_out, b_in, b_out, activation=self.activation, backend=backend
+        )
+        if self.shared is not None:
+            shared = self.shared(tokens)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
+        self.expert_counts = torch.full(
+            (self.num_experts,), chosen.shape[0] * capacity, dtype=torch.int32, device=x.device
+        )
+        self.router_logits = logits
+        self.aux_loss = None
+        if self.training:
+            self.aux_loss = logits.new_zeros((), dtype=torch.float32)
+            if self.z_loss_coef:
+                self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
+        return y.reshape(x.shape)
+
     def __getstate__(self) -> dict:
         # aux_loss belongs to the last forward's autograd graph, which deepcopy and pickle cannot
         # copy (an EMA copy taken mid-training); a copy starts without one, as after eval.
@@ -241,5 +305,5 @@ class MoE(nn.Module):
         return (
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"shared_hidden_dim={shared}, activation={self.activation!r}, expert_biases={self.b_in is not None}, "
-            f"backend={self.backend!r}"
+            f"routing={self.routing!r}, backend={self.backend!r}"
         )

@@ -60,6 +60,8 @@ def expert_parallel(moe: MoE, mesh: DeviceMesh) -> MoE:
         )
     if moe.expert_mesh is not None:
         raise ValueError("this MoE is already expert-parallel")
+    if moe.routing != "token-choice":
+        raise ValueError(f"expert parallelism runs token-choice routing only so far, this MoE has {moe.routing!r}")
     size = mesh.size()
     if moe.num_experts % size:
         raise ValueError(f"num_experts ({moe.num_experts}) must be divisible by the expert-parallel degree ({size})")

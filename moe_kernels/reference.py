@@ -147,3 +147,49 @@ def moe_ffn(
         out = act(preact) @ w_out[e] + (0 if b_out is None else b_out[e])
         y = y.index_add(0, token, weights[token, slot, None].float() * out.float())
     return y.to(x.dtype)
+
+
+def expert_choice_gating(
+    logits: torch.Tensor, capacity: int, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each expert's ``capacity`` highest softmax scores among each group's tokens, one token at
+    a time (ties to the lower index; a NaN score above every number).
+
+    Returns:
+        ``weights [G, E, C]`` fp32, ``tokens [G, E, C]`` int64 (row indices of ``logits``),
+        ``probs [T, E]`` fp32.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    num_tokens, num_experts = probs.shape
+    size = group_size or num_tokens
+    weights, tokens = [], []
+    for first in range(0, num_tokens, size):
+        group = probs[first : first + size]
+        rank = torch.where(group.isnan(), torch.inf, group)
+        chosen = [[first + i for i in _argmax_rounds(rank[:, e], capacity)] for e in range(num_experts)]
+        index = torch.tensor(chosen, dtype=torch.int64, device=probs.device)
+        tokens.append(index)
+        weights.append(torch.stack([probs[index[e], e] for e in range(num_experts)]))
+    return torch.stack(weights), torch.stack(tokens), probs
+
+
+def expert_choice_ffn(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    tokens: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str = "swiglu",
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y[t] = sum over the (g, e, c) with tokens[g, e, c] = t of weights[g, e, c] * FFN_e(x[t])``:
+    a token chosen by no expert gets 0, one chosen by several the sum of their outputs."""
+    act = activation_fn(activation)
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w_in.shape[0]):
+        token = tokens[:, e].reshape(-1)
+        preact = x[token] @ w_in[e] + (0 if b_in is None else b_in[e])
+        out = act(preact) @ w_out[e] + (0 if b_out is None else b_out[e])
+        y = y.index_add(0, token, weights[:, e].reshape(-1, 1).float() * out.float())
+    return y.to(x.dtype)

@@ -109,3 +109,23 @@ def test_triton_and_torch_backends_agree_in_the_model():
 def test_qk_norm_adds_per_head_layernorms():
     model = tiny(qk_norm=True)
     assert model.blocks[0].attn.q_norm.weight.shape == (16,)
+
+
+def test_expert_choice_dit_routes_each_image_alone():
+    """routing="expert-choice" groups one image's tokens: an image's output does not depend on its
+    batch (guidance batches the conditional and unconditional passes together), and every expert
+    takes top_k * tokens / num_experts tokens of each image."""
+    torch.manual_seed(0)
+    model = create_model(
+        "DiT-MoE-Ti/2-8E2A", input_size=8, in_channels=1, num_classes=10, routing="expert-choice", moe_backend="torch"
+    ).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        together = model(x, t, y)
+        alone = torch.cat([model(x[i : i + 1], t[i : i + 1], y[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)  # batched GEMMs round differently
+    assert model.moe_layers()[0].expert_counts.tolist() == [4] * 8  # 16 tokens x 2 / 8 experts, the last image
+    with pytest.raises(ValueError, match="routing must be one of"):
+        create_model("DiT-MoE-Ti/2-8E2A", routing="random")

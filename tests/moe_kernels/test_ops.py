@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import moe_kernels as mk
 from moe_kernels import ffn, gating, reference
 from moe_kernels.balance import expert_stats_op
+from moe_kernels.expert_choice import expert_choice_gating_backward_op, expert_choice_gating_op
 from moe_kernels.ffn import moe_ffn_backward_op, moe_ffn_op
 from moe_kernels.gating import topk_gating_backward_op, topk_gating_op
 from moe_kernels.grouped_mm import grouped_mm_op, grouped_mm_wgrad_op
@@ -39,6 +40,11 @@ def _op_cases(backend):
         (probs, weights, experts, grads[0], None, None, False, torch.float32, backend, "sigmoid", 2.5),
     )
     yield expert_stats_op, (probs.detach().requires_grad_(), experts, E, backend)
+    yield expert_choice_gating_op, (_leaf(12, E), 3, 6, backend)
+    ec_weights, ec_tokens, ec_probs = expert_choice_gating_op(torch.randn(12, E, device=DEVICE), 3, 6, backend)
+    ec_grads = (torch.randn_like(ec_weights), torch.randn_like(ec_probs))
+    yield expert_choice_gating_backward_op, (ec_probs, ec_tokens, *ec_grads, torch.float32, backend)
+    yield expert_choice_gating_backward_op, (ec_probs, ec_tokens, ec_grads[0], None, torch.float32, backend)
     offsets = torch.tensor([3, 3, 9, 14], dtype=torch.int32, device=DEVICE)
     x, w = _leaf(14, D), _leaf(E, D, H)
     yield grouped_mm_op, (x, w, offsets, backend)
@@ -85,6 +91,8 @@ def test_ops_are_registered_in_the_moe_kernels_namespace(backend):
         "topk_gating",
         "topk_gating_backward",
         "expert_stats",
+        "expert_choice_gating",
+        "expert_choice_gating_backward",
         "grouped_mm",
         "grouped_mm_wgrad",
         "moe_ffn",

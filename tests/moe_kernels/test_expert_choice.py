@@ -1,0 +1,168 @@
+"""Expert-choice gating and the expert-choice ``MoE``, on both backends, against the reference."""
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import reference
+from moe_kernels.expert_choice import expert_choice_ffn
+from tests.moe_kernels.helpers import BACKENDS, DEVICE, assert_close_to_reference
+
+# (T, E, C, group_size): one group, several, C = 1, C = S (every token), S not a power of two.
+CASES = [(24, 4, 5, None), (32, 8, 3, 8), (12, 3, 1, 4), (20, 5, 10, 10), (18, 6, 9, 9)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,E,C,group_size", CASES)
+def test_gating_matches_reference(backend, dtype, T, E, C, group_size):
+    logits = torch.randn(T, E, device=DEVICE).to(dtype).requires_grad_()
+    weights, tokens, probs = mk.expert_choice_gating(logits, C, group_size, backend=backend)
+    want_weights, want_tokens, want_probs = reference.expert_choice_gating(logits.double(), C, group_size)
+    G = T // (group_size or T)
+    assert weights.shape == tokens.shape == (G, E, C) and weights.dtype == torch.float32
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(weights.double(), want_weights.double(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probs.double(), want_probs.double(), atol=1e-6, rtol=1e-5)
+    # Each expert takes exactly C tokens of each group, all of that group, none twice.
+    size = group_size or T
+    assert ((tokens // size) == torch.arange(G, device=DEVICE).view(-1, 1, 1)).all()
+    assert all(len(set(row.tolist())) == C for row in tokens.view(-1, C))
+    grad_w, grad_p = torch.randn_like(weights), torch.randn_like(probs)
+    got = torch.autograd.grad((weights * grad_w).sum() + (probs * grad_p).sum(), logits)[0]
+    want = torch.autograd.grad((want_weights * grad_w.double()).sum() + (want_probs * grad_p.double()).sum(), logits)[0]
+    assert got.dtype == dtype
+    assert_close_to_reference(got, want, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_the_lower_token_and_nan_ranks_first(backend):
+    logits = torch.zeros(8, 2, device=DEVICE)  # every score 0.5: the first C tokens win
+    logits[5] = torch.nan
+    weights, tokens, _ = mk.expert_choice_gating(logits, 3, backend=backend)
+    assert tokens[0].tolist() == [[5, 0, 1], [5, 0, 1]]
+    assert weights[0, :, 0].isnan().all() and (weights[0, :, 1:] == 0.5).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens(backend):
+    weights, tokens, probs = mk.expert_choice_gating(torch.randn(0, 4, device=DEVICE), 2, backend=backend)
+    assert weights.shape == tokens.shape == (0, 4, 2) and probs.shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(capacity=0), ValueError, "capacity"),
+        (dict(capacity=2.5), TypeError, "capacity"),
+        (dict(capacity=9), ValueError, "cannot exceed the tokens of a group"),
+        (dict(capacity=2, group_size=3), ValueError, "must divide"),
+        (dict(capacity=2, group_size=0), ValueError, "group_size"),
+        (dict(logits=torch.randn(8)), ValueError, "logits"),
+        (dict(logits=torch.ones(8, 4, dtype=torch.long)), TypeError, "logits"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = dict(logits=torch.randn(8, 4), capacity=2) | kwargs
+    for backend in BACKENDS:
+        with pytest.raises(error, match=match):
+            mk.expert_choice_gating(**args, backend=backend)
+
+
+def _layer(backend, **kwargs):
+    torch.manual_seed(0)
+    options = dict(num_shared_experts=0, routing="expert-choice", backend=backend) | kwargs
+    return mk.MoE(16, 12, options.pop("num_experts", 4), options.pop("top_k", 2), **options).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_expert_taking_every_token_is_the_dense_mixture(backend):
+    """C = S (top_k = E): each token gets sum_e p[t, e] * FFN_e(x_t)."""
+    layer = _layer(backend, top_k=4, group_size=6, activation="gelu_tanh", expert_biases=True)
+    x = torch.randn(2, 6, 16, device=DEVICE)
+    y = layer(x)
+    tokens = x.reshape(-1, 16)
+    probs = torch.softmax(layer.router(tokens), dim=-1)
+    dense = sum(
+        probs[:, e : e + 1]
+        * (
+            torch.nn.functional.gelu(tokens @ layer.w_in[e] + layer.b_in[e], approximate="tanh") @ layer.w_out[e]
+            + layer.b_out[e]
+        )
+        for e in range(4)
+    )
+    torch.testing.assert_close(y.reshape(-1, 16), dense, atol=1e-5, rtol=1e-5)
+    assert layer.expert_counts.tolist() == [12] * 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs", [dict(group_size=8), dict(group_size=None, num_shared_experts=1), dict(group_size=4, top_k=1)]
+)
+def test_layer_forward_backward_match_reference(backend, kwargs):
+    layer = _layer(backend, **kwargs)
+    x = torch.randn(3, 8, 16, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    tokens = x.reshape(-1, 16)
+    size = layer.group_size or tokens.shape[0]
+    capacity = layer.capacity(size)
+    weights, chosen, _ = reference.expert_choice_gating(layer.router(tokens), capacity, size)
+    want = reference.expert_choice_ffn(tokens, weights, chosen, layer.w_in, layer.w_out, layer.activation)
+    if layer.shared is not None:
+        want = want + layer.shared(tokens)
+    torch.testing.assert_close(y.reshape(-1, 16), want, atol=1e-5, rtol=1e-5)
+    assert layer.expert_counts.tolist() == [tokens.shape[0] // size * capacity] * 4
+    assert layer.aux_loss is not None and layer.aux_loss.item() == 0.0
+    params = [x, *layer.parameters()]
+    grad_y = torch.randn_like(y)
+    got = torch.autograd.grad((y * grad_y).sum(), params)
+    expected = torch.autograd.grad((want * grad_y.reshape(-1, 16)).sum(), params)
+    for g, w in zip(got, expected):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_image_groups_make_each_image_independent_of_its_batch(backend):
+    layer = _layer(backend, group_size=8).eval()
+    x = torch.randn(4, 8, 16, device=DEVICE)
+    with torch.no_grad():
+        together = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-6)
+
+
+def test_capacity_factor_is_the_compute_dial():
+    layer = _layer("torch", num_experts=8, top_k=2, group_size=16)
+    assert layer.capacity(16) == 4  # 16 tokens x 2 experts each / 8 experts
+    layer.capacity_factor = 1.0
+    assert layer.capacity(16) == 2
+    layer.capacity_factor = 0.75
+    assert layer.capacity(16) == 2  # 1.5 rounds half up
+    layer.capacity_factor = 0.1
+    with pytest.raises(ValueError, match="rounds to 0 tokens per expert"):
+        layer(torch.randn(1, 16, 16))
+    layer.capacity_factor = 9.0
+    with pytest.raises(ValueError, match="cannot exceed num_experts"):
+        layer(torch.randn(1, 16, 16))
+
+
+def test_bad_layer_options():
+    with pytest.raises(ValueError, match="routing must be one of"):
+        mk.MoE(8, 8, 4, 2, routing="random")
+    with pytest.raises(ValueError, match="softmax score alone"):
+        mk.MoE(8, 8, 4, 2, routing="expert-choice", score="sigmoid")
+    layer = mk.MoE(8, 8, 4, 2, routing="expert-choice", group_size=3, backend="torch")
+    with pytest.raises(ValueError, match="must divide"):
+        layer(torch.randn(2, 4, 8))
+
+
+def test_the_ffn_combine_is_deterministic_and_handles_unchosen_tokens():
+    """Tokens no expert chose get zero; a token chosen by several gets the sum of their outputs."""
+    x = torch.randn(6, 8)
+    w_in, w_out = torch.randn(2, 8, 4), torch.randn(2, 4, 8)
+    tokens = torch.tensor([[[0, 1], [1, 2]]])  # expert 0 takes 0, 1; expert 1 takes 1, 2
+    weights = torch.rand(1, 2, 2)
+    y = expert_choice_ffn(x, weights, tokens, w_in, w_out, activation="relu", backend="torch")
+    want = reference.expert_choice_ffn(x, weights, tokens, w_in, w_out, "relu")
+    torch.testing.assert_close(y, want)
+    assert (y[3:] == 0).all()
