@@ -63,13 +63,15 @@ def measure(
     tokens: int | None = None,
     images: int | None = None,
     backend: str | None = None,
+    reference: bool = True,
 ) -> None:
     """Benchmark ``fn`` and record what the report needs in ``extra_info``.
 
     On CUDA the time is ``cuda_time_ms`` (CUDA events) and the peak memory is recorded too;
     pytest-benchmark then runs ``fn`` once, for its own record. On the CPU pytest-benchmark
     times it. ``backend`` is the moe_kernels backend ``fn`` runs (``None`` for baselines); the
-    one that ``auto`` picks on this device is "ours", the reference of the report's ratios.
+    one that ``auto`` picks on this device is "ours", the reference of the report's ratios, unless
+    ``reference`` is false (another operation on the same backend, such as expert choice).
     """
     interpreted = backend == "triton" and not CUDA and INTERPRET
 
@@ -90,7 +92,7 @@ def measure(
         dtype=str(dtype).removeprefix("torch."),
         backend=backend,
         interpreted=interpreted,
-        ours=backend == ("triton" if CUDA else "torch"),
+        ours=reference and backend == ("triton" if CUDA else "torch"),
     )
     if CUDA and getattr(benchmark, "enabled", True):
         benchmark.extra_info.update(cuda_median_ms=cuda_time_ms(fn), peak_mb=peak_memory_mb(fn))

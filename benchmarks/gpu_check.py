@@ -175,7 +175,9 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
 
 
 def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=torch.bfloat16) -> Callable[[], object]:
-    """One call of the layer at ``case`` (``T, D, H, E, k``): ``MoE`` on ``backend``, or ``dense-eq``."""
+    """One call of the layer at ``case`` (``T, D, H, E, k``): ``MoE`` on ``backend``, ``dense-eq``, or
+    ``expert-choice`` (Triton, each expert taking its best ``k * 256 / E`` tokens of every 256: the
+    same FLOPs)."""
     T, D, H, E, k = (case[key] for key in ("T", "D", "H", "E", "k"))
     x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=backward)
     grad = torch.randn(T, D, device=dev, dtype=dtype)
@@ -186,7 +188,12 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
             return mlp(x.repeat_interleave(k, dim=0)).view(T, k, D).sum(1)
     else:
         # A forward-only timing records no autograd graph, for the baseline alike.
-        fn = mk.MoE(D, H, E, k, num_shared_experts=0, backend=backend).to(dev, dtype).requires_grad_(backward)
+        routing = {}
+        if backend == "expert-choice":
+            routing = dict(routing="expert-choice", group_size=256 if T % 256 == 0 else None)
+            backend = "triton"
+        fn = mk.MoE(D, H, E, k, num_shared_experts=0, backend=backend, **routing).to(dev, dtype)
+        fn.requires_grad_(backward)
     if not backward:
         return lambda: fn(x)
     return lambda: fn(x).backward(grad)
@@ -329,7 +336,7 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     """Each backend at each shape, forward and forward+backward, with ratios to ``torch``."""
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, case in (SMOKE_CASES if smoke else PAPER_CASES).items():
-        for backend in ("triton", "torch", "dense-eq"):
+        for backend in ("triton", "torch", "dense-eq", "expert-choice"):
 
             def measure():
                 row = {}
@@ -348,7 +355,7 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
 
             guarded(report["timings"], f"{name} | {backend}", measure)
         base = report["timings"][f"{name} | torch"]
-        for backend in ("triton", "dense-eq"):
+        for backend in ("triton", "dense-eq", "expert-choice"):
             row = report["timings"][f"{name} | {backend}"]
             for part in ("fwd", "fwd+bwd", "fwd graph"):
                 if isinstance(row.get(f"{part} ms"), float) and isinstance(base.get(f"{part} ms"), float):

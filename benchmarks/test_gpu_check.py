@@ -16,7 +16,7 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     report = json.loads(path.read_text())
     assert report["checks"] == {"fp32": "ok"}
     backends = {key.split(" | ")[1] for key in report["timings"]}
-    assert backends == {"triton", "torch", "dense-eq"}
+    assert backends == {"triton", "torch", "dense-eq", "expert-choice"}
     assert all(row["fwd ms"] > 0 and row["fwd+bwd ms"] > 0 for row in report["timings"].values())
     assert all(row["fwd+bwd / torch"] > 0 for key, row in report["timings"].items() if not key.endswith("torch"))
     assert report["check errors"]["fp32"]["moe_ffn swiglu dw_in"] < 1e-5

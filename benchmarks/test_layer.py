@@ -9,12 +9,27 @@ from benchmarks.baselines import DenseSwiGLU, LoopMoE, megablocks_dmoe, scatterm
 from benchmarks.common import CUDA, DEVICE, dtype_for, layer_flops, measure, shape_for
 from moe_kernels import MoE
 
-VARIANTS = ["triton", "torch", "loop", "dense-activated", "dense-total", "megablocks", "scattermoe"]
+VARIANTS = [
+    "triton",
+    "torch",
+    "expert-choice triton",
+    "expert-choice torch",
+    "loop",
+    "dense-activated",
+    "dense-total",
+    "megablocks",
+    "scattermoe",
+]
+# Expert choice groups one 256 x 256 image's tokens (32 x 32 latents, patch 2), as DiT-MoE would.
+IMAGE_TOKENS = 256
 
 
-def _build(variant, D, H, E, k, dtype):
+def _build(variant, D, H, E, k, dtype, T):
     if variant in ("triton", "torch"):
         return MoE(D, H, E, k, backend=variant).to(DEVICE, dtype)
+    if variant.startswith("expert-choice"):
+        group = IMAGE_TOKENS if T % IMAGE_TOKENS == 0 else None
+        return MoE(D, H, E, k, backend=variant.split()[1], routing="expert-choice", group_size=group).to(DEVICE, dtype)
     if variant == "loop":
         return LoopMoE(MoE(D, H, E, k, backend="torch").to(DEVICE, dtype))
     if variant == "dense-activated":
@@ -32,10 +47,10 @@ def _build(variant, D, H, E, k, dtype):
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_moe_layer(benchmark, layer_case, variant, backward, paper_shapes):
-    label, dims = shape_for(layer_case, variant)
+    label, dims = shape_for(layer_case, variant.split()[-1])
     T, D, H, E, k = (dims[key] for key in ("T", "D", "H", "E", "k"))
     dtype = dtype_for(paper_shapes)
-    layer = _build(variant, D, H, E, k, dtype)
+    layer = _build(variant, D, H, E, k, dtype, T)
     x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=backward)
     grad = torch.randn_like(x)
     if backward:
@@ -65,5 +80,6 @@ def test_moe_layer(benchmark, layer_case, variant, backward, paper_shapes):
         flops=flops,
         dtype=dtype,
         tokens=T,
-        backend=variant if variant in ("triton", "torch") else None,
+        backend=variant.split()[-1] if variant.split()[-1] in ("triton", "torch") else None,
+        reference=not variant.startswith("expert-choice"),
     )

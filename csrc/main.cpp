@@ -195,10 +195,12 @@ int main(int argc, char** argv) {
         return n < info.batch ? at::cat({rows, at::zeros(shape(info.batch - n), rows.options())}) : rows;
       };
       // dit.sampling.SampleNoise: sample i's draws (its starting noise, then DDPM's steps') come
-      // from its own CPU generator, seeded seed * 2**32 + i; padded to the batch, on the device.
+      // from its own CPU generator, seeded (seed * 0x9E3779B9 + i) mod 2**32 (dit.parallel.stream_seed);
+      // padded to the batch, on the device.
       std::vector<at::Generator> generators;
       for (int64_t i = first; i < first + n; ++i) {
-        generators.push_back(at::make_generator<at::CPUGeneratorImpl>((static_cast<uint64_t>(options.seed) << 32) + i));
+        const uint32_t seed = static_cast<uint32_t>(options.seed) * 0x9E3779B9u + static_cast<uint32_t>(i);
+        generators.push_back(at::make_generator<at::CPUGeneratorImpl>(seed));
       }
       const auto draw = [&] {
         std::vector<at::Tensor> rows;

@@ -166,6 +166,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def stream_seed(seed: int, index: int) -> int:
+    """The seed of stream ``index`` (a training step, a sample) of a run seeded ``seed``:
+    ``(seed * 0x9E3779B9 + index) mod 2**32``. torch's CPU generator keeps only the low 32 bits
+    of a seed, so both must act there: the streams of one run all differ, and two runs' collide
+    only where their indices differ by a multiple of the golden-ratio step, billions apart."""
+    return (seed * 0x9E3779B9 + index) % 2**32
+
+
 class StepDraws:
     """The random draws of one optimizer step, for this process's ``rows`` of the global batch.
 
@@ -175,7 +183,7 @@ class StepDraws:
     """
 
     def __init__(self, seed: int, step: int, global_batch: int, rows: slice, device: torch.device):
-        self.generator = torch.Generator(device).manual_seed((seed % 2**31) * 2**32 + step)
+        self.generator = torch.Generator(device).manual_seed(stream_seed(seed, step))
         self.global_batch, self.rows, self.device = global_batch, rows, device
 
     def take(self, values: torch.Tensor) -> torch.Tensor:

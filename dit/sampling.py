@@ -14,6 +14,7 @@ from moe_kernels.validation import COEFFICIENT, PROBABILITY, SCALE
 from .cli import SEED
 from .diffusion import NUM_TIMESTEPS, RectifiedFlow, create_diffusion
 from .models import DiT
+from .parallel import stream_seed
 
 # The samplers of each objective, the first the default, with their default step counts: DiT's
 # 250 DDPM steps, DDIM's 250 (as DiT's script), DPM-Solver++(2M)'s 20, Euler's 50 and Heun's 25
@@ -164,19 +165,13 @@ def cuda_graphed(
     return replay
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index`` of a run seeded ``seed`` (``seed * 2**32 + index``): its noise
-    depends on nothing else, not on the batch or the process that draws it."""
-    return seed * 2**32 + index
-
-
 class SampleNoise:
     """Gaussian draws ``[N, C, H, W]`` whose row ``j`` comes from sample ``first + j``'s own CPU
-    generator (seeded ``sample_seed(seed, first + j)``), moved to ``device``: the starting
+    generator (seeded ``stream_seed(seed, first + j)``), moved to ``device``: the starting
     noise, then, for DDPM, each step's. ``dit_sample`` (C++) draws the same."""
 
     def __init__(self, seed: int, first: int, count: int, shape: tuple[int, ...], device: torch.device):
-        self.generators = [torch.Generator().manual_seed(sample_seed(seed, first + j)) for j in range(count)]
+        self.generators = [torch.Generator().manual_seed(stream_seed(seed, first + j)) for j in range(count)]
         self.shape, self.device = shape, device
 
     def __call__(self) -> torch.Tensor:

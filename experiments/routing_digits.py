@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> str:
         factors = [None] if extra == [] else [1.0, 2.0, 4.0]
         for factor in factors:
             m = evaluate(checkpoint, factor)
-            shown = "top-2" if factor is None else f"{factor / 2:g}x ({factor:g} experts per token)"
+            shown = "top-2" if factor is None else f"{factor / 2:g}x ({factor:g} per token)"
             lines.append(f"| {name} | {shown} | {loss:.4f} | {m['accuracy']:.2f} | {m['frechet_distance']:.2f} |")
     table = "\n".join(lines)
     args.results_dir.mkdir(parents=True, exist_ok=True)

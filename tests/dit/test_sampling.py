@@ -108,3 +108,19 @@ def test_the_new_samplers_generate(objective, sampler):
     out = generate(model, torch.tensor([0, 5]), 2.0, 4, sampler, seed=0,
                    cfg_interval=(0.1, 0.9), time_shift=2.0 if objective == "rectified-flow" else 1.0)  # fmt: skip
     assert out.shape == (2, 1, 8, 8) and out.isfinite().all()
+
+
+def test_the_seed_changes_every_draw():
+    """torch's CPU generator keeps only 32 bits of a seed: the seed and the index must both reach
+    them, for the samples and for the training steps' draws alike."""
+    from dit.parallel import StepDraws
+    from dit.sampling import SampleNoise
+
+    def noise(seed, first=0):
+        return SampleNoise(seed, first, 3, (1, 2, 2), torch.device("cpu"))()
+
+    assert torch.equal(noise(0), noise(0)) and not torch.equal(noise(0), noise(1))
+    assert torch.equal(noise(5)[1:], noise(5, first=1)[:2])  # a sample's noise is its own
+    assert len({tuple(row.flatten().tolist()) for row in noise(7)}) == 3
+    draws = [StepDraws(seed, 10, 4, slice(0, 4), torch.device("cpu")).uniform() for seed in (0, 0, 1)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])

@@ -305,6 +305,8 @@ _VARIANT_KEYS = (
     "GATHER_B",
     "SCATTER_C",
     "SCALE",
+    "BIAS",
+    "BIAS_GRAD",
     "PRECISION",
 )
 
