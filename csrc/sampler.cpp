@@ -191,14 +191,16 @@ at::Tensor dpm_solver_sample(const Denoise& denoise, at::Tensor noise, const std
 at::Tensor ddim_sample(const Denoise& denoise, at::Tensor noise, const std::vector<double>& alphas_cumprod,
                        int64_t steps, bool clip) {
   const std::vector<int64_t> kept = kept_timesteps(steps, static_cast<int64_t>(alphas_cumprod.size()), true);
+  // The respaced schedule's own tables (its alphas_cumprod rebuilt from its betas), as
+  // dit.diffusion computes them: in float64, each value cast to float32.
+  const Respaced r = respace(kept, alphas_cumprod);
   const int64_t channels = noise.size(1);
   at::Tensor x = std::move(noise);
   for (int64_t i = static_cast<int64_t>(kept.size()) - 1; i >= 0; --i) {
-    // As dit.diffusion computes them: the tables in float64, each value cast to float32.
-    const double abar = alphas_cumprod[kept[i]];
+    const double abar = r.abar[i];
     const auto recip = static_cast<float>(std::sqrt(1.0 / abar));
     const auto recipm1 = static_cast<float>(std::sqrt(1.0 / abar - 1.0));
-    const auto abar_prev = static_cast<float>(i > 0 ? alphas_cumprod[kept[i - 1]] : 1.0);
+    const auto abar_prev = static_cast<float>(r.abar_prev[i]);
     const at::Tensor t = at::full({x.size(0)}, static_cast<float>(kept[i]), x.options());
     const at::Tensor eps = denoise(x, t).narrow(1, 0, channels);
     at::Tensor x0 = recip * x - recipm1 * eps;
