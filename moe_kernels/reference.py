@@ -139,14 +139,26 @@ def moe_ffn(
     Returns:
         ``[T, D]`` in ``x.dtype``; the weighted combine is accumulated in fp32.
     """
-    act = activation_fn(activation)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(w_in.shape[0]):
         token, slot = (experts == e).nonzero(as_tuple=True)
-        preact = x[token] @ w_in[e] + (0 if b_in is None else b_in[e])
-        out = act(preact) @ w_out[e] + (0 if b_out is None else b_out[e])
+        out = expert_mlp(x[token], e, w_in, w_out, activation, b_in, b_out)
         y = y.index_add(0, token, weights[token, slot, None].float() * out.float())
     return y.to(x.dtype)
+
+
+def expert_mlp(
+    rows: torch.Tensor,
+    e: int,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Expert ``e``'s MLP on ``rows [N, D]``: ``act(rows @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]``."""
+    preact = rows @ w_in[e] + (0 if b_in is None else b_in[e])
+    return activation_fn(activation)(preact) @ w_out[e] + (0 if b_out is None else b_out[e])
 
 
 def expert_choice_gating(
@@ -185,11 +197,9 @@ def expert_choice_ffn(
 ) -> torch.Tensor:
     """``y[t] = sum over the (g, e, c) with tokens[g, e, c] = t of weights[g, e, c] * FFN_e(x[t])``:
     a token chosen by no expert gets 0, one chosen by several the sum of their outputs."""
-    act = activation_fn(activation)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(w_in.shape[0]):
         token = tokens[:, e].reshape(-1)
-        preact = x[token] @ w_in[e] + (0 if b_in is None else b_in[e])
-        out = act(preact) @ w_out[e] + (0 if b_out is None else b_out[e])
+        out = expert_mlp(x[token], e, w_in, w_out, activation, b_in, b_out)
         y = y.index_add(0, token, weights[:, e].reshape(-1, 1).float() * out.float())
     return y.to(x.dtype)
