@@ -103,7 +103,7 @@ def guided(
         if interval is not None:
             time = (t.float() / NUM_TIMESTEPS).reshape(-1, *[1] * (x.dim() - 1))
             inside = (time >= interval[0]) & (time <= interval[1])
-            scale = torch.where(inside, torch.tensor(float(cfg_scale), device=x.device), 1.0)
+            scale = torch.where(inside, float(cfg_scale), 1.0)  # no host tensor per step
         return guidance(cond, uncond, scale, x.shape[1])
 
     return model_fn

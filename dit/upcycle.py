@@ -103,7 +103,8 @@ def upcycle(
     shapes = {key: value for key, value in model.state_dict().items() if ".ffn." not in key}
     H, D = int(config.hidden_size * config.mlp_ratio), config.hidden_size
     for i in range(config.depth):
-        shapes.update({f"blocks.{i}.ffn.{name}": torch.empty(shape) for name, shape in _mlp_shapes(H, D).items()})
+        mlp = {f"blocks.{i}.ffn.{name}": torch.empty(shape, device="meta") for name, shape in _mlp_shapes(H, D).items()}
+        shapes.update(mlp)  # shapes only: meta tensors hold no memory
     check_matches(shapes, dense, source)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -259,5 +259,5 @@ def expert_choice_ffn(
     out = (out.float() * weights.transpose(0, 1).reshape(-1, 1)).view(E, per_expert, -1)
     y = x.new_zeros(x.shape, dtype=torch.float32)
     for e, expert_rows in enumerate(rows.view(E, per_expert)):
-        y = y.index_add(0, expert_rows, out[e])
+        y.index_add_(0, expert_rows, out[e])  # in place: one [T, D] buffer, not one per expert
     return y.to(x.dtype)

@@ -259,6 +259,7 @@ def _grouped_wgrad_kernel(
     row_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0).to(tl.int32)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sums_bias = BIAS_GRAD and pid_k == 0  # one K tile's programs sum the bias gradient, once
     rm = row_start + tl.arange(0, BLOCK_M)
     a_rows, b_rows, scales = _wgrad_rows(
         rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr, GATHER_A, GATHER_B, SCALE
@@ -276,7 +277,7 @@ def _grouped_wgrad_kernel(
             mask=row_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        if BIAS_GRAD:
+        if sums_bias:
             if SCALE:
                 bias_acc += tl.sum(b.to(tl.float32) * scales[:, None], axis=0)
             else:
@@ -289,9 +290,8 @@ def _grouped_wgrad_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     c_ptrs = c_ptr + group.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
-    if BIAS_GRAD:
-        if pid_k == 0:
-            tl.store(bias_grad_ptr + group.to(tl.int64) * stride_db_e + rn, bias_acc, mask=n_ok)
+    if sums_bias:
+        tl.store(bias_grad_ptr + group.to(tl.int64) * stride_db_e + rn, bias_acc, mask=n_ok)
 
 
 def _precision(dtype: torch.dtype) -> str:

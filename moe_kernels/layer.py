@@ -213,8 +213,27 @@ class MoE(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         tokens = x.reshape(-1, self.dim)
         logits = self.router(tokens)
-        if self.routing == "expert-choice":
-            return self._expert_choice(x, tokens, logits, dtype, backend)
+        route = self._expert_choice if self.routing == "expert-choice" else self._token_choice
+        y, counts, balance_loss = route(tokens.to(dtype), logits, self._expert_weights(dtype), backend)
+        if self.shared is not None:
+            shared = self.shared(tokens)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
+        self.expert_counts, self.router_logits = counts, logits
+        self.aux_loss = None
+        if self.training:
+            self.aux_loss = balance_loss()
+            if self.z_loss_coef:
+                self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
+        return y.reshape(x.shape)
+
+    def _expert_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        """``w_in, w_out, b_in, b_out`` in ``dtype`` (this rank's shards when expert-parallel)."""
+        local = self.expert_mesh is not None
+        tensors = (self.w_in, self.w_out, self.b_in, self.b_out)
+        return tuple(None if w is None else (w.to_local() if local else w).to(dtype) for w in tensors)
+
+    def _token_choice(self, tokens, logits, expert_weights, backend):
+        """Top-k gating and the routed experts: ``(y, expert counts, balance loss thunk)``."""
         gating = gating_with_stats(
             logits,
             k=self.top_k,
@@ -226,38 +245,22 @@ class MoE(nn.Module):
             topk_groups=self.topk_groups,
             scale=self.routed_scale,
         )
-        weights, experts = gating.weights, gating.experts
         if self.on_route is not None:
-            self.on_route(experts, weights)
-        expert_tensors = (self.w_in, self.w_out, self.b_in, self.b_out)
+            self.on_route(gating.experts, gating.weights)
         if self.expert_mesh is None:
-            w_in, w_out, b_in, b_out = (None if w is None else w.to(dtype) for w in expert_tensors)
             y = moe_ffn_unchecked(
-                tokens.to(dtype),
-                weights,
-                experts,
-                w_in,
-                w_out,
-                b_in,
-                b_out,
-                activation=self.activation,
-                backend=backend,
+                tokens, gating.weights, gating.experts, *expert_weights, activation=self.activation, backend=backend
             )
         else:
             from .parallel import expert_parallel_ffn  # torch.distributed loads only for sharded layers
 
-            w_in, w_out, b_in, b_out = (None if w is None else w.to_local().to(dtype) for w in expert_tensors)
             y = expert_parallel_ffn(
-                tokens.to(dtype), weights, experts, w_in, w_out, b_in, b_out,
+                tokens, gating.weights, gating.experts, *expert_weights,
                 activation=self.activation, backend=backend, mesh=self.expert_mesh,
             )  # fmt: skip
-        if self.shared is not None:
-            shared = self.shared(tokens)
-            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
-        self.expert_counts, self.router_logits = gating.counts, logits
-        self.aux_loss = None
-        if self.training:
-            self.aux_loss = loss_from_stats(
+
+        def balance_loss() -> torch.Tensor:
+            return loss_from_stats(
                 gating.counts,
                 gating.prob_sums,
                 tokens.shape[0],
@@ -265,35 +268,20 @@ class MoE(nn.Module):
                 self.balance_loss_alpha,
                 self.balance_loss_convention,
             )
-            if self.z_loss_coef:
-                self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
-        return y.reshape(x.shape)
 
-    def _expert_choice(self, x, tokens, logits, dtype, backend) -> torch.Tensor:
+        return y, gating.counts, balance_loss
+
+    def _expert_choice(self, tokens, logits, expert_weights, backend):
+        """Expert choice and the routed experts: ``(y, expert counts, balance loss thunk)``; balanced
+        by construction, it has no balance loss."""
         if self.expert_mesh is not None:
             raise ValueError("expert-choice routing does not run under expert parallelism yet")
         capacity = self.capacity(self.group_size or max(tokens.shape[0], 1))
         size = check_groups(tokens.shape[0], capacity, self.group_size, backend)
         weights, chosen, _ = expert_choice_gating_apply(logits, capacity, size, backend)
-        w_in, w_out, b_in, b_out = (
-            None if w is None else w.to(dtype) for w in (self.w_in, self.w_out, self.b_in, self.b_out)
-        )
-        y = expert_choice_ffn(
-            tokens.to(dtype), weights, chosen, w_in, w_out, b_in, b_out, activation=self.activation, backend=backend
-        )
-        if self.shared is not None:
-            shared = self.shared(tokens)
-            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
-        self.expert_counts = torch.full(
-            (self.num_experts,), chosen.shape[0] * capacity, dtype=torch.int32, device=x.device
-        )
-        self.router_logits = logits
-        self.aux_loss = None
-        if self.training:
-            self.aux_loss = logits.new_zeros((), dtype=torch.float32)
-            if self.z_loss_coef:
-                self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
-        return y.reshape(x.shape)
+        y = expert_choice_ffn(tokens, weights, chosen, *expert_weights, activation=self.activation, backend=backend)
+        counts = torch.full((self.num_experts,), chosen.shape[0] * capacity, dtype=torch.int32, device=tokens.device)
+        return y, counts, lambda: logits.new_zeros((), dtype=torch.float32)
 
     def __getstate__(self) -> dict:
         # aux_loss belongs to the last forward's autograd graph, which deepcopy and pickle cannot
