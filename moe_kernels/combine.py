@@ -1,7 +1,10 @@
-"""The k-way combine: ``y[t] = sum_j weights[t, j] * src[t, j]``, and its weight gradient.
+"""The combine: ``y[t] = sum over token t's slots s of weights[s] * src[s]``, and its weight gradient.
 
-The second GEMM writes each slot's output to its own row of ``src [T, k, D]`` (slot order), so
-this reduce is deterministic: no atomics, a fixed summation order.
+The second GEMM writes each slot's output to its own row of ``src [S, D]``, in slot order: a
+token's slots are consecutive. Under token choice every token owns ``k`` of them (slot ``t * k +
+j``); under expert choice a token owns as many as the experts that chose it, 0 to ``E``, and
+``starts [T + 1]`` says where each token's slots begin. ``slots`` is ``k`` or ``starts``. Each
+token's sum is read by one program in a fixed order, so the reduce is deterministic: no atomics.
 """
 
 from __future__ import annotations
@@ -13,17 +16,33 @@ import triton.language as tl
 _BLOCK_T = 16
 _BLOCK_D = 128
 
+Slots = int | torch.Tensor
+
+
+@triton.jit
+def _token_slots(starts_ptr, rows, row_ok, K: tl.constexpr, VARLEN: tl.constexpr):
+    """The first slot of each token of ``rows``, their slot counts, and the block's largest count."""
+    if VARLEN:
+        first = tl.load(starts_ptr + rows, mask=row_ok, other=0)
+        count = tl.load(starts_ptr + rows + 1, mask=row_ok, other=0) - first
+        most = tl.max(count, axis=0)
+    else:
+        first = rows * K
+        count = tl.zeros_like(rows) + K  # a tensor, so that `j < count` is one too
+        most = K
+    return first.to(tl.int64), count, most
+
 
 @triton.jit
 def _combine_kernel(
     src_ptr,
     weights_ptr,
+    starts_ptr,
     out_ptr,
     T,
     D,
-    stride_wt,
-    stride_wk,
     K: tl.constexpr,
+    VARLEN: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -31,15 +50,18 @@ def _combine_kernel(
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < T
-    mask = row_ok[:, None] & (cols < D)[None, :]
+    first, count, most = _token_slots(starts_ptr, rows, row_ok, K, VARLEN)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for j in range(K):
-        src = tl.load(src_ptr + (rows.to(tl.int64) * K + j)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    for j in range(most):
+        slot_ok = row_ok & (j < count)
+        mask = slot_ok[:, None] & (cols < D)[None, :]
+        src = tl.load(src_ptr + (first + j)[:, None] * D + cols[None, :], mask=mask, other=0.0)
         if HAS_WEIGHTS:
-            w = tl.load(weights_ptr + rows * stride_wt + j * stride_wk, mask=row_ok, other=0.0).to(tl.float32)
+            w = tl.load(weights_ptr + first + j, mask=slot_ok, other=0.0).to(tl.float32)
             acc += w[:, None] * src.to(tl.float32)
         else:
             acc += src.to(tl.float32)
+    mask = row_ok[:, None] & (cols < D)[None, :]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -47,48 +69,62 @@ def _combine_kernel(
 def _combine_weight_grad_kernel(
     grad_ptr,
     src_ptr,
+    starts_ptr,
     out_ptr,
     T,
     D,
     stride_gt,
     stride_gd,
     K: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    slots = tl.arange(0, BLOCK_K)
     row_ok = rows < T
-    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols < D)[None, :]
-        grad = tl.load(
-            grad_ptr + rows.to(tl.int64)[:, None] * stride_gt + cols[None, :] * stride_gd, mask=mask, other=0.0
-        )
-        for j in range(K):
-            src = tl.load(src_ptr + (rows.to(tl.int64) * K + j)[:, None] * D + cols[None, :], mask=mask, other=0.0)
-            dot = tl.sum(grad.to(tl.float32) * src.to(tl.float32), axis=1)
-            acc += tl.where(slots[None, :] == j, dot[:, None], 0.0)
-    tl.store(out_ptr + rows[:, None] * K + slots[None, :], acc, mask=row_ok[:, None] & (slots < K)[None, :])
+    first, count, most = _token_slots(starts_ptr, rows, row_ok, K, VARLEN)
+    for j in range(most):
+        slot_ok = row_ok & (j < count)
+        dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = (cols < D)[None, :]
+            grad = tl.load(
+                grad_ptr + rows.to(tl.int64)[:, None] * stride_gt + cols[None, :] * stride_gd,
+                mask=slot_ok[:, None] & col_ok,
+                other=0.0,
+            )
+            src = tl.load(src_ptr + (first + j)[:, None] * D + cols[None, :], mask=slot_ok[:, None] & col_ok, other=0.0)
+            dot += tl.sum(grad.to(tl.float32) * src.to(tl.float32), axis=1)
+        tl.store(out_ptr + first + j, dot, mask=slot_ok)
 
 
-def combine(src: torch.Tensor, weights: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``src [T, k, D]`` (contiguous), ``weights [T, k]`` or ``None`` (plain sum) -> ``[T, D]``, fp32 accumulation."""
-    T, k, D = src.shape
-    out = src.new_empty((T, D), dtype=out_dtype)
-    if T == 0 or D == 0:
+def _layout(slots: Slots, src: torch.Tensor) -> tuple[int, torch.Tensor, bool]:
+    """``K`` (0 for per-token counts), the ``starts`` pointer (any tensor where unused), ``VARLEN``."""
+    if isinstance(slots, int):
+        return slots, src, False
+    return 0, slots, True
+
+
+def combine(
+    src: torch.Tensor, weights: torch.Tensor | None, slots: Slots, num_tokens: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``src [S, D]`` (contiguous, slot order), ``weights [S]`` (contiguous) or ``None`` (plain
+    sum), ``slots`` (``k`` or ``starts [T + 1]`` int32) -> ``[T, D]``, fp32 accumulation."""
+    D = src.shape[1]
+    out = src.new_empty((num_tokens, D), dtype=out_dtype)
+    if num_tokens == 0 or D == 0:
         return out
-    grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(D, _BLOCK_D))
-    _combine_kernel[grid](
+    K, starts, varlen = _layout(slots, src)
+    _combine_kernel[(triton.cdiv(num_tokens, _BLOCK_T), triton.cdiv(D, _BLOCK_D))](
         src,
         src if weights is None else weights,
+        starts,
         out,
-        T,
+        num_tokens,
         D,
-        *(weights.stride() if weights is not None else (0, 0)),
-        K=k,
+        K=K,
+        VARLEN=varlen,
         HAS_WEIGHTS=weights is not None,
         BLOCK_T=_BLOCK_T,
         BLOCK_D=_BLOCK_D,
@@ -96,27 +132,40 @@ def combine(src: torch.Tensor, weights: torch.Tensor | None, out_dtype: torch.dt
     return out
 
 
-def combine_torch(src: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``combine`` in PyTorch (differentiable): ``src [T, k, D]``, ``weights [T, k]`` -> ``[T, D]``."""
-    return torch.bmm(weights.float().unsqueeze(1), src.float()).squeeze(1).to(out_dtype)
-
-
-def combine_weight_grad(grad: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``d weights[t, j] = <grad[t], src[t, j]>``: ``grad [T, D]``, ``src [T, k, D]`` -> fp32 ``[T, k]``."""
-    T, k, D = src.shape
-    out = src.new_empty((T, k), dtype=torch.float32)
-    if T == 0:
+def combine_weight_grad(grad: torch.Tensor, src: torch.Tensor, slots: Slots) -> torch.Tensor:
+    """``d weights[s] = <grad[token of s], src[s]>``: ``grad [T, D]``, ``src [S, D]`` -> fp32 ``[S]``."""
+    (T, D), S = grad.shape, src.shape[0]
+    out = src.new_empty((S,), dtype=torch.float32)
+    if T == 0 or S == 0:
         return out
+    K, starts, varlen = _layout(slots, src)
     _combine_weight_grad_kernel[(triton.cdiv(T, _BLOCK_T),)](
-        grad,
-        src,
-        out,
-        T,
-        D,
-        *grad.stride(),
-        K=k,
-        BLOCK_T=_BLOCK_T,
-        BLOCK_D=_BLOCK_D,
-        BLOCK_K=triton.next_power_of_2(k),
+        grad, src, starts, out, T, D, *grad.stride(), K=K, VARLEN=varlen, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D
     )
     return out
+
+
+def _token_of_slot(starts: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``[S]`` int64: the token that owns each slot (no host sync: the output size is known)."""
+    tokens = torch.arange(starts.shape[0] - 1, device=starts.device)
+    return torch.repeat_interleave(tokens, torch.diff(starts), output_size=num_slots)
+
+
+def combine_torch(
+    src: torch.Tensor, weights: torch.Tensor | None, slots: Slots, num_tokens: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``combine`` in PyTorch (differentiable); per-token counts reduce with ``segment_reduce``,
+    which sums each segment in order (deterministic, unlike ``index_add``)."""
+    rows = src.float() if weights is None else src.float() * weights.float()[:, None]
+    if isinstance(slots, int):
+        return rows.view(num_tokens, slots, src.shape[1]).sum(1).to(out_dtype)
+    return torch.segment_reduce(rows, "sum", offsets=slots.long(), axis=0, unsafe=True).to(out_dtype)
+
+
+def combine_weight_grad_torch(grad: torch.Tensor, src: torch.Tensor, slots: Slots) -> torch.Tensor:
+    """``combine_weight_grad`` in PyTorch."""
+    if isinstance(slots, int):
+        rows = grad.float().repeat_interleave(slots, dim=0)
+    else:
+        rows = grad.float().index_select(0, _token_of_slot(slots, src.shape[0]))
+    return (rows * src.float()).sum(1)

@@ -11,6 +11,9 @@ expert) sorts the group's scores, packed with their token index into one 64-bit 
 non-negative float sorts as its bits; the index breaks ties), and keeps the first ``C``. The
 backward scatters the weights' gradients into the scores' (each (token, expert) is chosen at most
 once, so plain stores, no atomics) and runs the gating kernel's softmax backward.
+
+``expert_choice_ffn`` runs the chosen tokens through ``moe_ffn``'s grouped GEMMs and combine
+(forward and backward), from a routing in which a token owns one slot per expert that chose it.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import activation_fn
 from .backend import resolve_backend
+from .ffn import DIFFERENTIABLE, check_experts, check_saved, experts_forward, moe_ffn_backward_op
 from .gating import _gating_triton, topk_gating_backward_op
-from .grouped_mm import grouped_mm_apply
 from .library import custom_op, differentiable, gradients
-from .validation import FLOAT_DTYPES, POSITIVE_INT, check_tensor
+from .routing import expert_choice_routing
+from .validation import FLOAT_DTYPES, POSITIVE_INT, check_dim, check_same_device, check_tensor
 
 Tensor = torch.Tensor
 # The most tokens one Triton program sorts (a group): its keys live in registers.
@@ -225,39 +228,172 @@ def expert_choice_gating(
     return expert_choice_gating_apply(logits, capacity, size, backend)
 
 
+def _slot_weights(weights: Tensor, slot_of_row: Tensor) -> Tensor:
+    """``weights [G, E, C]`` moved to slot order, ``[S]`` (each slot is one row: plain stores)."""
+    rows = weights.transpose(0, 1).reshape(-1)
+    return torch.empty_like(rows).index_copy_(0, slot_of_row.long(), rows)
+
+
+@custom_op("moe_kernels::expert_choice_ffn")
+def expert_choice_ffn_op(
+    x: Tensor,
+    weights: Tensor,
+    tokens: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    activation: str,
+    backend: str,
+    save_preact: bool,
+    save_h: bool,
+    save_out: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``y [T, D]``, what the backward reads where asked for (the pre-activation and ``h``, ``[S,
+    *]``, the per-slot outputs ``[S, D]``; else empty along dimension 0), the routing
+    (``slot_of_row``, ``token_of_row``, ``offsets``) and the tokens' slot ``starts [T + 1]``."""
+    routing, starts = expert_choice_routing(tokens, x.shape[0])
+    y, preact, h, out = experts_forward(
+        x, _slot_weights(weights, routing.slot_of_row), routing, starts, w_in, w_out, b_in, b_out,
+        activation, backend, save_preact,
+    )  # fmt: skip
+    empty = x.new_empty
+    return (
+        y,
+        preact if save_preact else empty((0, w_in.shape[2])),
+        h if save_h else empty((0, w_out.shape[1])),
+        out if save_out else empty((0, x.shape[1])),
+        *routing,
+        starts,
+    )
+
+
+@expert_choice_ffn_op.register_fake
+def _(x, weights, tokens, w_in, w_out, b_in, b_out, activation, backend, save_preact, save_h, save_out):
+    (T, D), S = x.shape, tokens.numel()
+    index = dict(dtype=torch.int32)
+    return (
+        x.new_empty((T, D)),
+        x.new_empty((S if save_preact else 0, w_in.shape[2])),
+        x.new_empty((S if save_h else 0, w_out.shape[1])),
+        x.new_empty((S if save_out else 0, D)),
+        x.new_empty((S,), **index),
+        x.new_empty((S,), **index),
+        x.new_empty((w_in.shape[0],), **index),
+        x.new_empty((T + 1,), **index),
+    )
+
+
+class EcFfnInputs(NamedTuple):
+    """The arguments of ``moe_kernels::expert_choice_ffn``, in its schema's order."""
+
+    x: Tensor
+    weights: Tensor
+    tokens: Tensor
+    w_in: Tensor
+    w_out: Tensor
+    b_in: Tensor | None
+    b_out: Tensor | None
+    activation: str
+    backend: str
+    save_preact: bool
+    save_h: bool
+    save_out: bool
+
+
+def _ffn_setup_context(ctx, inputs, output):
+    args = EcFfnInputs(*inputs)
+    _, preact, h, out, *routing = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(args.x, args.weights, args.w_in, args.w_out, preact, h, out, *routing)
+    ctx.activation, ctx.backend = args.activation, args.backend
+
+
+def _ffn_backward(ctx, grad_y, *_):
+    needs = tuple(ctx.needs_input_grad[EcFfnInputs._fields.index(name)] for name in DIFFERENTIABLE)
+    if grad_y is None or not any(needs):
+        return gradients(EcFfnInputs)
+    x, weights, w_in, w_out, preact, h, out, slot_of_row, token_of_row, offsets, starts = ctx.saved_tensors
+    check_saved((x, weights, w_in, w_out, preact, h, out), needs)
+    with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
+        grads = list(moe_ffn_backward_op(
+            grad_y, x, _slot_weights(weights, slot_of_row), w_in, w_out, preact, h, out,
+            slot_of_row, token_of_row, offsets, ctx.activation, ctx.backend, *needs, starts,
+        ))  # fmt: skip
+        if needs[1]:  # the slots' weight gradients, back to [G, E, C]
+            G, E, C = weights.shape
+            grads[1] = grads[1].index_select(0, slot_of_row).view(E, G, C).transpose(0, 1)
+    return gradients(EcFfnInputs, **{name: grad for name, grad, need in zip(DIFFERENTIABLE, grads, needs) if need})
+
+
+expert_choice_ffn_apply = differentiable(expert_choice_ffn_op, _ffn_setup_context, _ffn_backward)
+
+
+def expert_choice_ffn_unchecked(
+    x, weights, tokens, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str
+) -> Tensor:
+    """``expert_choice_ffn`` for inputs already known to be valid, with ``backend`` resolved."""
+    needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in = (
+        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weights, w_in, w_out, b_in)
+    )
+    args = EcFfnInputs(
+        x, weights, tokens, w_in, w_out, b_in, b_out, activation, backend,
+        save_preact=needs_x or needs_w_in or needs_b_in, save_h=needs_w_out, save_out=needs_weights,
+    )  # fmt: skip
+    return expert_choice_ffn_apply(*args)[0]
+
+
+def check_token_ids(tokens: Tensor, num_tokens: int) -> None:
+    """``ValueError`` unless every expert's chosen tokens are distinct indices in ``[0, T)``
+    (one host sync: for the public API only; the layer makes them itself)."""
+    if tokens.numel() == 0:
+        return
+    low, high = tokens.min().item(), tokens.max().item()
+    if low < 0 or high >= num_tokens:
+        raise ValueError(f"tokens must be indices in [0, {num_tokens}), got values in [{low}, {high}]")
+    per_expert = tokens.transpose(0, 1).reshape(tokens.shape[1], -1).sort(dim=1).values
+    if (per_expert[:, 1:] == per_expert[:, :-1]).any():
+        raise ValueError("an expert's tokens must be distinct: each (token, expert) pair is chosen at most once")
+
+
 def expert_choice_ffn(
     x: Tensor,
     weights: Tensor,
     tokens: Tensor,
     w_in: Tensor,
     w_out: Tensor,
+    activation: str = "swiglu",
+    backend: str | None = None,
+    *,
     b_in: Tensor | None = None,
     b_out: Tensor | None = None,
-    *,
-    activation: str,
-    backend: str,
 ) -> Tensor:
-    """The routed experts under expert choice: ``y [T, D]``, each token the sum of its choosers'
-    weighted outputs (0 if none chose it). Inputs are assumed valid, ``backend`` resolved.
+    """The routed experts under expert choice, with a weighted combine.
 
-    The ``G * C`` tokens of each expert are consecutive rows of one grouped GEMM (its offsets
-    known from the shapes: no host sync), and the combine adds one expert's rows at a time: no
-    two rows of one expert share a token, so each addition is free of races, and the sum's order
-    is fixed (deterministic, also where ``index_add`` uses atomics).
+    ``y[t] = sum over the (g, e, c) with tokens[g, e, c] = t of weights[g, e, c] * FFN_e(x[t])``:
+    0 for a token no expert chose. Expert ``e``'s ``G * C`` tokens are consecutive rows of one
+    grouped GEMM (its offsets follow from the shapes: no host sync, no padding), and the combine
+    reads each token's 0 to ``E`` slots in expert order (deterministic, no atomics).
+
+    Args:
+        x: ``[T, D]`` (fp16, bf16 or fp32).
+        weights: ``[G, E, C]`` the chosen tokens' weights (any float dtype), as from
+            ``expert_choice_gating``.
+        tokens: ``[G, E, C]`` int64 row indices of ``x``; one expert's tokens are distinct.
+        w_in, w_out, activation, backend, b_in, b_out: as for ``moe_ffn``.
+    Returns:
+        ``y [T, D]`` in ``x.dtype``, differentiable in ``x``, ``weights``, the experts' weights
+        and their biases.
     """
-    G, E, C = tokens.shape
-    per_expert = G * C
-    rows = tokens.transpose(0, 1).reshape(-1)  # expert-major: expert e owns rows e*G*C ... (e+1)*G*C
-    offsets = torch.arange(1, E + 1, device=x.device, dtype=torch.int32) * per_expert
-    expert_of_row = torch.arange(E, device=x.device).repeat_interleave(per_expert)
-    preact = grouped_mm_apply(x.index_select(0, rows), w_in, offsets, backend)
-    if b_in is not None:
-        preact = preact + b_in.index_select(0, expert_of_row)
-    out = grouped_mm_apply(activation_fn(activation)(preact), w_out, offsets, backend)
-    if b_out is not None:
-        out = out + b_out.index_select(0, expert_of_row)
-    out = (out.float() * weights.transpose(0, 1).reshape(-1, 1)).view(E, per_expert, -1)
-    y = x.new_zeros(x.shape, dtype=torch.float32)
-    for e, expert_rows in enumerate(rows.view(E, per_expert)):
-        y.index_add_(0, expert_rows, out[e])  # in place: one [T, D] buffer, not one per expert
-    return y.to(x.dtype)
+    biases = check_experts(x, w_in, w_out, b_in, b_out, activation)
+    check_tensor("weights", weights, 3, FLOAT_DTYPES)
+    check_tensor("tokens", tokens, 3, (torch.int64,))
+    if tokens.shape != weights.shape:
+        raise ValueError(f"tokens must have the shape of weights {tuple(weights.shape)}, got {tuple(tokens.shape)}")
+    check_dim("tokens", tokens, 1, w_in.shape[0], "E, the experts of w_in")
+    device = check_same_device(x=x, weights=weights, tokens=tokens, w_in=w_in, w_out=w_out, **biases)
+    check_token_ids(tokens, x.shape[0])
+    return expert_choice_ffn_unchecked(
+        x, weights, tokens, w_in, w_out, b_in, b_out, activation=activation, backend=resolve_backend(backend, device)
+    )

@@ -7,6 +7,9 @@ Triton path, forward (``S = T * k`` slots, ``rows`` = slots sorted by expert):
     second GEMM  h @ w_out               -> o [T, k, D]  scattered back to slot order
     combine      sum_j weights * o       -> y [T, D]     deterministic reduce
 
+Expert choice (``expert_choice.py``) runs the same steps from its own routing, where a token
+owns 0 to E slots rather than k.
+
 Backward: ``d weights`` from ``<dy, o>``; the pre-activation gradient from one GEMM over the
 gathered, weight-scaled ``dy`` with the activation's derivative in its epilogue; both weight
 gradients as varlen-K grouped GEMMs; ``dx`` from a GEMM scattered to slot order and summed.
@@ -20,13 +23,14 @@ with fake (shape-only) implementations; ``moe_ffn_apply`` ties them together for
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from .activations import ACTIVATIONS, activation_fn, activation_grad
 from .backend import resolve_backend
-from .combine import combine, combine_torch, combine_weight_grad
+from .combine import Slots, combine, combine_torch, combine_weight_grad, combine_weight_grad_torch
 from .grouped_mm import (
     group_of_row,
     group_sums_torch,
@@ -52,21 +56,17 @@ from .validation import (
 Tensor = torch.Tensor
 
 
-def _forward_triton(x, weights, experts, w_in, w_out, b_in, b_out, activation, save_preact):
-    T, D = x.shape
-    k = experts.shape[1]
-    routing = route(experts, w_in.shape[0], "triton")
+def _experts_triton(x, routing, w_in, w_out, b_in, b_out, activation, save_preact):
     h, preact = grouped_mm_act(
         x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=save_preact, bias=b_in
     )
-    out = grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row, bias=b_out).view(T, k, D)
-    return combine(out, weights, x.dtype), preact, h, out, routing
+    return grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row, bias=b_out), preact, h
 
 
-def _forward_torch(x, weights, experts, w_in, w_out, b_in, b_out, activation):
-    T, k = experts.shape
-    routing = route(experts, w_in.shape[0], "torch")
-    groups = group_of_row(routing.offsets, T * k) if b_in is not None or b_out is not None else None
+def _experts_torch(x, routing, w_in, w_out, b_in, b_out, activation, save_preact):
+    groups = (
+        group_of_row(routing.offsets, routing.slot_of_row.shape[0]) if b_in is not None or b_out is not None else None
+    )
     preact = grouped_mm_torch(x.index_select(0, routing.token_of_row), w_in, routing.offsets)
     if b_in is not None:
         preact = preact + b_in.index_select(0, groups)
@@ -75,8 +75,30 @@ def _forward_torch(x, weights, experts, w_in, w_out, b_in, b_out, activation):
     if b_out is not None:
         out = out + b_out.index_select(0, groups)
     # Back to slot order with a gather (deterministic, unlike a scatter-add).
-    out = out.index_select(0, row_of_slot(routing.slot_of_row)).view(T, k, x.shape[1])
-    return combine_torch(out, weights, x.dtype), preact, h, out, routing
+    return out.index_select(0, row_of_slot(routing.slot_of_row)), preact, h
+
+
+def experts_forward(
+    x: Tensor,
+    slot_weights: Tensor,
+    routing: Routing,
+    slots: Slots,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    activation: str,
+    backend: str,
+    save_preact: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """The routed experts and the combine, for any routing: ``y [T, D]``, the pre-activation
+    (with ``save_preact`` on the Triton path; always on PyTorch's), ``h [S, H]`` and the per-slot
+    outputs ``out [S, D]``. ``slot_weights [S]`` are in slot order; ``slots`` is ``k`` or the
+    tokens' slot starts (see ``combine``)."""
+    experts = _experts_triton if backend == "triton" else _experts_torch
+    out, preact, h = experts(x, routing, w_in, w_out, b_in, b_out, activation, save_preact)
+    reduce = combine if backend == "triton" else combine_torch
+    return reduce(out, slot_weights.flatten().contiguous(), slots, x.shape[0], x.dtype), preact, h, out
 
 
 @custom_op("moe_kernels::moe_ffn")
@@ -97,18 +119,17 @@ def moe_ffn_op(
     """``y [T, D]`` and what the backward pass reads: the pre-activation ``[S, 2H or H]``, ``h
     [S, H]`` and the per-slot outputs ``out [T, k, D]`` where asked for (else empty along
     dimension 0), and the routing (``slot_of_row``, ``token_of_row``, ``offsets``)."""
-    if backend == "triton":
-        y, preact, h, out, routing = _forward_triton(
-            x, weights, experts, w_in, w_out, b_in, b_out, activation, save_preact
-        )
-    else:
-        y, preact, h, out, routing = _forward_torch(x, weights, experts, w_in, w_out, b_in, b_out, activation)
+    (T, D), k = x.shape, experts.shape[1]
+    routing = route(experts, w_in.shape[0], backend)
+    y, preact, h, out = experts_forward(
+        x, weights, routing, k, w_in, w_out, b_in, b_out, activation, backend, save_preact
+    )
     empty = x.new_empty
     return (
         y,
         preact if save_preact else empty((0, w_in.shape[2])),
         h if save_h else empty((0, w_out.shape[1])),
-        out if save_out else empty((0, *out.shape[1:])),
+        out.view(T, k, D) if save_out else empty((0, k, D)),
         *routing,
     )
 
@@ -129,15 +150,16 @@ def _(x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, save_p
     )
 
 
-def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, activation, needs):
+def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs):
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out = needs
     slot_of_row, token_of_row, offsets = routing
-    (T, D), k = x.shape, weights.shape[1]
+    T, D = x.shape
     # Per-slot factors, indexed by slot_of_row inside the kernels.
     scale = weights.reshape(-1).float().contiguous()
     grad_x = grad_weights = grad_w_in = grad_w_out = grad_b_in = grad_b_out = None
     if needs_weights:
-        grad_weights = combine_weight_grad(grad_y, out).to(weights.dtype)
+        grad_weights = combine_weight_grad(grad_y, out.reshape(scale.shape[0], D), slots)
+        grad_weights = grad_weights.view(weights.shape).to(weights.dtype)
     if needs_w_out or needs_b_out:
         # A bias alone needs no weight gradient: zero columns of h leave only the bias sums.
         rows = h if needs_w_out else h.new_empty((slot_of_row.shape[0], 0))
@@ -165,7 +187,9 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, a
         )
         if needs_x:
             grad_slots = grouped_mm_triton(grad_preact, w_in.transpose(1, 2), offsets, c_rows=slot_of_row)
-            grad_x = grad_slots if k == 1 else combine(grad_slots.view(T, k, D), None, x.dtype)
+            grad_x = (
+                grad_slots if isinstance(slots, int) and slots == 1 else combine(grad_slots, None, slots, T, x.dtype)
+            )
         if needs_w_in or needs_b_in:
             grad_w_in, grad_b_in = grouped_mm_wgrad(
                 x if needs_w_in else x.new_empty((T, 0)),
@@ -179,13 +203,14 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, a
     return grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out
 
 
-def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, activation, needs):
+def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs):
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out = needs
     slot_of_row, token_of_row, offsets = routing
-    (T, D), k = x.shape, weights.shape[1]
+    T, D = x.shape
     grad_x = grad_weights = grad_w_in = grad_w_out = grad_b_in = grad_b_out = None
     if needs_weights:
-        grad_weights = torch.bmm(out.float(), grad_y.float().unsqueeze(2)).squeeze(2).to(weights.dtype)
+        grad_weights = combine_weight_grad_torch(grad_y, out.reshape(weights.numel(), D), slots)
+        grad_weights = grad_weights.view(weights.shape).to(weights.dtype)
     # d(expert output) of each row: the token's gradient times its routing weight.
     row_weights = weights.reshape(-1).float().index_select(0, slot_of_row)
     grad_rows = (grad_y.index_select(0, token_of_row).float() * row_weights[:, None]).to(x.dtype)
@@ -200,7 +225,7 @@ def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, ac
             grad_b_in = group_sums_torch(grad_preact, offsets)
         if needs_x:
             grad_x_rows = grouped_mm_torch(grad_preact, w_in.transpose(1, 2), offsets)
-            grad_x = grad_x_rows.index_select(0, row_of_slot(slot_of_row)).view(T, k, D).float().sum(1).to(x.dtype)
+            grad_x = combine_torch(grad_x_rows.index_select(0, row_of_slot(slot_of_row)), None, slots, T, x.dtype)
         if needs_w_in:
             grad_w_in = grouped_mm_wgrad_torch(x.index_select(0, token_of_row), grad_preact, offsets)
     return grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out
@@ -227,14 +252,20 @@ def moe_ffn_backward_op(
     needs_w_out: bool,
     needs_b_in: bool,
     needs_b_out: bool,
+    slot_starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of ``x``, ``weights``, ``w_in``, ``w_out``, ``b_in`` and ``b_out`` that
     ``needs_*`` ask for (the others empty), from what ``moe_ffn`` saved. The biases' gradients
-    do not read the biases, only their shapes: ``[E, w_in.shape[2]]`` and ``[E, D]``."""
+    do not read the biases, only their shapes: ``[E, w_in.shape[2]]`` and ``[E, D]``.
+
+    With ``slot_starts [T + 1]`` (expert choice), tokens own varying numbers of slots:
+    ``weights`` are then the ``[S]`` slot weights, ``out`` is ``[S, D]``, and the weights'
+    gradient comes back as ``[S]``."""
     backward = _backward_triton if backend == "triton" else _backward_torch
     routing = Routing(slot_of_row, token_of_row, offsets)
+    slots = weights.shape[1] if slot_starts is None else slot_starts
     needs = (needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out)
-    grads = backward(grad_y, x, weights, w_in, w_out, preact, h, out, routing, activation, needs)
+    grads = backward(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs)
     return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
 
@@ -259,6 +290,7 @@ def _(
     needs_w_out,
     needs_b_in,
     needs_b_out,
+    slot_starts=None,
 ):
     shapes = (
         x.shape,
@@ -275,7 +307,7 @@ def _(
     )
 
 
-def _check_saved(saved: tuple, needs: tuple) -> None:
+def check_saved(saved: tuple, needs: tuple) -> None:
     """A caller of ``torch.ops.moe_kernels.moe_ffn`` chooses what it saves: refuse a gradient
     whose inputs it did not keep, rather than read past an empty tensor."""
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, _ = needs
@@ -284,7 +316,7 @@ def _check_saved(saved: tuple, needs: tuple) -> None:
     for needed, saved, name, flag in (
         (needs_x or needs_w_in or needs_b_in, preact.shape[0] == rows, "x, w_in and b_in", "save_preact"),
         (needs_w_out, h.shape[0] == rows, "w_out", "save_h"),
-        (needs_weights, out.shape[0] == x.shape[0], "weights", "save_out"),
+        (needs_weights, math.prod(out.shape[:-1]) == rows, "weights", "save_out"),
     ):
         if needed and not saved:
             raise RuntimeError(
@@ -327,7 +359,7 @@ def _backward(ctx, grad_y, *_):
     if grad_y is None or not any(needs):
         return gradients(FfnInputs)
     saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no more
-    _check_saved(saved, needs)
+    check_saved(saved, needs)
     with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
         grads = moe_ffn_backward_op(grad_y, *saved, ctx.activation, ctx.backend, *needs)
     return gradients(FfnInputs, **{name: grad for name, grad, need in zip(DIFFERENTIABLE, grads, needs) if need})
@@ -350,6 +382,46 @@ def moe_ffn_unchecked(
         save_preact=needs_x or needs_w_in or needs_b_in, save_h=needs_w_out, save_out=needs_weights,
     )  # fmt: skip
     return moe_ffn_apply(*args)[0]
+
+
+def check_experts(
+    x: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None, activation: str
+) -> dict[str, Tensor]:
+    """Check the tokens ``x [T, D]`` and the experts' weights and biases against each other
+    (``ValueError``/``TypeError`` saying what was expected); return the biases given, by name."""
+    check_tensor("x", x, 2, FLOAT_DTYPES)
+    check_tensor("w_in", w_in, 3, FLOAT_DTYPES)
+    check_tensor("w_out", w_out, 3, FLOAT_DTYPES)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, w in (("w_in", w_in), ("w_out", w_out)):
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {w.dtype}")
+    D, E = x.shape[1], w_in.shape[0]
+    if E == 0:
+        raise ValueError(f"w_in must hold at least one expert, got shape {tuple(w_in.shape)}")
+    check_dim("w_in", w_in, 1, D, "D, the width of x")
+    hidden = w_in.shape[2]
+    if activation == "swiglu":
+        if hidden % 2:
+            raise ValueError(f"w_in must be [E, D, 2H] for swiglu, got an odd last dimension {hidden}")
+        hidden //= 2
+    check_dim("w_out", w_out, 0, E, "E, the experts of w_in")
+    check_dim("w_out", w_out, 1, hidden, "H, the expert hidden width of w_in")
+    check_dim("w_out", w_out, 2, D, "D, the width of x")
+    biases = {}
+    for name, bias, width, what in (
+        ("b_in", b_in, w_in.shape[2], "the last dimension of w_in"),
+        ("b_out", b_out, D, "D"),
+    ):
+        if bias is not None:
+            check_tensor(name, bias, 2, FLOAT_DTYPES)
+            if bias.dtype != x.dtype:
+                raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {bias.dtype}")
+            check_dim(name, bias, 0, E, "E, the experts of w_in")
+            check_dim(name, bias, 1, width, what)
+            biases[name] = bias
+    return biases
 
 
 def moe_ffn(
@@ -383,45 +455,14 @@ def moe_ffn(
         ``y [T, D]`` in ``x.dtype``, differentiable in ``x``, ``weights``, ``w_in``, ``w_out``
         and the biases.
     """
-    check_tensor("x", x, 2, FLOAT_DTYPES)
+    biases = check_experts(x, w_in, w_out, b_in, b_out, activation)
     check_tensor("weights", weights, 2, FLOAT_DTYPES)
     check_tensor("experts", experts, 2, INDEX_DTYPES)
-    check_tensor("w_in", w_in, 3, FLOAT_DTYPES)
-    check_tensor("w_out", w_out, 3, FLOAT_DTYPES)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    for name, w in (("w_in", w_in), ("w_out", w_out)):
-        if w.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {w.dtype}")
-    T, D = x.shape
     E = w_in.shape[0]
-    if E == 0:
-        raise ValueError(f"w_in must hold at least one expert, got shape {tuple(w_in.shape)}")
-    check_dim("experts", experts, 0, T, "T, the tokens of x")
+    check_dim("experts", experts, 0, x.shape[0], "T, the tokens of x")
     if weights.shape != experts.shape:
         raise ValueError(f"weights must have the shape of experts {tuple(experts.shape)}, got {tuple(weights.shape)}")
     check_k(experts.shape[1], E, name="experts.shape[1]")
-    check_dim("w_in", w_in, 1, D, "D, the width of x")
-    hidden = w_in.shape[2]
-    if activation == "swiglu":
-        if hidden % 2:
-            raise ValueError(f"w_in must be [E, D, 2H] for swiglu, got an odd last dimension {hidden}")
-        hidden //= 2
-    check_dim("w_out", w_out, 0, E, "E, the experts of w_in")
-    check_dim("w_out", w_out, 1, hidden, "H, the expert hidden width of w_in")
-    check_dim("w_out", w_out, 2, D, "D, the width of x")
-    biases = {}
-    for name, bias, width, what in (
-        ("b_in", b_in, w_in.shape[2], "the last dimension of w_in"),
-        ("b_out", b_out, D, "D"),
-    ):
-        if bias is not None:
-            check_tensor(name, bias, 2, FLOAT_DTYPES)
-            if bias.dtype != x.dtype:
-                raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {bias.dtype}")
-            check_dim(name, bias, 0, E, "E, the experts of w_in")
-            check_dim(name, bias, 1, width, what)
-            biases[name] = bias
     device = check_same_device(x=x, weights=weights, experts=experts, w_in=w_in, w_out=w_out, **biases)
     check_expert_ids("experts", experts, E)
     return moe_ffn_unchecked(

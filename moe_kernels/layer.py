@@ -13,7 +13,7 @@ from torch import nn
 from .activations import ACTIVATIONS, activation_fn
 from .backend import BACKENDS, resolve_backend
 from .balance import CONVENTIONS, loss_from_stats, router_z_loss
-from .expert_choice import check_groups, expert_choice_ffn, expert_choice_gating_apply
+from .expert_choice import check_groups, expert_choice_ffn_unchecked, expert_choice_gating_apply
 from .ffn import moe_ffn_unchecked
 from .gating import check_routing_options, gating_with_stats
 from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, SCALE, check_k, check_positive_int
@@ -279,7 +279,9 @@ class MoE(nn.Module):
         capacity = self.capacity(self.group_size or max(tokens.shape[0], 1))
         size = check_groups(tokens.shape[0], capacity, self.group_size, backend)
         weights, chosen, _ = expert_choice_gating_apply(logits, capacity, size, backend)
-        y = expert_choice_ffn(tokens, weights, chosen, *expert_weights, activation=self.activation, backend=backend)
+        y = expert_choice_ffn_unchecked(
+            tokens, weights, chosen, *expert_weights, activation=self.activation, backend=backend
+        )
         counts = torch.full((self.num_experts,), chosen.shape[0] * capacity, dtype=torch.int32, device=tokens.device)
         return y, counts, lambda: logits.new_zeros((), dtype=torch.float32)
 

@@ -105,7 +105,7 @@ def expert_parallel_ffn(
     """
     group = mesh.get_group()
     size, local = mesh.size(), w_in.shape[0]
-    (T, D), k = x.shape, experts.shape[1]
+    T, k = experts.shape
     routing = route(experts, local * size, backend)
     # Slot counts per expert; the slots are sorted by expert, so by destination rank too.
     counts = torch.diff(routing.offsets, prepend=routing.offsets.new_zeros(1))
@@ -120,5 +120,5 @@ def expert_parallel_ffn(
         rows, ones, expert_of_row[:, None], w_in, w_out, b_in, b_out, activation=activation, backend=backend
     )
     out = funcol.all_to_all_single_autograd(out, send, recv, group)
-    out = out.index_select(0, row_of_slot(routing.slot_of_row)).view(T, k, D)
-    return combine_torch(out, weights, x.dtype)
+    out = out.index_select(0, row_of_slot(routing.slot_of_row))
+    return combine_torch(out, weights.flatten(), k, T, x.dtype)

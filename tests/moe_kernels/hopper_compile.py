@@ -260,6 +260,9 @@ def moe_workload(
             x = torch.randn(24, 32, dtype=dtype, requires_grad=True)
             out = layer(x)
             (out.float().square().mean() + layer.aux_loss).backward()
+        # Expert choice: its selection and scatter kernels, and the combine with per-token counts.
+        layer = MoE(32, 32, num_experts=4, top_k=2, routing="expert-choice", group_size=12, backend="triton")
+        layer.to(dtype)(torch.randn(2, 12, 32, dtype=dtype, requires_grad=True)).float().square().mean().backward()
         logits = torch.randn(24, 4, dtype=dtype, requires_grad=True)
         _, experts, probs = topk_gating(logits, 2, normalize=True, backend="triton")
         balance_loss(probs, experts, 4, backend="triton").backward()

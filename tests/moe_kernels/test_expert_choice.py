@@ -5,8 +5,8 @@ import torch
 
 import moe_kernels as mk
 from moe_kernels import reference
-from moe_kernels.expert_choice import expert_choice_ffn
-from tests.moe_kernels.helpers import BACKENDS, DEVICE, assert_close_to_reference
+from moe_kernels.routing import expert_choice_routing
+from tests.moe_kernels.helpers import BACKENDS, DEVICE, assert_close_to_reference, grads
 
 # (T, E, C, group_size): one group, several, C = 1, C = S (every token), S not a power of two.
 CASES = [(24, 4, 5, None), (32, 8, 3, 8), (12, 3, 1, 4), (20, 5, 10, 10), (18, 6, 9, 9)]
@@ -162,7 +162,94 @@ def test_the_ffn_combine_is_deterministic_and_handles_unchosen_tokens():
     w_in, w_out = torch.randn(2, 8, 4), torch.randn(2, 4, 8)
     tokens = torch.tensor([[[0, 1], [1, 2]]])  # expert 0 takes 0, 1; expert 1 takes 1, 2
     weights = torch.rand(1, 2, 2)
-    y = expert_choice_ffn(x, weights, tokens, w_in, w_out, activation="relu", backend="torch")
+    y = mk.expert_choice_ffn(x, weights, tokens, w_in, w_out, activation="relu", backend="torch")
     want = reference.expert_choice_ffn(x, weights, tokens, w_in, w_out, "relu")
     torch.testing.assert_close(y, want)
     assert (y[3:] == 0).all()
+
+
+def _chosen(T, E, C, group_size, dtype=torch.float32):
+    """A gating's output on random logits: tokens chosen by 0 to E experts."""
+    weights, tokens, _ = reference.expert_choice_gating(torch.randn(T, E, device=DEVICE), C, group_size)
+    return weights.to(dtype).requires_grad_(), tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "T,E,C,group_size,activation,biases",
+    [(24, 4, 5, None, "swiglu", False), (32, 8, 3, 8, "gelu_tanh", True), (12, 3, 4, 4, "relu", True)],
+)
+def test_ffn_forward_backward_match_reference(backend, dtype, T, E, C, group_size, activation, biases):
+    D, H = 24, 20  # neither a multiple of the blocks
+    x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    weights, tokens = _chosen(T, E, C, group_size)
+    width = 2 * H if activation == "swiglu" else H
+    w_in = (torch.randn(E, D, width, device=DEVICE) / D**0.5).to(dtype).requires_grad_()
+    w_out = (torch.randn(E, H, D, device=DEVICE) / H**0.5).to(dtype).requires_grad_()
+    b_in = (0.1 * torch.randn(E, width, device=DEVICE)).to(dtype).requires_grad_() if biases else None
+    b_out = (0.1 * torch.randn(E, D, device=DEVICE)).to(dtype).requires_grad_() if biases else None
+    y = mk.expert_choice_ffn(x, weights, tokens, w_in, w_out, activation, backend, b_in=b_in, b_out=b_out)
+    params = [t for t in (x, weights, w_in, w_out, b_in, b_out) if t is not None]
+    doubles = [t.detach().double().requires_grad_() for t in params]
+    want = reference.expert_choice_ffn(
+        doubles[0], doubles[1], tokens, doubles[2], doubles[3], activation, *(doubles[4:] if biases else ())
+    )
+    assert y.dtype == dtype
+    assert_close_to_reference(y, want, dtype, "y")
+    grad_y = torch.randn_like(want)
+    names = ["x", "weights", "w_in", "w_out", "b_in", "b_out"]
+    for name, got, expected in zip(names, grads(y, params, grad_y), grads(want, doubles, grad_y)):
+        assert got.dtype == (torch.float32 if name == "weights" else dtype)
+        assert_close_to_reference(got, expected, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ffn_is_deterministic_and_edge_cases(backend):
+    """Bitwise the same on a rerun; no tokens; one expert; every expert taking every token (k = E)."""
+    for T, E, C in ((0, 3, 2), (9, 1, 4), (6, 3, 6)):
+        x = torch.randn(T, 8, device=DEVICE, requires_grad=True)
+        weights, tokens = _chosen(T, E, C, None) if T else (torch.rand(0, E, C), torch.zeros(0, E, C, dtype=torch.long))
+        w_in, w_out = torch.randn(E, 8, 12, device=DEVICE), torch.randn(E, 6, 8, device=DEVICE)
+        runs = []
+        for _ in range(2):
+            y = mk.expert_choice_ffn(x, weights, tokens, w_in, w_out, backend=backend)
+            runs.append((y, *torch.autograd.grad(y.square().sum(), [x], allow_unused=True)))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+        torch.testing.assert_close(
+            runs[0][0], reference.expert_choice_ffn(x, weights, tokens, w_in, w_out), atol=1e-4, rtol=1e-4
+        )
+
+
+def test_routing_numbers_the_slots_token_major_in_expert_order():
+    tokens = torch.tensor([[[0, 3], [3, 1], [2, 3]]])  # G=1, E=3, C=2 over T=5 tokens
+    routing, starts = expert_choice_routing(tokens, 5)
+    # Slots: token 0 (e0), 1 (e1), 2 (e2), 3 (e0, e1, e2); token 4 has none.
+    assert starts.tolist() == [0, 1, 2, 3, 6, 6]
+    assert routing.token_of_row.tolist() == [0, 3, 3, 1, 2, 3]
+    assert routing.slot_of_row.tolist() == [0, 3, 4, 1, 2, 5]
+    assert routing.offsets.tolist() == [2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(tokens=torch.zeros(1, 2, 3, dtype=torch.int32)), TypeError, "tokens"),
+        (dict(tokens=torch.zeros(1, 2, 2, dtype=torch.long)), ValueError, "shape of weights"),
+        (dict(weights=torch.rand(1, 3, 3), tokens=torch.zeros(1, 3, 3, dtype=torch.long)), ValueError, "experts"),
+        (dict(tokens=torch.tensor([[[0, 1, 6], [0, 1, 2]]])), ValueError, r"indices in \[0, 6\)"),
+        (dict(tokens=torch.tensor([[[0, 1, 1], [0, 1, 2]]])), ValueError, "distinct"),
+        (dict(x=torch.randn(6, 5)), ValueError, "width of x"),
+    ],
+)
+def test_ffn_bad_input(change, error, match):
+    args = dict(
+        x=torch.randn(6, 8),
+        weights=torch.rand(1, 2, 3),
+        tokens=torch.tensor([[[0, 1, 2], [3, 4, 5]]]),
+        w_in=torch.randn(2, 8, 8),
+        w_out=torch.randn(2, 4, 8),
+    )
+    args.update(change)
+    with pytest.raises(error, match=match):
+        mk.expert_choice_ffn(**args, backend="torch")

@@ -36,7 +36,10 @@ def test_every_launch_compiles_for_hopper():
         "_grouped_wgrad_kernel",
         "_combine_kernel",
         "_combine_weight_grad_kernel",
+        "_select_kernel",
+        "_scatter_grad_kernel",
     } <= kernels
+    assert {launch["constants"].get("VARLEN") for launch in launches} >= {False, True}
     assert {launch["constants"].get("PRECISION") for launch in launches} >= {"ieee", "tf32"}
     results = compile_launches(launches, full_report=False)
     failures = [f"{r['kernel']} {r['dtype']} {r['constants']}: {r['error']}" for r in results if not r["ok"]]

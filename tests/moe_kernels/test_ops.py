@@ -7,7 +7,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import moe_kernels as mk
 from moe_kernels import ffn, gating, reference
 from moe_kernels.balance import expert_stats_op
-from moe_kernels.expert_choice import expert_choice_gating_backward_op, expert_choice_gating_op
+from moe_kernels.expert_choice import (
+    expert_choice_ffn_op,
+    expert_choice_gating_backward_op,
+    expert_choice_gating_op,
+)
 from moe_kernels.ffn import moe_ffn_backward_op, moe_ffn_op
 from moe_kernels.gating import topk_gating_backward_op, topk_gating_op
 from moe_kernels.grouped_mm import grouped_mm_op, grouped_mm_wgrad_op
@@ -45,6 +49,11 @@ def _op_cases(backend):
     ec_grads = (torch.randn_like(ec_weights), torch.randn_like(ec_probs))
     yield expert_choice_gating_backward_op, (ec_probs, ec_tokens, *ec_grads, torch.float32, backend)
     yield expert_choice_gating_backward_op, (ec_probs, ec_tokens, ec_grads[0], None, torch.float32, backend)
+    x, w_in, w_out = _leaf(12, D), _leaf(E, D, 2 * H), _leaf(E, H, D)
+    ec_args = (x, ec_weights.requires_grad_(), ec_tokens, w_in, w_out, _leaf(E, 2 * H), _leaf(E, D), "swiglu")
+    yield expert_choice_ffn_op, (*ec_args, backend, True, True, True)
+    plain = [t.detach() for t in ec_args[:5]]
+    yield expert_choice_ffn_op, (*plain, None, None, "swiglu", backend, False, False, False)
     offsets = torch.tensor([3, 3, 9, 14], dtype=torch.int32, device=DEVICE)
     x, w = _leaf(14, D), _leaf(E, D, H)
     yield grouped_mm_op, (x, w, offsets, backend)
@@ -93,6 +102,7 @@ def test_ops_are_registered_in_the_moe_kernels_namespace(backend):
         "expert_stats",
         "expert_choice_gating",
         "expert_choice_gating_backward",
+        "expert_choice_ffn",
         "grouped_mm",
         "grouped_mm_wgrad",
         "moe_ffn",
