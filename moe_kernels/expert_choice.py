@@ -228,7 +228,7 @@ def expert_choice_gating(
     return expert_choice_gating_apply(logits, capacity, size, backend)
 
 
-def _slot_weights(weights: Tensor, slot_of_row: Tensor) -> Tensor:
+def slot_weights(weights: Tensor, slot_of_row: Tensor) -> Tensor:
     """``weights [G, E, C]`` moved to slot order, ``[S]`` (each slot is one row: plain stores)."""
     rows = weights.transpose(0, 1).reshape(-1)
     return torch.empty_like(rows).index_copy_(0, slot_of_row.long(), rows)
@@ -254,7 +254,7 @@ def expert_choice_ffn_op(
     (``slot_of_row``, ``token_of_row``, ``offsets``) and the tokens' slot ``starts [T + 1]``."""
     routing, starts = expert_choice_routing(tokens, x.shape[0])
     y, preact, h, out = experts_forward(
-        x, _slot_weights(weights, routing.slot_of_row), routing, starts, w_in, w_out, b_in, b_out,
+        x, slot_weights(weights, routing.slot_of_row), routing, starts, w_in, w_out, b_in, b_out,
         activation, backend, save_preact,
     )  # fmt: skip
     empty = x.new_empty
@@ -318,7 +318,7 @@ def _ffn_backward(ctx, grad_y, *_):
     check_saved((x, weights, w_in, w_out, preact, h, out), needs)
     with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
         grads = list(moe_ffn_backward_op(
-            grad_y, x, _slot_weights(weights, slot_of_row), w_in, w_out, preact, h, out,
+            grad_y, x, slot_weights(weights, slot_of_row), w_in, w_out, preact, h, out,
             slot_of_row, token_of_row, offsets, ctx.activation, ctx.backend, *needs, starts,
         ))  # fmt: skip
         if needs[1]:  # the slots' weight gradients, back to [G, E, C]

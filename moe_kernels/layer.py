@@ -84,7 +84,8 @@ class MoE(nn.Module):
     FLOPs are token choice's; change it at evaluation to spend more or less compute. It needs no
     balance loss: ``aux_loss`` is zero (plus the z-loss if asked), and ``expert_counts`` is ``G *
     C`` for every expert. It takes the softmax score only (no selection bias, no groups of
-    experts) and does not run under expert parallelism yet.
+    experts). Under expert parallelism its exchange sizes follow from the shapes (no host sync),
+    which asks every rank to pass the same number of tokens.
     """
 
     def __init__(
@@ -274,14 +275,20 @@ class MoE(nn.Module):
     def _expert_choice(self, tokens, logits, expert_weights, backend):
         """Expert choice and the routed experts: ``(y, expert counts, balance loss thunk)``; balanced
         by construction, it has no balance loss."""
-        if self.expert_mesh is not None:
-            raise ValueError("expert-choice routing does not run under expert parallelism yet")
         capacity = self.capacity(self.group_size or max(tokens.shape[0], 1))
         size = check_groups(tokens.shape[0], capacity, self.group_size, backend)
         weights, chosen, _ = expert_choice_gating_apply(logits, capacity, size, backend)
-        y = expert_choice_ffn_unchecked(
-            tokens, weights, chosen, *expert_weights, activation=self.activation, backend=backend
-        )
+        if self.expert_mesh is None:
+            y = expert_choice_ffn_unchecked(
+                tokens, weights, chosen, *expert_weights, activation=self.activation, backend=backend
+            )
+        else:
+            from .parallel import expert_choice_parallel_ffn
+
+            y = expert_choice_parallel_ffn(
+                tokens, weights, chosen, *expert_weights,
+                activation=self.activation, backend=backend, mesh=self.expert_mesh,
+            )  # fmt: skip
         counts = torch.full((self.num_experts,), chosen.shape[0] * capacity, dtype=torch.int32, device=tokens.device)
         return y, counts, lambda: logits.new_zeros((), dtype=torch.float32)
 

@@ -17,6 +17,11 @@ No token is dropped: a rank receives however many rows its experts were chosen f
 of the row exchange are data: reading them costs one device-to-host sync per layer (torchtitan's
 expert parallelism does the same), which ``torch.compile`` sees as a graph break and which a
 CUDA graph cannot capture.
+
+Expert choice needs neither the counts exchange nor the sync: every expert takes ``C`` tokens of
+every group, so with the same number of tokens on every rank (a data-parallel batch), each rank
+sends ``E/P * G * C`` rows to each rank and receives as many from each; the sizes follow from
+the shapes, and the layer can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from .combine import combine_torch
+from .expert_choice import slot_weights
 from .ffn import moe_ffn_unchecked
-from .routing import route, row_of_slot
+from .routing import expert_choice_routing, route, row_of_slot
 
 if TYPE_CHECKING:
     from .layer import MoE
@@ -60,8 +66,6 @@ def expert_parallel(moe: MoE, mesh: DeviceMesh) -> MoE:
         )
     if moe.expert_mesh is not None:
         raise ValueError("this MoE is already expert-parallel")
-    if moe.routing != "token-choice":
-        raise ValueError(f"expert parallelism runs token-choice routing only so far, this MoE has {moe.routing!r}")
     size = mesh.size()
     if moe.num_experts % size:
         raise ValueError(f"num_experts ({moe.num_experts}) must be divisible by the expert-parallel degree ({size})")
@@ -113,12 +117,57 @@ def expert_parallel_ffn(
     sizes = torch.stack([counts.view(size, local).sum(1), received.view(size, local).sum(1)])
     send, recv = sizes.tolist()  # the one host sync
     rows = funcol.all_to_all_single_autograd(x.index_select(0, routing.token_of_row), recv, send, group)
-    local_experts = torch.arange(local, device=x.device, dtype=torch.int32).repeat(size)
-    expert_of_row = torch.repeat_interleave(local_experts, received, output_size=sum(recv))
-    ones = x.new_ones((rows.shape[0], 1))
-    out = moe_ffn_unchecked(
-        rows, ones, expert_of_row[:, None], w_in, w_out, b_in, b_out, activation=activation, backend=backend
-    )
+    out = _local_experts(rows, received, size, w_in, w_out, b_in, b_out, activation, backend)
     out = funcol.all_to_all_single_autograd(out, send, recv, group)
     out = out.index_select(0, row_of_slot(routing.slot_of_row))
     return combine_torch(out, weights.flatten(), k, T, x.dtype)
+
+
+def _local_experts(
+    rows: torch.Tensor, per_expert: torch.Tensor, size: int, w_in, w_out, b_in, b_out, activation, backend
+) -> torch.Tensor:
+    """This rank's experts on the ``rows`` it received, ``size`` source-major blocks of
+    ``[E/P]`` expert segments whose sizes are ``per_expert [P * E/P]``; outputs in received order."""
+    local = w_in.shape[0]
+    local_experts = torch.arange(local, device=rows.device, dtype=torch.int32).repeat(size)
+    expert_of_row = torch.repeat_interleave(local_experts, per_expert, output_size=rows.shape[0])
+    ones = rows.new_ones((rows.shape[0], 1))
+    return moe_ffn_unchecked(
+        rows, ones, expert_of_row[:, None], w_in, w_out, b_in, b_out, activation=activation, backend=backend
+    )
+
+
+def expert_choice_parallel_ffn(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    tokens: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
+    *,
+    activation: str,
+    backend: str,
+    mesh: DeviceMesh,
+) -> torch.Tensor:
+    """``expert_choice_ffn`` with the experts spread over ``mesh``, without a host sync.
+
+    Args:
+        x: ``[T, D]``, this rank's tokens; every rank must pass the same ``T`` (the exchange
+            sizes are computed, not exchanged).
+        weights, tokens: ``[G, E, C]``, this rank's expert choice over all ``E`` experts.
+        w_in, w_out, b_in, b_out: this rank's experts, as for ``expert_parallel_ffn``.
+    Returns:
+        ``y [T, D]`` in ``x.dtype``.
+    """
+    group = mesh.get_group()
+    size = mesh.size()
+    G, E, C = tokens.shape
+    routing, starts = expert_choice_routing(tokens, x.shape[0])
+    # Rows are expert-major, so each destination rank's rows are one block of E/P * G * C.
+    rows = funcol.all_to_all_single_autograd(x.index_select(0, routing.token_of_row), None, None, group)
+    per_expert = torch.full((E,), G * C, dtype=torch.long, device=x.device)
+    out = _local_experts(rows, per_expert, size, w_in, w_out, b_in, b_out, activation, backend)
+    out = funcol.all_to_all_single_autograd(out, None, None, group)
+    out = out.index_select(0, row_of_slot(routing.slot_of_row))
+    return combine_torch(out, slot_weights(weights, routing.slot_of_row), starts, x.shape[0], x.dtype)

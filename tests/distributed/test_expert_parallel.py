@@ -95,8 +95,58 @@ def _check_against_unsharded(rank: int, world_size: int, backend: str) -> None:
             torch.testing.assert_close(layer.expert_counts, reference.expert_counts)
 
 
+def _check_expert_choice(rank: int, world_size: int, backend: str) -> None:
+    """Expert choice over each rank's images: the same outputs and gradients as unsharded, and
+    no host sync (no tensor is read back while the layer runs forward and backward)."""
+    mesh = init_device_mesh("cpu", (world_size,))
+    for options, capacity_factor in (({}, 2), (dict(expert_biases=True, activation="gelu_tanh"), 3)):
+        torch.manual_seed(0)
+        layer = mk.MoE(
+            8, 12, 4, 2, num_shared_experts=1, routing="expert-choice", group_size=6, backend=backend, **options
+        )
+        layer.capacity_factor = capacity_factor
+        reference = copy.deepcopy(layer)
+        expert_parallel(layer, mesh)
+        xs, gs = _tokens(world_size, [12] * world_size, 7)
+        x = xs[rank].clone().requires_grad_()
+        with _no_host_reads():
+            y = layer(x.view(2, 6, 8)).view(12, 8)
+            (y * gs[rank]).sum().backward()
+        x_all = torch.cat(xs).requires_grad_()
+        y_all = reference(x_all.view(-1, 6, 8)).view(-1, 8)
+        (y_all * torch.cat(gs)).sum().backward()
+        rows = slice(12 * rank, 12 * (rank + 1))
+        torch.testing.assert_close(y, y_all[rows], **TOL)
+        torch.testing.assert_close(x.grad, x_all.grad[rows], **TOL)
+        experts = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
+        for name in EXPERT_PARAMETERS:
+            if getattr(layer, name) is not None:
+                torch.testing.assert_close(
+                    getattr(layer, name).grad.to_local(), getattr(reference, name).grad[experts], **TOL
+                )
+        total = layer.router.weight.grad.clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, reference.router.weight.grad, **TOL)
+
+
+class _no_host_reads:
+    """Fail on ``Tensor.item`` and ``Tensor.tolist`` (the host syncs a CUDA graph cannot hold)."""
+
+    def __enter__(self):
+        self.saved = torch.Tensor.item, torch.Tensor.tolist
+
+        def refuse(*_args, **_kwargs):
+            raise AssertionError("a host read in a layer that should have none")
+
+        torch.Tensor.item = torch.Tensor.tolist = refuse
+
+    def __exit__(self, *_exc):
+        torch.Tensor.item, torch.Tensor.tolist = self.saved
+
+
 def _check_against_unsharded_and_errors(rank: int, world_size: int, backend: str) -> None:
     _check_against_unsharded(rank, world_size, backend)
+    _check_expert_choice(rank, world_size, backend)
     if world_size == 2:
         _check_errors(rank, world_size)
 
@@ -106,8 +156,13 @@ def test_expert_parallel_matches_unsharded_torch(world_size):
     run_processes(_check_against_unsharded_and_errors, world_size, "torch")
 
 
+def _check_both_routings(rank: int, world_size: int, backend: str) -> None:
+    _check_against_unsharded(rank, world_size, backend)
+    _check_expert_choice(rank, world_size, backend)
+
+
 def test_expert_parallel_matches_unsharded_triton():
-    run_processes(_check_against_unsharded, 2, "triton")
+    run_processes(_check_both_routings, 2, "triton")
 
 
 def _check_errors(rank: int, world_size: int) -> None:
