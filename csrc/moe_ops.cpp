@@ -1,9 +1,10 @@
 // The moe_kernels custom ops, for programs without Python.
 //
 // An exported DiT-MoE (python -m dit.export) calls moe_kernels::topk_gating and
-// moe_kernels::moe_ffn by name; in Python the moe_kernels package registers them, here this file
-// does. Forward only, in ATen, so any device torch was built for runs them; it follows the
-// package's PyTorch path step for step (stable sorts, so the same experts win ties).
+// moe_kernels::moe_ffn by name (an expert-choice one moe_kernels::expert_choice_gating and
+// moe_kernels::expert_choice_ffn); in Python the moe_kernels package registers them, here this
+// file does. Forward only, in ATen, so any device torch was built for runs them; it follows the
+// package's PyTorch path step for step (stable sorts, so the same experts and tokens win ties).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -56,6 +57,16 @@ Tensor activate(const Tensor& preact, const std::string& activation) {
   TORCH_CHECK(false, "moe_ffn: unknown activation '", activation, "'");
 }
 
+// Expert e's MLP on its rows: act(rows @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e].
+Tensor expert_mlp(const Tensor& rows, int64_t e, const Tensor& w_in, const Tensor& w_out,
+                  const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out, const std::string& activation) {
+  Tensor preact = rows.mm(w_in[e]);
+  if (b_in.has_value()) preact = preact + (*b_in)[e];
+  Tensor out = activate(preact, activation).mm(w_out[e]);
+  if (b_out.has_value()) out = out + (*b_out)[e];
+  return out;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_ffn(
     const Tensor& x, const Tensor& weights, const Tensor& experts, const Tensor& w_in, const Tensor& w_out,
     const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out, c10::string_view activation,
@@ -73,11 +84,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_ffn(
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t end = ends[e].item<int64_t>();
     if (end > start) {
-      Tensor preact = rows.slice(0, start, end).mm(w_in[e]);
-      if (b_in.has_value()) preact = preact + (*b_in)[e];
-      Tensor out = activate(preact, act).mm(w_out[e]);
-      if (b_out.has_value()) out = out + (*b_out)[e];
-      out_rows.slice(0, start, end).copy_(out);
+      out_rows.slice(0, start, end).copy_(expert_mlp(rows.slice(0, start, end), e, w_in, w_out, b_in, b_out, act));
     }
     start = end;
   }
@@ -88,6 +95,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_ffn(
           slot_of_row.to(at::kInt), token_of_row.to(at::kInt), offsets.to(at::kInt)};
 }
 
+// Each expert's `capacity` highest softmax scores among each group of `group_size` tokens; a
+// stable descending sort: ties to the lower token, NaN first.
+std::tuple<Tensor, Tensor, Tensor> expert_choice_gating(const Tensor& logits, int64_t capacity, int64_t group_size,
+                                                        c10::string_view /*backend*/) {
+  const Tensor probs = logits.to(at::kFloat).softmax(-1);
+  const int64_t tokens = probs.size(0), experts = probs.size(1);
+  const Tensor scores = probs.view({tokens / group_size, group_size, experts}).transpose(1, 2);
+  auto [values, order] = scores.sort(true, -1, true);
+  const Tensor first = at::arange(0, tokens, group_size, order.options()).view({-1, 1, 1});
+  return {values.narrow(-1, 0, capacity).contiguous(), (order.narrow(-1, 0, capacity) + first).contiguous(), probs};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_choice_ffn(
+    const Tensor& x, const Tensor& weights, const Tensor& tokens, const Tensor& w_in, const Tensor& w_out,
+    const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out, c10::string_view activation,
+    c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/, bool /*save_out*/) {
+  const int64_t count = x.size(0), dim = x.size(1), groups = tokens.size(0), experts = tokens.size(1);
+  const int64_t per_expert = groups * tokens.size(2);
+  // The slots (one per token and chooser, token-major, choosers in expert order), as the op returns them.
+  const Tensor token_of_row = tokens.transpose(0, 1).reshape(-1);
+  const Tensor pair = token_of_row * experts + at::arange(experts, tokens.options()).repeat_interleave(per_expert);
+  const Tensor chosen_mask = at::zeros({count * experts}, tokens.options().dtype(at::kInt)).index_fill_(0, pair, 1);
+  const Tensor ends = chosen_mask.cumsum(0, at::kInt);
+  const Tensor starts = at::cat({ends.new_zeros({1}), ends.view({count, experts}).select(1, experts - 1)});
+  const Tensor offsets = at::arange(1, experts + 1, ends.options()) * per_expert;
+  // Each token's weighted expert outputs summed in expert order, in float32, as the segment sum does.
+  Tensor y = at::zeros({count, dim}, x.options().dtype(at::kFloat));
+  const std::string act(activation);
+  for (int64_t e = 0; e < experts && per_expert > 0; ++e) {
+    const Tensor chosen = tokens.select(1, e).reshape(-1);
+    const Tensor out = expert_mlp(x.index_select(0, chosen), e, w_in, w_out, b_in, b_out, act);
+    y.index_add_(0, chosen, out.to(at::kFloat) * weights.select(1, e).reshape({-1, 1}).to(at::kFloat));
+  }
+  return {y.to(x.scalar_type()), x.new_empty({0, w_in.size(2)}), x.new_empty({0, w_out.size(1)}),
+          x.new_empty({0, dim}), ends.index_select(0, pair) - 1, token_of_row.to(at::kInt), offsets, starts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_kernels, m) {
@@ -96,9 +140,16 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("moe_ffn(Tensor x, Tensor weights, Tensor experts, Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, "
         "str activation, str backend, bool save_preact, bool save_h, bool save_out) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("expert_choice_gating(Tensor logits, SymInt capacity, SymInt group_size, str backend) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("expert_choice_ffn(Tensor x, Tensor weights, Tensor tokens, Tensor w_in, Tensor w_out, Tensor? b_in, "
+        "Tensor? b_out, str activation, str backend, bool save_preact, bool save_h, bool save_out) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {
   m.impl("topk_gating", &topk_gating);
   m.impl("moe_ffn", &moe_ffn);
+  m.impl("expert_choice_gating", &expert_choice_gating);
+  m.impl("expert_choice_ffn", &expert_choice_ffn);
 }

@@ -1,10 +1,15 @@
 """Routing analysis, as in the paper's Figs. 5-7: ``python -m dit.analyze --ckpt PATH``.
 
 Samples with the EMA weights while recording, for every MoE layer, which experts each token
-chooses; then draws how often each expert is chosen per class (Fig. 5), per patch position
+goes to; then draws how often each expert is chosen per class (Fig. 5), per patch position
 (Fig. 6) and per denoising step (Fig. 7), one panel per layer, saves the raw counts
 (``routing_counts.npz``) and prints the entropy of expert use per layer and per step.
-Recording hooks into ``MoE.on_route``; a model without a recorder attached pays nothing.
+
+Under expert choice a token gets 0 to E experts, so the compute it receives varies: the
+analysis then also draws the distribution of experts per token by patch position and by step
+(``experts_per_token_by_{position,step}.png``), with the mean experts per token and the share of
+tokens no expert took in the summary. Recording hooks into ``MoE.on_route``; a model without a
+recorder attached pays nothing.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from .sampling import SAMPLERS, check_steps, generate
 class RoutingRecorder:
     """Counts expert choices of the conditional images, per layer, by class, patch and step.
 
-    Attach it, run the sampler once per batch (``start(labels, cfg)`` before each), detach.
-    ``by_class [L, C, E]``, ``by_position [L, P, E]``, ``by_step [L, S, E]`` hold the counts.
+    Attach it, run the sampler once per batch (``start(labels)`` before each), detach.
+    ``by_class [L, C, E]``, ``by_position [L, P, E]``, ``by_step [L, S, E]`` hold the counts of
+    (token, expert) pairs. Under expert choice, ``per_token_by_position [L, P, E + 1]`` and
+    ``per_token_by_step [L, S, E + 1]`` count the tokens that got 0, 1, ..., E experts (else
+    ``None``).
     """
 
     def __init__(self, model: DiT, num_steps: int):
@@ -36,12 +44,13 @@ class RoutingRecorder:
         layers = model.moe_layers()
         if not layers:
             raise ValueError("the model has no MoE layers to analyse")
-        if model.config.routing != "token-choice":
-            raise ValueError(f"routing analysis reads token-choice routing; this model has {model.config.routing!r}")
         L, E, P = len(layers), layers[0].num_experts, model.grid_size**2
+        self.expert_choice = model.config.routing == "expert-choice"
         self.by_class = torch.zeros(L, model.config.num_classes, E, dtype=torch.long)
         self.by_position = torch.zeros(L, P, E, dtype=torch.long)
         self.by_step = torch.zeros(L, num_steps, E, dtype=torch.long)
+        self.per_token_by_position = torch.zeros(L, P, E + 1, dtype=torch.long) if self.expert_choice else None
+        self.per_token_by_step = torch.zeros(L, num_steps, E + 1, dtype=torch.long) if self.expert_choice else None
         self.step, self.labels = -1, None
         self._hook = None
 
@@ -64,14 +73,28 @@ class RoutingRecorder:
     def _next_step(self) -> None:
         self.step += 1
 
-    def _record(self, layer: int, experts: torch.Tensor) -> None:
+    def _chosen(self, experts: torch.Tensor) -> torch.Tensor:
+        """``[B, P, E]``: how often each conditional image's patch went to each expert. The
+        conditional images come first in a guided batch (and under expert choice an image is a
+        group, its token indices ``g * P`` to ``g * P + P - 1``)."""
         B, P, E = len(self.labels), self.by_position.shape[1], self.by_position.shape[2]
-        # The conditional images come first in a guided batch.
-        chosen = F.one_hot(experts[: B * P].cpu().view(B, P, -1), E).sum(dim=2)  # [B, P, E]
+        if not self.expert_choice:
+            return F.one_hot(experts[: B * P].cpu().view(B, P, -1), E).sum(dim=2)
+        tokens = experts[:B].cpu() - (torch.arange(B) * P).view(B, 1, 1)  # [B, E, C], within the image
+        return torch.zeros(B, P, E, dtype=torch.long).scatter_(1, tokens.transpose(1, 2), 1)
+
+    def _record(self, layer: int, experts: torch.Tensor) -> None:
+        chosen = self._chosen(experts)
         self.by_class[layer].index_add_(0, self.labels, chosen.sum(dim=1))
         self.by_position[layer] += chosen.sum(dim=0)
-        if self.step < self.by_step.shape[1]:
+        in_steps = self.step < self.by_step.shape[1]
+        if in_steps:
             self.by_step[layer, self.step] += chosen.sum(dim=(0, 1))
+        if self.expert_choice:
+            per_token = F.one_hot(chosen.sum(dim=2), chosen.shape[2] + 1)  # [B, P, E + 1]
+            self.per_token_by_position[layer] += per_token.sum(dim=0)
+            if in_steps:
+                self.per_token_by_step[layer, self.step] += per_token.sum(dim=(0, 1))
 
 
 def entropy_bits(counts: torch.Tensor) -> torch.Tensor:
@@ -80,9 +103,17 @@ def entropy_bits(counts: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log2(p.clamp(min=1e-12))).sum(dim=-1)
 
 
-def heatmaps(counts: torch.Tensor, ylabel: str, title: str, path: Path, yticks: list[str] | None = None) -> None:
-    """One panel per layer: rows are classes / positions / steps, columns experts; each row
-    shows the share of that row's choices each expert received."""
+def heatmaps(
+    counts: torch.Tensor,
+    ylabel: str,
+    title: str,
+    path: Path,
+    yticks: list[str] | None = None,
+    xlabel: str = "expert",
+    colorbar: str = "share of the row's expert choices",
+) -> None:
+    """One panel per layer: rows are classes / positions / steps, columns experts (or expert
+    counts); each row shows the share of that row's total in each column."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,13 +135,13 @@ def heatmaps(counts: torch.Tensor, ylabel: str, title: str, path: Path, yticks: 
             shares[layer], aspect="auto", cmap="viridis", vmin=0, vmax=max(shares.max(), 1e-9), interpolation="nearest"
         )
         ax.set_title(f"layer {layer}", fontsize=9)
-        ax.set_xlabel("expert", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.set_xticks(range(E))
         ax.tick_params(labelsize=7)
         if yticks is not None and len(yticks) <= 20:
             ax.set_yticks(range(len(yticks)), yticks)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of the row's expert choices")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=colorbar)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -132,7 +163,22 @@ def summary(recorder: RoutingRecorder) -> str:
     picks = sorted({0, len(steps) // 4, len(steps) // 2, 3 * len(steps) // 4, len(steps) - 1})
     lines.append("step (0 = first, noisiest)  mean entropy over layers")
     lines += [f"{s:5d}  {steps[s]:.3f}" for s in picks]
+    if recorder.expert_choice:
+        mean, unchosen = experts_per_token(recorder.per_token_by_position.sum(dim=1))
+        lines.append("experts per token (expert choice): layer  mean  share of tokens with none")
+        lines += [f"{layer:5d}  {mean[layer]:.3f}  {unchosen[layer]:.3f}" for layer in range(len(mean))]
+        mean, unchosen = experts_per_token(recorder.per_token_by_step.sum(dim=0))
+        lines.append("step  mean experts per token  share with none (over layers)")
+        lines += [f"{s:5d}  {mean[s]:.3f}  {unchosen[s]:.3f}" for s in picks]
     return "\n".join(lines)
+
+
+def experts_per_token(histogram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From ``[..., E + 1]`` counts of tokens with 0..E experts: the mean experts per token and
+    the share of tokens with none."""
+    total = histogram.sum(dim=-1).clamp(min=1).double()
+    mean = (histogram.double() * torch.arange(histogram.shape[-1])).sum(dim=-1) / total
+    return mean, histogram[..., 0].double() / total
 
 
 def analyze(args: argparse.Namespace) -> RoutingRecorder:
@@ -154,12 +200,19 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
     finally:
         recorder.detach()
 
+    per_token = {}
+    if recorder.expert_choice:
+        per_token = dict(
+            per_token_by_position=recorder.per_token_by_position.numpy(),
+            per_token_by_step=recorder.per_token_by_step.numpy(),
+        )
     np.savez(
         out / "routing_counts.npz",
         by_class=recorder.by_class.numpy(),
         by_position=recorder.by_position.numpy(),
         by_step=recorder.by_step.numpy(),
         classes=np.array(classes),
+        **per_token,
     )
     heatmaps(
         recorder.by_class[:, classes],
@@ -180,10 +233,25 @@ def analyze(args: argparse.Namespace) -> RoutingRecorder:
         "Expert choices per denoising step (Fig. 7)",
         out / "experts_by_step.png",
     )
+    maps = "experts_by_{class,position,step}.png"
+    if recorder.expert_choice:
+        for counts, ylabel, what in (
+            (recorder.per_token_by_position, "patch position (row-major)", "position"),
+            (recorder.per_token_by_step, "denoising step (noisiest first)", "step"),
+        ):
+            heatmaps(
+                counts,
+                ylabel,
+                f"Experts per token by {what} (expert choice)",
+                out / f"experts_per_token_by_{what}.png",
+                xlabel="experts per token",
+                colorbar="share of the row's tokens",
+            )
+        maps += ", experts_per_token_by_{position,step}.png"
     text = summary(recorder)
     (out / "summary.txt").write_text(text + "\n")
     print(text)
-    print(f"wrote routing_counts.npz, experts_by_{{class,position,step}}.png and summary.txt to {out}")
+    print(f"wrote routing_counts.npz, {maps} and summary.txt to {out}")
     return recorder
 
 

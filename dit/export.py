@@ -76,9 +76,6 @@ def export(model: DiT, out: Path, batch: int, cfg: bool) -> Path:
     """Export ``model`` (eval mode, on its device) as an AOTInductor package at ``out``."""
     device = next(model.parameters()).device
     config = model.config
-    if config.routing != "token-choice":
-        # dit_sample's C++ ops (csrc/moe_ops.cpp) implement token choice only.
-        raise ValueError(f"dit.export packages token-choice models only so far; this one has {config.routing!r}")
     example = (
         torch.randn(batch, config.in_channels, config.input_size, config.input_size, device=device),
         torch.full((batch,), 500.0, device=device),

@@ -57,7 +57,9 @@ class MoE(nn.Module):
     the balance loss (a scalar with grad); in eval mode it is ``None``. ``expert_counts`` holds the
     last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the gating kernel.
     ``on_route``, when set, is called after gating with ``(experts [T, k], weights [T, k])`` for
-    the flattened tokens, for routing analysis; it is ``None`` by default and then costs nothing.
+    the flattened tokens (under expert choice with ``(tokens [G, E, C], weights [G, E, C])``, as
+    ``expert_choice_gating`` returns them), for routing analysis; it is ``None`` by default and
+    then costs nothing.
     ``expert_mesh`` is the ``DeviceMesh`` the experts are sharded over after
     ``moe_kernels.parallel.expert_parallel`` (``w_in``/``w_out`` then are DTensors), else ``None``.
 
@@ -278,6 +280,8 @@ class MoE(nn.Module):
         capacity = self.capacity(self.group_size or max(tokens.shape[0], 1))
         size = check_groups(tokens.shape[0], capacity, self.group_size, backend)
         weights, chosen, _ = expert_choice_gating_apply(logits, capacity, size, backend)
+        if self.on_route is not None:
+            self.on_route(chosen, weights)
         if self.expert_mesh is None:
             y = expert_choice_ffn_unchecked(
                 tokens, weights, chosen, *expert_weights, activation=self.activation, backend=backend

@@ -4,8 +4,8 @@
     python -m tests.cpp.check_dit_sample build/dit_sample --device cuda   # on a GPU
 
 For a diffusion model (DDPM, DDIM, DPM-Solver++(2M), and DDIM guided only inside an interval)
-and a rectified-flow model (Euler; Heun with a time shift and a guidance interval), each the documented
-digits model (``DiT-MoE-Ti/2-8E2A``, ``make train``'s) trained for a few steps: exports it
+and a rectified-flow model routed by expert choice (Euler; Heun with a time shift and a guidance
+interval), each the documented digits model (``DiT-MoE-Ti/2-8E2A``, ``make train``'s) trained for a few steps: exports it
 (``python -m dit.export``, guided, batch 8), samples 12 images (a full batch and a padded one)
 with both programs from the same seed, guidance 4, and requires the same labels and images within
 one grey level (the two run the same float32 arithmetic; a level can flip where a value rounds at
@@ -49,7 +49,7 @@ def run(binary: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=600)
 
 
-def train_and_export(tmp: Path, objective: str, device: str) -> tuple[Path, Path]:
+def train_and_export(tmp: Path, objective: str, device: str, routing: str = "token-choice") -> tuple[Path, Path]:
     """A checkpoint of the digits model trained for a few steps, and its guided batch-8 package."""
     runs = tmp / objective
     train_main(
@@ -64,6 +64,8 @@ def train_and_export(tmp: Path, objective: str, device: str) -> tuple[Path, Path
             "10",
             "--objective",
             objective,
+            "--set",
+            f"routing={routing}",
             "--results-dir",
             str(runs),
         ]
@@ -144,7 +146,8 @@ def main() -> None:
         interval = [*SAMPLING, "--sampler", "ddim", "--cfg-interval", "0.3", "0.7"]
         compare(binary, checkpoint, package, interval, args.device, args.tolerance)
         compare(binary, checkpoint, package, ["--num-samples", "8"], args.device, args.tolerance)  # the defaults
-        flow_checkpoint, flow_package = train_and_export(tmp, "rectified-flow", args.device)
+        # The flow model routes by expert choice: the C++ ops of both routings get checked.
+        flow_checkpoint, flow_package = train_and_export(tmp, "rectified-flow", args.device, "expert-choice")
         compare(binary, flow_checkpoint, flow_package, SAMPLING, args.device, args.tolerance)
         heun = [*SAMPLING, "--sampler", "heun", "--time-shift", "3", "--cfg-interval", "0.2", "0.9"]
         compare(binary, flow_checkpoint, flow_package, heun, args.device, args.tolerance)
