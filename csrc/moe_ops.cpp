@@ -107,29 +107,36 @@ std::tuple<Tensor, Tensor, Tensor> expert_choice_gating(const Tensor& logits, in
   return {values.narrow(-1, 0, capacity).contiguous(), (order.narrow(-1, 0, capacity) + first).contiguous(), probs};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_choice_ffn(
-    const Tensor& x, const Tensor& weights, const Tensor& tokens, const Tensor& w_in, const Tensor& w_out,
-    const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out, c10::string_view activation,
-    c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/, bool /*save_out*/) {
-  const int64_t count = x.size(0), dim = x.size(1), groups = tokens.size(0), experts = tokens.size(1);
-  const int64_t per_expert = groups * tokens.size(2);
+// Experts that chose their tokens: expert e took tokens[offsets[e-1]:offsets[e]], weighted by weights.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_choice_ffn(
+    const Tensor& x, const Tensor& weights, const Tensor& tokens, const Tensor& offsets, const Tensor& w_in,
+    const Tensor& w_out, const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out,
+    c10::string_view activation, c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/,
+    bool /*save_out*/) {
+  const int64_t count = x.size(0), dim = x.size(1), experts = offsets.size(0), rows = tokens.size(0);
   // The slots (one per token and chooser, token-major, choosers in expert order), as the op returns them.
-  const Tensor token_of_row = tokens.transpose(0, 1).reshape(-1);
-  const Tensor pair = token_of_row * experts + at::arange(experts, tokens.options()).repeat_interleave(per_expert);
-  const Tensor chosen_mask = at::zeros({count * experts}, tokens.options().dtype(at::kInt)).index_fill_(0, pair, 1);
-  const Tensor ends = chosen_mask.cumsum(0, at::kInt);
+  const Tensor counts = at::diff(offsets, 1, 0, offsets.new_zeros({1}));
+  const Tensor expert_of_row = at::repeat_interleave(at::arange(experts, tokens.options()), counts, 0, rows);
+  const Tensor pair = tokens * experts + expert_of_row;
+  const Tensor chosen = at::zeros({count * experts}, tokens.options().dtype(at::kInt)).index_fill_(0, pair, 1);
+  const Tensor ends = chosen.cumsum(0, at::kInt);
   const Tensor starts = at::cat({ends.new_zeros({1}), ends.view({count, experts}).select(1, experts - 1)});
-  const Tensor offsets = at::arange(1, experts + 1, ends.options()) * per_expert;
   // Each token's weighted expert outputs summed in expert order, in float32, as the segment sum does.
   Tensor y = at::zeros({count, dim}, x.options().dtype(at::kFloat));
+  const Tensor ends_of_experts = offsets.cpu();
   const std::string act(activation);
-  for (int64_t e = 0; e < experts && per_expert > 0; ++e) {
-    const Tensor chosen = tokens.select(1, e).reshape(-1);
-    const Tensor out = expert_mlp(x.index_select(0, chosen), e, w_in, w_out, b_in, b_out, act);
-    y.index_add_(0, chosen, out.to(at::kFloat) * weights.select(1, e).reshape({-1, 1}).to(at::kFloat));
+  int64_t start = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t end = ends_of_experts[e].item<int64_t>();
+    if (end > start) {
+      const Tensor mine = tokens.slice(0, start, end);
+      const Tensor out = expert_mlp(x.index_select(0, mine), e, w_in, w_out, b_in, b_out, act);
+      y.index_add_(0, mine, out.to(at::kFloat) * weights.slice(0, start, end).unsqueeze(1).to(at::kFloat));
+    }
+    start = end;
   }
   return {y.to(x.scalar_type()), x.new_empty({0, w_in.size(2)}), x.new_empty({0, w_out.size(1)}),
-          x.new_empty({0, dim}), ends.index_select(0, pair) - 1, token_of_row.to(at::kInt), offsets, starts};
+          x.new_empty({0, dim}), ends.index_select(0, pair) - 1, tokens.to(at::kInt), starts};
 }
 
 }  // namespace
@@ -142,9 +149,9 @@ TORCH_LIBRARY(moe_kernels, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("expert_choice_gating(Tensor logits, SymInt capacity, SymInt group_size, str backend) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("expert_choice_ffn(Tensor x, Tensor weights, Tensor tokens, Tensor w_in, Tensor w_out, Tensor? b_in, "
-        "Tensor? b_out, str activation, str backend, bool save_preact, bool save_h, bool save_out) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("expert_choice_ffn(Tensor x, Tensor weights, Tensor tokens, Tensor offsets, Tensor w_in, Tensor w_out, "
+        "Tensor? b_in, Tensor? b_out, str activation, str backend, bool save_preact, bool save_h, bool save_out) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {

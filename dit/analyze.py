@@ -45,7 +45,7 @@ class RoutingRecorder:
         if not layers:
             raise ValueError("the model has no MoE layers to analyse")
         L, E, P = len(layers), layers[0].num_experts, model.grid_size**2
-        self.expert_choice = model.config.routing == "expert-choice"
+        self.expert_choice = model.config.routing != "token-choice"
         self.by_class = torch.zeros(L, model.config.num_classes, E, dtype=torch.long)
         self.by_position = torch.zeros(L, P, E, dtype=torch.long)
         self.by_step = torch.zeros(L, num_steps, E, dtype=torch.long)
@@ -74,14 +74,13 @@ class RoutingRecorder:
         self.step += 1
 
     def _chosen(self, experts: torch.Tensor) -> torch.Tensor:
-        """``[B, P, E]``: how often each conditional image's patch went to each expert. The
-        conditional images come first in a guided batch (and under expert choice an image is a
-        group, its token indices ``g * P`` to ``g * P + P - 1``)."""
+        """``[B, P, E]``: how often each conditional image's patch went to each expert, from the
+        token-choice experts ``[T, k]`` or the expert-choice mask ``[T, E]``. The conditional
+        images come first in a guided batch."""
         B, P, E = len(self.labels), self.by_position.shape[1], self.by_position.shape[2]
-        if not self.expert_choice:
-            return F.one_hot(experts[: B * P].cpu().view(B, P, -1), E).sum(dim=2)
-        tokens = experts[:B].cpu() - (torch.arange(B) * P).view(B, 1, 1)  # [B, E, C], within the image
-        return torch.zeros(B, P, E, dtype=torch.long).scatter_(1, tokens.transpose(1, 2), 1)
+        if self.expert_choice:
+            return experts[: B * P].cpu().view(B, P, E).long()
+        return F.one_hot(experts[: B * P].cpu().view(B, P, -1), E).sum(dim=2)
 
     def _record(self, layer: int, experts: torch.Tensor) -> None:
         chosen = self._chosen(experts)

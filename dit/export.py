@@ -76,6 +76,9 @@ def export(model: DiT, out: Path, batch: int, cfg: bool) -> Path:
     """Export ``model`` (eval mode, on its device) as an AOTInductor package at ``out``."""
     device = next(model.parameters()).device
     config = model.config
+    if config.routing == "diffmoe":
+        # Its inference routing has a data-dependent row count, which AOTInductor cannot size.
+        raise ValueError("dit.export cannot package a diffmoe model: its experts' token counts are data-dependent")
     example = (
         torch.randn(batch, config.in_channels, config.input_size, config.input_size, device=device),
         torch.full((batch,), 500.0, device=device),

@@ -90,9 +90,11 @@ def count(config: DiTConfig) -> Counts:
         matrices = 3 if config.expert_activation == "swiglu" else 2  # gate, up, down or in, out
         expert_macs = matrices * D * H
         expert = expert_macs + ((matrices - 1) * H + D if config.expert_biases else 0)
-        ffn_params = E * D + E * expert + matrices * D * shared
-        ffn_active = E * D + k * expert + matrices * D * shared
-        ffn_macs = N * (E * D + k * expert_macs + matrices * D * shared)
+        # DiffMoE's capacity predictor: Linear(D, D), SiLU, Linear(D, E) on every token.
+        predictor = D * D + D + D * E + E if config.routing == "diffmoe" else 0
+        ffn_params = E * D + E * expert + matrices * D * shared + predictor
+        ffn_active = E * D + k * expert + matrices * D * shared + predictor
+        ffn_macs = N * (E * D + k * expert_macs + matrices * D * shared + (D * D + D * E if predictor else 0))
     else:
         ffn_params = ffn_active = 2 * D * H + H + D
         ffn_macs = N * 2 * D * H

@@ -21,7 +21,6 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_kernels import MoE
 from moe_kernels.activations import ACTIVATIONS
-from moe_kernels.layer import ROUTINGS
 from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, check_k
 
 
@@ -178,6 +177,10 @@ OBJECTIVES = ("diffusion", "rectified-flow")
 DROPOUT = Rule(integer=False, low=0, high=1, open_high=True)
 
 
+# How the MoE layers route (DiTConfig.routing).
+ROUTINGS = ("token-choice", "expert-choice", "diffmoe")
+
+
 @dataclass
 class DiTConfig:
     """Everything that shapes a DiT; ``num_experts = 0`` means the dense DiT."""
@@ -202,8 +205,10 @@ class DiTConfig:
     expert_activation: str = "swiglu"
     expert_biases: bool = False
     normalize_weights: bool = False
-    # "token-choice" (DiT-MoE's top-k) or "expert-choice" (EC-DiT: each expert takes the best
-    # top_k * tokens / num_experts tokens of each image, so no image depends on its batch).
+    # "token-choice" (DiT-MoE's top-k), "expert-choice" (EC-DiT: each expert takes the best
+    # top_k * tokens / num_experts tokens of each image, so no image depends on its batch) or
+    # "diffmoe" (DiffMoE: expert choice over the whole batch in training, and a capacity
+    # predictor that routes each token on its own at inference; experimental).
     routing: str = "token-choice"
     qk_norm: bool = False
     name: str = ""
@@ -284,8 +289,9 @@ class DiT(nn.Module):
             balance_loss_alpha=config.balance_loss_alpha,
             backend=moe_backend,
             expert_biases=config.expert_biases,
-            routing=config.routing,
+            routing="token-choice" if config.routing == "token-choice" else "expert-choice",
             group_size=(config.input_size // config.patch_size) ** 2 if config.routing == "expert-choice" else None,
+            capacity_predictor=config.routing == "diffmoe",
         )
 
     def initialize_weights(self) -> None:
@@ -321,6 +327,27 @@ class DiT(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+
+    def set_expert_compute(self, capacity_factor: float | None = None, capacity_offset: float | None = None) -> None:
+        """The compute dial at inference, without retraining: an expert-choice model's
+        ``capacity_factor`` (average experts per token; training's is ``top_k``), a diffmoe
+        model's ``capacity_offset`` (added to every capacity threshold: positive spends less
+        compute, negative more). ``ValueError`` for a dial the model's routing does not have."""
+        routing = self.config.routing
+        for name, value, owner in (
+            ("capacity_factor", capacity_factor, "expert-choice"),
+            ("capacity_offset", capacity_offset, "diffmoe"),
+        ):
+            if value is None:
+                continue
+            if routing != owner:
+                raise ValueError(f"{name} sets the compute of {owner} models; this one routes by {routing}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+            for moe in self.moe_layers():
+                if name == "capacity_factor":
+                    moe.capacity(moe.group_size, value)  # a factor beyond E, or one that rounds to 0, raises
+                setattr(moe, name, value)
 
     @property
     def aux_loss(self) -> torch.Tensor | None:

@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="rectified flow: move the steps towards the noise, t -> s t / (1 + (s - 1) t) (1 = even steps)",
     )
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=None,
+        help="expert-choice models: average experts per token (training's is top_k): the compute dial",
+    )
+    p.add_argument(
+        "--capacity-offset",
+        type=float,
+        default=None,
+        help="diffmoe models: added to every capacity threshold (positive: less compute, negative: more)",
+    )
     p.add_argument("--out", default="samples.npz", help="output .npz (the suffix is added if missing)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the samples (.png is added if missing)")
     p.add_argument("--class", dest="class_label", type=nonnegative_int, default=None, help="sample only this class")
@@ -133,6 +145,9 @@ def _sample(args: argparse.Namespace, env: Distributed) -> int:
     model = build_from_checkpoint(args.ckpt, "ema", moe_backend=args.moe_backend).to(device).eval()
     inference_weights(model, args.precision)
     config = model.config
+    model.set_expert_compute(args.capacity_factor, args.capacity_offset)
+    if config.routing == "diffmoe" and (args.compile or args.cuda_graphs):
+        raise ValueError("a diffmoe model's token counts are data-dependent: --compile and --cuda-graphs cannot take it")
     steps, sampler = check_steps(config, args.steps, args.sampler, args.cfg_interval, args.time_shift)
     if args.class_label is not None and not 0 <= args.class_label < config.num_classes:
         raise ValueError(f"--class must be in [0, {config.num_classes}), got {args.class_label}")
@@ -188,7 +203,10 @@ def _sample(args: argparse.Namespace, env: Distributed) -> int:
 # The flags that decide the samples besides the checkpoint, steps and sampler: an interrupted run
 # resumes only with the same ones. --batch-size is among them, as a batch's arithmetic may round
 # differently from another's.
-SETTINGS = ("seed", "cfg_scale", "cfg_interval", "time_shift", "class_label", "batch_size", "precision", "vae")
+SETTINGS = (
+    "seed", "cfg_scale", "cfg_interval", "time_shift", "class_label", "batch_size", "precision", "vae",
+    "capacity_factor", "capacity_offset",
+)  # fmt: skip
 GRID_MAX = 1024  # samples shown in --grid
 
 

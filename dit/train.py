@@ -262,6 +262,11 @@ def _show(value: object) -> str:
 def update_ema(ema: DiT, model: DiT, decay: float) -> None:
     ema_params = [parallel.local(p) for p in ema.parameters()]
     torch._foreach_lerp_(ema_params, [parallel.local(p.detach()) for p in model.parameters()], 1.0 - decay)
+    # Float buffers that training moves (DiffMoE's capacity thresholds) follow the same average.
+    pairs = [(mine, theirs) for mine, theirs in zip(ema.buffers(), model.buffers()) if mine.is_floating_point()]
+    if pairs:
+        mine, theirs = ([parallel.local(b) for b in side] for side in zip(*pairs))
+        torch._foreach_lerp_(mine, theirs, 1.0 - decay)
 
 
 def ema_decay(step: int, decay: float) -> float:

@@ -28,7 +28,7 @@ from .backend import resolve_backend
 from .ffn import DIFFERENTIABLE, check_experts, check_saved, experts_forward, moe_ffn_backward_op
 from .gating import _gating_triton, topk_gating_backward_op
 from .library import custom_op, differentiable, gradients
-from .routing import expert_choice_routing
+from .routing import chosen_routing
 from .validation import FLOAT_DTYPES, POSITIVE_INT, check_dim, check_same_device, check_tensor
 
 Tensor = torch.Tensor
@@ -229,9 +229,8 @@ def expert_choice_gating(
 
 
 def slot_weights(weights: Tensor, slot_of_row: Tensor) -> Tensor:
-    """``weights [G, E, C]`` moved to slot order, ``[S]`` (each slot is one row: plain stores)."""
-    rows = weights.transpose(0, 1).reshape(-1)
-    return torch.empty_like(rows).index_copy_(0, slot_of_row.long(), rows)
+    """The rows' ``weights [S]`` in slot order (each slot is one row: plain stores)."""
+    return torch.empty_like(weights).index_copy_(0, slot_of_row.long(), weights)
 
 
 @custom_op("moe_kernels::expert_choice_ffn")
@@ -239,6 +238,7 @@ def expert_choice_ffn_op(
     x: Tensor,
     weights: Tensor,
     tokens: Tensor,
+    offsets: Tensor,
     w_in: Tensor,
     w_out: Tensor,
     b_in: Tensor | None,
@@ -248,11 +248,14 @@ def expert_choice_ffn_op(
     save_preact: bool,
     save_h: bool,
     save_out: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``y [T, D]``, what the backward reads where asked for (the pre-activation and ``h``, ``[S,
-    *]``, the per-slot outputs ``[S, D]``; else empty along dimension 0), the routing
-    (``slot_of_row``, ``token_of_row``, ``offsets``) and the tokens' slot ``starts [T + 1]``."""
-    routing, starts = expert_choice_routing(tokens, x.shape[0])
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Experts that chose their tokens: expert ``e`` takes ``tokens[offsets[e-1]:offsets[e]]``
+    (int64 ``[S]``, distinct within an expert) with ``weights [S]``.
+
+    Returns ``y [T, D]``, what the backward reads where asked for (the pre-activation and ``h``,
+    ``[S, *]``, the per-slot outputs ``[S, D]``; else empty along dimension 0), ``slot_of_row``
+    and ``token_of_row`` (int32 ``[S]``) and the tokens' slot ``starts [T + 1]``."""
+    routing, starts = chosen_routing(tokens, offsets, x.shape[0])
     y, preact, h, out = experts_forward(
         x, slot_weights(weights, routing.slot_of_row), routing, starts, w_in, w_out, b_in, b_out,
         activation, backend, save_preact,
@@ -263,14 +266,15 @@ def expert_choice_ffn_op(
         preact if save_preact else empty((0, w_in.shape[2])),
         h if save_h else empty((0, w_out.shape[1])),
         out if save_out else empty((0, x.shape[1])),
-        *routing,
+        routing.slot_of_row,
+        routing.token_of_row,
         starts,
     )
 
 
 @expert_choice_ffn_op.register_fake
-def _(x, weights, tokens, w_in, w_out, b_in, b_out, activation, backend, save_preact, save_h, save_out):
-    (T, D), S = x.shape, tokens.numel()
+def _(x, weights, tokens, offsets, w_in, w_out, b_in, b_out, activation, backend, save_preact, save_h, save_out):
+    (T, D), S = x.shape, tokens.shape[0]
     index = dict(dtype=torch.int32)
     return (
         x.new_empty((T, D)),
@@ -279,7 +283,6 @@ def _(x, weights, tokens, w_in, w_out, b_in, b_out, activation, backend, save_pr
         x.new_empty((S if save_out else 0, D)),
         x.new_empty((S,), **index),
         x.new_empty((S,), **index),
-        x.new_empty((w_in.shape[0],), **index),
         x.new_empty((T + 1,), **index),
     )
 
@@ -290,6 +293,7 @@ class EcFfnInputs(NamedTuple):
     x: Tensor
     weights: Tensor
     tokens: Tensor
+    offsets: Tensor
     w_in: Tensor
     w_out: Tensor
     b_in: Tensor | None
@@ -303,10 +307,12 @@ class EcFfnInputs(NamedTuple):
 
 def _ffn_setup_context(ctx, inputs, output):
     args = EcFfnInputs(*inputs)
-    _, preact, h, out, *routing = output
+    _, preact, h, out, slot_of_row, token_of_row, starts = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(args.x, args.weights, args.w_in, args.w_out, preact, h, out, *routing)
+    ctx.save_for_backward(
+        args.x, args.weights, args.w_in, args.w_out, preact, h, out, slot_of_row, token_of_row, args.offsets, starts
+    )
     ctx.activation, ctx.backend = args.activation, args.backend
 
 
@@ -321,27 +327,43 @@ def _ffn_backward(ctx, grad_y, *_):
             grad_y, x, slot_weights(weights, slot_of_row), w_in, w_out, preact, h, out,
             slot_of_row, token_of_row, offsets, ctx.activation, ctx.backend, *needs, starts,
         ))  # fmt: skip
-        if needs[1]:  # the slots' weight gradients, back to [G, E, C]
-            G, E, C = weights.shape
-            grads[1] = grads[1].index_select(0, slot_of_row).view(E, G, C).transpose(0, 1)
+        if needs[1]:  # the weights' gradient, from slot order back to the rows'
+            grads[1] = grads[1].index_select(0, slot_of_row)
     return gradients(EcFfnInputs, **{name: grad for name, grad, need in zip(DIFFERENTIABLE, grads, needs) if need})
 
 
 expert_choice_ffn_apply = differentiable(expert_choice_ffn_op, _ffn_setup_context, _ffn_backward)
 
 
-def expert_choice_ffn_unchecked(
-    x, weights, tokens, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str
+def chosen_rows_ffn(
+    x, weights, tokens, offsets, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str
 ) -> Tensor:
-    """``expert_choice_ffn`` for inputs already known to be valid, with ``backend`` resolved."""
+    """The experts on the tokens they chose, given as expert-major rows (``tokens [S]`` int64,
+    ``weights [S]``, ``offsets [E]`` int32 row ends), inputs known to be valid."""
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in = (
         torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weights, w_in, w_out, b_in)
     )
     args = EcFfnInputs(
-        x, weights, tokens, w_in, w_out, b_in, b_out, activation, backend,
+        x, weights, tokens, offsets, w_in, w_out, b_in, b_out, activation, backend,
         save_preact=needs_x or needs_w_in or needs_b_in, save_h=needs_w_out, save_out=needs_weights,
     )  # fmt: skip
     return expert_choice_ffn_apply(*args)[0]
+
+
+def expert_choice_ffn_unchecked(
+    x, weights, tokens, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str
+) -> Tensor:
+    """``expert_choice_ffn`` for inputs already known to be valid, with ``backend`` resolved."""
+    rows = expert_rows(weights, tokens)
+    return chosen_rows_ffn(x, *rows, w_in, w_out, b_in, b_out, activation=activation, backend=backend)
+
+
+def expert_rows(weights: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``weights, tokens [G, E, C]`` as expert-major rows: ``weights [S]``, ``tokens [S]`` and the
+    row ends ``offsets [E]`` (int32), expert ``e``'s ``G * C`` rows ending at ``(e + 1) * G * C``."""
+    G, E, C = tokens.shape
+    offsets = torch.arange(1, E + 1, device=tokens.device, dtype=torch.int32) * (G * C)
+    return weights.transpose(0, 1).reshape(-1), tokens.transpose(0, 1).reshape(-1), offsets
 
 
 def check_token_ids(tokens: Tensor, num_tokens: int) -> None:

@@ -13,7 +13,8 @@ from torch import nn
 from .activations import ACTIVATIONS, activation_fn
 from .backend import BACKENDS, resolve_backend
 from .balance import CONVENTIONS, loss_from_stats, router_z_loss
-from .expert_choice import check_groups, expert_choice_ffn_unchecked, expert_choice_gating_apply
+from .capacity import CapacityPredictor
+from .expert_choice import check_groups, chosen_rows_ffn, expert_choice_ffn_unchecked, expert_choice_gating_apply
 from .ffn import moe_ffn_unchecked
 from .gating import check_routing_options, gating_with_stats
 from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, SCALE, check_k, check_positive_int
@@ -57,9 +58,9 @@ class MoE(nn.Module):
     the balance loss (a scalar with grad); in eval mode it is ``None``. ``expert_counts`` holds the
     last forward's routed-slot count per expert (int32 ``[E]``), a by-product of the gating kernel.
     ``on_route``, when set, is called after gating with ``(experts [T, k], weights [T, k])`` for
-    the flattened tokens (under expert choice with ``(tokens [G, E, C], weights [G, E, C])``, as
-    ``expert_choice_gating`` returns them), for routing analysis; it is ``None`` by default and
-    then costs nothing.
+    the flattened tokens (under expert choice with ``(chosen [T, E], probs [T, E])``: which
+    experts took each token, bool, and the scores), for routing analysis; it is ``None`` by
+    default and then costs nothing.
     ``expert_mesh`` is the ``DeviceMesh`` the experts are sharded over after
     ``moe_kernels.parallel.expert_parallel`` (``w_in``/``w_out`` then are DTensors), else ``None``.
 
@@ -88,6 +89,13 @@ class MoE(nn.Module):
     C`` for every expert. It takes the softmax score only (no selection bias, no groups of
     experts). Under expert parallelism its exchange sizes follow from the shapes (no host sync),
     which asks every rank to pass the same number of tokens.
+
+    ``capacity_predictor=True`` adds DiffMoE's capacity predictor (``moe_kernels.capacity``):
+    training routes by expert choice as above (DiffMoE pools the batch: ``group_size=None``) and
+    trains the predictor on the selection (its loss is ``aux_loss``); in eval mode each expert
+    takes the tokens whose predicted logit passes its threshold plus ``capacity_offset``
+    (default 0; positive spends less compute, negative more), so every token is routed on its own
+    and the compute per token varies. That mode reads its row count on the host (``nonzero``).
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class MoE(nn.Module):
         routing: str = "token-choice",
         group_size: int | None = None,
         capacity_factor: float | None = None,
+        capacity_predictor: bool = False,
     ):
         super().__init__()
         dim = check_positive_int("dim", dim)
@@ -146,6 +155,8 @@ class MoE(nn.Module):
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         if routing == "expert-choice" and (score != "softmax" or selection_bias or num_groups > 1):
             raise ValueError("expert-choice routing takes the softmax score alone: no selection_bias, num_groups 1")
+        if capacity_predictor and routing != "expert-choice":
+            raise ValueError("capacity_predictor needs routing='expert-choice' (it learns an expert-choice selection)")
         self.routing = routing
         self.group_size = None if group_size is None else check_positive_int("group_size", group_size)
         self.capacity_factor = float(top_k) if capacity_factor is None else capacity_factor
@@ -175,6 +186,8 @@ class MoE(nn.Module):
         if num_shared_experts > 0:
             self.shared = SharedExpert(dim, shared_width, activation)
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
+        self.capacity_predictor = CapacityPredictor(dim, num_experts) if capacity_predictor else None
+        self.capacity_offset = 0.0
         self.router_logits: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
@@ -189,9 +202,10 @@ class MoE(nn.Module):
                 if tensor is not None:
                     nn.init.uniform_(tensor, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
-    def capacity(self, group_size: int) -> int:
-        """``C``, the tokens each expert takes from a group of ``group_size`` under expert choice."""
-        factor = SCALE.check("capacity_factor", self.capacity_factor)
+    def capacity(self, group_size: int, capacity_factor: float | None = None) -> int:
+        """``C``, the tokens each expert takes from a group of ``group_size`` under expert choice,
+        at ``capacity_factor`` (default: the layer's); ``ValueError`` where none can work."""
+        factor = SCALE.check("capacity_factor", self.capacity_factor if capacity_factor is None else capacity_factor)
         if factor > self.num_experts:
             raise ValueError(f"capacity_factor ({factor}) cannot exceed num_experts ({self.num_experts})")
         capacity = math.floor(group_size * factor / self.num_experts + 0.5)
@@ -217,14 +231,14 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, self.dim)
         logits = self.router(tokens)
         route = self._expert_choice if self.routing == "expert-choice" else self._token_choice
-        y, counts, balance_loss = route(tokens.to(dtype), logits, self._expert_weights(dtype), backend)
+        y, counts, routing_loss = route(tokens.to(dtype), logits, self._expert_weights(dtype), backend)
         if self.shared is not None:
             shared = self.shared(tokens)
             y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
         self.expert_counts, self.router_logits = counts, logits
         self.aux_loss = None
         if self.training:
-            self.aux_loss = balance_loss()
+            self.aux_loss = routing_loss()
             if self.z_loss_coef:
                 self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
         return y.reshape(x.shape)
@@ -275,13 +289,20 @@ class MoE(nn.Module):
         return y, gating.counts, balance_loss
 
     def _expert_choice(self, tokens, logits, expert_weights, backend):
-        """Expert choice and the routed experts: ``(y, expert counts, balance loss thunk)``; balanced
-        by construction, it has no balance loss."""
+        """Expert choice and the routed experts: ``(y, expert counts, aux loss thunk)``; balanced
+        by construction, it has no balance loss (the capacity predictor's loss, if it has one)."""
+        if self.capacity_predictor is not None and not self.training:
+            return self._predicted_choice(tokens, logits, expert_weights, backend)
         capacity = self.capacity(self.group_size or max(tokens.shape[0], 1))
         size = check_groups(tokens.shape[0], capacity, self.group_size, backend)
-        weights, chosen, _ = expert_choice_gating_apply(logits, capacity, size, backend)
+        weights, chosen, probs = expert_choice_gating_apply(logits, capacity, size, backend)
+        mask = None
+        if self.on_route is not None or self.capacity_predictor is not None:
+            mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(
+                0, chosen.transpose(1, 2).reshape(-1, self.num_experts), True
+            )
         if self.on_route is not None:
-            self.on_route(chosen, weights)
+            self.on_route(mask, probs)
         if self.expert_mesh is None:
             y = expert_choice_ffn_unchecked(
                 tokens, weights, chosen, *expert_weights, activation=self.activation, backend=backend
@@ -293,7 +314,28 @@ class MoE(nn.Module):
                 tokens, weights, chosen, *expert_weights,
                 activation=self.activation, backend=backend, mesh=self.expert_mesh,
             )  # fmt: skip
-        counts = torch.full((self.num_experts,), chosen.shape[0] * capacity, dtype=torch.int32, device=tokens.device)
+        per_expert = chosen.shape[0] * capacity
+        counts = torch.full((self.num_experts,), per_expert, dtype=torch.int32, device=tokens.device)
+        if self.capacity_predictor is None:
+            return y, counts, lambda: logits.new_zeros((), dtype=torch.float32)
+        return y, counts, lambda: self.capacity_predictor.train_step(tokens, mask, per_expert)
+
+    def _predicted_choice(self, tokens, logits, expert_weights, backend):
+        """DiffMoE's inference: each expert takes the tokens whose predicted logit passes its
+        threshold (plus ``capacity_offset``), weighted by their scores; no groups, so each token
+        is routed on its own. The number of rows is data: one host read (``nonzero``)."""
+        if self.expert_mesh is not None:
+            raise ValueError("the capacity predictor's inference routing does not run under expert parallelism")
+        mask = self.capacity_predictor.select(tokens, self.capacity_offset)  # [T, E]
+        probs = torch.softmax(logits.float(), dim=-1)
+        if self.on_route is not None:
+            self.on_route(mask, probs)
+        experts, rows = mask.t().nonzero().unbind(1)  # expert-major, tokens in order within an expert
+        counts = mask.sum(0, dtype=torch.int32)
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        y = chosen_rows_ffn(
+            tokens, probs[rows, experts], rows, offsets, *expert_weights, activation=self.activation, backend=backend
+        )
         return y, counts, lambda: logits.new_zeros((), dtype=torch.float32)
 
     def __getstate__(self) -> dict:

@@ -34,9 +34,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from .combine import combine_torch
-from .expert_choice import slot_weights
+from .expert_choice import expert_rows, slot_weights
 from .ffn import moe_ffn_unchecked
-from .routing import expert_choice_routing, route, row_of_slot
+from .routing import chosen_routing, route, row_of_slot
 
 if TYPE_CHECKING:
     from .layer import MoE
@@ -163,11 +163,12 @@ def expert_choice_parallel_ffn(
     group = mesh.get_group()
     size = mesh.size()
     G, E, C = tokens.shape
-    routing, starts = expert_choice_routing(tokens, x.shape[0])
+    row_weights, row_tokens, offsets = expert_rows(weights, tokens)
+    routing, starts = chosen_routing(row_tokens, offsets, x.shape[0])
     # Rows are expert-major, so each destination rank's rows are one block of E/P * G * C.
     rows = funcol.all_to_all_single_autograd(x.index_select(0, routing.token_of_row), None, None, group)
     per_expert = torch.full((E,), G * C, dtype=torch.long, device=x.device)
     out = _local_experts(rows, per_expert, size, w_in, w_out, b_in, b_out, activation, backend)
     out = funcol.all_to_all_single_autograd(out, None, None, group)
     out = out.index_select(0, row_of_slot(routing.slot_of_row))
-    return combine_torch(out, slot_weights(weights, routing.slot_of_row), starts, x.shape[0], x.dtype)
+    return combine_torch(out, slot_weights(row_weights, routing.slot_of_row), starts, x.shape[0], x.dtype)

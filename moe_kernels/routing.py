@@ -178,24 +178,20 @@ def route(experts: torch.Tensor, num_experts: int, backend: str) -> Routing:
     return _route_torch(experts, num_experts)
 
 
-def expert_choice_routing(tokens: torch.Tensor, num_tokens: int) -> tuple[Routing, torch.Tensor]:
-    """The slots of expert choice, from ``tokens [G, E, C]`` (each expert's chosen token indices
-    per group, assumed valid): every (token, chooser) pair is a slot, token-major and in expert
-    order within a token. Rows are expert-major (expert ``e`` owns ``G * C`` of them, so the
-    offsets follow from the shapes) and within an expert in (group, rank) order.
+def chosen_routing(tokens: torch.Tensor, offsets: torch.Tensor, num_tokens: int) -> tuple[Routing, torch.Tensor]:
+    """The slots of experts that chose their tokens: expert ``e`` took ``tokens[offsets[e-1]:
+    offsets[e]]`` (int64 rows, expert-major, distinct within an expert; assumed valid). Every
+    (token, chooser) pair is a slot, numbered token-major and in expert order within a token.
 
     Returns the ``Routing`` and ``starts [T + 1]`` int32, where each token's slots begin. Plain
     tensor ops with static shapes: no host sync, deterministic.
     """
-    G, E, C = tokens.shape
-    device = tokens.device
-    token_of_row = tokens.transpose(0, 1).reshape(-1)
-    expert_of_row = torch.arange(E, device=device).repeat_interleave(G * C)
+    E, S = offsets.shape[0], tokens.shape[0]
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device=tokens.device), counts, output_size=S)
     # An exclusive scan of the [T, E] chosen mask numbers the slots token-major, experts in order.
-    pair = token_of_row * E + expert_of_row
-    chosen = torch.zeros(num_tokens * E, dtype=torch.int32, device=device).index_fill_(0, pair, 1)
+    pair = tokens * E + expert_of_row
+    chosen = torch.zeros(num_tokens * E, dtype=torch.int32, device=tokens.device).index_fill_(0, pair, 1)
     ends = chosen.cumsum(0, dtype=torch.int32)
-    slot_of_row = ends.index_select(0, pair) - 1
     starts = torch.cat([ends.new_zeros(1), ends.view(num_tokens, E)[:, -1]])
-    offsets = torch.arange(1, E + 1, device=device, dtype=torch.int32) * (G * C)
-    return Routing(slot_of_row, token_of_row.to(torch.int32), offsets), starts
+    return Routing(ends.index_select(0, pair) - 1, tokens.to(torch.int32), offsets), starts

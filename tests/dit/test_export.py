@@ -51,3 +51,12 @@ def test_bad_arguments_stop_before_the_compile(tmp_path):
 def test_a_missing_or_unknown_device_is_one_line(tmp_path, device, message):
     with pytest.raises(SystemExit, match=f"error: --device .*({message})"):
         main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "model.pt2"), "--device", device])
+
+
+def test_a_diffmoe_model_is_refused(tmp_path):
+    from dit.checkpoint import save_weights
+
+    model = _model(routing="diffmoe")
+    save_weights(model.state_dict(), tmp_path / "m.safetensors", model.config)
+    with pytest.raises(SystemExit, match="cannot package a diffmoe model"):
+        main(["--ckpt", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "model.pt2"), "--device", "cpu"])

@@ -129,3 +129,24 @@ def test_expert_choice_dit_routes_each_image_alone():
     assert model.moe_layers()[0].expert_counts.tolist() == [4] * 8  # 16 tokens x 2 / 8 experts, the last image
     with pytest.raises(ValueError, match="routing must be one of"):
         create_model("DiT-MoE-Ti/2-8E2A", routing="random")
+
+
+def test_compute_dials_belong_to_their_routing():
+    def build(routing):
+        return create_model("DiT-MoE-Ti/2-8E2A", input_size=8, in_channels=1, num_classes=10, routing=routing)
+
+    model = build("expert-choice")
+    model.set_expert_compute(capacity_factor=1.0)
+    assert all(moe.capacity_factor == 1.0 for moe in model.moe_layers())
+    with pytest.raises(ValueError, match="cannot exceed num_experts"):
+        model.set_expert_compute(capacity_factor=9.0)
+    assert all(moe.capacity_factor == 1.0 for moe in model.moe_layers())  # a refused dial changes nothing
+    with pytest.raises(ValueError, match="capacity_offset sets the compute of diffmoe models"):
+        model.set_expert_compute(capacity_offset=0.5)
+    with pytest.raises(ValueError, match="capacity_factor sets the compute of expert-choice models"):
+        build("token-choice").set_expert_compute(capacity_factor=1.0)
+    diffmoe = build("diffmoe")
+    with pytest.raises(ValueError, match="finite"):
+        diffmoe.set_expert_compute(capacity_offset=float("nan"))
+    diffmoe.set_expert_compute(capacity_offset=-0.5)
+    assert all(moe.capacity_offset == -0.5 and moe.group_size is None for moe in diffmoe.moe_layers())

@@ -5,7 +5,8 @@ import torch
 
 import moe_kernels as mk
 from moe_kernels import reference
-from moe_kernels.routing import expert_choice_routing
+from moe_kernels.expert_choice import expert_rows
+from moe_kernels.routing import chosen_routing
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, assert_close_to_reference, grads
 
 # (T, E, C, group_size): one group, several, C = 1, C = S (every token), S not a power of two.
@@ -223,7 +224,7 @@ def test_ffn_is_deterministic_and_edge_cases(backend):
 
 def test_routing_numbers_the_slots_token_major_in_expert_order():
     tokens = torch.tensor([[[0, 3], [3, 1], [2, 3]]])  # G=1, E=3, C=2 over T=5 tokens
-    routing, starts = expert_choice_routing(tokens, 5)
+    routing, starts = chosen_routing(*expert_rows(tokens, tokens)[1:], 5)
     # Slots: token 0 (e0), 1 (e1), 2 (e2), 3 (e0, e1, e2); token 4 has none.
     assert starts.tolist() == [0, 1, 2, 3, 6, 6]
     assert routing.token_of_row.tolist() == [0, 3, 3, 1, 2, 3]

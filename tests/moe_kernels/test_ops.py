@@ -11,6 +11,7 @@ from moe_kernels.expert_choice import (
     expert_choice_ffn_op,
     expert_choice_gating_backward_op,
     expert_choice_gating_op,
+    expert_rows,
 )
 from moe_kernels.ffn import moe_ffn_backward_op, moe_ffn_op
 from moe_kernels.gating import topk_gating_backward_op, topk_gating_op
@@ -50,9 +51,10 @@ def _op_cases(backend):
     yield expert_choice_gating_backward_op, (ec_probs, ec_tokens, *ec_grads, torch.float32, backend)
     yield expert_choice_gating_backward_op, (ec_probs, ec_tokens, ec_grads[0], None, torch.float32, backend)
     x, w_in, w_out = _leaf(12, D), _leaf(E, D, 2 * H), _leaf(E, H, D)
-    ec_args = (x, ec_weights.requires_grad_(), ec_tokens, w_in, w_out, _leaf(E, 2 * H), _leaf(E, D), "swiglu")
-    yield expert_choice_ffn_op, (*ec_args, backend, True, True, True)
-    plain = [t.detach() for t in ec_args[:5]]
+    rows, tokens, offsets = expert_rows(ec_weights, ec_tokens)
+    ec_args = (x, rows.contiguous().requires_grad_(), tokens, offsets, w_in, w_out)
+    yield expert_choice_ffn_op, (*ec_args, _leaf(E, 2 * H), _leaf(E, D), "swiglu", backend, True, True, True)
+    plain = [t.detach() for t in ec_args]
     yield expert_choice_ffn_op, (*plain, None, None, "swiglu", backend, False, False, False)
     offsets = torch.tensor([3, 3, 9, 14], dtype=torch.int32, device=DEVICE)
     x, w = _leaf(14, D), _leaf(E, D, H)
