@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .backend import resolve_backend
-from .ffn import DIFFERENTIABLE, check_experts, check_saved, experts_forward, moe_ffn_backward_op
+from .ffn import DIFFERENTIABLE, check_experts, check_saved, experts_forward, moe_ffn_backward_op, saves
 from .gating import _gating_triton, topk_gating_backward_op
 from .library import custom_op, differentiable, gradients
 from .routing import chosen_routing
@@ -340,12 +340,9 @@ def chosen_rows_ffn(
 ) -> Tensor:
     """The experts on the tokens they chose, given as expert-major rows (``tokens [S]`` int64,
     ``weights [S]``, ``offsets [E]`` int32 row ends), inputs known to be valid."""
-    needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in = (
-        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weights, w_in, w_out, b_in)
-    )
     args = EcFfnInputs(
         x, weights, tokens, offsets, w_in, w_out, b_in, b_out, activation, backend,
-        save_preact=needs_x or needs_w_in or needs_b_in, save_h=needs_w_out, save_out=needs_weights,
+        *saves(x, weights, w_in, w_out, b_in),
     )  # fmt: skip
     return expert_choice_ffn_apply(*args)[0]
 

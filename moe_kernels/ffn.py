@@ -372,16 +372,20 @@ def moe_ffn_unchecked(
     x, weights, experts, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str
 ) -> torch.Tensor:
     """``moe_ffn`` for inputs already known to be valid, with ``backend`` already resolved."""
+    args = FfnInputs(
+        x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, *saves(x, weights, w_in, w_out, b_in)
+    )  # fmt: skip
+    return moe_ffn_apply(*args)[0]
+
+
+def saves(x, weights, w_in, w_out, b_in) -> tuple[bool, bool, bool]:
+    """``save_preact, save_h, save_out``: what the gradients autograd will ask for read. The
+    pre-activation serves x, w_in and b_in, h serves w_out, the per-slot outputs the weights
+    (b_out's needs only the routing)."""
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in = (
         torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weights, w_in, w_out, b_in)
     )
-    # Keep only what the requested gradients read: the pre-activation for x, w_in and b_in, h
-    # for w_out, the per-slot outputs for the weights (b_out's needs only the routing).
-    args = FfnInputs(
-        x, weights, experts, w_in, w_out, b_in, b_out, activation, backend,
-        save_preact=needs_x or needs_w_in or needs_b_in, save_h=needs_w_out, save_out=needs_weights,
-    )  # fmt: skip
-    return moe_ffn_apply(*args)[0]
+    return needs_x or needs_w_in or needs_b_in, needs_w_out, needs_weights
 
 
 def check_experts(
