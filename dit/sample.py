@@ -147,7 +147,9 @@ def _sample(args: argparse.Namespace, env: Distributed) -> int:
     config = model.config
     model.set_expert_compute(args.capacity_factor, args.capacity_offset)
     if config.routing == "diffmoe" and (args.compile or args.cuda_graphs):
-        raise ValueError("a diffmoe model's token counts are data-dependent: --compile and --cuda-graphs cannot take it")
+        raise ValueError(
+            "a diffmoe model's token counts are data-dependent: --compile and --cuda-graphs cannot take it"
+        )
     steps, sampler = check_steps(config, args.steps, args.sampler, args.cfg_interval, args.time_shift)
     if args.class_label is not None and not 0 <= args.class_label < config.num_classes:
         raise ValueError(f"--class must be in [0, {config.num_classes}), got {args.class_label}")
