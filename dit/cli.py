@@ -12,7 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moe_kernels.backend import BACKENDS
-from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, SCALE, Rule
+from moe_kernels.validation import (
+    COEFFICIENT,
+    NONNEGATIVE_INT,
+    OFFSET,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    SCALE,
+    Rule,
+)
 
 
 def argument_type(rule: Rule) -> Callable[[str], int | float]:
@@ -39,6 +48,7 @@ coefficient = argument_type(COEFFICIENT)
 fraction = argument_type(PROBABILITY)
 seed = argument_type(SEED)
 shift = argument_type(SCALE)
+offset = argument_type(OFFSET)
 
 
 def add_moe_backend_argument(parser: argparse.ArgumentParser) -> None:

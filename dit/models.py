@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_kernels import MoE
 from moe_kernels.activations import ACTIVATIONS
-from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, check_k
+from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, OFFSET, POSITIVE, POSITIVE_INT, Rule, check_k
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -342,8 +342,8 @@ class DiT(nn.Module):
                 continue
             if routing != owner:
                 raise ValueError(f"{name} sets the compute of {owner} models; this one routes by {routing}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
+            if name == "capacity_offset":
+                value = OFFSET.check(name, value)
             for moe in self.moe_layers():
                 if name == "capacity_factor":
                     moe.capacity(moe.group_size, value)  # a factor beyond E, or one that rounds to 0, raises

@@ -29,6 +29,7 @@ from .cli import (
     coefficient,
     fraction,
     nonnegative_int,
+    offset,
     positive_int,
     replace_atomically,
     seed,
@@ -78,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--capacity-factor",
-        type=float,
+        type=shift,
         default=None,
         help="expert-choice models: average experts per token (training's is top_k): the compute dial",
     )
     p.add_argument(
         "--capacity-offset",
-        type=float,
+        type=offset,
         default=None,
         help="diffmoe models: added to every capacity threshold (positive: less compute, negative: more)",
     )

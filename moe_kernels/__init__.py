@@ -11,6 +11,7 @@ Underneath, each op is a custom op in ``torch.ops.moe_kernels`` (see ``moe_kerne
 from .balance import balance_loss, update_selection_bias
 from .expert_choice import expert_choice_ffn, expert_choice_gating
 from .ffn import moe_ffn
+from .fp8 import dequantize_fp8, grouped_mm_fp8, quantize_fp8
 from .gating import topk_gating
 from .grouped_mm import grouped_mm
 from .layer import MoE
@@ -18,10 +19,13 @@ from .layer import MoE
 __all__ = [
     "MoE",
     "balance_loss",
+    "dequantize_fp8",
     "expert_choice_ffn",
     "expert_choice_gating",
     "grouped_mm",
+    "grouped_mm_fp8",
     "moe_ffn",
+    "quantize_fp8",
     "topk_gating",
     "update_selection_bias",
 ]

@@ -67,7 +67,10 @@ WGRAD_GPU_CONFIGS = [
     for c in [(64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3),
               (64, 64, 64, 4, 4)]
 ]  # fmt: skip
+# FP8 row kernel: the K step is one scale block of 128 (the activations are quantized per step).
+FP8_GPU_CONFIGS = [config(*c) for c in [(128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]]
 ROW_CONFIGS = autotune_configs(ROW_GPU_CONFIGS, INTERPRETER_CONFIG)
+FP8_CONFIGS = autotune_configs(FP8_GPU_CONFIGS, config(32, 32, 128, 4, 1))
 WGRAD_CONFIGS = autotune_configs(WGRAD_GPU_CONFIGS, INTERPRETER_CONFIG)
 
 

@@ -17,16 +17,16 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 def check_tensor(
     name: str,
     value: object,
-    ndim: int,
+    ndim: int | None,
     dtypes: tuple[torch.dtype, ...],
 ) -> torch.Tensor:
-    """Check that ``value`` is a tensor of ``ndim`` dimensions and one of ``dtypes``."""
+    """Check that ``value`` is a tensor of ``ndim`` dimensions (any, for ``None``) and one of ``dtypes``."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {value.dtype}")
-    if value.dim() != ndim:
+    if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     return value
 
@@ -113,6 +113,8 @@ PROBABILITY = Rule(integer=False, low=0, high=1)
 # never infinite because of the factor alone; useful values are many orders of magnitude smaller.
 COEFFICIENT = Rule(integer=False, low=0, high=1e6)
 SCALE = Rule(integer=False, low=0, high=1e6, open_low=True)
+# A shift of logits (DiffMoE's capacity offset): any sign, bounded as the factors are.
+OFFSET = Rule(integer=False, low=-1e6, high=1e6)
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -279,6 +279,18 @@ def moe_workload(
             scale=2.5,
         )
         weights.sum().backward()
+        # FP8 experts: the plain GEMM and the MoE's first (gather, SwiGLU, bias) and second (scatter) GEMMs.
+        from moe_kernels.fp8 import grouped_mm_fp8_triton, quantize_fp8
+
+        offsets = torch.tensor([5, 5, 20], dtype=torch.int32)
+        q, scale = quantize_fp8(torch.randn(3, 160, 96))
+        rows = torch.arange(20, dtype=torch.int32)
+        h = grouped_mm_fp8_triton(
+            torch.randn(20, 160, dtype=dtype), q, scale, offsets, activation="swiglu", a_rows=rows,
+            bias=torch.randn(3, 96, dtype=dtype),
+        )  # fmt: skip
+        q2, scale2 = quantize_fp8(torch.randn(3, 48, 160))
+        grouped_mm_fp8_triton(h, q2, scale2, offsets, c_rows=rows)
         for k, n in ((32, 48), (16, 24)):  # 16-byte aligned rows, as at real sizes, and not
             x = torch.randn(20, k, dtype=dtype, requires_grad=True)
             w = torch.randn(3, k, n, dtype=dtype, requires_grad=True)
