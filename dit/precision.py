@@ -5,6 +5,8 @@
 - ``"fp32"``: IEEE fp32 matrix products: exact, and much slower on a GPU.
 - ``"bf16"``: the model under bf16 autocast; the weights stay fp32 in training. For sampling,
   ``inference_weights`` stores them in bf16 (see there).
+- ``"fp8"`` (sampling only, so far): ``"bf16"`` with the routed experts stored in FP8 (e4m3 with
+  128x128 block scales, ``MoE.to_fp8``), their GEMMs run on FP8 tensor cores.
 
 On a CPU ``"tf32"`` and ``"fp32"`` are the same.
 """
@@ -18,16 +20,21 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-PRECISIONS = ("tf32", "fp32", "bf16")
+from moe_kernels import MoE
+
+TRAINING_PRECISIONS = ("tf32", "fp32", "bf16")
+PRECISIONS = (*TRAINING_PRECISIONS, "fp8")
 
 
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """The ``--precision`` flag, the same for every command that runs the model."""
+def add_precision_argument(parser: argparse.ArgumentParser, inference: bool = True) -> None:
+    """The ``--precision`` flag, the same for every command that runs the model (``fp8`` for
+    inference only)."""
     parser.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=PRECISIONS if inference else TRAINING_PRECISIONS,
         default="tf32",
-        help="tf32: fp32 with TF32 matmuls on GPU, as DiT runs; fp32: IEEE matmuls; bf16: autocast",
+        help="tf32: fp32 with TF32 matmuls on GPU, as DiT runs; fp32: IEEE matmuls; bf16: autocast"
+        + ("; fp8: bf16 with the routed experts in FP8" if inference else ""),
     )
 
 
@@ -53,7 +60,7 @@ def matmul_precision(precision: str) -> Iterator[None]:
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``"bf16"``, for the forward pass only (as torch recommends); else nothing."""
     _check(precision)
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -66,8 +73,9 @@ def use_precision(precision: str, device: torch.device) -> Iterator[None]:
 
 
 def inference_weights(model: nn.Module, precision: str) -> nn.Module:
-    """For sampling under ``"bf16"``: store the model's parameters in bf16, in place (other
-    precisions leave it as it is). Returns ``model``.
+    """For sampling under ``"bf16"``: store the model's parameters in bf16, in place; under
+    ``"fp8"`` the same, then the MoE layers' routed experts in FP8 (other precisions leave the
+    model as it is). Returns ``model``.
 
     Autocast rounds each weight to bf16 wherever it is used, so the numbers hardly change (an
     embedding table, read without autocast, is rounded once too). But nothing is cast any more on
@@ -77,8 +85,12 @@ def inference_weights(model: nn.Module, precision: str) -> nn.Module:
     residual stream stays fp32, as under autocast.
     """
     _check(precision)
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):
         with torch.no_grad():
             for param in model.parameters():
                 param.data = param.data.to(torch.bfloat16)
+    if precision == "fp8":
+        for module in model.modules():
+            if isinstance(module, MoE):
+                module.to_fp8()
     return model

@@ -147,6 +147,8 @@ def _sample(args: argparse.Namespace, env: Distributed) -> int:
     inference_weights(model, args.precision)
     config = model.config
     model.set_expert_compute(args.capacity_factor, args.capacity_offset)
+    if args.precision == "fp8" and args.compile:
+        raise ValueError("--precision fp8 runs its FP8 kernels eagerly: --compile cannot take it yet")
     if config.routing == "diffmoe" and (args.compile or args.cuda_graphs):
         raise ValueError(
             "a diffmoe model's token counts are data-dependent: --compile and --cuda-graphs cannot take it"

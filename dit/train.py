@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
             "describe, and --model, --objective, if given, must agree with it"
         ),
     )
-    add_precision_argument(p)
+    add_precision_argument(p, inference=False)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(
         "--ep",

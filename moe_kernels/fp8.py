@@ -32,9 +32,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .activations import act
+from .activations import act, activation_fn
 from .backend import INTERPRET, resolve_backend
-from .grouped_mm import _group_of_tile, grouped_mm_torch
+from .combine import Slots, combine, combine_torch
+from .grouped_mm import _group_of_tile, group_of_row, grouped_mm_torch
+from .routing import Routing, row_of_slot
 from .tuning import FP8_CONFIGS
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
@@ -274,13 +276,57 @@ def grouped_mm_fp8_triton(
 
 
 def grouped_mm_fp8_torch(
-    a: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, block: int = BLOCK
+    a: torch.Tensor,
+    w_fp8: torch.Tensor,
+    scale: torch.Tensor,
+    offsets: torch.Tensor,
+    block: int = BLOCK,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The recipe emulated: ``a``'s rows quantized per group of ``block``, both operands
-    dequantized, fp32 products; ``[M, N]`` in ``a.dtype``."""
+    dequantized, fp32 products; ``[M, N]`` in ``out_dtype`` (default ``a.dtype``)."""
     a_fp8, a_scale = quantize_rows_fp8(a, block)
     rows = a_fp8.float() * a_scale.repeat_interleave(block, -1)[:, : a.shape[1]]
-    return grouped_mm_torch(rows, dequantize_fp8(w_fp8, scale, block), offsets).to(a.dtype)
+    return grouped_mm_torch(rows, dequantize_fp8(w_fp8, scale, block), offsets).to(out_dtype or a.dtype)
+
+
+def fp8_experts_forward(
+    x: torch.Tensor,
+    slot_weights: torch.Tensor,
+    routing: Routing,
+    slots: Slots,
+    w_in: torch.Tensor,
+    w_in_scale: torch.Tensor,
+    w_out: torch.Tensor,
+    w_out_scale: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    activation: str,
+    backend: str,
+) -> torch.Tensor:
+    """``experts_forward`` (any routing) with FP8 expert weights, for inference: ``y [T, D]``.
+    The activation and the biases are applied in fp32 before ``h`` and the outputs are rounded
+    to ``x.dtype``, in the kernel's epilogue and in the emulation alike."""
+    if torch.is_grad_enabled() and (x.requires_grad or slot_weights.requires_grad):
+        raise ValueError("FP8 experts serve inference (no backward yet): run them under torch.no_grad()")
+    T = x.shape[0]
+    if backend == "triton":
+        h = grouped_mm_fp8_triton(
+            x, w_in, w_in_scale, routing.offsets, activation=activation, a_rows=routing.token_of_row, bias=b_in
+        )
+        out = grouped_mm_fp8_triton(h, w_out, w_out_scale, routing.offsets, c_rows=routing.slot_of_row, bias=b_out)
+        return combine(out, slot_weights.flatten().contiguous(), slots, T, x.dtype)
+    groups = group_of_row(routing.offsets, routing.slot_of_row.shape[0])
+    rows = x.index_select(0, routing.token_of_row)
+    preact = grouped_mm_fp8_torch(rows, w_in, w_in_scale, routing.offsets, out_dtype=torch.float32)
+    if b_in is not None:
+        preact = preact + b_in.float().index_select(0, groups)
+    h = activation_fn(activation)(preact).to(x.dtype)
+    out = grouped_mm_fp8_torch(h, w_out, w_out_scale, routing.offsets, out_dtype=torch.float32)
+    if b_out is not None:
+        out = out + b_out.float().index_select(0, groups)
+    out = out.to(x.dtype).index_select(0, row_of_slot(routing.slot_of_row))
+    return combine_torch(out, slot_weights.flatten(), slots, T, x.dtype)
 
 
 def grouped_mm_fp8(

@@ -14,9 +14,17 @@ from .activations import ACTIVATIONS, activation_fn
 from .backend import BACKENDS, resolve_backend
 from .balance import CONVENTIONS, loss_from_stats, router_z_loss
 from .capacity import CapacityPredictor
-from .expert_choice import check_groups, chosen_rows_ffn, expert_choice_ffn_unchecked, expert_choice_gating_apply
+from .expert_choice import (
+    check_groups,
+    chosen_rows_ffn,
+    expert_choice_gating_apply,
+    expert_rows,
+    slot_weights,
+)
 from .ffn import moe_ffn_unchecked
+from .fp8 import FP8, fp8_experts_forward, quantize_fp8
 from .gating import check_routing_options, gating_with_stats
+from .routing import chosen_routing, route
 from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, SCALE, check_k, check_positive_int
 
 ROUTINGS = ("token-choice", "expert-choice")
@@ -244,10 +252,56 @@ class MoE(nn.Module):
         return y.reshape(x.shape)
 
     def _expert_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
-        """``w_in, w_out, b_in, b_out`` in ``dtype`` (this rank's shards when expert-parallel)."""
+        """``w_in, w_out, b_in, b_out`` in ``dtype`` (this rank's shards when expert-parallel);
+        FP8 matrices as they are stored."""
         local = self.expert_mesh is not None
         tensors = (self.w_in, self.w_out, self.b_in, self.b_out)
-        return tuple(None if w is None else (w.to_local() if local else w).to(dtype) for w in tensors)
+        return tuple(
+            None if w is None else w if w.dtype == FP8 else (w.to_local() if local else w).to(dtype) for w in tensors
+        )
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the routed experts' matrices are stored in FP8 (``to_fp8``)."""
+        return self.w_in.dtype == FP8
+
+    def to_fp8(self) -> MoE:
+        """Store the routed experts' matrices in FP8 for inference, in place; returns the layer.
+
+        ``w_in`` and ``w_out`` become ``float8_e4m3fn`` buffers with fp32 scales per 128x128
+        block (``w_in_scale``, ``w_out_scale``; ``quantize_fp8``): half the bytes of bf16. The
+        forward then runs ``grouped_mm_fp8`` (activations quantized per token as they are loaded)
+        for both routings; it has no backward. Call it last, after the layer's ``.to(device,
+        dtype)``: a later ``.to(dtype)`` would round the scales. The biases, router and shared
+        experts keep their dtype.
+        """
+        if self.expert_mesh is not None:
+            raise ValueError("to_fp8 quantizes whole experts: an expert-parallel layer cannot be converted")
+        if self.fp8:
+            return self
+        for name in ("w_in", "w_out"):
+            weight_fp8, scale = quantize_fp8(getattr(self, name).detach())
+            delattr(self, name)
+            self.register_buffer(name, weight_fp8)
+            self.register_buffer(f"{name}_scale", scale)
+        return self
+
+    def _fp8_experts(self, tokens, slot_weights, routing, slots, expert_weights, backend):
+        _, _, b_in, b_out = expert_weights
+        return fp8_experts_forward(
+            tokens, slot_weights, routing, slots, self.w_in, self.w_in_scale, self.w_out, self.w_out_scale,
+            b_in, b_out, self.activation, backend,
+        )  # fmt: skip
+
+    def _chosen_rows(self, tokens, row_weights, row_tokens, offsets, expert_weights, backend):
+        """The experts on the tokens they chose (expert-major rows), FP8 or not."""
+        if not self.fp8:
+            return chosen_rows_ffn(
+                tokens, row_weights, row_tokens, offsets, *expert_weights, activation=self.activation, backend=backend
+            )
+        routing, starts = chosen_routing(row_tokens, offsets, tokens.shape[0])
+        weights = slot_weights(row_weights, routing.slot_of_row)
+        return self._fp8_experts(tokens, weights, routing, starts, expert_weights, backend)
 
     def _token_choice(self, tokens, logits, expert_weights, backend):
         """Top-k gating and the routed experts: ``(y, expert counts, balance loss thunk)``."""
@@ -264,7 +318,10 @@ class MoE(nn.Module):
         )
         if self.on_route is not None:
             self.on_route(gating.experts, gating.weights)
-        if self.expert_mesh is None:
+        if self.fp8:
+            routing = route(gating.experts, self.num_experts, backend)
+            y = self._fp8_experts(tokens, gating.weights, routing, self.top_k, expert_weights, backend)
+        elif self.expert_mesh is None:
             y = moe_ffn_unchecked(
                 tokens, gating.weights, gating.experts, *expert_weights, activation=self.activation, backend=backend
             )
@@ -304,9 +361,7 @@ class MoE(nn.Module):
         if self.on_route is not None:
             self.on_route(mask, probs)
         if self.expert_mesh is None:
-            y = expert_choice_ffn_unchecked(
-                tokens, weights, chosen, *expert_weights, activation=self.activation, backend=backend
-            )
+            y = self._chosen_rows(tokens, *expert_rows(weights, chosen), expert_weights, backend)
         else:
             from .parallel import expert_choice_parallel_ffn
 
@@ -333,9 +388,7 @@ class MoE(nn.Module):
         experts, rows = mask.t().nonzero().unbind(1)  # expert-major, tokens in order within an expert
         counts = mask.sum(0, dtype=torch.int32)
         offsets = counts.cumsum(0, dtype=torch.int32)
-        y = chosen_rows_ffn(
-            tokens, probs[rows, experts], rows, offsets, *expert_weights, activation=self.activation, backend=backend
-        )
+        y = self._chosen_rows(tokens, probs[rows, experts], rows, offsets, expert_weights, backend)
         return y, counts, lambda: logits.new_zeros((), dtype=torch.float32)
 
     def __getstate__(self) -> dict:

@@ -66,6 +66,8 @@ def expert_parallel(moe: MoE, mesh: DeviceMesh) -> MoE:
         )
     if moe.expert_mesh is not None:
         raise ValueError("this MoE is already expert-parallel")
+    if moe.fp8:
+        raise ValueError("an MoE with FP8 experts (to_fp8) serves inference on one device: shard it before to_fp8")
     size = mesh.size()
     if moe.num_experts % size:
         raise ValueError(f"num_experts ({moe.num_experts}) must be divisible by the expert-parallel degree ({size})")

@@ -144,3 +144,42 @@ def test_grouped_mm_fp8_bad_input():
         mk.grouped_mm_fp8(x, q, scale, torch.tensor([1, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match="no backward"):
         mk.grouped_mm_fp8(x.requires_grad_(), q, scale, offsets)
+
+
+def _layer(backend, **options):
+    torch.manual_seed(0)
+    return mk.MoE(32, 24, 4, 2, num_shared_experts=1, backend=backend, **options).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        dict(activation="gelu_tanh", expert_biases=True),
+        dict(routing="expert-choice", group_size=8),
+        dict(routing="expert-choice", capacity_predictor=True),
+    ],
+    ids=["token choice", "biases", "expert choice", "diffmoe"],
+)
+def test_fp8_layer_equals_its_emulation_and_stays_near_full_precision(options):
+    """``MoE.to_fp8()``: the Triton path equals the PyTorch emulation up to fp32 summation order,
+    and the layer's output (shared expert included) stays within 5% of the full-precision
+    layer's, relative Frobenius norm (measured: 1.7 to 3.0% on these layers)."""
+    full = _layer("torch", **options)
+    x = torch.randn(24, 32, device=DEVICE)
+    with torch.no_grad():
+        want = full(x)
+        layers = {backend: _layer(backend, **options).to_fp8() for backend in BACKENDS}
+        got = {backend: layer(x) for backend, layer in layers.items()}
+    torch.testing.assert_close(got["triton"], got["torch"], atol=1e-5, rtol=1e-4)
+    assert (got["torch"] - want).norm() <= 0.05 * want.norm()
+    layer = layers["torch"]
+    assert layer.fp8 and layer.w_in.dtype == FP8 and layer.w_in_scale.shape == (4, 1, 1)
+    assert {"w_in", "w_out"}.isdisjoint(name for name, _ in layer.named_parameters())
+    assert layer.to_fp8() is layer
+
+
+def test_fp8_layer_has_no_backward():
+    layer = _layer("torch").to_fp8().train()
+    with pytest.raises(ValueError, match="FP8 experts serve inference"):
+        layer(torch.randn(8, 32, device=DEVICE))
