@@ -13,14 +13,16 @@ Each part can run alone (``--parts``), in order:
   and ``torch`` backends and ``dense-eq`` (one dense SwiGLU MLP over the T*k token copies: the
   same FLOPs without routing), with CUDA events, peak memory, the host (Python) time per call,
   the forward replayed as a CUDA graph (its GPU time alone), and each time as a ratio to
-  ``torch``'s in the same run.
+  ``torch``'s in the same run; and ``expert-choice`` and ``fp8`` (the experts in FP8,
+  ``MoE.to_fp8``: forward only, also as a ratio to ``triton``'s).
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
   down kernel by kernel with ``torch.profiler``.
 - ``training``: images/s of a DiT-MoE-S/2-8E2A training step at batch 256 (bf16 autocast and
   TF32) and of XL/2-8E2A at batch 32 (bf16), both backends.
 - ``sampling``: one guided sampling step of DiT-MoE-S/2 and XL/2 at 256 px, eager and replayed as
   a CUDA graph (``dit.sampling.cuda_graphed``), both backends, with bf16 weights under bf16
-  autocast as ``dit.sample --precision bf16`` runs it.
+  autocast as ``dit.sample --precision bf16`` runs it, and with FP8 experts as ``--precision
+  fp8`` runs it.
 
 Progress lines carry the seconds since the start. A row that fails records its error and the run
 goes on; the JSON (named after the card) is written after each part, with the config the
@@ -54,6 +56,7 @@ from dit.sampling import cuda_graphed, guided
 from moe_kernels import reference
 from moe_kernels.activations import ACTIVATIONS
 from moe_kernels.backend import INTERPRET
+from moe_kernels.fp8 import grouped_mm_fp8_torch
 from moe_kernels.grouped_mm import _grouped_mm_kernel, _grouped_wgrad_kernel
 from moe_kernels.tuning import AUTOTUNE
 
@@ -141,6 +144,20 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
     ):
         compare(f"grouped_mm {name}", a, b)
 
+    if dtype in (torch.float16, torch.bfloat16):
+        # FP8 experts: the kernel against its exact emulation (they differ in fp32 sum order and
+        # the output's rounding), and the FP8 product against the full-precision one (~4%).
+        x = torch.randn(int(sizes.sum()), D, device=dev, dtype=dtype)
+        w_fp8, scale = mk.quantize_fp8(w.detach().float())
+        y = mk.grouped_mm_fp8(x, w_fp8, scale, offsets, backend="triton")
+        compare(
+            "grouped_mm_fp8 vs emulation", y, grouped_mm_fp8_torch(x, w_fp8, scale, offsets, out_dtype=torch.float64)
+        )
+        errors["grouped_mm_fp8 vs full precision"] = float(
+            (y.double() - reference.grouped_mm(x.double(), w.double(), offsets)).norm()
+            / reference.grouped_mm(x.double(), w.double(), offsets).norm()
+        )
+
     # Every activation, and the biased experts of an upcycled DiT (GELU-tanh) and of SwiGLU.
     for activation, biased in [(a, False) for a in ACTIVATIONS] + [("gelu_tanh", True), ("swiglu", True)]:
         width = 2 * H if activation == "swiglu" else H
@@ -174,10 +191,14 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
     return failures, errors
 
 
+# The layer variants beyond the backends, and the backend each runs on.
+BACKEND_OF = {"expert-choice": "triton", "fp8": "triton"}
+
+
 def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=torch.bfloat16) -> Callable[[], object]:
-    """One call of the layer at ``case`` (``T, D, H, E, k``): ``MoE`` on ``backend``, ``dense-eq``, or
+    """One call of the layer at ``case`` (``T, D, H, E, k``): ``MoE`` on ``backend``, ``dense-eq``,
     ``expert-choice`` (Triton, each expert taking its best ``k * 256 / E`` tokens of every 256: the
-    same FLOPs)."""
+    same FLOPs), or ``fp8`` (Triton, the experts in FP8: ``MoE.to_fp8``, forward only)."""
     T, D, H, E, k = (case[key] for key in ("T", "D", "H", "E", "k"))
     x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=backward)
     grad = torch.randn(T, D, device=dev, dtype=dtype)
@@ -191,8 +212,10 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
         routing = {}
         if backend == "expert-choice":
             routing = dict(routing="expert-choice", group_size=256 if T % 256 == 0 else None)
-            backend = "triton"
-        fn = mk.MoE(D, H, E, k, num_shared_experts=0, backend=backend, **routing).to(dev, dtype)
+        fn = mk.MoE(D, H, E, k, num_shared_experts=0, backend=BACKEND_OF.get(backend, backend), **routing)
+        fn = fn.to(dev, dtype)
+        if backend == "fp8":  # inference only: FP8 experts have no backward yet
+            fn.eval().to_fp8()
         fn.requires_grad_(backward)
     if not backward:
         return lambda: fn(x)
@@ -228,11 +251,15 @@ SMOKE_SAMPLING_CASES = {"Ti/2-4E2A batch 2 + CFG (smoke)": ("DiT-MoE-Ti/2-4E2A",
 
 def sampling_step(name: str, batch: int, backend: str, dev: str, smoke: bool) -> Callable:
     """One guided network evaluation ``step(x, t)`` of a freshly initialised model (on CUDA, as
-    ``dit.sample --precision bf16`` runs it: bf16 weights under bf16 autocast), and its inputs."""
-    model, x, labels = fresh_model(name, backend, batch, dev, smoke)
+    ``dit.sample --precision bf16`` runs it: bf16 weights under bf16 autocast; backend ``fp8``
+    as ``--precision fp8``: the same with the routed experts in FP8), and its inputs."""
+    model, x, labels = fresh_model(name, BACKEND_OF.get(backend, backend), batch, dev, smoke)
     model.eval()
     if not smoke:
-        inference_weights(model, "bf16")
+        inference_weights(model, "fp8" if backend == "fp8" else "bf16")
+    elif backend == "fp8":
+        for moe in model.moe_layers():
+            moe.to_fp8()
     t = torch.full((batch,), 500, device=dev)
     model_fn = guided(model, labels, cfg_scale=4.0)
 
@@ -247,7 +274,7 @@ def sampling_step(name: str, batch: int, backend: str, dev: str, smoke: bool) ->
 def time_sampling(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     """Eager and CUDA-graph time of one guided step, both backends; the graph as a ratio to eager."""
     for name, (model_name, batch) in (SMOKE_SAMPLING_CASES if smoke else SAMPLING_CASES).items():
-        for backend in ("triton", "torch"):
+        for backend in ("triton", "torch", "fp8"):
 
             def measure():
                 step, x, t = sampling_step(model_name, batch, backend, dev, smoke)
@@ -336,11 +363,11 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     """Each backend at each shape, forward and forward+backward, with ratios to ``torch``."""
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, case in (SMOKE_CASES if smoke else PAPER_CASES).items():
-        for backend in ("triton", "torch", "dense-eq", "expert-choice"):
+        for backend in ("triton", "torch", "dense-eq", "expert-choice", "fp8"):
 
             def measure():
                 row = {}
-                for backward in (False, True):
+                for backward in (False,) if backend == "fp8" else (False, True):
                     fn = layer_fn(backend, case, backward, dev, dtype)
                     part = "fwd+bwd" if backward else "fwd"
                     row[f"{part} ms"] = bench(fn)
@@ -354,12 +381,13 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
                 return row
 
             guarded(report["timings"], f"{name} | {backend}", measure)
-        base = report["timings"][f"{name} | torch"]
-        for backend in ("triton", "dense-eq", "expert-choice"):
-            row = report["timings"][f"{name} | {backend}"]
-            for part in ("fwd", "fwd+bwd", "fwd graph"):
-                if isinstance(row.get(f"{part} ms"), float) and isinstance(base.get(f"{part} ms"), float):
-                    row[f"{part} / torch"] = row[f"{part} ms"] / base[f"{part} ms"]
+        for base_name, compared in (("torch", ("triton", "dense-eq", "expert-choice", "fp8")), ("triton", ("fp8",))):
+            base = report["timings"][f"{name} | {base_name}"]
+            for backend in compared:
+                row = report["timings"][f"{name} | {backend}"]
+                for part in ("fwd", "fwd+bwd", "fwd graph"):
+                    if isinstance(row.get(f"{part} ms"), float) and isinstance(base.get(f"{part} ms"), float):
+                        row[f"{part} / {base_name}"] = row[f"{part} ms"] / base[f"{part} ms"]
 
 
 def graphed_ms(fn: Callable[[], object], bench: Callable) -> float | str:
