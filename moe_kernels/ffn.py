@@ -31,6 +31,7 @@ import torch
 from .activations import ACTIVATIONS, activation_fn, activation_grad
 from .backend import resolve_backend
 from .combine import Slots, combine, combine_torch, combine_weight_grad, combine_weight_grad_torch
+from .fp8 import BLOCK, FP8, check_quantized, fp8_experts_forward, fp8_operand
 from .grouped_mm import (
     group_of_row,
     group_sums_torch,
@@ -389,18 +390,26 @@ def saves(x, weights, w_in, w_out, b_in) -> tuple[bool, bool, bool]:
 
 
 def check_experts(
-    x: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None, activation: str
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    activation: str,
+    weight_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
-    """Check the tokens ``x [T, D]`` and the experts' weights and biases against each other
-    (``ValueError``/``TypeError`` saying what was expected); return the biases given, by name."""
+    """Check the tokens ``x [T, D]`` and the experts' weights (in ``weight_dtype``, default the
+    dtype of x) and biases against each other (``ValueError``/``TypeError`` saying what was
+    expected); return the biases given, by name."""
     check_tensor("x", x, 2, FLOAT_DTYPES)
-    check_tensor("w_in", w_in, 3, FLOAT_DTYPES)
-    check_tensor("w_out", w_out, 3, FLOAT_DTYPES)
+    weight_dtype = weight_dtype or x.dtype
+    for name, w in (("w_in", w_in), ("w_out", w_out)):
+        check_tensor(name, w, 3, (*FLOAT_DTYPES, FP8))
+        if w.dtype != weight_dtype:
+            what = "the dtype of x" if weight_dtype == x.dtype else "FP8 experts'"
+            raise TypeError(f"{name} must have {what} ({weight_dtype}), got {w.dtype}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    for name, w in (("w_in", w_in), ("w_out", w_out)):
-        if w.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {w.dtype}")
     D, E = x.shape[1], w_in.shape[0]
     if E == 0:
         raise ValueError(f"w_in must hold at least one expert, got shape {tuple(w_in.shape)}")
@@ -439,6 +448,9 @@ def moe_ffn(
     *,
     b_in: torch.Tensor | None = None,
     b_out: torch.Tensor | None = None,
+    precision: str | None = None,
+    w_in_scale: torch.Tensor | None = None,
+    w_out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed expert MLPs with a weighted combine; no token is ever dropped.
 
@@ -455,11 +467,24 @@ def moe_ffn(
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``.
         b_in: optional expert biases of the first projection, ``[E, 2H]`` for ``"swiglu"`` (gate,
             then up) else ``[E, H]``; b_out: optional ``[E, D]``; both in the dtype of ``x``.
+        precision: ``None`` (the dtype of x) or ``"fp8"``: the experts' GEMMs in FP8
+            (``grouped_mm_fp8``; inference, no backward), ``w_in``/``w_out`` either in the dtype
+            of x (quantized on each call) or ``float8_e4m3fn`` from ``quantize_fp8`` with their
+            scales in ``w_in_scale``/``w_out_scale``.
     Returns:
         ``y [T, D]`` in ``x.dtype``, differentiable in ``x``, ``weights``, ``w_in``, ``w_out``
         and the biases.
     """
-    biases = check_experts(x, w_in, w_out, b_in, b_out, activation)
+    if precision not in (None, "fp8"):
+        raise ValueError(f"precision must be None or 'fp8', got {precision!r}")
+    if precision == "fp8":
+        (w_in, w_in_scale), (w_out, w_out_scale) = (
+            fp8_operand("w_in", w_in, w_in_scale),
+            fp8_operand("w_out", w_out, w_out_scale),
+        )
+    elif w_in_scale is not None or w_out_scale is not None:
+        raise ValueError("w_in_scale and w_out_scale go with precision='fp8'")
+    biases = check_experts(x, w_in, w_out, b_in, b_out, activation, FP8 if precision else None)
     check_tensor("weights", weights, 2, FLOAT_DTYPES)
     check_tensor("experts", experts, 2, INDEX_DTYPES)
     E = w_in.shape[0]
@@ -469,6 +494,24 @@ def moe_ffn(
     check_k(experts.shape[1], E, name="experts.shape[1]")
     device = check_same_device(x=x, weights=weights, experts=experts, w_in=w_in, w_out=w_out, **biases)
     check_expert_ids("experts", experts, E)
-    return moe_ffn_unchecked(
-        x, weights, experts, w_in, w_out, b_in, b_out, activation=activation, backend=resolve_backend(backend, device)
-    )
+    backend = resolve_backend(backend, device)
+    if precision == "fp8":
+        check_quantized("w_in", w_in, w_in_scale, BLOCK)
+        check_quantized("w_out", w_out, w_out_scale, BLOCK)
+        check_same_device(x=x, w_in_scale=w_in_scale, w_out_scale=w_out_scale)
+        routing = route(experts, E, backend)
+        return fp8_experts_forward(
+            x,
+            weights,
+            routing,
+            experts.shape[1],
+            w_in,
+            w_in_scale,
+            w_out,
+            w_out_scale,
+            b_in,
+            b_out,
+            activation,
+            backend,
+        )
+    return moe_ffn_unchecked(x, weights, experts, w_in, w_out, b_in, b_out, activation=activation, backend=backend)

@@ -98,6 +98,19 @@ def check_quantized(name: str, w_fp8: torch.Tensor, scale: torch.Tensor, block: 
         )
 
 
+def fp8_operand(name: str, w: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 GEMM's weight and its scales: ``w`` as given if it is e4m3 (``scale`` required),
+    else quantized here (``scale`` must then be ``None``)."""
+    check_tensor(name, w, None, (*FLOAT_DTYPES, FP8))
+    if w.dtype == FP8:
+        if scale is None:
+            raise ValueError(f"{name} is FP8: pass {name}_scale, its block scales from quantize_fp8")
+        return w, scale
+    if scale is not None:
+        raise ValueError(f"{name}_scale goes with an FP8 {name}; this {name} is {w.dtype} (it is quantized here)")
+    return quantize_fp8(w)
+
+
 def dequantize_fp8(
     w_fp8: torch.Tensor, scale: torch.Tensor, block: int = BLOCK, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

@@ -183,3 +183,47 @@ def test_fp8_layer_has_no_backward():
     layer = _layer("torch").to_fp8().train()
     with pytest.raises(ValueError, match="FP8 experts serve inference"):
         layer(torch.randn(8, 32, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_ffn_in_fp8_takes_full_precision_or_quantized_weights(backend):
+    T, D, H, E, k = 20, 48, 40, 4, 2
+    x = torch.randn(T, D, device=DEVICE)
+    weights = torch.rand(T, k, device=DEVICE)
+    experts = torch.rand(T, E, device=DEVICE).argsort(1)[:, :k]
+    w_in = torch.randn(E, D, 2 * H, device=DEVICE) / D**0.5
+    w_out = torch.randn(E, H, D, device=DEVICE) / H**0.5
+    on_the_fly = mk.moe_ffn(x, weights, experts, w_in, w_out, backend=backend, precision="fp8")
+    (q_in, s_in), (q_out, s_out) = mk.quantize_fp8(w_in), mk.quantize_fp8(w_out)
+    stored = mk.moe_ffn(
+        x, weights, experts, q_in, q_out, backend=backend, precision="fp8", w_in_scale=s_in, w_out_scale=s_out
+    )
+    torch.testing.assert_close(on_the_fly, stored, rtol=0, atol=0)
+    # Two FP8 GEMMs in a row, SwiGLU between them: 6.2-6.5% at 200 tokens of width 256 (20 seeds).
+    exact = mk.moe_ffn(x, weights, experts, w_in, w_out, backend="torch")
+    assert (stored - exact).norm() <= 0.1 * exact.norm()
+    emulated = mk.moe_ffn(x, weights, experts, w_in, w_out, backend="torch", precision="fp8")
+    torch.testing.assert_close(stored, emulated, atol=1e-5, rtol=1e-4)
+
+
+def test_moe_ffn_fp8_bad_input():
+    x, weights, experts = torch.randn(6, 16), torch.rand(6, 1), torch.zeros(6, 1, dtype=torch.long)
+    w_in, w_out = torch.randn(2, 16, 16), torch.randn(2, 8, 16)
+    (q_in, s_in), (q_out, s_out) = mk.quantize_fp8(w_in), mk.quantize_fp8(w_out)
+    cases = [
+        (dict(precision="fp4"), ValueError, "precision must be None or 'fp8'"),
+        (dict(w_in_scale=s_in), ValueError, "go with precision='fp8'"),
+        (dict(precision="fp8", w_in=q_in), ValueError, "pass w_in_scale"),
+        (dict(precision="fp8", w_in_scale=s_in), ValueError, "w_in_scale goes with an FP8 w_in"),
+        (dict(precision="fp8", w_in=q_in, w_in_scale=torch.ones(2, 2, 1)), ValueError, "w_in scale must have shape"),
+        (dict(w_in=q_in), TypeError, "w_in must have the dtype of x"),
+    ]
+    for change, error, match in cases:
+        args = dict(x=x, weights=weights, experts=experts, w_in=w_in, w_out=w_out, activation="swiglu")
+        args.update(change)
+        with pytest.raises(error, match=match):
+            mk.moe_ffn(**args)
+    with pytest.raises(ValueError, match="FP8 experts serve inference"):
+        mk.moe_ffn(
+            x.requires_grad_(), weights, experts, q_in, q_out, precision="fp8", w_in_scale=s_in, w_out_scale=s_out
+        )
