@@ -20,12 +20,18 @@ What ``dit.train`` keeps on each GPU, in bytes:
   unbalanced router needs more.
 
 Allocator fragmentation, the CUDA context (about 0.5 GB) and communication buffers are not counted.
+
+``--sampling`` prints instead what the weights of a sampling run take: fp32, bf16
+(``dit.sample --precision bf16``) and bf16 with FP8 routed experts (``--precision fp8``: one byte
+per expert weight plus an fp32 scale per 128x128 block).
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+
+from moe_kernels.fp8 import BLOCK as FP8_BLOCK
 
 from .cli import positive_float, positive_int
 from .flops import PAPER, count, latent_side
@@ -131,6 +137,36 @@ def activation_bytes(
     return config.depth * per_block
 
 
+def sampling_weight_bytes(config: DiTConfig, precision: str) -> float:
+    """Bytes of ``config``'s weights for sampling at ``precision`` (``"fp32"``, ``"bf16"`` or
+    ``"fp8"``: bf16 with the routed experts' matrices in FP8 and their block scales in fp32)."""
+    params = count(config).params
+    if precision != "fp8" or not config.num_experts:
+        return params * (FP32 if precision == "fp32" else 2)
+    D, H, E = config.hidden_size, int(config.hidden_size * config.mlp_ratio), config.num_experts
+    width_in = 2 * H if config.expert_activation == "swiglu" else H
+    blocks = -(-D // FP8_BLOCK) * -(-width_in // FP8_BLOCK) + -(-H // FP8_BLOCK) * -(-D // FP8_BLOCK)
+    matrices = config.depth * E * (D * width_in + H * D)
+    return matrices + config.depth * E * blocks * FP32 + (params - matrices) * 2
+
+
+def sampling_table(configs: list[DiTConfig]) -> str:
+    """One row per model: GiB of its weights for sampling in fp32, bf16 and with FP8 experts."""
+    header = ("model", "params", "fp32", "bf16", "fp8 experts", "fp8 / bf16")
+    rows = []
+    for config in configs:
+        fp32, bf16, fp8 = (sampling_weight_bytes(config, p) for p in ("fp32", "bf16", "fp8"))
+        rows.append(
+            (
+                config.name,
+                f"{count(config).params / 1e9:.2f}B",
+                *(f"{b / GiB:.2f}" for b in (fp32, bf16, fp8)),
+                f"{fp8 / bf16:.2f}",
+            )
+        )
+    return _format(header, rows)
+
+
 def table(configs: list[DiTConfig], layout: Layout, batch: int, budget_gib: float = 80) -> str:
     """One row per model: GiB per GPU of each part, the total, and whether it fits ``budget_gib``."""
     header = ("model", "params", "grads", "AdamW", "EMA", "activations", "total", f"fits {budget_gib:g} GiB")
@@ -184,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad-checkpointing", action="store_true", help="as dit.train --grad-checkpointing")
     parser.add_argument("--batch", type=positive_int, default=32, help="images per GPU (default 32)")
     parser.add_argument("--budget", type=positive_float, default=80, help="GiB per GPU (default 80)")
+    parser.add_argument(
+        "--sampling", action="store_true", help="the weights of a sampling run instead: fp32, bf16, FP8 experts"
+    )
     return parser
 
 
@@ -199,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         config = parse_model_name(name)
         config.input_size = side
         configs.append(config)
+    if args.sampling:
+        print("GiB of weights for sampling (dit.sample --precision fp32 | bf16 | fp8), activations not included")
+        print(sampling_table(configs))
+        return
     layout = Layout(args.gpus, args.ep, args.fsdp, args.grad_checkpointing)
     print(
         f"GiB per GPU, training with AdamW and an EMA, {args.batch} images of {args.image_size}x{args.image_size} "

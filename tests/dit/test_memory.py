@@ -94,3 +94,21 @@ def test_bad_layouts_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:  # the old place of the report says where it went
         flops_main(["--memory", "--gpus", "8"])
     assert exit_info.value.code == 2 and "python -m dit.memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
+def test_sampling_weights_are_what_the_sampler_holds(precision):
+    from dit.memory import sampling_weight_bytes
+    from dit.precision import inference_weights
+
+    model = create_model("DiT-MoE-Ti/2-8E2A", input_size=8, in_channels=1, num_classes=10).eval()
+    inference_weights(model, precision)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    held += sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name != "pos_embed")
+    assert held == sampling_weight_bytes(model.config, precision)
+
+
+def test_the_cli_shows_sampling_weights(capsys):
+    memory_main(["--sampling"])
+    out = capsys.readouterr().out
+    assert "fp8 experts" in out and "DiT-MoE-XL/2-8E2A" in out
