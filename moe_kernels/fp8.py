@@ -35,7 +35,7 @@ import triton.language as tl
 from .activations import act, activation_fn
 from .backend import INTERPRET, resolve_backend
 from .combine import Slots, combine, combine_torch
-from .grouped_mm import _group_of_tile, group_of_row, grouped_mm_torch
+from .grouped_mm import _add_bias, _row_tile, _rows, group_of_row, grouped_mm_torch
 from .routing import Routing, row_of_slot
 from .tuning import FP8_CONFIGS
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
@@ -192,22 +192,14 @@ def _grouped_mm_fp8_kernel(
     BLOCK_E: tl.constexpr,
 ):
     """``c[rows] = epilogue(a[rows] @ dequantize(b[group]) + bias[group])`` for one tile, the
-    K step one scale block (``BLOCK_K`` = 128, the configs')); EPILOGUE "none" or "act" (GLU: b's columns N:2N are
-    the up projection), as ``_grouped_mm_kernel``'s."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    group, row_start, row_end = _group_of_tile(offsets_ptr, pid // num_n, E, BLOCK_M, BLOCK_E)
+    K step one scale block (``BLOCK_K`` = 128 in every config); EPILOGUE "none" or "act" (GLU:
+    b's columns N:2N are the up projection), as ``_grouped_mm_kernel``'s."""
+    group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
+        offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
+    )
     if group >= E:
         return
-    rm = row_start + tl.arange(0, BLOCK_M)
-    rn = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    row_ok = rm < row_end
-    col_ok = rn < N
-    if GATHER_A:
-        a_rows = tl.load(a_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
-    else:
-        a_rows = rm.to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + group.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn
     # Each column's scale block; a tile may straddle two (the up half of a GLU starts mid-block).
@@ -232,14 +224,10 @@ def _grouped_mm_fp8_kernel(
         s_up_ptrs += stride_sk
 
     if BIAS:
-        bias_ptrs = bias_ptr + group.to(tl.int64) * stride_bias_e + rn * stride_bias_n
-        acc += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GLU and EPILOGUE == "act":
-            acc_up += tl.load(bias_ptrs + N * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if SCATTER_C:
-        c_rows = tl.load(c_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
-    else:
-        c_rows = rm.to(tl.int64)
+        acc, acc_up = _add_bias(
+            acc, acc_up, bias_ptr, group, rn, col_ok, N, stride_bias_e, stride_bias_n, GLU and EPILOGUE == "act"
+        )
+    c_rows = _rows(c_rows_ptr, rm, row_ok, SCATTER_C)
     if EPILOGUE == "act":
         acc = act(acc, ACTIVATION)
         if GLU:

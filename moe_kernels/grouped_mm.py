@@ -44,6 +44,40 @@ def _group_of_tile(offsets_ptr, tile, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.cons
     return group, row_start, tl.sum(tl.where(this, ends, 0), axis=0)
 
 
+@triton.jit
+def _rows(rows_ptr, rm, row_ok, INDEXED: tl.constexpr):
+    """The memory rows of tile rows ``rm``: ``rows[rm]`` (a gather or scatter) or ``rm`` itself."""
+    if INDEXED:
+        rows = tl.load(rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = rm.to(tl.int64)
+    return rows
+
+
+@triton.jit
+def _row_tile(offsets_ptr, a_rows_ptr, N, E, GATHER_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_E: tl.constexpr):  # fmt: skip
+    """This program's output tile: its group (``>= E`` past the last tile), rows, columns, their
+    masks, and the rows of ``a`` it reads."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    group, row_start, row_end = _group_of_tile(offsets_ptr, pid // num_n, E, BLOCK_M, BLOCK_E)
+    rm = row_start + tl.arange(0, BLOCK_M)
+    rn = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rm < row_end
+    return group, rm, rn, row_ok, rn < N, _rows(a_rows_ptr, rm, row_ok, GATHER_A)
+
+
+@triton.jit
+def _add_bias(acc, acc_up, bias_ptr, group, rn, col_ok, N, stride_e, stride_n, UP: tl.constexpr):
+    """The group's bias row added to ``acc`` (and, with ``UP``, its columns N:2N to ``acc_up``)."""
+    bias_ptrs = bias_ptr + group.to(tl.int64) * stride_e + rn * stride_n
+    acc += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if UP:
+        acc_up += tl.load(bias_ptrs + N * stride_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc, acc_up
+
+
 @triton.autotune(configs=ROW_CONFIGS, key=ROW_KEYS, prune_configs_by={"early_config_prune": row_candidates})
 @triton.jit
 def _grouped_mm_kernel(
@@ -100,20 +134,12 @@ def _grouped_mm_kernel(
     EPILOGUE "act_grad": acc is dL/d(act output) (times the row scale); preact holds the saved
     pre-activation; c = dL/d(pre-activation), 2N columns wide with GLU.
     """
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    group, row_start, row_end = _group_of_tile(offsets_ptr, pid // num_n, E, BLOCK_M, BLOCK_E)
+    group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
+        offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
+    )
     if group >= E:
         return
-    rm = row_start + tl.arange(0, BLOCK_M)
-    rn = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    row_ok = rm < row_end
-    col_ok = rn < N
-    if GATHER_A:
-        a_rows = tl.load(a_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
-    else:
-        a_rows = rm.to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + group.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -130,17 +156,13 @@ def _grouped_mm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     if BIAS:
-        bias_ptrs = bias_ptr + group.to(tl.int64) * stride_bias_e + rn * stride_bias_n
-        acc += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GLU and EPILOGUE == "act":
-            acc_up += tl.load(bias_ptrs + N * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc, acc_up = _add_bias(
+            acc, acc_up, bias_ptr, group, rn, col_ok, N, stride_bias_e, stride_bias_n, GLU and EPILOGUE == "act"
+        )
     if SCALE:
         slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
         acc *= tl.load(scale_ptr + slots, mask=row_ok, other=0.0)[:, None]
-    if SCATTER_C:
-        c_rows = tl.load(c_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
-    else:
-        c_rows = rm.to(tl.int64)
+    c_rows = _rows(c_rows_ptr, rm, row_ok, SCATTER_C)
     mask = row_ok[:, None] & col_ok[None, :]
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + rn[None, :] * stride_cn
     preact_ptrs = preact_ptr + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :] * stride_pn
@@ -179,13 +201,9 @@ def _wgrad_rows(
 ):
     """For reduction rows ``rm``: the rows of a and of b to read and the scale of each (1 unless SCALE)."""
     row_ok = rm < row_end
-    a_rows = rm.to(tl.int64)
-    b_rows = rm.to(tl.int64)
+    a_rows = _rows(a_rows_ptr, rm, row_ok, GATHER_A)
+    b_rows = _rows(b_rows_ptr, rm, row_ok, GATHER_B)
     scales = tl.full(rm.shape, 1.0, tl.float32)
-    if GATHER_A:
-        a_rows = tl.load(a_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
-    if GATHER_B:
-        b_rows = tl.load(b_rows_ptr + rm, mask=row_ok, other=0).to(tl.int64)
     if SCALE:
         slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
         scales = tl.load(scale_ptr + slots, mask=row_ok, other=0.0)
