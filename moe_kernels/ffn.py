@@ -31,7 +31,7 @@ import torch
 from .activations import ACTIVATIONS, activation_fn, activation_grad
 from .backend import resolve_backend
 from .combine import Slots, combine, combine_torch, combine_weight_grad, combine_weight_grad_torch
-from .fp8 import BLOCK, FP8, check_quantized, fp8_experts_forward, fp8_operand
+from .fp8 import BLOCK, FP8, check_quantized, fp8_operand, grouped_mm_fp8_torch, grouped_mm_fp8_triton
 from .grouped_mm import (
     group_of_row,
     group_sums_torch,
@@ -57,26 +57,38 @@ from .validation import (
 Tensor = torch.Tensor
 
 
-def _experts_triton(x, routing, w_in, w_out, b_in, b_out, activation, save_preact):
+def _experts_triton(x, routing, w_in, w_out, b_in, b_out, activation, save_preact, scales):
+    if scales is not None:  # FP8 experts: the activation and the bias in the FP8 kernel's epilogue
+        h = grouped_mm_fp8_triton(
+            x, w_in, scales[0], routing.offsets, activation=activation, a_rows=routing.token_of_row, bias=b_in
+        )
+        out = grouped_mm_fp8_triton(h, w_out, scales[1], routing.offsets, c_rows=routing.slot_of_row, bias=b_out)
+        return out, None, h
     h, preact = grouped_mm_act(
         x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=save_preact, bias=b_in
     )
     return grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row, bias=b_out), preact, h
 
 
-def _experts_torch(x, routing, w_in, w_out, b_in, b_out, activation, save_preact):
+def _experts_torch(x, routing, w_in, w_out, b_in, b_out, activation, save_preact, scales):
+    def matmul(a, w, which):
+        if scales is None:
+            return grouped_mm_torch(a, w, routing.offsets)
+        # The FP8 emulation keeps fp32 up to the activation and the bias, as the kernel's epilogue.
+        return grouped_mm_fp8_torch(a, w, scales[which], routing.offsets, out_dtype=torch.float32)
+
     groups = (
         group_of_row(routing.offsets, routing.slot_of_row.shape[0]) if b_in is not None or b_out is not None else None
     )
-    preact = grouped_mm_torch(x.index_select(0, routing.token_of_row), w_in, routing.offsets)
+    preact = matmul(x.index_select(0, routing.token_of_row), w_in, 0)
     if b_in is not None:
         preact = preact + b_in.index_select(0, groups)
-    h = activation_fn(activation)(preact)
-    out = grouped_mm_torch(h, w_out, routing.offsets)
+    h = activation_fn(activation)(preact).to(x.dtype)
+    out = matmul(h, w_out, 1)
     if b_out is not None:
         out = out + b_out.index_select(0, groups)
     # Back to slot order with a gather (deterministic, unlike a scatter-add).
-    return out.index_select(0, row_of_slot(routing.slot_of_row)), preact, h
+    return out.to(x.dtype).index_select(0, row_of_slot(routing.slot_of_row)), preact, h
 
 
 def experts_forward(
@@ -91,13 +103,17 @@ def experts_forward(
     activation: str,
     backend: str,
     save_preact: bool,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """The routed experts and the combine, for any routing: ``y [T, D]``, the pre-activation
     (with ``save_preact`` on the Triton path; always on PyTorch's), ``h [S, H]`` and the per-slot
     outputs ``out [S, D]``. ``slot_weights [S]`` are in slot order; ``slots`` is ``k`` or the
-    tokens' slot starts (see ``combine``)."""
+    tokens' slot starts (see ``combine``). With ``scales`` (``w_in``'s and ``w_out``'s), the
+    experts are FP8 (``quantize_fp8``) and run ``grouped_mm_fp8``'s GEMMs: inference only."""
+    if scales is not None and torch.is_grad_enabled() and (x.requires_grad or slot_weights.requires_grad):
+        raise ValueError("FP8 experts serve inference (no backward yet): run them under torch.no_grad()")
     experts = _experts_triton if backend == "triton" else _experts_torch
-    out, preact, h = experts(x, routing, w_in, w_out, b_in, b_out, activation, save_preact)
+    out, preact, h = experts(x, routing, w_in, w_out, b_in, b_out, activation, save_preact, scales)
     reduce = combine if backend == "triton" else combine_torch
     return reduce(out, slot_weights.flatten().contiguous(), slots, x.shape[0], x.dtype), preact, h, out
 
@@ -500,18 +516,8 @@ def moe_ffn(
         check_quantized("w_out", w_out, w_out_scale, BLOCK)
         check_same_device(x=x, w_in_scale=w_in_scale, w_out_scale=w_out_scale)
         routing = route(experts, E, backend)
-        return fp8_experts_forward(
-            x,
-            weights,
-            routing,
-            experts.shape[1],
-            w_in,
-            w_in_scale,
-            w_out,
-            w_out_scale,
-            b_in,
-            b_out,
-            activation,
-            backend,
-        )
+        return experts_forward(
+            x, weights, routing, experts.shape[1], w_in, w_out, b_in, b_out, activation, backend,
+            save_preact=False, scales=(w_in_scale, w_out_scale),
+        )[0]  # fmt: skip
     return moe_ffn_unchecked(x, weights, experts, w_in, w_out, b_in, b_out, activation=activation, backend=backend)

@@ -32,11 +32,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .activations import act, activation_fn
+from .activations import act
 from .backend import INTERPRET, resolve_backend
-from .combine import Slots, combine, combine_torch
-from .grouped_mm import _add_bias, _row_tile, _rows, group_of_row, grouped_mm_torch
-from .routing import Routing, row_of_slot
+from .grouped_mm import _add_bias, _row_tile, _rows, grouped_mm_torch
 from .tuning import FP8_CONFIGS
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
@@ -57,6 +55,11 @@ def check_block(block: object) -> int:
 def _expand(scale: torch.Tensor, block: int, rows: int, cols: int) -> torch.Tensor:
     """Per-tile scales ``[..., ceil(rows/block), ceil(cols/block)]`` as ``[..., rows, cols]``."""
     return scale.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :rows, :cols]
+
+
+def _scales(amax: torch.Tensor) -> torch.Tensor:
+    """A block's scale from its largest magnitude: that value maps to 448; an all-zero block gets 1."""
+    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
 
 
 def _to_e4m3(values: torch.Tensor) -> torch.Tensor:
@@ -80,8 +83,7 @@ def quantize_fp8(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, tor
     K, N = w.shape[-2:]
     tiles = F.pad(w.float().abs(), (0, -N % block, 0, -K % block))
     tiles = tiles.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # [..., Kb, block, Nb, block]
-    amax = tiles.amax(dim=(-3, -1))
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = _scales(tiles.amax(dim=(-3, -1)))
     return _to_e4m3(w.float() / _expand(scale, block, K, N)), scale
 
 
@@ -126,8 +128,7 @@ def quantize_rows_fp8(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor
     and fp32 ``scale [M, ceil(K/block)]``, as the kernel does while loading them."""
     M, K = x.shape
     groups = F.pad(x.float(), (0, -K % block)).unflatten(-1, (-1, block))
-    amax = groups.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = _scales(groups.abs().amax(dim=-1))
     return _to_e4m3(x.float() / scale.repeat_interleave(block, -1)[:, :K]), scale
 
 
@@ -289,45 +290,6 @@ def grouped_mm_fp8_torch(
     a_fp8, a_scale = quantize_rows_fp8(a, block)
     rows = a_fp8.float() * a_scale.repeat_interleave(block, -1)[:, : a.shape[1]]
     return grouped_mm_torch(rows, dequantize_fp8(w_fp8, scale, block), offsets).to(out_dtype or a.dtype)
-
-
-def fp8_experts_forward(
-    x: torch.Tensor,
-    slot_weights: torch.Tensor,
-    routing: Routing,
-    slots: Slots,
-    w_in: torch.Tensor,
-    w_in_scale: torch.Tensor,
-    w_out: torch.Tensor,
-    w_out_scale: torch.Tensor,
-    b_in: torch.Tensor | None,
-    b_out: torch.Tensor | None,
-    activation: str,
-    backend: str,
-) -> torch.Tensor:
-    """``experts_forward`` (any routing) with FP8 expert weights, for inference: ``y [T, D]``.
-    The activation and the biases are applied in fp32 before ``h`` and the outputs are rounded
-    to ``x.dtype``, in the kernel's epilogue and in the emulation alike."""
-    if torch.is_grad_enabled() and (x.requires_grad or slot_weights.requires_grad):
-        raise ValueError("FP8 experts serve inference (no backward yet): run them under torch.no_grad()")
-    T = x.shape[0]
-    if backend == "triton":
-        h = grouped_mm_fp8_triton(
-            x, w_in, w_in_scale, routing.offsets, activation=activation, a_rows=routing.token_of_row, bias=b_in
-        )
-        out = grouped_mm_fp8_triton(h, w_out, w_out_scale, routing.offsets, c_rows=routing.slot_of_row, bias=b_out)
-        return combine(out, slot_weights.flatten().contiguous(), slots, T, x.dtype)
-    groups = group_of_row(routing.offsets, routing.slot_of_row.shape[0])
-    rows = x.index_select(0, routing.token_of_row)
-    preact = grouped_mm_fp8_torch(rows, w_in, w_in_scale, routing.offsets, out_dtype=torch.float32)
-    if b_in is not None:
-        preact = preact + b_in.float().index_select(0, groups)
-    h = activation_fn(activation)(preact).to(x.dtype)
-    out = grouped_mm_fp8_torch(h, w_out, w_out_scale, routing.offsets, out_dtype=torch.float32)
-    if b_out is not None:
-        out = out + b_out.float().index_select(0, groups)
-    out = out.to(x.dtype).index_select(0, row_of_slot(routing.slot_of_row))
-    return combine_torch(out, slot_weights.flatten(), slots, T, x.dtype)
 
 
 def grouped_mm_fp8(

@@ -21,8 +21,8 @@ from .expert_choice import (
     expert_rows,
     slot_weights,
 )
-from .ffn import moe_ffn_unchecked
-from .fp8 import FP8, fp8_experts_forward, quantize_fp8
+from .ffn import experts_forward, moe_ffn_unchecked
+from .fp8 import FP8, quantize_fp8
 from .gating import check_routing_options, gating_with_stats
 from .routing import chosen_routing, route
 from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, SCALE, check_k, check_positive_int
@@ -287,11 +287,10 @@ class MoE(nn.Module):
         return self
 
     def _fp8_experts(self, tokens, slot_weights, routing, slots, expert_weights, backend):
-        _, _, b_in, b_out = expert_weights
-        return fp8_experts_forward(
-            tokens, slot_weights, routing, slots, self.w_in, self.w_in_scale, self.w_out, self.w_out_scale,
-            b_in, b_out, self.activation, backend,
-        )  # fmt: skip
+        scales = (self.w_in_scale, self.w_out_scale)
+        return experts_forward(
+            tokens, slot_weights, routing, slots, *expert_weights, self.activation, backend, False, scales
+        )[0]
 
     def _chosen_rows(self, tokens, row_weights, row_tokens, offsets, expert_weights, backend):
         """The experts on the tokens they chose (expert-major rows), FP8 or not."""
