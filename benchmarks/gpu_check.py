@@ -13,8 +13,9 @@ Each part can run alone (``--parts``), in order:
   and ``torch`` backends and ``dense-eq`` (one dense SwiGLU MLP over the T*k token copies: the
   same FLOPs without routing), with CUDA events, peak memory, the host (Python) time per call,
   the forward replayed as a CUDA graph (its GPU time alone), and each time as a ratio to
-  ``torch``'s in the same run; and ``expert-choice`` and ``fp8`` (the experts in FP8,
-  ``MoE.to_fp8``: forward only, also as a ratio to ``triton``'s).
+  ``torch``'s in the same run; and ``expert-choice``, ``fp8`` (the experts stored in FP8,
+  ``MoE.to_fp8``: forward only) and ``fp8-train`` (``MoE(precision="fp8")``, FP8 training),
+  the FP8 ones also as a ratio to ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
   down kernel by kernel with ``torch.profiler``.
 - ``training``: images/s of a DiT-MoE-S/2-8E2A training step at batch 256 (bf16 autocast and
@@ -51,10 +52,10 @@ from benchmarks.baselines import DenseSwiGLU
 from benchmarks.common import PAPER_CASES, cuda_time_ms, layer_flops, peak_memory_mb, sync
 from dit.diffusion import create_diffusion
 from dit.models import create_model
-from dit.precision import autocast, inference_weights, matmul_precision
+from dit.precision import autocast, inference_weights, matmul_precision, training_precision
 from dit.sampling import cuda_graphed, guided
 from moe_kernels import reference
-from moe_kernels.activations import ACTIVATIONS
+from moe_kernels.activations import ACTIVATIONS, projection_width
 from moe_kernels.backend import INTERPRET
 from moe_kernels.fp8 import grouped_mm_fp8_torch
 from moe_kernels.grouped_mm import _grouped_mm_kernel, _grouped_wgrad_kernel
@@ -157,10 +158,25 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
             (y.double() - reference.grouped_mm(x.double(), w.double(), offsets)).norm()
             / reference.grouped_mm(x.double(), w.double(), offsets).norm()
         )
+        # FP8 training (precision="fp8"): the Triton forward and gradients against the emulation.
+        leaves = (
+            torch.randn(T, D, device=dev, dtype=dtype),
+            torch.rand(T, k, device=dev),
+            (torch.randn(E, D, 2 * H, device=dev) / D**0.5).to(dtype),
+            (torch.randn(E, H, D, device=dev) / H**0.5).to(dtype),
+        )
+        dy = torch.randn(T, D, device=dev, dtype=dtype)
+        results = []
+        for backend in ("triton", "torch"):
+            inputs = [t.clone().requires_grad_() for t in leaves]
+            y = mk.moe_ffn(*inputs[:2], experts, *inputs[2:], backend=backend, precision="fp8")
+            results.append([y, *torch.autograd.grad(y, inputs, dy)])
+        for name, a, b in zip(("y", "dx", "dweights", "dw_in", "dw_out"), *results):
+            compare(f"moe_ffn fp8 {name} vs emulation", a, b)
 
     # Every activation, and the biased experts of an upcycled DiT (GELU-tanh) and of SwiGLU.
     for activation, biased in [(a, False) for a in ACTIVATIONS] + [("gelu_tanh", True), ("swiglu", True)]:
-        width = 2 * H if activation == "swiglu" else H
+        width = projection_width(activation, H)
         op = f"moe_ffn {activation}{' biased' if biased else ''}"
         x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=True)
         weights = torch.rand(T, k, device=dev, requires_grad=True)
@@ -192,13 +208,15 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
 
 
 # The layer variants beyond the backends, and the backend each runs on.
-BACKEND_OF = {"expert-choice": "triton", "fp8": "triton"}
+BACKEND_OF = {"expert-choice": "triton", "fp8": "triton", "fp8-train": "triton"}
 
 
 def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=torch.bfloat16) -> Callable[[], object]:
     """One call of the layer at ``case`` (``T, D, H, E, k``): ``MoE`` on ``backend``, ``dense-eq``,
     ``expert-choice`` (Triton, each expert taking its best ``k * 256 / E`` tokens of every 256: the
-    same FLOPs), or ``fp8`` (Triton, the experts in FP8: ``MoE.to_fp8``, forward only)."""
+    same FLOPs), ``fp8`` (Triton, the experts stored in FP8: ``MoE.to_fp8``, forward only) or
+    ``fp8-train`` (Triton, ``MoE(precision="fp8")``: bf16 weights quantized on each call, the
+    forward and input-gradient GEMMs in FP8)."""
     T, D, H, E, k = (case[key] for key in ("T", "D", "H", "E", "k"))
     x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=backward)
     grad = torch.randn(T, D, device=dev, dtype=dtype)
@@ -212,9 +230,11 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
         routing = {}
         if backend == "expert-choice":
             routing = dict(routing="expert-choice", group_size=256 if T % 256 == 0 else None)
+        if backend == "fp8-train":
+            routing = dict(precision="fp8")
         fn = mk.MoE(D, H, E, k, num_shared_experts=0, backend=BACKEND_OF.get(backend, backend), **routing)
         fn = fn.to(dev, dtype)
-        if backend == "fp8":  # inference only: FP8 experts have no backward yet
+        if backend == "fp8":  # inference only: FP8-stored experts have no backward
             fn.eval().to_fp8()
         fn.requires_grad_(backward)
     if not backward:
@@ -294,7 +314,7 @@ def time_sampling(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
 # XL/2 at batch 32 needs about 84 GiB (python -m dit.memory, without the EMA): an H200's;
 # on an H100 its row records the out-of-memory error.
 TRAINING_CASES = {
-    "S/2-8E2A batch 256": ("DiT-MoE-S/2-8E2A", 256, ("bf16", "tf32")),
+    "S/2-8E2A batch 256": ("DiT-MoE-S/2-8E2A", 256, ("bf16", "tf32", "fp8")),
     "XL/2-8E2A batch 32": ("DiT-MoE-XL/2-8E2A", 32, ("bf16",)),
 }
 SMOKE_TRAINING_CASES = {
@@ -308,6 +328,7 @@ def training_step(
     """One step of ``python -m dit.train`` without the data loader and the EMA: diffusion loss at
     random times plus the balance loss, backward, fused AdamW."""
     model, x, y = fresh_model(model_name, backend, batch, dev, smoke)
+    training_precision(model, precision)
     objective = create_diffusion(learn_sigma=model.config.learn_sigma)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=dev == "cuda")
     device = torch.device(dev)
@@ -324,11 +345,12 @@ def training_step(
 
 
 def time_training(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
-    """Training images/s, both backends, in each case's precisions (bf16 autocast, TF32)."""
+    """Training images/s, both backends, in each case's precisions (bf16 autocast, TF32; FP8
+    experts on Triton only: the PyTorch path emulates them)."""
     for name, (model_name, batch, precisions) in (SMOKE_TRAINING_CASES if smoke else TRAINING_CASES).items():
         for precision in precisions:
             # The smoke run spares the interpreter a training step: the step's code is the same.
-            for backend in ("torch",) if smoke else ("triton", "torch"):
+            for backend in ("torch",) if smoke else ("triton",) if precision == "fp8" else ("triton", "torch"):
 
                 def measure():
                     ms = bench(training_step(model_name, batch, backend, precision, dev, smoke))
@@ -363,7 +385,7 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     """Each backend at each shape, forward and forward+backward, with ratios to ``torch``."""
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, case in (SMOKE_CASES if smoke else PAPER_CASES).items():
-        for backend in ("triton", "torch", "dense-eq", "expert-choice", "fp8"):
+        for backend in ("triton", "torch", "dense-eq", "expert-choice", "fp8", "fp8-train"):
 
             def measure():
                 row = {}
@@ -381,7 +403,10 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
                 return row
 
             guarded(report["timings"], f"{name} | {backend}", measure)
-        for base_name, compared in (("torch", ("triton", "dense-eq", "expert-choice", "fp8")), ("triton", ("fp8",))):
+        for base_name, compared in (
+            ("torch", ("triton", "dense-eq", "expert-choice", "fp8", "fp8-train")),
+            ("triton", ("fp8", "fp8-train")),
+        ):
             base = report["timings"][f"{name} | {base_name}"]
             for backend in compared:
                 row = report["timings"][f"{name} | {backend}"]

@@ -46,14 +46,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_gating(
 }
 
 Tensor activate(const Tensor& preact, const std::string& activation) {
-  if (activation == "swiglu") {
-    const int64_t hidden = preact.size(1) / 2;
-    return at::silu(preact.narrow(1, 0, hidden)) * preact.narrow(1, hidden, hidden);
+  // Gated: act(gate) * up over [gate, up] halves.
+  for (const auto& [gated, elementwise] : {std::pair<const char*, const char*>{"swiglu", "silu"},
+                                           {"geglu", "gelu"}, {"geglu_tanh", "gelu_tanh"}}) {
+    if (activation == gated) {
+      const int64_t hidden = preact.size(1) / 2;
+      return activate(preact.narrow(1, 0, hidden), elementwise) * preact.narrow(1, hidden, hidden);
+    }
   }
   if (activation == "gelu") return at::gelu(preact);
   if (activation == "gelu_tanh") return at::gelu(preact, "tanh");
   if (activation == "silu") return at::silu(preact);
   if (activation == "relu") return at::relu(preact);
+  if (activation == "relu2") return at::relu(preact).square();
   TORCH_CHECK(false, "moe_ffn: unknown activation '", activation, "'");
 }
 
@@ -70,7 +75,8 @@ Tensor expert_mlp(const Tensor& rows, int64_t e, const Tensor& w_in, const Tenso
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_ffn(
     const Tensor& x, const Tensor& weights, const Tensor& experts, const Tensor& w_in, const Tensor& w_out,
     const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out, c10::string_view activation,
-    c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/, bool /*save_out*/) {
+    c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/, bool /*save_out*/, bool fp8) {
+  TORCH_CHECK(!fp8, "moe_ffn: FP8 experts are not in the C++ runtime; export the model in bf16");
   const int64_t tokens = x.size(0), dim = x.size(1), k = experts.size(1), num_experts = w_in.size(0);
   // The slots sorted by expert (stably), each expert's rows ending at offsets[e].
   auto [sorted, slot_of_row] = experts.reshape(-1).sort(true, 0, false);
@@ -112,7 +118,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_choice
     const Tensor& x, const Tensor& weights, const Tensor& tokens, const Tensor& offsets, const Tensor& w_in,
     const Tensor& w_out, const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out,
     c10::string_view activation, c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/,
-    bool /*save_out*/) {
+    bool /*save_out*/, bool fp8) {
+  TORCH_CHECK(!fp8, "expert_choice_ffn: FP8 experts are not in the C++ runtime; export the model in bf16");
   const int64_t count = x.size(0), dim = x.size(1), experts = offsets.size(0), rows = tokens.size(0);
   // The slots (one per token and chooser, token-major, choosers in expert order), as the op returns them.
   const Tensor counts = at::diff(offsets, 1, 0, offsets.new_zeros({1}));
@@ -145,13 +152,13 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("topk_gating(Tensor logits, SymInt k, bool normalize, str backend, str score, Tensor? bias, SymInt num_groups, "
         "SymInt topk_groups, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("moe_ffn(Tensor x, Tensor weights, Tensor experts, Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, "
-        "str activation, str backend, bool save_preact, bool save_h, bool save_out) "
+        "str activation, str backend, bool save_preact, bool save_h, bool save_out, bool fp8=False) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("expert_choice_gating(Tensor logits, SymInt capacity, SymInt group_size, str backend) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("expert_choice_ffn(Tensor x, Tensor weights, Tensor tokens, Tensor offsets, Tensor w_in, Tensor w_out, "
-        "Tensor? b_in, Tensor? b_out, str activation, str backend, bool save_preact, bool save_h, bool save_out) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? b_in, Tensor? b_out, str activation, str backend, bool save_preact, bool save_h, bool save_out, "
+        "bool fp8=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from moe_kernels.activations import projection_width
 from moe_kernels.fp8 import BLOCK as FP8_BLOCK
 
 from .cli import positive_float, positive_int
@@ -144,7 +145,7 @@ def sampling_weight_bytes(config: DiTConfig, precision: str) -> float:
     if precision != "fp8" or not config.num_experts:
         return params * (FP32 if precision == "fp32" else 2)
     D, H, E = config.hidden_size, int(config.hidden_size * config.mlp_ratio), config.num_experts
-    width_in = 2 * H if config.expert_activation == "swiglu" else H
+    width_in = projection_width(config.expert_activation, H)
     blocks = -(-D // FP8_BLOCK) * -(-width_in // FP8_BLOCK) + -(-H // FP8_BLOCK) * -(-D // FP8_BLOCK)
     matrices = config.depth * E * (D * width_in + H * D)
     return matrices + config.depth * E * blocks * FP32 + (params - matrices) * 2

@@ -5,8 +5,11 @@
 - ``"fp32"``: IEEE fp32 matrix products: exact, and much slower on a GPU.
 - ``"bf16"``: the model under bf16 autocast; the weights stay fp32 in training. For sampling,
   ``inference_weights`` stores them in bf16 (see there).
-- ``"fp8"`` (sampling only, so far): ``"bf16"`` with the routed experts stored in FP8 (e4m3 with
-  128x128 block scales, ``MoE.to_fp8``), their GEMMs run on FP8 tensor cores.
+- ``"fp8"``: ``"bf16"`` with the routed experts' GEMMs on FP8 tensor cores (e4m3, 128x128 block
+  scales for the weights, per-token groups of 128 for the activations). Training keeps the weights
+  in fp32 and quantizes them on each step (``MoE.precision = "fp8"``: the forward and
+  input-gradient GEMMs in FP8, the weights' gradients in bf16); sampling stores them in FP8
+  (``MoE.to_fp8``). The router, attention and the shared experts stay in bf16.
 
 On a CPU ``"tf32"`` and ``"fp32"`` are the same.
 """
@@ -22,19 +25,17 @@ from torch import nn
 
 from moe_kernels import MoE
 
-TRAINING_PRECISIONS = ("tf32", "fp32", "bf16")
-PRECISIONS = (*TRAINING_PRECISIONS, "fp8")
+PRECISIONS = ("tf32", "fp32", "bf16", "fp8")
 
 
-def add_precision_argument(parser: argparse.ArgumentParser, inference: bool = True) -> None:
-    """The ``--precision`` flag, the same for every command that runs the model (``fp8`` for
-    inference only)."""
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--precision`` flag, the same for every command that runs the model."""
     parser.add_argument(
         "--precision",
-        choices=PRECISIONS if inference else TRAINING_PRECISIONS,
+        choices=PRECISIONS,
         default="tf32",
-        help="tf32: fp32 with TF32 matmuls on GPU, as DiT runs; fp32: IEEE matmuls; bf16: autocast"
-        + ("; fp8: bf16 with the routed experts in FP8" if inference else ""),
+        help="tf32: fp32 with TF32 matmuls on GPU, as DiT runs; fp32: IEEE matmuls; bf16: autocast; "
+        "fp8: bf16 with the routed experts' GEMMs in FP8",
     )
 
 
@@ -70,6 +71,17 @@ def use_precision(precision: str, device: torch.device) -> Iterator[None]:
     """Both of the above, for inference (sampling, analysis)."""
     with matmul_precision(precision), autocast(precision, device):
         yield
+
+
+def training_precision(model: nn.Module, precision: str) -> nn.Module:
+    """For training under ``"fp8"``: every MoE layer's routed experts compute in FP8 from their
+    fp32 weights (``MoE.precision``); other precisions leave the model as it is. Returns ``model``."""
+    _check(precision)
+    if precision == "fp8":
+        for module in model.modules():
+            if isinstance(module, MoE):
+                module.precision = "fp8"
+    return model
 
 
 def inference_weights(model: nn.Module, precision: str) -> nn.Module:

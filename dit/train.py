@@ -40,7 +40,7 @@ from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epo
 from .diffusion import RectifiedFlow, create_diffusion
 from .models import OBJECTIVES, OVERRIDES, DiT, DiTConfig, coerce_override, create_model
 from .parallel import Distributed, JobRefused, StepDraws, rng_state, set_rng_state
-from .precision import add_precision_argument, autocast, matmul_precision
+from .precision import add_precision_argument, autocast, matmul_precision, training_precision
 from .run_lock import RunLock
 from .sampling import check_steps, default_steps, generate, save_grid, to_uint8
 
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
             "describe, and --model, --objective, if given, must agree with it"
         ),
     )
-    add_precision_argument(p, inference=False)
+    add_precision_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(
         "--ep",
@@ -476,12 +476,12 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     model = build_model(args, dataset, checkpoint, init_config)
     if init_weights is not None:
         ckpt.load_into(model, init_weights, args.init)
-    model = model.to(device)
+    model = training_precision(model.to(device), args.precision)
     check_steps(model.config, args.sample_steps)
     if checkpoint is not None and not ckpt.is_sharded(checkpoint):
         ckpt.load_into(model, ckpt.load_weights(checkpoint, "model", verified=True)[0], checkpoint)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    mesh = parallel.lay_out(model, ema, env.world_size, args.ep, args.fsdp, bf16=args.precision == "bf16")
+    mesh = parallel.lay_out(model, ema, env.world_size, args.ep, args.fsdp, bf16=args.precision in ("bf16", "fp8"))
     # The global RNGs serve what remains random per process (the VAE's posterior draws).
     torch.manual_seed(args.seed * env.world_size + env.rank)
     np.random.seed((args.seed * env.world_size + env.rank) % 2**32)

@@ -1,13 +1,15 @@
 """The activations between the two expert GEMMs: ``act``/``act_grad`` for the Triton kernels'
 epilogues, and the PyTorch path's (also the shared experts').
 
-SwiGLU gets its own autograd function: slicing one ``[..., 2H]`` projection into gate and up
-halves would make autograd build two zero-filled ``[..., 2H]`` gradients in the backward pass;
-its backward writes the two halves once, with ``torch.cat``.
+Elementwise ones keep the width; gated ones (GLUs: SwiGLU, GEGLU) map a ``[..., 2H]`` projection,
+gate half first, to ``act(gate) * up``. A gated activation gets its own autograd function:
+slicing the projection into halves would make autograd build two zero-filled ``[..., 2H]``
+gradients in the backward pass; its backward writes the two halves once, with ``torch.cat``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -15,7 +17,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "silu", "relu")
+# The gated activations and the elementwise activation of their gate half.
+GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+ELEMENTWISE = ("gelu", "gelu_tanh", "silu", "relu", "relu2")  # relu2: relu(x) ** 2 (Primer)
+ACTIVATIONS = (*GATED, *ELEMENTWISE)
+
+
+def split_activation(activation: str) -> tuple[str, bool]:
+    """``(elementwise activation, gated)``: ``"swiglu"`` is SiLU gating a second projection."""
+    return (GATED[activation], True) if activation in GATED else (activation, False)
+
+
+def projection_width(activation: str, hidden: int) -> int:
+    """The first projection's width for ``hidden`` features after the activation."""
+    return 2 * hidden if activation in GATED else hidden
 
 
 @triton.jit
@@ -36,7 +51,7 @@ def _gelu_tanh_arg(x):
 
 @triton.jit
 def act(x, ACTIVATION: tl.constexpr):
-    """``ACTIVATION`` (``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"relu"``) of ``x``, elementwise."""
+    """``ACTIVATION`` (one of ``ELEMENTWISE``) of ``x``, elementwise."""
     if ACTIVATION == "silu":
         return x * tl.sigmoid(x)
     elif ACTIVATION == "gelu":
@@ -45,6 +60,9 @@ def act(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "gelu_tanh":
         arg, _ = _gelu_tanh_arg(x)
         return x * tl.sigmoid(arg)
+    elif ACTIVATION == "relu2":
+        r = tl.maximum(x, 0.0)
+        return r * r
     else:
         return tl.maximum(x, 0.0)
 
@@ -62,74 +80,89 @@ def act_grad(x, ACTIVATION: tl.constexpr):
         arg, darg = _gelu_tanh_arg(x)
         s = tl.sigmoid(arg)
         return s + x * s * (1.0 - s) * darg
+    elif ACTIVATION == "relu2":
+        return 2.0 * tl.maximum(x, 0.0)
     else:
         return (x > 0.0).to(tl.float32)
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    """``a [..., 2H] -> silu(a[..., :H]) * a[..., H:]``."""
-
-    @staticmethod
-    def forward(a: torch.Tensor) -> torch.Tensor:
-        return _swiglu(a)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return swiglu_backward(*ctx.saved_tensors, grad)
-
-
-def _swiglu(a: torch.Tensor) -> torch.Tensor:
-    gate, up = a.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def swiglu_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``d loss / d a`` of ``silu(gate) * up`` for ``a = [gate, up]``."""
-    gate, up = a.chunk(2, dim=-1)
-    # silu'(g) = s + silu(g) * (1 - s) with s = sigmoid(g).
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    return torch.cat([grad * up * (sig + silu * (1 - sig)), grad * silu], dim=-1)
-
-
-def swiglu(a: torch.Tensor) -> torch.Tensor:
-    """``a [..., 2H] -> silu(a[..., :H]) * a[..., H:]``, differentiable."""
-    # A function, not ``SwiGLUFunction.apply`` itself: stored on a module, the bound ``apply``
-    # is traced into by torch.compile 2.11, which then fails on ``setup_context``. Without a
-    # graph to record, ``apply`` would only add host time (binding its signature: 50 us on a 2-core CPU).
-    if torch.is_grad_enabled() and a.requires_grad:
-        return SwiGLUFunction.apply(a)
-    return _swiglu(a)
-
-
-def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The map from the first projection to the second's input (``"swiglu"`` halves the width)."""
-    functions = {
-        "swiglu": swiglu,
+def _elementwise(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return {
         "gelu": F.gelu,
         "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
         "silu": F.silu,
         "relu": F.relu,
-    }
-    if activation not in functions:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return functions[activation]
+        "relu2": lambda a: F.relu(a).square(),
+    }[activation]
 
 
-def activation_grad(activation: str, preact: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``d loss / d preact`` from ``grad = d loss / d activation(preact)``, with each derivative
-    written once: SwiGLU's own, and for the others the backward ops autograd itself runs (plain
-    ops: ``torch.func.vjp`` would fail on a gradient that arrives as a tensor subclass, as the
+def _elementwise_backward(activation: str, preact: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad * act'(preact)``, with the backward ops autograd itself runs (plain ops:
+    ``torch.func.vjp`` would fail on a gradient that arrives as a tensor subclass, as the
     expert-parallel exchange's does)."""
-    if activation == "swiglu":
-        return swiglu_backward(preact, grad)
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, preact, 0)
+    if activation == "relu2":
+        return grad * 2 * F.relu(preact)
     if activation == "silu":
         return torch.ops.aten.silu_backward(grad, preact)
     approximate = "tanh" if activation == "gelu_tanh" else "none"
     return torch.ops.aten.gelu_backward(grad, preact, approximate=approximate)
+
+
+class GatedFunction(torch.autograd.Function):
+    """``a [..., 2H] -> act(a[..., :H]) * a[..., H:]`` for the elementwise ``act`` named."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, elementwise: str) -> torch.Tensor:
+        return _gated(a, elementwise)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.elementwise = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return gated_backward(ctx.elementwise, *ctx.saved_tensors, grad), None
+
+
+def _gated(a: torch.Tensor, elementwise: str) -> torch.Tensor:
+    gate, up = a.chunk(2, dim=-1)
+    return _elementwise(elementwise)(gate) * up
+
+
+def gated_backward(elementwise: str, a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``d loss / d a`` of ``act(gate) * up`` for ``a = [gate, up]``."""
+    gate, up = a.chunk(2, dim=-1)
+    if elementwise == "silu":  # silu'(g) = s + silu(g) * (1 - s), sharing s = sigmoid(g)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        return torch.cat([grad * up * (sig + silu * (1 - sig)), grad * silu], dim=-1)
+    return torch.cat([_elementwise_backward(elementwise, gate, grad * up), grad * _elementwise(elementwise)(gate)], -1)
+
+
+def gated(a: torch.Tensor, elementwise: str) -> torch.Tensor:
+    """``a [..., 2H] -> act(a[..., :H]) * a[..., H:]``, differentiable."""
+    # A function, not ``GatedFunction.apply`` itself: stored on a module, the bound ``apply``
+    # is traced into by torch.compile 2.11, which then fails on ``setup_context``. Without a
+    # graph to record, ``apply`` would only add host time (binding its signature: 50 us on a 2-core CPU).
+    if torch.is_grad_enabled() and a.requires_grad:
+        return GatedFunction.apply(a, elementwise)
+    return _gated(a, elementwise)
+
+
+def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map from the first projection to the second's input (a gated one halves the width)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation in GATED:
+        return functools.partial(gated, elementwise=GATED[activation])
+    return _elementwise(activation)
+
+
+def activation_grad(activation: str, preact: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``d loss / d preact`` from ``grad = d loss / d activation(preact)``."""
+    if activation in GATED:
+        return gated_backward(GATED[activation], preact, grad)
+    return _elementwise_backward(activation, preact, grad)

@@ -25,7 +25,15 @@ import triton
 import triton.language as tl
 
 from .backend import resolve_backend
-from .ffn import DIFFERENTIABLE, check_experts, check_saved, experts_forward, moe_ffn_backward_op, saves
+from .ffn import (
+    DIFFERENTIABLE,
+    check_experts,
+    check_saved,
+    experts_forward,
+    moe_ffn_backward_op,
+    quantized_experts,
+    saves,
+)
 from .gating import _gating_triton, topk_gating_backward_op
 from .library import custom_op, differentiable, gradients
 from .routing import chosen_routing
@@ -248,17 +256,20 @@ def expert_choice_ffn_op(
     save_preact: bool,
     save_h: bool,
     save_out: bool,
+    fp8: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Experts that chose their tokens: expert ``e`` takes ``tokens[offsets[e-1]:offsets[e]]``
     (int64 ``[S]``, distinct within an expert) with ``weights [S]``.
 
     Returns ``y [T, D]``, what the backward reads where asked for (the pre-activation and ``h``,
     ``[S, *]``, the per-slot outputs ``[S, D]``; else empty along dimension 0), ``slot_of_row``
-    and ``token_of_row`` (int32 ``[S]``) and the tokens' slot ``starts [T + 1]``."""
+    and ``token_of_row`` (int32 ``[S]``) and the tokens' slot ``starts [T + 1]``. ``fp8`` as for
+    ``moe_kernels::moe_ffn``."""
     routing, starts = chosen_routing(tokens, offsets, x.shape[0])
+    w_in, w_out, scales = quantized_experts(w_in, w_out, fp8)
     y, preact, h, out = experts_forward(
         x, slot_weights(weights, routing.slot_of_row), routing, starts, w_in, w_out, b_in, b_out,
-        activation, backend, save_preact,
+        activation, backend, save_preact, scales,
     )  # fmt: skip
     empty = x.new_empty
     return (
@@ -273,7 +284,9 @@ def expert_choice_ffn_op(
 
 
 @expert_choice_ffn_op.register_fake
-def _(x, weights, tokens, offsets, w_in, w_out, b_in, b_out, activation, backend, save_preact, save_h, save_out):
+def _(
+    x, weights, tokens, offsets, w_in, w_out, b_in, b_out, activation, backend, save_preact, save_h, save_out, fp8=False
+):
     (T, D), S = x.shape, tokens.shape[0]
     index = dict(dtype=torch.int32)
     return (
@@ -303,6 +316,7 @@ class EcFfnInputs(NamedTuple):
     save_preact: bool
     save_h: bool
     save_out: bool
+    fp8: bool = False
 
 
 def _ffn_setup_context(ctx, inputs, output):
@@ -313,7 +327,7 @@ def _ffn_setup_context(ctx, inputs, output):
     ctx.save_for_backward(
         args.x, args.weights, args.w_in, args.w_out, preact, h, out, slot_of_row, token_of_row, args.offsets, starts
     )
-    ctx.activation, ctx.backend = args.activation, args.backend
+    ctx.activation, ctx.backend, ctx.fp8 = args.activation, args.backend, args.fp8
 
 
 def _ffn_backward(ctx, grad_y, *_):
@@ -325,7 +339,7 @@ def _ffn_backward(ctx, grad_y, *_):
     with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
         grads = list(moe_ffn_backward_op(
             grad_y, x, slot_weights(weights, slot_of_row), w_in, w_out, preact, h, out,
-            slot_of_row, token_of_row, offsets, ctx.activation, ctx.backend, *needs, starts,
+            slot_of_row, token_of_row, offsets, ctx.activation, ctx.backend, *needs, starts, ctx.fp8,
         ))  # fmt: skip
         if needs[1]:  # the weights' gradient, from slot order back to the rows'
             grads[1] = grads[1].index_select(0, slot_of_row)
@@ -336,13 +350,14 @@ expert_choice_ffn_apply = differentiable(expert_choice_ffn_op, _ffn_setup_contex
 
 
 def chosen_rows_ffn(
-    x, weights, tokens, offsets, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str
+    x, weights, tokens, offsets, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str, fp8: bool = False
 ) -> Tensor:
     """The experts on the tokens they chose, given as expert-major rows (``tokens [S]`` int64,
-    ``weights [S]``, ``offsets [E]`` int32 row ends), inputs known to be valid."""
+    ``weights [S]``, ``offsets [E]`` int32 row ends), inputs known to be valid; ``fp8``: the
+    GEMMs in FP8 (differentiable)."""
     args = EcFfnInputs(
         x, weights, tokens, offsets, w_in, w_out, b_in, b_out, activation, backend,
-        *saves(x, weights, w_in, w_out, b_in),
+        *saves(x, weights, w_in, w_out, b_in), fp8,
     )  # fmt: skip
     return expert_choice_ffn_apply(*args)[0]
 

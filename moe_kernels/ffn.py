@@ -28,10 +28,19 @@ from typing import NamedTuple
 
 import torch
 
-from .activations import ACTIVATIONS, activation_fn, activation_grad
+from .activations import ACTIVATIONS, GATED, activation_fn, activation_grad
 from .backend import resolve_backend
 from .combine import Slots, combine, combine_torch, combine_weight_grad, combine_weight_grad_torch
-from .fp8 import BLOCK, FP8, check_quantized, fp8_operand, grouped_mm_fp8_torch, grouped_mm_fp8_triton
+from .fp8 import (
+    BLOCK,
+    FP8,
+    check_finite,
+    check_inference,
+    check_quantized,
+    fp8_operand,
+    grouped_mm_fp8_torch,
+    quantize_blocks,
+)
 from .grouped_mm import (
     group_of_row,
     group_sums_torch,
@@ -58,37 +67,47 @@ Tensor = torch.Tensor
 
 
 def _experts_triton(x, routing, w_in, w_out, b_in, b_out, activation, save_preact, scales):
-    if scales is not None:  # FP8 experts: the activation and the bias in the FP8 kernel's epilogue
-        h = grouped_mm_fp8_triton(
-            x, w_in, scales[0], routing.offsets, activation=activation, a_rows=routing.token_of_row, bias=b_in
-        )
-        out = grouped_mm_fp8_triton(h, w_out, scales[1], routing.offsets, c_rows=routing.slot_of_row, bias=b_out)
-        return out, None, h
+    w_in_scale, w_out_scale = (None, None) if scales is None else scales
     h, preact = grouped_mm_act(
-        x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=save_preact, bias=b_in
-    )
-    return grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row, bias=b_out), preact, h
+        x, w_in, routing.offsets, activation, a_rows=routing.token_of_row, save_preact=save_preact, bias=b_in,
+        b_scale=w_in_scale,
+    )  # fmt: skip
+    out = grouped_mm_triton(h, w_out, routing.offsets, c_rows=routing.slot_of_row, bias=b_out, b_scale=w_out_scale)
+    return out, preact, h
+
+
+def _matmul_torch(a: Tensor, w: Tensor, offsets: Tensor, scale: Tensor | None) -> Tensor:
+    """``grouped_mm_torch``, or with ``scale`` (an e4m3 ``w``'s) the FP8 emulation, kept in fp32
+    up to the epilogue (activation, bias, routing weight) as the FP8 kernel keeps it."""
+    if scale is None:
+        return grouped_mm_torch(a, w, offsets)
+    return grouped_mm_fp8_torch(a, w, scale, offsets, out_dtype=torch.float32)
 
 
 def _experts_torch(x, routing, w_in, w_out, b_in, b_out, activation, save_preact, scales):
-    def matmul(a, w, which):
-        if scales is None:
-            return grouped_mm_torch(a, w, routing.offsets)
-        # The FP8 emulation keeps fp32 up to the activation and the bias, as the kernel's epilogue.
-        return grouped_mm_fp8_torch(a, w, scales[which], routing.offsets, out_dtype=torch.float32)
-
+    w_in_scale, w_out_scale = (None, None) if scales is None else scales
     groups = (
         group_of_row(routing.offsets, routing.slot_of_row.shape[0]) if b_in is not None or b_out is not None else None
     )
-    preact = matmul(x.index_select(0, routing.token_of_row), w_in, 0)
+    preact = _matmul_torch(x.index_select(0, routing.token_of_row), w_in, routing.offsets, w_in_scale)
     if b_in is not None:
         preact = preact + b_in.index_select(0, groups)
     h = activation_fn(activation)(preact).to(x.dtype)
-    out = matmul(h, w_out, 1)
+    out = _matmul_torch(h, w_out, routing.offsets, w_out_scale)
     if b_out is not None:
         out = out + b_out.index_select(0, groups)
     # Back to slot order with a gather (deterministic, unlike a scatter-add).
-    return out.to(x.dtype).index_select(0, row_of_slot(routing.slot_of_row)), preact, h
+    return out.to(x.dtype).index_select(0, row_of_slot(routing.slot_of_row)), preact.to(x.dtype), h
+
+
+def quantized_experts(w_in: Tensor, w_out: Tensor, fp8: bool) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """``w_in, w_out`` and ``scales`` for ``experts_forward``: as given, or with ``fp8`` quantized
+    (``quantize_fp8`` without its checks: no host sync in a training step; a non-finite weight
+    gives a non-finite loss)."""
+    if not fp8:
+        return w_in, w_out, None
+    (w_in, w_in_scale), (w_out, w_out_scale) = quantize_blocks(w_in), quantize_blocks(w_out)
+    return w_in, w_out, (w_in_scale, w_out_scale)
 
 
 def experts_forward(
@@ -109,9 +128,7 @@ def experts_forward(
     (with ``save_preact`` on the Triton path; always on PyTorch's), ``h [S, H]`` and the per-slot
     outputs ``out [S, D]``. ``slot_weights [S]`` are in slot order; ``slots`` is ``k`` or the
     tokens' slot starts (see ``combine``). With ``scales`` (``w_in``'s and ``w_out``'s), the
-    experts are FP8 (``quantize_fp8``) and run ``grouped_mm_fp8``'s GEMMs: inference only."""
-    if scales is not None and torch.is_grad_enabled() and (x.requires_grad or slot_weights.requires_grad):
-        raise ValueError("FP8 experts serve inference (no backward yet): run them under torch.no_grad()")
+    experts are FP8 (``quantize_fp8``) and run ``grouped_mm_fp8``'s GEMMs."""
     experts = _experts_triton if backend == "triton" else _experts_torch
     out, preact, h = experts(x, routing, w_in, w_out, b_in, b_out, activation, save_preact, scales)
     reduce = combine if backend == "triton" else combine_torch
@@ -132,14 +149,17 @@ def moe_ffn_op(
     save_preact: bool,
     save_h: bool,
     save_out: bool,
+    fp8: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``y [T, D]`` and what the backward pass reads: the pre-activation ``[S, 2H or H]``, ``h
     [S, H]`` and the per-slot outputs ``out [T, k, D]`` where asked for (else empty along
-    dimension 0), and the routing (``slot_of_row``, ``token_of_row``, ``offsets``)."""
+    dimension 0), and the routing (``slot_of_row``, ``token_of_row``, ``offsets``). With ``fp8``
+    the experts' GEMMs run in FP8 on ``w_in``/``w_out`` quantized here (``quantize_fp8``)."""
     (T, D), k = x.shape, experts.shape[1]
     routing = route(experts, w_in.shape[0], backend)
+    w_in, w_out, scales = quantized_experts(w_in, w_out, fp8)
     y, preact, h, out = experts_forward(
-        x, weights, routing, k, w_in, w_out, b_in, b_out, activation, backend, save_preact
+        x, weights, routing, k, w_in, w_out, b_in, b_out, activation, backend, save_preact, scales
     )
     empty = x.new_empty
     return (
@@ -152,7 +172,7 @@ def moe_ffn_op(
 
 
 @moe_ffn_op.register_fake
-def _(x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, save_preact, save_h, save_out):
+def _(x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, save_preact, save_h, save_out, fp8=False):
     (T, D), k, E = x.shape, experts.shape[1], w_in.shape[0]
     S = T * k
     index = dict(dtype=torch.int32)
@@ -167,7 +187,16 @@ def _(x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, save_p
     )
 
 
-def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs):
+def _transposed_experts(w_in: Tensor, w_out: Tensor, fp8: bool) -> tuple[tuple[Tensor, Tensor | None], ...]:
+    """The input-gradient GEMMs' operands ``(w_in^T, its scales), (w_out^T, its scales)``: the
+    transposed matrices, quantized as the forward quantized them with ``fp8`` (a block's scale
+    serves its transpose), else with no scales."""
+    w_in, w_out, scales = quantized_experts(w_in, w_out, fp8)
+    scales = (None, None) if scales is None else (scale.transpose(1, 2) for scale in scales)
+    return tuple((w.transpose(1, 2), scale) for w, scale in zip((w_in, w_out), scales))
+
+
+def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs, fp8):
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out = needs
     slot_of_row, token_of_row, offsets = routing
     T, D = x.shape
@@ -192,18 +221,20 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, s
         )
         grad_w_out = grad_w_out if needs_w_out else None
     if needs_x or needs_w_in or needs_b_in:
+        (w_in_t, w_in_t_scale), (w_out_t, w_out_t_scale) = _transposed_experts(w_in, w_out, fp8)
         grad_preact = grouped_mm_act_grad(
             grad_y,
-            w_out.transpose(1, 2),
+            w_out_t,
             offsets,
             preact,
             activation,
             a_rows=token_of_row,
             scale=scale,
             scale_rows=slot_of_row,
+            b_scale=w_out_t_scale,
         )
         if needs_x:
-            grad_slots = grouped_mm_triton(grad_preact, w_in.transpose(1, 2), offsets, c_rows=slot_of_row)
+            grad_slots = grouped_mm_triton(grad_preact, w_in_t, offsets, c_rows=slot_of_row, b_scale=w_in_t_scale)
             grad_x = (
                 grad_slots if isinstance(slots, int) and slots == 1 else combine(grad_slots, None, slots, T, x.dtype)
             )
@@ -220,7 +251,7 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, s
     return grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out
 
 
-def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs):
+def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs, fp8):
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out = needs
     slot_of_row, token_of_row, offsets = routing
     T, D = x.shape
@@ -230,18 +261,23 @@ def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, sl
         grad_weights = grad_weights.view(weights.shape).to(weights.dtype)
     # d(expert output) of each row: the token's gradient times its routing weight.
     row_weights = weights.reshape(-1).float().index_select(0, slot_of_row)
-    grad_rows = (grad_y.index_select(0, token_of_row).float() * row_weights[:, None]).to(x.dtype)
+    grad_y_rows = grad_y.index_select(0, token_of_row)
+    grad_rows = (grad_y_rows.float() * row_weights[:, None]).to(x.dtype)
     if needs_w_out:
         grad_w_out = grouped_mm_wgrad_torch(h, grad_rows, offsets)
     if needs_b_out:
         grad_b_out = group_sums_torch(grad_rows, offsets)
     if needs_x or needs_w_in or needs_b_in:
-        grad_h = grouped_mm_torch(grad_rows, w_out.transpose(1, 2), offsets)
-        grad_preact = activation_grad(activation, preact, grad_h)
+        (w_in_t, w_in_t_scale), (w_out_t, w_out_t_scale) = _transposed_experts(w_in, w_out, fp8)
+        if fp8:  # as the kernel: the gathered gradient quantized, the routing weight in the epilogue
+            grad_h = _matmul_torch(grad_y_rows, w_out_t, offsets, w_out_t_scale) * row_weights[:, None]
+            grad_preact = activation_grad(activation, preact.float(), grad_h).to(x.dtype)
+        else:
+            grad_preact = activation_grad(activation, preact, grouped_mm_torch(grad_rows, w_out_t, offsets))
         if needs_b_in:
             grad_b_in = group_sums_torch(grad_preact, offsets)
         if needs_x:
-            grad_x_rows = grouped_mm_torch(grad_preact, w_in.transpose(1, 2), offsets)
+            grad_x_rows = _matmul_torch(grad_preact, w_in_t, offsets, w_in_t_scale).to(x.dtype)
             grad_x = combine_torch(grad_x_rows.index_select(0, row_of_slot(slot_of_row)), None, slots, T, x.dtype)
         if needs_w_in:
             grad_w_in = grouped_mm_wgrad_torch(x.index_select(0, token_of_row), grad_preact, offsets)
@@ -270,6 +306,7 @@ def moe_ffn_backward_op(
     needs_b_in: bool,
     needs_b_out: bool,
     slot_starts: Tensor | None = None,
+    fp8: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of ``x``, ``weights``, ``w_in``, ``w_out``, ``b_in`` and ``b_out`` that
     ``needs_*`` ask for (the others empty), from what ``moe_ffn`` saved. The biases' gradients
@@ -277,12 +314,14 @@ def moe_ffn_backward_op(
 
     With ``slot_starts [T + 1]`` (expert choice), tokens own varying numbers of slots:
     ``weights`` are then the ``[S]`` slot weights, ``out`` is ``[S, D]``, and the weights'
-    gradient comes back as ``[S]``."""
+    gradient comes back as ``[S]``. With ``fp8`` (as the forward ran) the input-gradient GEMMs
+    run in FP8 on the experts quantized again; the weights' gradients stay in the dtype of x,
+    from the saved high-precision inputs."""
     backward = _backward_triton if backend == "triton" else _backward_torch
     routing = Routing(slot_of_row, token_of_row, offsets)
     slots = weights.shape[1] if slot_starts is None else slot_starts
     needs = (needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out)
-    grads = backward(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs)
+    grads = backward(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs, fp8)
     return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
 
@@ -308,6 +347,7 @@ def _(
     needs_b_in,
     needs_b_out,
     slot_starts=None,
+    fp8=False,
 ):
     shapes = (
         x.shape,
@@ -356,6 +396,7 @@ class FfnInputs(NamedTuple):
     save_preact: bool
     save_h: bool
     save_out: bool
+    fp8: bool = False
 
 
 # The inputs with gradients, in the order moe_ffn_backward takes and returns them.
@@ -368,7 +409,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(args.x, args.weights, args.w_in, args.w_out, preact, h, out, *routing)
-    ctx.activation, ctx.backend = args.activation, args.backend
+    ctx.activation, ctx.backend, ctx.fp8 = args.activation, args.backend, args.fp8
 
 
 def _backward(ctx, grad_y, *_):
@@ -378,7 +419,7 @@ def _backward(ctx, grad_y, *_):
     saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no more
     check_saved(saved, needs)
     with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
-        grads = moe_ffn_backward_op(grad_y, *saved, ctx.activation, ctx.backend, *needs)
+        grads = moe_ffn_backward_op(grad_y, *saved, ctx.activation, ctx.backend, *needs, None, ctx.fp8)
     return gradients(FfnInputs, **{name: grad for name, grad, need in zip(DIFFERENTIABLE, grads, needs) if need})
 
 
@@ -386,11 +427,12 @@ moe_ffn_apply = differentiable(moe_ffn_op, _setup_context, _backward)
 
 
 def moe_ffn_unchecked(
-    x, weights, experts, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str
+    x, weights, experts, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str, fp8: bool = False
 ) -> torch.Tensor:
-    """``moe_ffn`` for inputs already known to be valid, with ``backend`` already resolved."""
+    """``moe_ffn`` for inputs already known to be valid, with ``backend`` already resolved
+    (``fp8``: the GEMMs in FP8 on high-precision weights, differentiable)."""
     args = FfnInputs(
-        x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, *saves(x, weights, w_in, w_out, b_in)
+        x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, *saves(x, weights, w_in, w_out, b_in), fp8
     )  # fmt: skip
     return moe_ffn_apply(*args)[0]
 
@@ -431,9 +473,9 @@ def check_experts(
         raise ValueError(f"w_in must hold at least one expert, got shape {tuple(w_in.shape)}")
     check_dim("w_in", w_in, 1, D, "D, the width of x")
     hidden = w_in.shape[2]
-    if activation == "swiglu":
+    if activation in GATED:
         if hidden % 2:
-            raise ValueError(f"w_in must be [E, D, 2H] for swiglu, got an odd last dimension {hidden}")
+            raise ValueError(f"w_in must be [E, D, 2H] for {activation}, got an odd last dimension {hidden}")
         hidden //= 2
     check_dim("w_out", w_out, 0, E, "E, the experts of w_in")
     check_dim("w_out", w_out, 1, hidden, "H, the expert hidden width of w_in")
@@ -471,36 +513,40 @@ def moe_ffn(
     """Routed expert MLPs with a weighted combine; no token is ever dropped.
 
     ``y[t] = sum_j weights[t, j] * (act(x[t] @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e])`` with
-    ``e = experts[t, j]``; for ``"swiglu"``, ``act(a) = silu(a[:, :H]) * a[:, H:]``.
+    ``e = experts[t, j]``; for ``"swiglu"``, ``act(a) = silu(a[:, :H]) * a[:, H:]`` (``"geglu"``
+    and ``"geglu_tanh"`` gate with GELU and its tanh form); ``"relu2"`` is ``relu(a) ** 2``.
 
     Args:
         x: ``[T, D]`` (fp16, bf16 or fp32).
         weights: ``[T, k]`` routing weights (any float dtype).
         experts: ``[T, k]`` expert ids in ``[0, E)`` (int32 or int64).
-        w_in: ``[E, D, 2H]`` for ``"swiglu"``, ``[E, D, H]`` for ``"gelu"``, ``"gelu_tanh"``,
-            ``"silu"``, ``"relu"``; dtype of ``x``.
+        w_in: ``[E, D, 2H]`` for the gated ``"swiglu"``, ``"geglu"``, ``"geglu_tanh"``; ``[E, D, H]``
+            for ``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"relu"``, ``"relu2"``; dtype of ``x``.
         w_out: ``[E, H, D]``, dtype of ``x``.
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``.
-        b_in: optional expert biases of the first projection, ``[E, 2H]`` for ``"swiglu"`` (gate,
-            then up) else ``[E, H]``; b_out: optional ``[E, D]``; both in the dtype of ``x``.
+        b_in: optional expert biases of the first projection, ``[E, 2H]`` for a gated activation
+            (gate, then up) else ``[E, H]``; b_out: optional ``[E, D]``; both in the dtype of ``x``.
         precision: ``None`` (the dtype of x) or ``"fp8"``: the experts' GEMMs in FP8
-            (``grouped_mm_fp8``; inference, no backward), ``w_in``/``w_out`` either in the dtype
-            of x (quantized on each call) or ``float8_e4m3fn`` from ``quantize_fp8`` with their
-            scales in ``w_in_scale``/``w_out_scale``.
+            (``grouped_mm_fp8``'s recipe). ``w_in``/``w_out`` in the dtype of x are quantized on
+            each call and train: the forward and input-gradient GEMMs run in FP8, the weights'
+            gradients in the dtype of x from the saved inputs. ``float8_e4m3fn`` weights from
+            ``quantize_fp8``, with their scales in ``w_in_scale``/``w_out_scale``, serve
+            inference only.
     Returns:
         ``y [T, D]`` in ``x.dtype``, differentiable in ``x``, ``weights``, ``w_in``, ``w_out``
-        and the biases.
+        and the biases (not with FP8-stored weights).
     """
     if precision not in (None, "fp8"):
         raise ValueError(f"precision must be None or 'fp8', got {precision!r}")
-    if precision == "fp8":
+    stored = precision == "fp8" and FP8 in (w_in.dtype, w_out.dtype)  # pre-quantized: inference
+    if stored:
         (w_in, w_in_scale), (w_out, w_out_scale) = (
             fp8_operand("w_in", w_in, w_in_scale),
             fp8_operand("w_out", w_out, w_out_scale),
         )
     elif w_in_scale is not None or w_out_scale is not None:
-        raise ValueError("w_in_scale and w_out_scale go with precision='fp8'")
-    biases = check_experts(x, w_in, w_out, b_in, b_out, activation, FP8 if precision else None)
+        raise ValueError("w_in_scale and w_out_scale go with precision='fp8' and FP8 w_in, w_out (quantize_fp8)")
+    biases = check_experts(x, w_in, w_out, b_in, b_out, activation, FP8 if stored else None)
     check_tensor("weights", weights, 2, FLOAT_DTYPES)
     check_tensor("experts", experts, 2, INDEX_DTYPES)
     E = w_in.shape[0]
@@ -511,13 +557,19 @@ def moe_ffn(
     device = check_same_device(x=x, weights=weights, experts=experts, w_in=w_in, w_out=w_out, **biases)
     check_expert_ids("experts", experts, E)
     backend = resolve_backend(backend, device)
-    if precision == "fp8":
+    if stored:
         check_quantized("w_in", w_in, w_in_scale, BLOCK)
         check_quantized("w_out", w_out, w_out_scale, BLOCK)
         check_same_device(x=x, w_in_scale=w_in_scale, w_out_scale=w_out_scale)
+        check_inference(x, weights, *biases.values())
         routing = route(experts, E, backend)
         return experts_forward(
             x, weights, routing, experts.shape[1], w_in, w_out, b_in, b_out, activation, backend,
             save_preact=False, scales=(w_in_scale, w_out_scale),
         )[0]  # fmt: skip
-    return moe_ffn_unchecked(x, weights, experts, w_in, w_out, b_in, b_out, activation=activation, backend=backend)
+    if precision == "fp8":
+        check_finite("w_in", w_in)
+        check_finite("w_out", w_out)
+    return moe_ffn_unchecked(
+        x, weights, experts, w_in, w_out, b_in, b_out, activation=activation, backend=backend, fp8=precision == "fp8"
+    )

@@ -29,13 +29,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from .activations import act
-from .backend import INTERPRET, resolve_backend
-from .grouped_mm import _add_bias, _row_tile, _rows, grouped_mm_torch
-from .tuning import FP8_CONFIGS
+from .backend import resolve_backend
+from .grouped_mm import grouped_mm_torch, grouped_mm_triton
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
 FP8 = torch.float8_e4m3fn
@@ -77,14 +73,33 @@ def quantize_fp8(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, tor
     check_tensor("w", w, None, FLOAT_DTYPES)
     if w.dim() < 2:
         raise ValueError(f"w must have at least 2 dimensions ([..., K, N]), got shape {tuple(w.shape)}")
-    block = check_block(block)
-    if not torch.isfinite(w).all():
-        raise ValueError("w holds a non-finite value (inf or NaN): an FP8 scale cannot represent it")
+    check_finite("w", w)
+    return quantize_blocks(w, check_block(block))
+
+
+def quantize_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8`` of inputs known to be valid, without the finiteness check's host sync
+    (FP8 training quantizes its weights on every step)."""
     K, N = w.shape[-2:]
     tiles = F.pad(w.float().abs(), (0, -N % block, 0, -K % block))
     tiles = tiles.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # [..., Kb, block, Nb, block]
     scale = _scales(tiles.amax(dim=(-3, -1)))
     return _to_e4m3(w.float() / _expand(scale, block, K, N)), scale
+
+
+def check_finite(name: str, w: torch.Tensor) -> None:
+    """``ValueError`` if ``w`` holds inf or NaN, which no FP8 scale can represent (one host sync)."""
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name} holds a non-finite value (inf or NaN): an FP8 scale cannot represent it")
+
+
+def check_inference(*tensors: torch.Tensor | None) -> None:
+    """``ValueError`` if autograd would need a gradient through FP8-stored experts."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(
+            "FP8-stored experts (float8_e4m3fn weights) serve inference: run them under torch.no_grad(), or train "
+            "in FP8 from high-precision weights (moe_ffn(..., precision='fp8'), MoE(precision='fp8'))"
+        )
 
 
 def check_quantized(name: str, w_fp8: torch.Tensor, scale: torch.Tensor, block: int) -> None:
@@ -130,151 +145,6 @@ def quantize_rows_fp8(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor
     groups = F.pad(x.float(), (0, -K % block)).unflatten(-1, (-1, block))
     scale = _scales(groups.abs().amax(dim=-1))
     return _to_e4m3(x.float() / scale.repeat_interleave(block, -1)[:, :K]), scale
-
-
-@triton.jit
-def _round_to_e4m3(v):
-    """fp32 ``v`` rounded to the nearest e4m3 value (ties to even), still fp32: dropping 20 of
-    fp32's 23 mantissa bits for normal values, steps of 2**-9 below 2**-6 (e4m3's subnormals)."""
-    bits = v.to(tl.int32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-    subnormal = ((v * 512.0 + 12582912.0) - 12582912.0) / 512.0  # 1.5 * 2**23 rounds to an integer
-    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
-
-
-@triton.jit
-def _quantize_rows(a, EXACT_CAST: tl.constexpr):
-    """A ``[BLOCK_M, BLOCK_K]`` fp32 tile -> its e4m3 tile and per-row scales ``[BLOCK_M]``."""
-    amax = tl.max(tl.abs(a), axis=1)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
-    q = tl.clamp(tl.math.div_rn(a, scale[:, None]), -448.0, 448.0)
-    if EXACT_CAST:
-        q = _round_to_e4m3(q)
-    return q.to(tl.float8e4nv), scale
-
-
-@triton.autotune(configs=FP8_CONFIGS, key=["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C"])
-@triton.jit
-def _grouped_mm_fp8_kernel(
-    a_ptr,
-    b_ptr,
-    b_scale_ptr,
-    c_ptr,
-    offsets_ptr,
-    a_rows_ptr,
-    c_rows_ptr,
-    bias_ptr,
-    M_BUCKET,
-    N,
-    K,
-    E,
-    stride_am,
-    stride_ak,
-    stride_be,
-    stride_bk,
-    stride_bn,
-    stride_se,
-    stride_sk,
-    stride_sn,
-    stride_cm,
-    stride_cn,
-    stride_bias_e,
-    stride_bias_n,
-    EPILOGUE: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    GLU: tl.constexpr,
-    GATHER_A: tl.constexpr,
-    SCATTER_C: tl.constexpr,
-    BIAS: tl.constexpr,
-    EXACT_CAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
-    """``c[rows] = epilogue(a[rows] @ dequantize(b[group]) + bias[group])`` for one tile, the
-    K step one scale block (``BLOCK_K`` = 128 in every config); EPILOGUE "none" or "act" (GLU:
-    b's columns N:2N are the up projection), as ``_grouped_mm_kernel``'s."""
-    group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
-        offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
-    )
-    if group >= E:
-        return
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + group.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-    # Each column's scale block; a tile may straddle two (the up half of a GLU starts mid-block).
-    s_ptrs = b_scale_ptr + group.to(tl.int64) * stride_se + (rn // BLOCK_K) * stride_sn
-    s_up_ptrs = b_scale_ptr + group.to(tl.int64) * stride_se + ((rn + N) // BLOCK_K) * stride_sn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = rk < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        a_q, a_scale = _quantize_rows(a, EXACT_CAST)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        b_scale = tl.load(s_ptrs, mask=col_ok, other=0.0)
-        acc += tl.dot(a_q, b) * (a_scale[:, None] * b_scale[None, :])
-        if GLU and EPILOGUE == "act":
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            b_up_scale = tl.load(s_up_ptrs, mask=col_ok, other=0.0)
-            acc_up += tl.dot(a_q, b_up) * (a_scale[:, None] * b_up_scale[None, :])
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-        s_ptrs += stride_sk
-        s_up_ptrs += stride_sk
-
-    if BIAS:
-        acc, acc_up = _add_bias(
-            acc, acc_up, bias_ptr, group, rn, col_ok, N, stride_bias_e, stride_bias_n, GLU and EPILOGUE == "act"
-        )
-    c_rows = _rows(c_rows_ptr, rm, row_ok, SCATTER_C)
-    if EPILOGUE == "act":
-        acc = act(acc, ACTIVATION)
-        if GLU:
-            acc = acc * acc_up
-    mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(c_ptr + c_rows[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-
-def grouped_mm_fp8_triton(
-    a: torch.Tensor,
-    w_fp8: torch.Tensor,
-    scale: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    activation: str | None = None,
-    a_rows: torch.Tensor | None = None,
-    c_rows: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``grouped_mm_fp8`` on the Triton kernel (inputs valid, scales over blocks of 128), with
-    the MoE options: an activation epilogue (``"swiglu"``: ``w``'s last dimension is ``2H``), a
-    gather of a's rows, a scatter of c's rows and a bias per group."""
-    glu = activation == "swiglu"
-    N = w_fp8.shape[2] // 2 if glu else w_fp8.shape[2]
-    num_rows = a.shape[0] if a_rows is None else a_rows.shape[0]
-    c = a.new_empty((num_rows, N))
-    E, K = w_fp8.shape[0], w_fp8.shape[1]
-    if num_rows == 0 or N == 0:
-        return c
-    unused = offsets
-
-    def grid(meta):
-        return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _grouped_mm_fp8_kernel[grid](
-        a, w_fp8, scale, c, offsets,
-        unused if a_rows is None else a_rows, unused if c_rows is None else c_rows, unused if bias is None else bias,
-        triton.next_power_of_2(num_rows), N, K, E,
-        a.stride(0), a.stride(1), *w_fp8.stride(), *scale.stride(), c.stride(0), c.stride(1),
-        *((0, 0) if bias is None else bias.stride()),
-        EPILOGUE="none" if activation is None else "act",
-        ACTIVATION="silu" if glu else (activation or "silu"),
-        GLU=glu, GATHER_A=a_rows is not None, SCATTER_C=c_rows is not None, BIAS=bias is not None,
-        EXACT_CAST=INTERPRET, BLOCK_E=triton.next_power_of_2(E),
-    )  # fmt: skip
-    return c
 
 
 def grouped_mm_fp8_torch(
@@ -323,5 +193,5 @@ def grouped_mm_fp8(
     if torch.is_grad_enabled() and x.requires_grad:
         raise ValueError("grouped_mm_fp8 serves inference: it has no backward (x requires grad)")
     if resolve_backend(backend, device) == "triton":
-        return grouped_mm_fp8_triton(x, w_fp8, scale, offsets)
+        return grouped_mm_triton(x, w_fp8, offsets, b_scale=scale)
     return grouped_mm_fp8_torch(x, w_fp8, scale, offsets)

@@ -1,6 +1,6 @@
 """Grouped GEMM over variable-size groups of rows: ``y[rows of e] = x[rows of e] @ w[e]``.
 
-Two Triton kernels serve every matrix product of the MoE layer, forward and backward:
+Triton kernels serve every matrix product of the MoE layer, forward and backward:
 
 * ``_grouped_mm_kernel`` tiles each group's rows into ``BLOCK_M`` tiles. The tile-to-group map
   is computed inside the kernel from ``offsets``, and the grid is sized from the host-known bound
@@ -8,7 +8,9 @@ Two Triton kernels serve every matrix product of the MoE layer, forward and back
   nothing but idle programs. Options fuse the MoE data movement into the GEMM: a row gather in
   the A load (no permuted copy of the tokens), a per-row scale, the activation (and the store of
   its input for the backward pass) or the activation's gradient in the epilogue, and a row
-  scatter in the store.
+  scatter in the store. ``_grouped_mm_fp8_kernel`` is its FP8 form (e4m3 weights with block
+  scales, the activations quantized per row as they are loaded; see ``fp8.py``): the same tiles
+  and options, another K loop, chosen by passing ``b_scale``.
 * ``_grouped_wgrad_kernel`` computes ``dw[e] = a[rows of e]^T @ b[rows of e]``: a grouped GEMM
   whose reduction length varies per group, with the same gather and scale options.
 
@@ -22,10 +24,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .activations import act, act_grad
-from .backend import resolve_backend
+from .activations import act, act_grad, split_activation
+from .backend import INTERPRET, resolve_backend
 from .library import custom_op, differentiable
-from .tuning import ROW_CONFIGS, ROW_KEYS, WGRAD_CONFIGS, row_candidates, wgrad_candidates
+from .tuning import FP8_CONFIGS, FP8_KEYS, ROW_CONFIGS, ROW_KEYS, WGRAD_CONFIGS, row_candidates, wgrad_candidates
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
 
@@ -69,13 +71,44 @@ def _row_tile(offsets_ptr, a_rows_ptr, N, E, GATHER_A: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
-def _add_bias(acc, acc_up, bias_ptr, group, rn, col_ok, N, stride_e, stride_n, UP: tl.constexpr):
-    """The group's bias row added to ``acc`` (and, with ``UP``, its columns N:2N to ``acc_up``)."""
-    bias_ptrs = bias_ptr + group.to(tl.int64) * stride_e + rn * stride_n
-    acc += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if UP:
-        acc_up += tl.load(bias_ptrs + N * stride_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc, acc_up
+def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
+              preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
+              EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, STORE_PREACT: tl.constexpr,
+              SCATTER_C: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr):  # fmt: skip
+    """A row tile's fp32 product (``acc``, and ``acc_up`` for a GLU's up projection) through the
+    bias, the row scale and the epilogue of ``_grouped_mm_kernel``, stored: shared by its bf16 and
+    FP8 forms, which differ only in their K loops."""
+    if BIAS:
+        bias_ptrs = bias_ptr + group.to(tl.int64) * stride_bias_e + rn * stride_bias_n
+        acc += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GLU and EPILOGUE == "act":
+            acc_up += tl.load(bias_ptrs + N * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if SCALE:
+        slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
+        acc *= tl.load(scale_ptr + slots, mask=row_ok, other=0.0)[:, None]
+    c_rows = _rows(c_rows_ptr, rm, row_ok, SCATTER_C)
+    mask = row_ok[:, None] & col_ok[None, :]
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + rn[None, :] * stride_cn
+    preact_ptrs = preact_ptr + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :] * stride_pn
+    if EPILOGUE == "act":
+        if STORE_PREACT:
+            tl.store(preact_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=mask)
+            if GLU:
+                tl.store(preact_ptrs + N * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=mask)
+        out = act(acc, ACTIVATION)
+        if GLU:
+            out = out * acc_up
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == "act_grad":
+        pre = tl.load(preact_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if GLU:
+            up = tl.load(preact_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
+            tl.store(c_ptrs, (acc * up * act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs + N * stride_cn, (acc * act(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(c_ptrs, (acc * act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=ROW_CONFIGS, key=ROW_KEYS, prune_configs_by={"early_config_prune": row_candidates})
@@ -155,36 +188,115 @@ def _grouped_mm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if BIAS:
-        acc, acc_up = _add_bias(
-            acc, acc_up, bias_ptr, group, rn, col_ok, N, stride_bias_e, stride_bias_n, GLU and EPILOGUE == "act"
-        )
-    if SCALE:
-        slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
-        acc *= tl.load(scale_ptr + slots, mask=row_ok, other=0.0)[:, None]
-    c_rows = _rows(c_rows_ptr, rm, row_ok, SCATTER_C)
-    mask = row_ok[:, None] & col_ok[None, :]
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + rn[None, :] * stride_cn
-    preact_ptrs = preact_ptr + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :] * stride_pn
-    if EPILOGUE == "act":
-        if STORE_PREACT:
-            tl.store(preact_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=mask)
-            if GLU:
-                tl.store(preact_ptrs + N * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=mask)
-        out = act(acc, ACTIVATION)
-        if GLU:
-            out = out * acc_up
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
-    elif EPILOGUE == "act_grad":
-        pre = tl.load(preact_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if GLU:
-            up = tl.load(preact_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
-            tl.store(c_ptrs, (acc * up * act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
-            tl.store(c_ptrs + N * stride_cn, (acc * act(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(c_ptrs, (acc * act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
+              preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
+              EPILOGUE, ACTIVATION, GLU, STORE_PREACT, SCATTER_C, SCALE, BIAS)  # fmt: skip
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """fp32 ``v`` rounded to the nearest e4m3 value (ties to even), still fp32: dropping 20 of
+    fp32's 23 mantissa bits for normal values, steps of 2**-9 below 2**-6 (e4m3's subnormals)."""
+    bits = v.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    subnormal = ((v * 512.0 + 12582912.0) - 12582912.0) / 512.0  # 1.5 * 2**23 rounds to an integer
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _quantize_rows(a, EXACT_CAST: tl.constexpr):
+    """A ``[BLOCK_M, BLOCK_K]`` fp32 tile -> its e4m3 tile and per-row scales ``[BLOCK_M]``."""
+    amax = tl.max(tl.abs(a), axis=1)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    q = tl.clamp(tl.math.div_rn(a, scale[:, None]), -448.0, 448.0)
+    if EXACT_CAST:
+        q = _round_to_e4m3(q)
+    return q.to(tl.float8e4nv), scale
+
+
+@triton.autotune(configs=FP8_CONFIGS, key=FP8_KEYS)
+@triton.jit
+def _grouped_mm_fp8_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    offsets_ptr,
+    a_rows_ptr,
+    c_rows_ptr,
+    scale_ptr,
+    scale_rows_ptr,
+    preact_ptr,
+    bias_ptr,
+    b_scale_ptr,
+    M_BUCKET,
+    N,
+    K,
+    E,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_pm,
+    stride_pn,
+    stride_bias_e,
+    stride_bias_n,
+    stride_se,
+    stride_sk,
+    stride_sn,
+    EPILOGUE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GLU: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    SCATTER_C: tl.constexpr,
+    SCALE: tl.constexpr,
+    BIAS: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """``_grouped_mm_kernel`` with b in e4m3 (``float8_e4m3fn``, one fp32 scale per 128x128
+    block, ``b_scale [E, K/128, N/128]``, any strides) and a quantized per row as it is loaded,
+    in groups of 128 along K (``BLOCK_K`` = 128 in every config): each K step multiplies two e4m3
+    tiles on FP8 tensor cores and adds the product times its row and column scales to an fp32
+    accumulator. With EXACT_CAST (the interpreter) the e4m3 rounding is done in fp32 first."""
+    group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
+        offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
+    )
+    if group >= E:
+        return
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + group.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    # Each column's scale block; a tile may straddle two (the up half of a GLU starts mid-block).
+    s_ptrs = b_scale_ptr + group.to(tl.int64) * stride_se + (rn // BLOCK_K) * stride_sn
+    s_up_ptrs = b_scale_ptr + group.to(tl.int64) * stride_se + ((rn + N) // BLOCK_K) * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        a_q, a_scale = _quantize_rows(a, EXACT_CAST)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        b_scale = tl.load(s_ptrs, mask=col_ok, other=0.0)
+        acc += tl.dot(a_q, b) * (a_scale[:, None] * b_scale[None, :])
+        if GLU and EPILOGUE == "act":
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            b_up_scale = tl.load(s_up_ptrs, mask=col_ok, other=0.0)
+            acc_up += tl.dot(a_q, b_up) * (a_scale[:, None] * b_up_scale[None, :])
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+        s_ptrs += stride_sk
+        s_up_ptrs += stride_sk
+
+    _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
+              preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
+              EPILOGUE, ACTIVATION, GLU, STORE_PREACT, SCATTER_C, SCALE, BIAS)  # fmt: skip
 
 
 @triton.jit
@@ -319,11 +431,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _split_activation(activation: str) -> tuple[str, bool]:
-    """``"swiglu"`` is SiLU gated by a second projection; the rest act on one projection."""
-    return ("silu", True) if activation == "swiglu" else (activation, False)
-
-
 def _launch_rows(
     a,
     b,
@@ -342,6 +449,7 @@ def _launch_rows(
     scale=None,
     scale_rows=None,
     bias=None,
+    b_scale=None,
 ):
     E, K = b.shape[0], b.shape[1]
     if num_rows == 0 or num_cols == 0:
@@ -351,47 +459,31 @@ def _launch_rows(
     # Pointers of disabled options are never read; any tensor stands in for them.
     unused = offsets
     preact = c if preact is None else preact
-    bias_strides = (0, 0) if bias is None else bias.stride()
+    pointers = (
+        a, b, c, offsets, unused if a_rows is None else a_rows, unused if c_rows is None else c_rows,
+        c if scale is None else scale, unused if scale_rows is None else scale_rows, preact,
+        unused if bias is None else bias,
+    )  # fmt: skip
+    sizes = (triton.next_power_of_2(num_rows), num_cols, K, E)
+    strides = (
+        a.stride(0), a.stride(1), *b.stride(), c.stride(0), c.stride(1), preact.stride(0), preact.stride(1),
+        *((0, 0) if bias is None else bias.stride()),
+    )  # fmt: skip
+    options = dict(
+        EPILOGUE=epilogue, ACTIVATION=activation, GLU=glu, STORE_PREACT=store_preact, GATHER_A=a_rows is not None,
+        SCATTER_C=c_rows is not None, SCALE=scale is not None, BIAS=bias is not None,
+        BLOCK_E=triton.next_power_of_2(E),
+    )  # fmt: skip
 
     def grid(meta):
         return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(num_cols, meta["BLOCK_N"]),)
 
-    _grouped_mm_kernel[grid](
-        a,
-        b,
-        c,
-        offsets,
-        unused if a_rows is None else a_rows,
-        unused if c_rows is None else c_rows,
-        c if scale is None else scale,
-        unused if scale_rows is None else scale_rows,
-        preact,
-        unused if bias is None else bias,
-        triton.next_power_of_2(num_rows),
-        num_cols,
-        K,
-        E,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        b.stride(2),
-        c.stride(0),
-        c.stride(1),
-        preact.stride(0),
-        preact.stride(1),
-        *bias_strides,
-        EPILOGUE=epilogue,
-        ACTIVATION=activation,
-        GLU=glu,
-        STORE_PREACT=store_preact,
-        GATHER_A=a_rows is not None,
-        SCATTER_C=c_rows is not None,
-        SCALE=scale is not None,
-        BIAS=bias is not None,
-        PRECISION=_precision(a.dtype),
-        BLOCK_E=triton.next_power_of_2(E),
-    )
+    if b_scale is None:
+        _grouped_mm_kernel[grid](*pointers, *sizes, *strides, **options, PRECISION=_precision(a.dtype))
+    else:
+        _grouped_mm_fp8_kernel[grid](
+            *pointers, b_scale, *sizes, *strides, *b_scale.stride(), **options, EXACT_CAST=INTERPRET
+        )
     return c
 
 
@@ -403,6 +495,7 @@ def grouped_mm_triton(
     a_rows: torch.Tensor | None = None,
     c_rows: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``c[c_rows[r]] = a[a_rows[r]] @ b[group of r] + bias[group of r]`` for the rows ``r``
     that ``offsets`` groups.
@@ -411,12 +504,16 @@ def grouped_mm_triton(
         a: ``[*, K]``; b: ``[E, K, N]`` (any strides); offsets: ``[E]`` cumulative row ends.
         a_rows, c_rows: ``[M]`` int32 gather / scatter indices, identity when ``None``.
         bias: ``[E, N]`` or ``None``.
+        b_scale: with an e4m3 ``b``, its 128x128 block scales ``[E, cdiv(K, 128), cdiv(N, 128)]``
+            (any strides: a transposed ``quantize_fp8`` pair is one too): the FP8 kernel.
     Returns:
         ``c [M, N]`` in ``a.dtype``.
     """
     num_rows = a.shape[0] if a_rows is None else a_rows.shape[0]
     c = a.new_empty((num_rows, b.shape[2]))
-    return _launch_rows(a, b, offsets, c, num_rows, b.shape[2], a_rows=a_rows, c_rows=c_rows, bias=bias)
+    return _launch_rows(
+        a, b, offsets, c, num_rows, b.shape[2], a_rows=a_rows, c_rows=c_rows, bias=bias, b_scale=b_scale
+    )
 
 
 def grouped_mm_act(
@@ -428,6 +525,7 @@ def grouped_mm_act(
     a_rows: torch.Tensor | None = None,
     save_preact: bool = False,
     bias: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``h = act(a[a_rows] @ b[group] + bias[group])``, the MoE's first GEMM with its
     activation fused.
@@ -435,10 +533,11 @@ def grouped_mm_act(
     Args:
         a: ``[*, K]``; b: ``[E, K, 2H]`` for swiglu (gate columns, then up columns), else ``[E, K, H]``.
         bias: ``[E, 2H]`` (or ``[E, H]``) or ``None``; the saved pre-activation includes it.
+        b_scale: block scales of an e4m3 ``b`` (see ``grouped_mm_triton``).
     Returns:
         ``h [M, H]`` and, with ``save_preact``, the pre-activation ``[M, 2H]`` (or ``[M, H]``).
     """
-    name, glu = _split_activation(activation)
+    name, glu = split_activation(activation)
     num_rows = a.shape[0] if a_rows is None else a_rows.shape[0]
     hidden = b.shape[2] // 2 if glu else b.shape[2]
     h = a.new_empty((num_rows, hidden))
@@ -457,6 +556,7 @@ def grouped_mm_act(
         store_preact=save_preact,
         a_rows=a_rows,
         bias=bias,
+        b_scale=b_scale,
     )
     return h, preact
 
@@ -471,16 +571,18 @@ def grouped_mm_act_grad(
     a_rows: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     scale_rows: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of the pre-activation from ``dh = scale * grad[a_rows] @ b[group]``.
 
     Args:
         grad: ``[*, K]``; b: ``[E, K, H]`` (the transposed second-GEMM weights);
         preact: ``[M, 2H]`` for swiglu, else ``[M, H]``; scale: flat per-slot factors indexed by ``scale_rows``.
+        b_scale: block scales of an e4m3 ``b`` (see ``grouped_mm_triton``).
     Returns:
         ``[M, 2H]`` (swiglu) or ``[M, H]``, in ``preact.dtype``.
     """
-    name, glu = _split_activation(activation)
+    name, glu = split_activation(activation)
     num_rows = preact.shape[0]
     out = torch.empty_like(preact)
     _launch_rows(
@@ -497,6 +599,7 @@ def grouped_mm_act_grad(
         a_rows=a_rows,
         scale=scale,
         scale_rows=scale_rows,
+        b_scale=b_scale,
     )
     return out
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .activations import ACTIVATIONS, activation_fn
+from .activations import ACTIVATIONS, activation_fn, projection_width
 from .backend import BACKENDS, resolve_backend
 from .balance import CONVENTIONS, loss_from_stats, router_z_loss
 from .capacity import CapacityPredictor
@@ -22,12 +22,13 @@ from .expert_choice import (
     slot_weights,
 )
 from .ffn import experts_forward, moe_ffn_unchecked
-from .fp8 import FP8, quantize_fp8
+from .fp8 import FP8, check_inference, quantize_fp8
 from .gating import check_routing_options, gating_with_stats
 from .routing import chosen_routing, route
 from .validation import COEFFICIENT, FLOAT_DTYPES, NONNEGATIVE_INT, SCALE, check_k, check_positive_int
 
 ROUTINGS = ("token-choice", "expert-choice")
+PRECISIONS = (None, "fp8")
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -47,7 +48,7 @@ class SharedExpert(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "swiglu"):
         super().__init__()
-        self.proj_in = nn.Linear(dim, 2 * hidden_dim if activation == "swiglu" else hidden_dim, bias=False)
+        self.proj_in = nn.Linear(dim, projection_width(activation, hidden_dim), bias=False)
         self.proj_out = nn.Linear(hidden_dim, dim, bias=False)
         self.act = activation_fn(activation)
 
@@ -104,6 +105,9 @@ class MoE(nn.Module):
     takes the tokens whose predicted logit passes its threshold plus ``capacity_offset``
     (default 0; positive spends less compute, negative more), so every token is routed on its own
     and the compute per token varies. That mode reads its row count on the host (``nonzero``).
+
+    ``precision="fp8"`` runs the routed experts' GEMMs in FP8 (see the ``precision`` property):
+    for training on Hopper-class GPUs; ``to_fp8()`` stores them in FP8 for inference.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class MoE(nn.Module):
         group_size: int | None = None,
         capacity_factor: float | None = None,
         capacity_predictor: bool = False,
+        precision: str | None = None,
     ):
         super().__init__()
         dim = check_positive_int("dim", dim)
@@ -175,7 +180,7 @@ class MoE(nn.Module):
         self.normalize_weights = bool(normalize_weights)
         self.balance_loss_alpha = COEFFICIENT.check("balance_loss_alpha", balance_loss_alpha)
         self.backend = backend
-        width_in = 2 * hidden_dim if activation == "swiglu" else hidden_dim
+        width_in = projection_width(activation, hidden_dim)
         shared_width = shared_hidden_dim or num_shared_experts * dim
         shared_by = "shared_hidden_dim" if shared_hidden_dim else "num_shared_experts"
         _check_elements("w_in", (num_experts, dim, width_in), "num_experts, dim and hidden_dim")
@@ -196,6 +201,7 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.capacity_predictor = CapacityPredictor(dim, num_experts) if capacity_predictor else None
         self.capacity_offset = 0.0
+        self.precision = precision
         self.router_logits: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
@@ -233,6 +239,8 @@ class MoE(nn.Module):
             raise ValueError(f"x must have shape [..., {self.dim}], got {tuple(x.shape)}")
         if x.device != self.w_in.device:
             raise ValueError(f"x is on {x.device} but the MoE's parameters are on {self.w_in.device}")
+        if self.precision == "fp8" and self.expert_mesh is not None:
+            raise ValueError("FP8 experts do not run under expert parallelism yet: set precision=None")
         backend = resolve_backend(self.backend, x.device)
         autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
@@ -261,6 +269,22 @@ class MoE(nn.Module):
         )
 
     @property
+    def precision(self) -> str | None:
+        """``None``: the routed experts' GEMMs in the compute dtype; ``"fp8"``: in FP8 (e4m3,
+        DeepSeek-V3's fine-grained scales), their weights kept in high precision and quantized on
+        each forward, so the layer trains (the input gradients in FP8 too, the weights' gradients
+        in the compute dtype). Settable; ``to_fp8`` sets it."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str | None) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+        if value is None and getattr(self, "fp8", False):
+            raise ValueError("this layer's experts are stored in FP8 (to_fp8): its precision stays 'fp8'")
+        self._precision = value
+
+    @property
     def fp8(self) -> bool:
         """Whether the routed experts' matrices are stored in FP8 (``to_fp8``)."""
         return self.w_in.dtype == FP8
@@ -284,9 +308,12 @@ class MoE(nn.Module):
             delattr(self, name)
             self.register_buffer(name, weight_fp8)
             self.register_buffer(f"{name}_scale", scale)
+        self.precision = "fp8"
         return self
 
     def _fp8_experts(self, tokens, slot_weights, routing, slots, expert_weights, backend):
+        """The FP8-stored experts (``to_fp8``): inference only."""
+        check_inference(tokens, slot_weights, *expert_weights[2:])
         scales = (self.w_in_scale, self.w_out_scale)
         return experts_forward(
             tokens, slot_weights, routing, slots, *expert_weights, self.activation, backend, False, scales
@@ -296,8 +323,9 @@ class MoE(nn.Module):
         """The experts on the tokens they chose (expert-major rows), FP8 or not."""
         if not self.fp8:
             return chosen_rows_ffn(
-                tokens, row_weights, row_tokens, offsets, *expert_weights, activation=self.activation, backend=backend
-            )
+                tokens, row_weights, row_tokens, offsets, *expert_weights,
+                activation=self.activation, backend=backend, fp8=self.precision == "fp8",
+            )  # fmt: skip
         routing, starts = chosen_routing(row_tokens, offsets, tokens.shape[0])
         weights = slot_weights(row_weights, routing.slot_of_row)
         return self._fp8_experts(tokens, weights, routing, starts, expert_weights, backend)
@@ -322,8 +350,9 @@ class MoE(nn.Module):
             y = self._fp8_experts(tokens, gating.weights, routing, self.top_k, expert_weights, backend)
         elif self.expert_mesh is None:
             y = moe_ffn_unchecked(
-                tokens, gating.weights, gating.experts, *expert_weights, activation=self.activation, backend=backend
-            )
+                tokens, gating.weights, gating.experts, *expert_weights,
+                activation=self.activation, backend=backend, fp8=self.precision == "fp8",
+            )  # fmt: skip
         else:
             from .parallel import expert_parallel_ffn  # torch.distributed loads only for sharded layers
 
@@ -401,4 +430,5 @@ class MoE(nn.Module):
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"shared_hidden_dim={shared}, activation={self.activation!r}, expert_biases={self.b_in is not None}, "
             f"routing={self.routing!r}, backend={self.backend!r}"
+            + ("" if self.precision is None else f", precision={self.precision!r}")
         )

@@ -68,6 +68,8 @@ def expert_parallel(moe: MoE, mesh: DeviceMesh) -> MoE:
         raise ValueError("this MoE is already expert-parallel")
     if moe.fp8:
         raise ValueError("an MoE with FP8 experts (to_fp8) serves inference on one device: shard it before to_fp8")
+    if moe.precision == "fp8":
+        raise ValueError("FP8 experts do not run under expert parallelism yet: set the layer's precision to None")
     size = mesh.size()
     if moe.num_experts % size:
         raise ValueError(f"num_experts ({moe.num_experts}) must be divisible by the expert-parallel degree ({size})")

@@ -14,13 +14,21 @@ import torch.nn.functional as F
 
 
 def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The elementwise map between the two expert GEMMs. ``"swiglu"`` takes ``[..., 2H]``
-    (gate half first, then up half) to ``silu(gate) * up``; the others keep the width."""
-    if activation == "swiglu":
-        return lambda a: F.silu(a[..., : a.shape[-1] // 2]) * a[..., a.shape[-1] // 2 :]
-    if activation == "gelu_tanh":
-        return lambda a: F.gelu(a, approximate="tanh")
-    return {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[activation]
+    """The map between the two expert GEMMs. The gated ones (``"swiglu"``, ``"geglu"``,
+    ``"geglu_tanh"``) take ``[..., 2H]`` (gate half first, then up half) to ``act(gate) * up``;
+    the others keep the width."""
+    elementwise = {
+        "gelu": F.gelu,
+        "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
+        "silu": F.silu,
+        "relu": F.relu,
+        "relu2": lambda a: F.relu(a) ** 2,
+    }
+    gates = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+    if activation in gates:
+        act = elementwise[gates[activation]]
+        return lambda a: act(a[..., : a.shape[-1] // 2]) * a[..., a.shape[-1] // 2 :]
+    return elementwise[activation]
 
 
 def topk_gating(

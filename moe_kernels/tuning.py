@@ -131,3 +131,5 @@ def wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -
 # instead of benchmarking every config again. PRECISION is a key: TF32 and IEEE products differ
 # in which tile is fastest (Triton adds the dtypes itself).
 ROW_KEYS = ["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C", "PRECISION"]
+# The FP8 kernel's products are e4m3 whatever the dtype of a: no PRECISION.
+FP8_KEYS = [key for key in ROW_KEYS if key != "PRECISION"]

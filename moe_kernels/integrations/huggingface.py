@@ -14,9 +14,14 @@ only the routed experts run through ``moe_ffn``. Its stacked weights already fit
 ``w_out`` transposed, so they are passed as views, never copied.
 
 Expert biases (``gate_up_proj_bias``/``up_proj_bias`` and ``down_proj_bias``) are added inside
-the expert GEMMs. Experts this path does not cover (interleaved gate/up, a custom gate, a post-expert norm,
-an activation ``moe_ffn`` lacks, expert parallelism inside transformers) run through
-transformers' own ``grouped_mm`` implementation, with a warning saying why, once per class.
+the expert GEMMs. The activation is the one the experts module computes, found by running its
+gate (or ``act_fn``) on probe inputs and comparing with each of ``moe_ffn``'s activations, not
+``config.hidden_act``, which some families set to another activation than their experts use:
+a custom gate that computes plain SwiGLU (a clamp switched off, SwiGLU in fp32) is served, one
+that clamps or caps is not. Experts this path does not cover (interleaved gate/up, a custom gate, a post-expert
+norm, an activation ``moe_ffn`` lacks, expert parallelism inside transformers) run through
+transformers' own ``grouped_mm`` implementation, with a warning naming what was found, once per
+class.
 """
 
 from __future__ import annotations
@@ -25,29 +30,77 @@ import warnings
 
 import torch
 
+from ..activations import ELEMENTWISE, GATED, activation_fn
 from ..ffn import moe_ffn
 
 NAME = "moe_kernels"
-# transformers' activation names (config.hidden_act) and moe_ffn's, gated and not.
-_GATED = {"silu": "swiglu", "swish": "swiglu"}
-_PLAIN = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _warned: set[type] = set()
 
 
+def _probe(device: torch.device) -> torch.Tensor:
+    """Inputs ``[256, 128]`` spanning magnitudes 1e-3 to 1e3, signs and zeros: wide enough that
+    a clamp, a cap or a scale in an activation shows."""
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = torch.logspace(-3, 3, 256).unsqueeze(1)
+    probe = torch.randn(256, 128, generator=generator) * magnitudes
+    probe[::17] = 0.0
+    return probe.to(device)
+
+
+def _identify(fn, candidates: tuple[str, ...], device: torch.device) -> str | None:
+    """The activation of ``candidates`` that ``fn`` computes (on ``_probe``, in float32), if any."""
+    probe = _probe(device)
+    with torch.no_grad():
+        out = fn(probe)
+        for name in candidates:
+            want = activation_fn(name)(probe)
+            if out.shape == want.shape and torch.allclose(out.float(), want, rtol=1e-5, atol=1e-6):
+                return name
+    return None
+
+
+def _describe(act_fn: object) -> str:
+    return getattr(act_fn, "__name__", None) or type(act_fn).__name__
+
+
 def _activation(experts: torch.nn.Module) -> tuple[str | None, str]:
-    """``moe_ffn``'s activation for this experts module, or ``None`` and why it has none."""
-    act = getattr(experts.config, "hidden_act", None)
+    """``moe_ffn``'s activation for this experts module, or ``None`` and why it has none (cached
+    on the module). It is what the module itself computes, its gate (``_apply_gate``) or its
+    ``act_fn`` run on probe inputs, never ``config.hidden_act``, which some families set to
+    another activation than their experts use."""
     if getattr(experts, "has_post_expert_norm", False):
         return None, "its experts have a post-expert norm"
     if getattr(experts, "_is_expert_parallel", False):
         return None, "transformers' expert parallelism is on"
+    if experts.has_gate and not getattr(experts, "is_concatenated", True):
+        return None, "its gate and up projections are interleaved"
+    cached = experts.__dict__.get("_moe_kernels_activation")
+    if cached is None:
+        cached = experts.__dict__["_moe_kernels_activation"] = _identify_experts(experts)
+    return cached
+
+
+def _identify_experts(experts: torch.nn.Module) -> tuple[str | None, str]:
+    device = next(experts.parameters()).device
     if experts.has_gate:
-        if not getattr(experts, "is_concatenated", True):
-            return None, "its gate and up projections are interleaved"
-        if type(experts)._apply_gate.__name__ != "_default_apply_gate":
-            return None, "it has a custom gate"
-        return _GATED.get(act), f"its gated activation {act!r} is not SiLU"
-    return _PLAIN.get(act), f"its activation {act!r} is not one of {sorted(_PLAIN)}"
+        custom = type(experts)._apply_gate.__name__ != "_default_apply_gate"
+        if not custom and not hasattr(experts, "act_fn"):
+            return None, "it has no act_fn to read its activation from"
+        found = f"{type(experts).__name__}._apply_gate" if custom else f"act_fn = {_describe(experts.act_fn)}"
+        what, candidates = f"its gate ({found})", tuple(GATED)
+        fn = experts._apply_gate
+    else:
+        if not hasattr(experts, "act_fn"):
+            return None, "it has no act_fn to read its activation from"
+        what, candidates = f"its activation (act_fn = {_describe(experts.act_fn)})", ELEMENTWISE
+        fn = experts.act_fn
+    try:
+        activation = _identify(fn, candidates, device)
+    except Exception as error:  # noqa: BLE001 - a gate that cannot run alone is not one we know
+        return None, f"{what} could not be probed ({type(error).__name__}: {error})"
+    if activation is None:
+        return None, f"{what} computes none of moe_kernels' activations ({', '.join(candidates)})"
+    return activation, ""
 
 
 def _biases(experts: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:

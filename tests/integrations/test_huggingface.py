@@ -125,19 +125,83 @@ def test_triton_backend_through_the_interpreter():
         mk_hf.register()
 
 
+def _logits_of_both(model, ids):
+    model.set_experts_implementation("grouped_mm")
+    want = model(ids).logits
+    model.set_experts_implementation("moe_kernels")
+    return model(ids).logits, want
+
+
 def test_unsupported_experts_fall_back_with_a_warning():
     mk_hf.register(backend="torch")
     model = _model("mixtral")
     for module in model.modules():
         if hasattr(module, "gate_up_proj"):
-            module.config.hidden_act = "tanh"
+            module.act_fn = torch.nn.Tanh()
     ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
-    model.set_experts_implementation("grouped_mm")
-    want = model(ids).logits
-    model.set_experts_implementation("moe_kernels")
-    with pytest.warns(UserWarning, match="gated activation 'tanh' is not SiLU"):
-        got = model(ids).logits
+    mk_hf._warned.clear()
+    with pytest.warns(UserWarning, match=r"its gate \(act_fn = Tanh\) computes none of moe_kernels' activations"):
+        got, want = _logits_of_both(model, ids)
     torch.testing.assert_close(got, want)
+
+
+def test_the_activation_comes_from_the_experts_not_the_config():
+    """A config whose ``hidden_act`` is not what its experts compute (NemotronH's and Ergo's
+    configs do this): what the experts compute decides, so the logits stay right."""
+    mk_hf.register(backend="torch")
+    model = _model("mixtral")
+    for module in model.modules():
+        if hasattr(module, "gate_up_proj"):
+            module.config.hidden_act = "gelu"  # the experts still compute SiLU
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # served, no fallback
+        got, want = _logits_of_both(model, ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "act_fn, expected",
+    [
+        ("silu", "silu"),
+        ("swish", "silu"),
+        ("gelu", "gelu"),
+        ("gelu_python", "gelu"),
+        ("gelu_pytorch_tanh", "gelu_tanh"),
+        ("gelu_new", "gelu_tanh"),
+        ("relu", "relu"),
+        ("relu2", "relu2"),
+        ("quick_gelu", None),
+        ("gelu_10", None),  # a clipped GELU: the probe's large inputs show the clip
+    ],
+)
+def test_activations_are_recognised_by_what_they_compute(act_fn, expected):
+    from transformers.activations import ACT2FN
+
+    from moe_kernels.activations import ELEMENTWISE
+
+    assert mk_hf._identify(ACT2FN[act_fn], ELEMENTWISE, torch.device("cpu")) == expected
+
+
+def test_gates_are_recognised_by_what_they_compute():
+    from moe_kernels.activations import GATED
+
+    def gate(act, clamp=None, fp32=False):
+        def fn(a):
+            g, u = a.chunk(2, dim=-1)
+            if clamp is not None:
+                g, u = g.clamp(max=clamp), u.clamp(-clamp, clamp)
+            out = act(g.float() if fp32 else g) * (u.float() if fp32 else u)
+            return out.to(a.dtype)
+
+        return fn
+
+    silu, gelu_tanh = torch.nn.functional.silu, torch.nn.GELU(approximate="tanh")
+    cpu = torch.device("cpu")
+    assert mk_hf._identify(gate(silu), GATED, cpu) == "swiglu"
+    assert mk_hf._identify(gate(silu, fp32=True), GATED, cpu) == "swiglu"  # beam's
+    assert mk_hf._identify(gate(gelu_tanh), GATED, cpu) == "geglu_tanh"  # gemma4's
+    assert mk_hf._identify(gate(silu, clamp=7.0), GATED, cpu) is None  # deepseek_v4's clamp
 
 
 def test_the_example_trains():

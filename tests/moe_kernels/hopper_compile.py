@@ -279,18 +279,16 @@ def moe_workload(
             scale=2.5,
         )
         weights.sum().backward()
-        # FP8 experts: the plain GEMM and the MoE's first (gather, SwiGLU, bias) and second (scatter) GEMMs.
-        from moe_kernels.fp8 import grouped_mm_fp8_triton, quantize_fp8
-
-        offsets = torch.tensor([5, 5, 20], dtype=torch.int32)
-        q, scale = quantize_fp8(torch.randn(3, 160, 96))
-        rows = torch.arange(20, dtype=torch.int32)
-        h = grouped_mm_fp8_triton(
-            torch.randn(20, 160, dtype=dtype), q, scale, offsets, activation="swiglu", a_rows=rows,
-            bias=torch.randn(3, 96, dtype=dtype),
-        )  # fmt: skip
-        q2, scale2 = quantize_fp8(torch.randn(3, 48, 160))
-        grouped_mm_fp8_triton(h, q2, scale2, offsets, c_rows=rows)
+        # FP8 experts, trained (precision="fp8": the first GEMM storing its pre-activation, the
+        # input gradients on transposed e4m3 weights) and stored (to_fp8, inference).
+        for activation, biases in (("swiglu", False), ("gelu_tanh", True)):
+            layer = MoE(
+                32, 32, num_experts=4, top_k=2, activation=activation, backend="triton", expert_biases=biases,
+                precision="fp8",
+            ).to(dtype)  # fmt: skip
+            layer(torch.randn(24, 32, dtype=dtype, requires_grad=True)).float().square().mean().backward()
+            with torch.no_grad():
+                layer.eval().to_fp8()(torch.randn(24, 32, dtype=dtype))
         for k, n in ((32, 48), (16, 24)):  # 16-byte aligned rows, as at real sizes, and not
             x = torch.randn(20, k, dtype=dtype, requires_grad=True)
             w = torch.randn(3, k, n, dtype=dtype, requires_grad=True)

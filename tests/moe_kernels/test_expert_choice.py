@@ -5,6 +5,7 @@ import torch
 
 import moe_kernels as mk
 from moe_kernels import reference
+from moe_kernels.activations import projection_width
 from moe_kernels.expert_choice import expert_rows
 from moe_kernels.routing import chosen_routing
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, assert_close_to_reference, grads
@@ -185,7 +186,7 @@ def test_ffn_forward_backward_match_reference(backend, dtype, T, E, C, group_siz
     D, H = 24, 20  # neither a multiple of the blocks
     x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=True)
     weights, tokens = _chosen(T, E, C, group_size)
-    width = 2 * H if activation == "swiglu" else H
+    width = projection_width(activation, H)
     w_in = (torch.randn(E, D, width, device=DEVICE) / D**0.5).to(dtype).requires_grad_()
     w_out = (torch.randn(E, H, D, device=DEVICE) / H**0.5).to(dtype).requires_grad_()
     b_in = (0.1 * torch.randn(E, width, device=DEVICE)).to(dtype).requires_grad_() if biases else None

@@ -3,7 +3,7 @@ import torch
 
 import moe_kernels as mk
 from moe_kernels import reference
-from moe_kernels.activations import ACTIVATIONS
+from moe_kernels.activations import ACTIVATIONS, projection_width
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, DTYPES, assert_close_to_reference, grads, non_contiguous
 
 # (T, D, H, E, k, routing): k=1, k=E, T=1, sizes off the block, empty experts, one expert for all.
@@ -24,7 +24,7 @@ def _inputs(T, D, H, E, k, routing, activation, dtype):
         experts = torch.rand(T, 2, device=DEVICE).argsort(dim=1)[:, :k] + 2
     else:
         experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
-    width = 2 * H if activation == "swiglu" else H
+    width = projection_width(activation, H)
     w_in = (torch.randn(E, D, width, device=DEVICE) / D**0.5).to(dtype).requires_grad_()
     w_out = (torch.randn(E, H, D, device=DEVICE) / H**0.5).to(dtype).requires_grad_()
     return x, weights, experts, w_in, w_out

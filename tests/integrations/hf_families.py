@@ -1,0 +1,210 @@
+"""Every MoE family of the installed transformers whose experts go through its experts interface,
+checked against moe_kernels: served and equal to transformers' eager experts, or falling back
+with a warning (and then equal too, through transformers' grouped_mm).
+
+Families are discovered, not listed: every ``transformers.models.<family>.modeling_<family>``
+class decorated with ``use_experts_implementation`` (it gains ``_apply_gate``). Each experts
+module is built alone from its family's config, shrunk (width 32, 4 experts of width 24, top 2),
+in float32, and run on random tokens, routes and weights: outputs and the gradients of the tokens,
+the routing weights and every parameter against the eager forward. Checking the experts module
+rather than the whole model keeps the sweep to seconds (no attention, no vision towers) while
+testing exactly what the integration replaces.
+
+    python -m tests.integrations.hf_families --out docs/hf_families.md   # the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import pkgutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import moe_kernels.integrations.huggingface as mk_hf
+
+SIZES = {
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 24,
+    "expert_intermediate_size": 24,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+}
+TOKENS, TOP_K = 7, 2
+TOLERANCE = dict(atol=1e-5, rtol=1e-4)
+
+
+@dataclass
+class Result:
+    family: str
+    experts: str
+    status: str  # "served", "fallback", "mismatch" (or an error of ours) or "not built"
+    detail: str = ""
+
+
+def discover() -> list[tuple[str, type]]:
+    """``(family, experts class)`` for every experts class of the installed transformers."""
+    from transformers import models
+
+    found = []
+    for info in pkgutil.iter_modules(models.__path__):
+        try:
+            module = importlib.import_module(f"transformers.models.{info.name}.modeling_{info.name}")
+        except Exception:  # noqa: BLE001 - a family whose optional dependencies are missing
+            continue
+        for cls in vars(module).values():
+            if inspect.isclass(cls) and cls.__module__ == module.__name__ and hasattr(cls, "_apply_gate"):
+                found.append((info.name, cls))
+    return sorted(found, key=lambda pair: (pair[0], pair[1].__name__))
+
+
+def _configs(family: str):
+    """The family's config objects, text configs first, each shrunk to ``SIZES``."""
+    import transformers
+
+    module = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+    classes = [
+        c
+        for c in vars(module).values()
+        if inspect.isclass(c) and issubclass(c, transformers.PretrainedConfig) and c.__module__ == module.__name__
+    ]
+    configs = []
+    for cls in sorted(classes, key=lambda c: "Text" not in c.__name__):
+        try:
+            config = cls()
+        except Exception:  # noqa: BLE001 - a config that needs arguments: try the others
+            continue
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for key, value in SIZES.items():
+            if key in config.to_dict():
+                try:
+                    setattr(config, key, value)
+                except Exception:  # noqa: BLE001 - a per-layer attribute: left as it is
+                    pass
+        configs.append(config)
+    return configs
+
+
+def build(family: str, cls: type) -> torch.nn.Module:
+    """A tiny float32 ``cls`` from its family's config (``ValueError`` saying why if none builds)."""
+    needs_layer = "layer_idx" in inspect.signature(cls.__init__).parameters
+    errors = []
+    for config in _configs(family):
+        try:
+            experts = cls(config, 0) if needs_layer else cls(config)
+        except Exception as error:  # noqa: BLE001 - recorded: the next config may do
+            errors.append(f"{type(config).__name__}: {type(error).__name__}: {error}")
+            continue
+        if sum(p.numel() for p in experts.parameters()) > 2_000_000:
+            errors.append(f"{type(config).__name__}: not shrunk by {sorted(SIZES)}")
+            continue
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in experts.parameters():
+                p.normal_(0, 0.3)
+        return experts.float().train()
+    raise ValueError("; ".join(errors) or "no config of the family builds without arguments")
+
+
+def _run(experts, implementation: str, x, index, weights):
+    experts.config._experts_implementation = implementation
+    experts.zero_grad(set_to_none=True)
+    x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    y = experts(x, index, weights)
+    y.backward(_grad_of(y))
+    grads = {name: p.grad for name, p in experts.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, weights.grad, grads
+
+
+def _grad_of(y: torch.Tensor) -> torch.Tensor:
+    return torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y).cos()
+
+
+def check(family: str, cls: type) -> Result:
+    """Build ``cls`` tiny and compare moe_kernels (PyTorch path) with transformers' eager experts."""
+    name = mk_hf.register(backend="torch")
+    try:
+        experts = build(family, cls)
+    except ValueError as error:
+        return Result(family, cls.__name__, "not built", str(error))
+    generator = torch.Generator().manual_seed(0)
+    E = experts.num_experts
+    x = torch.randn(TOKENS, SIZES["hidden_size"], generator=generator)
+    index = torch.rand(TOKENS, E, generator=generator).argsort(1)[:, :TOP_K]
+    weights = torch.rand(TOKENS, TOP_K, generator=generator)
+    try:
+        want = _run(experts, "eager", x, index, weights)
+    except Exception as error:  # noqa: BLE001 - a module called otherwise than (tokens, index, weights)
+        return Result(family, cls.__name__, "not built", f"its eager forward failed: {type(error).__name__}: {error}")
+    mk_hf._warned.discard(type(experts))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            got = _run(experts, name, x, index, weights)
+        except Exception as error:  # noqa: BLE001 - recorded as a failure of ours
+            return Result(family, cls.__name__, "mismatch", f"{type(error).__name__}: {error}")
+    fallback = [str(w.message) for w in caught if "moe_kernels does not run" in str(w.message)]
+    try:
+        for label, a, b in zip(("output", "d tokens", "d routing weights"), got[:3], want[:3]):
+            torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m, label=label: f"{label}: {m}")
+        assert got[3].keys() == want[3].keys(), f"gradients of {sorted(got[3])} vs {sorted(want[3])}"
+        for param in want[3]:
+            torch.testing.assert_close(got[3][param], want[3][param], **TOLERANCE, msg=lambda m, p=param: f"d {p}: {m}")
+    except AssertionError as error:
+        return Result(family, cls.__name__, "mismatch", str(error).splitlines()[0])
+    if fallback:
+        return Result(family, cls.__name__, "fallback", fallback[0].split(": ", 1)[1])
+    return Result(family, cls.__name__, "served")
+
+
+def table(results: list[Result]) -> str:
+    import transformers
+
+    counts = {status: sum(r.status == status for r in results) for status in ("served", "fallback", "mismatch")}
+    lines = [
+        f"# Hugging Face MoE families on moe_kernels (transformers {transformers.__version__})",
+        "",
+        "Generated by `python -m tests.integrations.hf_families --out docs/hf_families.md`: every experts",
+        "class of the installed transformers that goes through its experts interface, built tiny in float32",
+        "and compared with transformers' eager experts (outputs, and gradients of the tokens, the routing",
+        "weights and every expert parameter). *served*: moe_kernels computes it; *fallback*: it warns and",
+        "runs transformers' grouped_mm instead (the reason given); *not built*: this sweep could not make",
+        "a tiny instance from the family's default config.",
+        "",
+        f"{counts['served']} served, {counts['fallback']} fallback, {counts['mismatch']} mismatch, "
+        f"{len(results) - sum(counts.values())} not built, of {len(results)} experts classes.",
+        "",
+        "| family | experts class | status | why |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r.family} | `{r.experts}` | {r.status} | {r.detail.replace('|', '/')[:160]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="write the markdown table here (else print it)")
+    args = p.parse_args(argv)
+    results = []
+    for family, cls in discover():
+        results.append(check(family, cls))
+        print(f"{family:24s} {cls.__name__:36s} {results[-1].status} {results[-1].detail[:80]}", flush=True)
+    text = table(results)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.write_text(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
