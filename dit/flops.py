@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from moe_kernels.activations import GATED
+from moe_kernels.activations import parse_activation
 
 from .cli import positive_int
 from .models import DiTConfig, parse_model_name
@@ -89,7 +89,7 @@ def count(config: DiTConfig) -> Counts:
     attn_params = 4 * D * D + 4 * D + (4 * (D // config.num_heads) if config.qk_norm else 0)
     adaln_params = 6 * D * D + 6 * D
     if E:
-        matrices = 3 if config.expert_activation in GATED else 2  # gate, up, down or in, out
+        matrices = 3 if parse_activation(config.expert_activation)[1] else 2  # gate, up, down or in, out
         expert_macs = matrices * D * H
         expert = expert_macs + ((matrices - 1) * H + D if config.expert_biases else 0)
         # DiffMoE's capacity predictor: Linear(D, D), SiLU, Linear(D, E) on every token.

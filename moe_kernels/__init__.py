@@ -8,6 +8,7 @@ Underneath, each op is a custom op in ``torch.ops.moe_kernels`` (see ``moe_kerne
 ``torch.compile``, ``torch.export`` and ``torch.func.grad`` work through them.
 """
 
+from .activations import swiglu_activation
 from .balance import balance_loss, update_selection_bias
 from .expert_choice import expert_choice_ffn, expert_choice_gating
 from .ffn import moe_ffn
@@ -26,6 +27,7 @@ __all__ = [
     "grouped_mm_fp8",
     "moe_ffn",
     "quantize_fp8",
+    "swiglu_activation",
     "topk_gating",
     "update_selection_bias",
 ]

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from .activations import ACTIVATIONS, GATED, activation_fn, activation_grad
+from .activations import activation_fn, activation_grad, parse_activation
 from .backend import resolve_backend
 from .combine import Slots, combine, combine_torch, combine_weight_grad, combine_weight_grad_torch
 from .fp8 import (
@@ -466,14 +466,13 @@ def check_experts(
         if w.dtype != weight_dtype:
             what = "the dtype of x" if weight_dtype == x.dtype else "FP8 experts'"
             raise TypeError(f"{name} must have {what} ({weight_dtype}), got {w.dtype}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    gated = parse_activation(activation)[1] is not None
     D, E = x.shape[1], w_in.shape[0]
     if E == 0:
         raise ValueError(f"w_in must hold at least one expert, got shape {tuple(w_in.shape)}")
     check_dim("w_in", w_in, 1, D, "D, the width of x")
     hidden = w_in.shape[2]
-    if activation in GATED:
+    if gated:
         if hidden % 2:
             raise ValueError(f"w_in must be [E, D, 2H] for {activation}, got an odd last dimension {hidden}")
         hidden //= 2
@@ -514,7 +513,8 @@ def moe_ffn(
 
     ``y[t] = sum_j weights[t, j] * (act(x[t] @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e])`` with
     ``e = experts[t, j]``; for ``"swiglu"``, ``act(a) = silu(a[:, :H]) * a[:, H:]`` (``"geglu"``
-    and ``"geglu_tanh"`` gate with GELU and its tanh form); ``"relu2"`` is ``relu(a) ** 2``.
+    and ``"geglu_tanh"`` gate with GELU and its tanh form; ``swiglu_activation(limit, alpha,
+    up_offset)`` names SwiGLU with clamped inputs, GPT-OSS's); ``"relu2"`` is ``relu(a) ** 2``.
 
     Args:
         x: ``[T, D]`` (fp16, bf16 or fp32).

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .activations import act, act_grad, split_activation
+from .activations import Glu, act, act_grad, glu, glu_grad, split_activation
 from .backend import INTERPRET, resolve_backend
 from .library import custom_op, differentiable
 from .tuning import FP8_CONFIGS, FP8_KEYS, ROW_CONFIGS, ROW_KEYS, WGRAD_CONFIGS, row_candidates, wgrad_candidates
@@ -73,7 +73,9 @@ def _row_tile(offsets_ptr, a_rows_ptr, N, E, GATHER_A: tl.constexpr, BLOCK_M: tl
 @triton.jit
 def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
               preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
-              EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, STORE_PREACT: tl.constexpr,
+              EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, CLAMP: tl.constexpr,
+              LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr, GATE_CAP: tl.constexpr,
+              UP_CAP: tl.constexpr, STORE_PREACT: tl.constexpr,
               SCATTER_C: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr):  # fmt: skip
     """A row tile's fp32 product (``acc``, and ``acc_up`` for a GLU's up projection) through the
     bias, the row scale and the epilogue of ``_grouped_mm_kernel``, stored: shared by its bf16 and
@@ -95,16 +97,18 @@ def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, 
             tl.store(preact_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=mask)
             if GLU:
                 tl.store(preact_ptrs + N * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=mask)
-        out = act(acc, ACTIVATION)
         if GLU:
-            out = out * acc_up
+            out = glu(acc, acc_up, ACTIVATION, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP)
+        else:
+            out = act(acc, ACTIVATION)
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == "act_grad":
         pre = tl.load(preact_ptrs, mask=mask, other=0.0).to(tl.float32)
         if GLU:
             up = tl.load(preact_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
-            tl.store(c_ptrs, (acc * up * act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
-            tl.store(c_ptrs + N * stride_cn, (acc * act(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+            d_gate, d_up = glu_grad(acc, pre, up, ACTIVATION, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP)
+            tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs + N * stride_cn, d_up.to(c_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(c_ptrs, (acc * act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
     else:
@@ -146,6 +150,12 @@ def _grouped_mm_kernel(
     EPILOGUE: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GLU: tl.constexpr,
+    CLAMP: tl.constexpr,
+    LIMIT: tl.constexpr,
+    ALPHA: tl.constexpr,
+    UP_OFFSET: tl.constexpr,
+    GATE_CAP: tl.constexpr,
+    UP_CAP: tl.constexpr,
     STORE_PREACT: tl.constexpr,
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
@@ -162,8 +172,9 @@ def _grouped_mm_kernel(
 
     BIAS adds the group's bias row (``2N`` wide with GLU and EPILOGUE "act") to the product.
     EPILOGUE "none": c = acc (times the row scale if SCALE).
-    EPILOGUE "act": c = act(acc), or act(acc) * acc_up with GLU, where acc_up multiplies b's
-    columns N:2N; with STORE_PREACT the pre-activation (both halves) is written to preact.
+    EPILOGUE "act": c = act(acc), or with GLU ``glu(acc, acc_up)`` (SwiGLU's options CLAMP,
+    LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP; see ``activations``), where acc_up multiplies b's columns N:2N; with
+    STORE_PREACT the pre-activation (both halves) is written to preact.
     EPILOGUE "act_grad": acc is dL/d(act output) (times the row scale); preact holds the saved
     pre-activation; c = dL/d(pre-activation), 2N columns wide with GLU.
     """
@@ -190,7 +201,8 @@ def _grouped_mm_kernel(
 
     _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
               preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
-              EPILOGUE, ACTIVATION, GLU, STORE_PREACT, SCATTER_C, SCALE, BIAS)  # fmt: skip
+              EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT,
+              SCATTER_C, SCALE, BIAS)  # fmt: skip
 
 
 @triton.jit
@@ -249,6 +261,12 @@ def _grouped_mm_fp8_kernel(
     EPILOGUE: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GLU: tl.constexpr,
+    CLAMP: tl.constexpr,
+    LIMIT: tl.constexpr,
+    ALPHA: tl.constexpr,
+    UP_OFFSET: tl.constexpr,
+    GATE_CAP: tl.constexpr,
+    UP_CAP: tl.constexpr,
     STORE_PREACT: tl.constexpr,
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
@@ -296,7 +314,8 @@ def _grouped_mm_fp8_kernel(
 
     _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
               preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
-              EPILOGUE, ACTIVATION, GLU, STORE_PREACT, SCATTER_C, SCALE, BIAS)  # fmt: skip
+              EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT,
+              SCATTER_C, SCALE, BIAS)  # fmt: skip
 
 
 @triton.jit
@@ -441,7 +460,7 @@ def _launch_rows(
     *,
     epilogue="none",
     activation="silu",
-    glu=False,
+    gate: Glu | None = None,
     preact=None,
     store_preact=False,
     a_rows=None,
@@ -470,7 +489,11 @@ def _launch_rows(
         *((0, 0) if bias is None else bias.stride()),
     )  # fmt: skip
     options = dict(
-        EPILOGUE=epilogue, ACTIVATION=activation, GLU=glu, STORE_PREACT=store_preact, GATHER_A=a_rows is not None,
+        EPILOGUE=epilogue, ACTIVATION=activation, GLU=gate is not None, STORE_PREACT=store_preact,
+        CLAMP=gate is not None and gate.limit is not None, LIMIT=float((gate and gate.limit) or 0.0),
+        ALPHA=float(gate.alpha if gate else 1.0), UP_OFFSET=float(gate.up_offset if gate else 0.0),
+        GATE_CAP=float((gate and gate.gate_softcap) or 0.0), UP_CAP=float((gate and gate.up_softcap) or 0.0),
+        GATHER_A=a_rows is not None,
         SCATTER_C=c_rows is not None, SCALE=scale is not None, BIAS=bias is not None,
         BLOCK_E=triton.next_power_of_2(E),
     )  # fmt: skip
@@ -537,9 +560,9 @@ def grouped_mm_act(
     Returns:
         ``h [M, H]`` and, with ``save_preact``, the pre-activation ``[M, 2H]`` (or ``[M, H]``).
     """
-    name, glu = split_activation(activation)
+    name, gate = split_activation(activation)
     num_rows = a.shape[0] if a_rows is None else a_rows.shape[0]
-    hidden = b.shape[2] // 2 if glu else b.shape[2]
+    hidden = b.shape[2] if gate is None else b.shape[2] // 2
     h = a.new_empty((num_rows, hidden))
     preact = a.new_empty((num_rows, b.shape[2])) if save_preact else None
     _launch_rows(
@@ -551,7 +574,7 @@ def grouped_mm_act(
         hidden,
         epilogue="act",
         activation=name,
-        glu=glu,
+        gate=gate,
         preact=preact,
         store_preact=save_preact,
         a_rows=a_rows,
@@ -582,7 +605,7 @@ def grouped_mm_act_grad(
     Returns:
         ``[M, 2H]`` (swiglu) or ``[M, H]``, in ``preact.dtype``.
     """
-    name, glu = split_activation(activation)
+    name, gate = split_activation(activation)
     num_rows = preact.shape[0]
     out = torch.empty_like(preact)
     _launch_rows(
@@ -594,7 +617,7 @@ def grouped_mm_act_grad(
         b.shape[2],
         epilogue="act_grad",
         activation=name,
-        glu=glu,
+        gate=gate,
         preact=preact,
         a_rows=a_rows,
         scale=scale,

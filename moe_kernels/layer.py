@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .activations import ACTIVATIONS, activation_fn, projection_width
+from .activations import activation_fn, parse_activation, projection_width
 from .backend import BACKENDS, resolve_backend
 from .balance import CONVENTIONS, loss_from_stats, router_z_loss
 from .capacity import CapacityPredictor
@@ -147,8 +147,7 @@ class MoE(nn.Module):
         num_shared_experts = NONNEGATIVE_INT.check("num_shared_experts", num_shared_experts)
         if shared_hidden_dim is not None:
             shared_hidden_dim = check_positive_int("shared_hidden_dim", shared_hidden_dim)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        parse_activation(activation)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         self.num_groups, self.topk_groups, self.routed_scale = check_routing_options(

@@ -12,11 +12,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .activations import parse_activation
+
 
 def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The map between the two expert GEMMs. The gated ones (``"swiglu"``, ``"geglu"``,
-    ``"geglu_tanh"``) take ``[..., 2H]`` (gate half first, then up half) to ``act(gate) * up``;
-    the others keep the width."""
+    ``"geglu_tanh"``, SwiGLU with options) take ``[..., 2H]`` (gate half first, then up half) to
+    ``act(gate) * up``; the others keep the width."""
     elementwise = {
         "gelu": F.gelu,
         "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
@@ -24,11 +26,21 @@ def activation_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
         "relu": F.relu,
         "relu2": lambda a: F.relu(a) ** 2,
     }
-    gates = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
-    if activation in gates:
-        act = elementwise[gates[activation]]
-        return lambda a: act(a[..., : a.shape[-1] // 2]) * a[..., a.shape[-1] // 2 :]
-    return elementwise[activation]
+    name, glu = parse_activation(activation)
+    if glu is None:
+        return elementwise[name]
+
+    def gated(a: torch.Tensor) -> torch.Tensor:
+        gate, up = a[..., : a.shape[-1] // 2], a[..., a.shape[-1] // 2 :]
+        if glu.limit is not None:
+            gate, up = torch.clamp(gate, max=glu.limit), torch.clamp(up, -glu.limit, glu.limit)
+        linear = gate if glu.gate_softcap is None else glu.gate_softcap * torch.tanh(gate / glu.gate_softcap)
+        up = up if glu.up_softcap is None else glu.up_softcap * torch.tanh(up / glu.up_softcap)
+        if glu.alpha == 1 and glu.gate_softcap is None:
+            return elementwise[glu.elementwise](gate) * (up + glu.up_offset)
+        return linear * torch.sigmoid(glu.alpha * gate) * (up + glu.up_offset)
+
+    return gated
 
 
 def topk_gating(

@@ -17,20 +17,25 @@ Expert biases (``gate_up_proj_bias``/``up_proj_bias`` and ``down_proj_bias``) ar
 the expert GEMMs. The activation is the one the experts module computes, found by running its
 gate (or ``act_fn``) on probe inputs and comparing with each of ``moe_ffn``'s activations, not
 ``config.hidden_act``, which some families set to another activation than their experts use:
-a custom gate that computes plain SwiGLU (a clamp switched off, SwiGLU in fp32) is served, one
-that clamps or caps is not. Experts this path does not cover (interleaved gate/up, a custom gate, a post-expert
-norm, an activation ``moe_ffn`` lacks, expert parallelism inside transformers) run through
-transformers' own ``grouped_mm`` implementation, with a warning naming what was found, once per
-class.
+a custom gate is served when it computes one of them: plain SwiGLU (a clamp switched off, SwiGLU
+in fp32), or SwiGLU with the options its module holds (``limit``/``swiglu_limit``,
+``alpha``/``swiglu_alpha``, softcaps: DeepSeek-V4's clamped SwiGLU, GPT-OSS's activation,
+Inkling-2's softcapped SwiGLU). Interleaved
+gate and up columns (GPT-OSS) are put in halves by a copy of the weights on each call. Experts
+this path does not cover (a post-expert norm, an activation ``moe_ffn`` lacks, expert parallelism
+inside transformers) run through transformers' own ``grouped_mm`` implementation, with a warning
+naming what was found, once per class.
 """
 
 from __future__ import annotations
 
+import itertools
+import numbers
 import warnings
 
 import torch
 
-from ..activations import ELEMENTWISE, GATED, activation_fn
+from ..activations import ELEMENTWISE, GATED, activation_fn, swiglu_activation
 from ..ffn import moe_ffn
 
 NAME = "moe_kernels"
@@ -72,8 +77,6 @@ def _activation(experts: torch.nn.Module) -> tuple[str | None, str]:
         return None, "its experts have a post-expert norm"
     if getattr(experts, "_is_expert_parallel", False):
         return None, "transformers' expert parallelism is on"
-    if experts.has_gate and not getattr(experts, "is_concatenated", True):
-        return None, "its gate and up projections are interleaved"
     cached = experts.__dict__.get("_moe_kernels_activation")
     if cached is None:
         cached = experts.__dict__["_moe_kernels_activation"] = _identify_experts(experts)
@@ -87,8 +90,10 @@ def _identify_experts(experts: torch.nn.Module) -> tuple[str | None, str]:
         if not custom and not hasattr(experts, "act_fn"):
             return None, "it has no act_fn to read its activation from"
         found = f"{type(experts).__name__}._apply_gate" if custom else f"act_fn = {_describe(experts.act_fn)}"
-        what, candidates = f"its gate ({found})", tuple(GATED)
-        fn = experts._apply_gate
+        what, candidates = f"its gate ({found})", _gate_candidates(experts)
+
+        def fn(halves: torch.Tensor) -> torch.Tensor:
+            return experts._apply_gate(halves if _concatenated(experts) else _interleave(halves))
     else:
         if not hasattr(experts, "act_fn"):
             return None, "it has no act_fn to read its activation from"
@@ -99,8 +104,48 @@ def _identify_experts(experts: torch.nn.Module) -> tuple[str | None, str]:
     except Exception as error:  # noqa: BLE001 - a gate that cannot run alone is not one we know
         return None, f"{what} could not be probed ({type(error).__name__}: {error})"
     if activation is None:
-        return None, f"{what} computes none of moe_kernels' activations ({', '.join(candidates)})"
+        kinds = ", ".join(candidates) if not experts.has_gate else f"{', '.join(GATED)}, SwiGLU with its options"
+        return None, f"{what} computes none of moe_kernels' activations ({kinds})"
     return activation, ""
+
+
+def _gate_candidates(experts: torch.nn.Module) -> tuple[str, ...]:
+    """The gated activations a gate may compute: ours, and SwiGLU with the options the module
+    (or its ``act_fn``) holds: a limit, a sigmoid scale, softcaps of the gate and up halves, with
+    or without GPT-OSS's ``up + 1``."""
+
+    def number(*names: str) -> float | None:
+        for owner, name in itertools.product((experts, getattr(experts, "act_fn", None)), names):
+            value = getattr(owner, name, None)
+            value = getattr(value, "softcap", value)  # a softcap module holding its cap
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                return float(value)
+        return None
+
+    limit, alpha = number("limit", "swiglu_limit"), number("alpha", "swiglu_alpha")
+    caps = number("gate_softcap", "mlp_gate_softcap"), number("up_softcap", "mlp_up_softcap")
+    options = itertools.product({None, limit}, {1.0, alpha or 1.0}, (0.0, 1.0), {(None, None), caps})
+    variants = [
+        swiglu_activation(limit, alpha, offset, *caps)
+        for limit, alpha, offset, caps in options
+        if all(v is None or v > 0 for v in (limit, *caps))
+    ]
+    return tuple(dict.fromkeys([*GATED, *variants]))
+
+
+def _concatenated(experts: torch.nn.Module) -> bool:
+    return getattr(experts, "is_concatenated", True)
+
+
+def _interleave(halves: torch.Tensor) -> torch.Tensor:
+    """``[..., gate | up]`` as ``[..., g0, u0, g1, u1, ...]``."""
+    gate, up = halves.chunk(2, dim=-1)
+    return torch.stack([gate, up], dim=-1).flatten(-2)
+
+
+def _halves(interleaved: torch.Tensor) -> torch.Tensor:
+    """``[..., g0, u0, g1, u1, ...]`` as ``[..., gate | up]`` (a copy)."""
+    return torch.cat([interleaved[..., 0::2], interleaved[..., 1::2]], dim=-1)
 
 
 def _biases(experts: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -108,16 +153,17 @@ def _biases(experts: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor
     if not getattr(experts, "has_bias", False):
         return None, None
     b_in = experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
-    return b_in, experts.down_proj_bias
+    return b_in if _concatenated(experts) else _halves(b_in), experts.down_proj_bias
 
 
 def _weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w_in [E, D, 2I or I]`` and ``w_out [E, I, D]`` as views of the module's weights."""
+    """``w_in [E, D, 2I or I]`` and ``w_out [E, I, D]`` as views of the module's weights (gate
+    and up columns put in halves by a copy if interleaved)."""
     w_in = experts.gate_up_proj if experts.has_gate else experts.up_proj
     w_out = experts.down_proj
-    if getattr(experts, "is_transposed", False):
-        return w_in, w_out
-    return w_in.transpose(1, 2), w_out.transpose(1, 2)
+    if not getattr(experts, "is_transposed", False):
+        w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
+    return w_in if _concatenated(experts) else _halves(w_in), w_out
 
 
 def register(backend: str | None = None) -> str:

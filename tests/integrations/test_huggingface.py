@@ -11,6 +11,7 @@ transformers = pytest.importorskip(
     "transformers", minversion="5", reason="the hf extra (transformers >= 5) is not installed"
 )
 
+import moe_kernels as mk  # noqa: E402
 import moe_kernels.integrations.huggingface as mk_hf  # noqa: E402
 
 COMMON = dict(
@@ -201,7 +202,42 @@ def test_gates_are_recognised_by_what_they_compute():
     assert mk_hf._identify(gate(silu), GATED, cpu) == "swiglu"
     assert mk_hf._identify(gate(silu, fp32=True), GATED, cpu) == "swiglu"  # beam's
     assert mk_hf._identify(gate(gelu_tanh), GATED, cpu) == "geglu_tanh"  # gemma4's
-    assert mk_hf._identify(gate(silu, clamp=7.0), GATED, cpu) is None  # deepseek_v4's clamp
+    assert mk_hf._identify(gate(silu, clamp=7.0), GATED, cpu) is None  # deepseek_v4's clamp, no limit known
+
+
+def test_gates_with_options_are_served_from_the_modules_attributes():
+    """GPT-OSS's gate (clamp, sigmoid scale, ``up + 1``, interleaved columns) and Inkling-2's
+    softcapped SwiGLU: the options come from the module, and the probe confirms them."""
+    from transformers.integrations.moe import use_experts_implementation
+
+    E, D, inner = 3, 8, 8
+
+    @use_experts_implementation(is_concatenated=False, has_bias=True)
+    class OaiExperts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts, self.limit, self.alpha = E, 0.5, 1.702
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(E, 2 * inner, D))
+            self.gate_up_proj_bias = torch.nn.Parameter(torch.randn(E, 2 * inner))
+            self.down_proj = torch.nn.Parameter(torch.randn(E, D, inner))
+            self.down_proj_bias = torch.nn.Parameter(torch.randn(E, D))
+
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up[..., ::2].clamp(max=self.limit), gate_up[..., 1::2].clamp(-self.limit, self.limit)
+            return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+    experts = OaiExperts(transformers.PretrainedConfig())
+    assert mk_hf._activation(experts) == (mk.swiglu_activation(limit=0.5, alpha=1.702, up_offset=1.0), "")
+    experts.limit = 0.25  # the cached answer stays: the module's options are read once
+    assert mk_hf._activation(experts)[0] == mk.swiglu_activation(limit=0.5, alpha=1.702, up_offset=1.0)
+    name = mk_hf.register(backend="torch")
+    x, index, weights = torch.randn(5, D), torch.randint(0, E, (5, 2)), torch.rand(5, 2)
+    experts.limit = 0.5
+    outputs = {}
+    for implementation in ("grouped_mm", name):
+        experts.config._experts_implementation = implementation
+        outputs[implementation] = experts(x, index, weights)
+    torch.testing.assert_close(outputs[name], outputs["grouped_mm"], atol=1e-5, rtol=1e-5)
 
 
 def test_the_example_trains():

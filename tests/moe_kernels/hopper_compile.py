@@ -249,11 +249,15 @@ def moe_workload(
 ) -> Callable[[], None]:
     """Forward and backward of every public op, in each dtype, on tiny CPU tensors; with ``tf32``,
     fp32 once more with TF32 products (the trainer's default), which lowers ``tl.dot`` differently."""
-    from moe_kernels import MoE, balance_loss, grouped_mm, topk_gating
+    from moe_kernels import MoE, balance_loss, grouped_mm, swiglu_activation, topk_gating
 
     def run_ops(dtype: torch.dtype) -> None:
-        # SwiGLU, GELU, and an upcycled DiT's experts: GELU-tanh with biases (BIAS, BIAS_GRAD).
-        for activation, biases in (("swiglu", False), ("gelu", False), ("gelu_tanh", True)):
+        # SwiGLU, GELU, an upcycled DiT's experts: GELU-tanh with biases (BIAS, BIAS_GRAD), relu²,
+        # and SwiGLU with every option (clamp, sigmoid scale, up offset, softcaps: GPT-OSS-like).
+        every_option = swiglu_activation(limit=7.0, alpha=1.702, up_offset=1.0, gate_softcap=4.0, up_softcap=25.0)
+        for activation, biases in (
+            ("swiglu", False), ("gelu", False), ("gelu_tanh", True), ("relu2", False), (every_option, True)
+        ):  # fmt: skip
             layer = MoE(
                 32, 32, num_experts=4, top_k=2, activation=activation, backend="triton", expert_biases=biases
             ).to(dtype)
