@@ -446,28 +446,30 @@ PROFILE_CASES = ("XL/2-8E2A T=16384", "S/2-16E2A T=32768", "XL sampling T=4096")
 
 def profile_layers(smoke: bool, dev: str, report: dict, top: int = 12) -> None:
     """Where one forward+backward of the ``triton`` layer spends its time, kernel by kernel
-    (operator by operator on the CPU), from ``torch.profiler``: ms per call, largest first."""
+    (operator by operator on the CPU), from ``torch.profiler``: ms per call, largest first; at
+    the first shape the ``fp8-train`` layer's too."""
     from torch.profiler import ProfilerActivity, profile
 
     dtype = torch.float32 if smoke else torch.bfloat16
     cases = SMOKE_CASES if smoke else {name: PAPER_CASES[name] for name in PROFILE_CASES}
     calls = 1 if smoke else 5
-    for name, case in cases.items():
+    for index, (name, case) in enumerate(cases.items()):
+        for backend in ("triton", "fp8-train") if index == 0 else ("triton",):
 
-        def measure():
-            fn = layer_fn("triton", case, True, dev, dtype)
-            fn()  # compiled and autotuned outside the trace
-            sync()
-            with profile(activities=[ProfilerActivity.CPU if smoke else ProfilerActivity.CUDA]) as trace:
-                for _ in range(calls):
-                    fn()
+            def measure():
+                fn = layer_fn(backend, case, True, dev, dtype)
+                fn()  # compiled and autotuned outside the trace
                 sync()
-            field = "self_cpu_time_total" if smoke else "self_device_time_total"
-            events = [(event.key, getattr(event, field) / 1e3 / calls) for event in trace.key_averages()]
-            events = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])
-            return {"total ms": sum(ms for _, ms in events)} | {key[:80]: ms for key, ms in events[:top]}
+                with profile(activities=[ProfilerActivity.CPU if smoke else ProfilerActivity.CUDA]) as trace:
+                    for _ in range(calls):
+                        fn()
+                    sync()
+                field = "self_cpu_time_total" if smoke else "self_device_time_total"
+                events = [(event.key, getattr(event, field) / 1e3 / calls) for event in trace.key_averages()]
+                events = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])
+                return {"total ms": sum(ms for _, ms in events)} | {key[:80]: ms for key, ms in events[:top]}
 
-        guarded(report["profile"], f"{name} | triton fwd+bwd", measure)
+            guarded(report["profile"], f"{name} | {backend} fwd+bwd", measure)
 
 
 def autotuned() -> dict[str, dict[str, str]]:

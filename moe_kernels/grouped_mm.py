@@ -27,7 +27,16 @@ import triton.language as tl
 from .activations import Glu, act, act_grad, glu, glu_grad, split_activation
 from .backend import INTERPRET, resolve_backend
 from .library import custom_op, differentiable
-from .tuning import FP8_CONFIGS, FP8_KEYS, ROW_CONFIGS, ROW_KEYS, WGRAD_CONFIGS, row_candidates, wgrad_candidates
+from .tuning import (
+    FP8_CONFIGS,
+    FP8_KEYS,
+    ROW_CONFIGS,
+    ROW_KEYS,
+    WGRAD_CONFIGS,
+    fp8_candidates,
+    row_candidates,
+    wgrad_candidates,
+)
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
 
@@ -226,7 +235,7 @@ def _quantize_rows(a, EXACT_CAST: tl.constexpr):
     return q.to(tl.float8e4nv), scale
 
 
-@triton.autotune(configs=FP8_CONFIGS, key=FP8_KEYS)
+@triton.autotune(configs=FP8_CONFIGS, key=FP8_KEYS, prune_configs_by={"early_config_prune": fp8_candidates})
 @triton.jit
 def _grouped_mm_fp8_kernel(
     a_ptr,

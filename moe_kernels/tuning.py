@@ -70,7 +70,7 @@ WGRAD_GPU_CONFIGS = [
 # FP8 row kernel: the K step is one scale block of 128 (the activations are quantized per step).
 # Its SwiGLU form holds two accumulators, the step's product and the fp32 A tile being quantized:
 # at 128x128 (8 warps), or 64x128 and 128x64 with 4 warps, ptxas spills inside the K loop; these
-# do not (the single-projection form does not spill at 128x128 either).
+# do not but 128x128, which ``fp8_candidates`` keeps for the single-projection forms of 2-byte inputs.
 FP8_GPU_CONFIGS = [
     config(*c) for c in [(128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 64, 128, 4, 4)]
 ]
@@ -108,6 +108,16 @@ def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     return _candidates(
         configs, size, kwargs["PRECISION"], pipeline, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
     )
+
+
+def fp8_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The FP8 kernel's candidates (``early_config_prune``): its 128x128 tile spills inside the K
+    loop (about 200 spill instructions per step, from the sm_90a compile tables) where it holds
+    two accumulators (the GLU forward) or quantizes a 4-byte A tile (fp32 inputs); the smaller
+    tiles do not."""
+    heavy = (kwargs["GLU"] and kwargs["EPILOGUE"] == "act") or named_args["a_ptr"].element_size() == 4
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128]
+    return small if heavy and small else configs
 
 
 def wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

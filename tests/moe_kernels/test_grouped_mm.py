@@ -139,7 +139,14 @@ def test_autotune_candidates_fit_each_launch():
     """On the GPU the autotuner compiles only configs that can launch (ptxas's shared memory for
     the same tiles: 240 KiB for bf16's GLU forward at 128x256, over Hopper's 227) and, for fp32
     with IEEE products, tiles that do not spill."""
-    from moe_kernels.tuning import ROW_GPU_CONFIGS, WGRAD_GPU_CONFIGS, row_candidates, wgrad_candidates
+    from moe_kernels.tuning import (
+        FP8_GPU_CONFIGS,
+        ROW_GPU_CONFIGS,
+        WGRAD_GPU_CONFIGS,
+        fp8_candidates,
+        row_candidates,
+        wgrad_candidates,
+    )
 
     def rows(dtype, glu=False, epilogue="none", precision="ieee"):
         named = {"a_ptr": torch.empty(1, dtype=dtype)}
@@ -165,3 +172,15 @@ def test_autotune_candidates_fit_each_launch():
     assert wgrad(torch.bfloat16) == _tiles(WGRAD_GPU_CONFIGS)
     assert wgrad(torch.float32, "tf32") == _tiles(WGRAD_GPU_CONFIGS) - {(128, 128, 128)}
     assert wgrad(torch.float32) == {(64, 64, 64)}
+
+    def fp8(dtype, glu=False, epilogue="none"):
+        named = {"a_ptr": torch.empty(1, dtype=dtype)}
+        return _tiles(fp8_candidates(FP8_GPU_CONFIGS, named, GLU=glu, EPILOGUE=epilogue))
+
+    # The FP8 kernel's 128x128 tile spills in its K loop for the GLU forward and fp32 inputs.
+    assert fp8(torch.bfloat16) == fp8(torch.bfloat16, glu=True, epilogue="act_grad") == _tiles(FP8_GPU_CONFIGS)
+    assert (
+        fp8(torch.bfloat16, glu=True, epilogue="act")
+        == fp8(torch.float32)
+        == _tiles(FP8_GPU_CONFIGS) - {(128, 128, 128)}
+    )
