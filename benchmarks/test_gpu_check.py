@@ -24,7 +24,7 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     assert all(row["fwd+bwd / triton"] > 0 for key, row in report["timings"].items() if key.endswith("fp8-train"))
     assert report["check errors"]["fp32"]["moe_ffn swiglu dw_in"] < 1e-5
     assert all(row["host fwd+bwd ms"] > 0 for row in trained.values())
-    assert {name.split(" | ")[1] for name in report["profile"]} == {"triton fwd+bwd", "fp8-train fwd+bwd"}
+    assert {name.split(" | ")[1] for name in report["profile"]} == {"triton fwd+bwd"}  # fp8-train: on the GPU
     for profile in report["profile"].values():
         assert profile["total ms"] > 0 and "moe_kernels::moe_ffn_backward" in profile
     assert {name.split(" | ")[1] for name in report["sampling"]} == {"triton", "torch", "fp8"}

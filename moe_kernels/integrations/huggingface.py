@@ -124,7 +124,11 @@ def _gate_candidates(experts: torch.nn.Module) -> tuple[str, ...]:
 
     limit, alpha = number("limit", "swiglu_limit"), number("alpha", "swiglu_alpha")
     caps = number("gate_softcap", "mlp_gate_softcap"), number("up_softcap", "mlp_up_softcap")
-    options = itertools.product({None, limit}, {1.0, alpha or 1.0}, (0.0, 1.0), {(None, None), caps})
+
+    def unique(*values):  # in order: the plain option first
+        return tuple(dict.fromkeys(values))
+
+    options = itertools.product(unique(None, limit), unique(1.0, alpha or 1.0), (0.0, 1.0), unique((None, None), caps))
     variants = [
         swiglu_activation(limit, alpha, offset, *caps)
         for limit, alpha, offset, caps in options

@@ -53,7 +53,7 @@ OPTIONS = [mk.swiglu_activation(limit=1.5), mk.swiglu_activation(limit=1.5, alph
     "activation, dtype",
     [(a, d) for a in ("geglu", "geglu_tanh", "relu2") for d in DTYPES] + [(a, torch.float32) for a in OPTIONS],
 )
-@pytest.mark.parametrize("T,D,H,E,k,routing", CASES[::2])
+@pytest.mark.parametrize("T,D,H,E,k,routing", CASES[:1])
 def test_more_activations_match_reference(backend, activation, dtype, T, D, H, E, k, routing):
     """Gated GELU (Gemma's, in both forms), relu² (Nemotron-H's), SwiGLU with options."""
     scale = 3.0 if activation in OPTIONS else 1.0  # pre-activations past the limit
