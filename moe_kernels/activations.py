@@ -22,6 +22,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +75,16 @@ def swiglu_activation(
 def parse_activation(activation: object) -> tuple[str, Glu | None]:
     """``(name, Glu)`` for a gated activation, ``(name, None)`` for an elementwise one;
     ``ValueError`` for anything else."""
-    if isinstance(activation, str) and activation in ACTIVATIONS:
+    if not isinstance(activation, str):
+        _refuse(activation)
+    return _parse(activation)
+
+
+@functools.cache  # every launch parses its activation: once per name is enough
+def _parse(activation: str) -> tuple[str, Glu | None]:
+    if activation in ACTIVATIONS:
         return activation, Glu(GATED[activation]) if activation in GATED else None
-    match = _OPTIONS.fullmatch(activation) if isinstance(activation, str) else None
+    match = _OPTIONS.fullmatch(activation)
     if match is not None:
         options = {}
         for item in filter(None, match.group(1).split(",")):
@@ -90,6 +98,10 @@ def parse_activation(activation: object) -> tuple[str, Glu | None]:
             if known and all(map(math.isfinite, options.values())):
                 if all(options.get(key, 1.0) > 0 for key in _POSITIVE):
                     return "swiglu", Glu("silu", **options)
+    _refuse(activation)
+
+
+def _refuse(activation: object) -> NoReturn:
     raise ValueError(
         f"activation must be one of {ACTIVATIONS} or swiglu with options, as swiglu_activation(limit=7.0, "
         f"alpha=1.702, up_offset=1.0) writes it (limit and caps > 0, finite values), got {activation!r}"

@@ -187,13 +187,13 @@ def _(x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, save_p
     )
 
 
-def _transposed_experts(w_in: Tensor, w_out: Tensor, fp8: bool) -> tuple[tuple[Tensor, Tensor | None], ...]:
-    """The input-gradient GEMMs' operands ``(w_in^T, its scales), (w_out^T, its scales)``: the
-    transposed matrices, quantized as the forward quantized them with ``fp8`` (a block's scale
-    serves its transpose), else with no scales."""
-    w_in, w_out, scales = quantized_experts(w_in, w_out, fp8)
-    scales = (None, None) if scales is None else (scale.transpose(1, 2) for scale in scales)
-    return tuple((w.transpose(1, 2), scale) for w, scale in zip((w_in, w_out), scales))
+def _transposed(w: Tensor, fp8: bool) -> tuple[Tensor, Tensor | None]:
+    """An input-gradient GEMM's operand: ``w^T`` and, with ``fp8``, its block scales, quantized
+    as the forward quantized ``w`` (a block's scale serves its transpose)."""
+    if not fp8:
+        return w.transpose(1, 2), None
+    w, scale = quantize_blocks(w)
+    return w.transpose(1, 2), scale.transpose(1, 2)
 
 
 def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs, fp8):
@@ -221,7 +221,7 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, s
         )
         grad_w_out = grad_w_out if needs_w_out else None
     if needs_x or needs_w_in or needs_b_in:
-        (w_in_t, w_in_t_scale), (w_out_t, w_out_t_scale) = _transposed_experts(w_in, w_out, fp8)
+        w_out_t, w_out_t_scale = _transposed(w_out, fp8)
         grad_preact = grouped_mm_act_grad(
             grad_y,
             w_out_t,
@@ -234,6 +234,7 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, s
             b_scale=w_out_t_scale,
         )
         if needs_x:
+            w_in_t, w_in_t_scale = _transposed(w_in, fp8)
             grad_slots = grouped_mm_triton(grad_preact, w_in_t, offsets, c_rows=slot_of_row, b_scale=w_in_t_scale)
             grad_x = (
                 grad_slots if isinstance(slots, int) and slots == 1 else combine(grad_slots, None, slots, T, x.dtype)
@@ -268,7 +269,7 @@ def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, sl
     if needs_b_out:
         grad_b_out = group_sums_torch(grad_rows, offsets)
     if needs_x or needs_w_in or needs_b_in:
-        (w_in_t, w_in_t_scale), (w_out_t, w_out_t_scale) = _transposed_experts(w_in, w_out, fp8)
+        w_out_t, w_out_t_scale = _transposed(w_out, fp8)
         if fp8:  # as the kernel: the gathered gradient quantized, the routing weight in the epilogue
             grad_h = _matmul_torch(grad_y_rows, w_out_t, offsets, w_out_t_scale) * row_weights[:, None]
             grad_preact = activation_grad(activation, preact.float(), grad_h).to(x.dtype)
@@ -277,6 +278,7 @@ def _backward_torch(grad_y, x, weights, w_in, w_out, preact, h, out, routing, sl
         if needs_b_in:
             grad_b_in = group_sums_torch(grad_preact, offsets)
         if needs_x:
+            w_in_t, w_in_t_scale = _transposed(w_in, fp8)
             grad_x_rows = _matmul_torch(grad_preact, w_in_t, offsets, w_in_t_scale).to(x.dtype)
             grad_x = combine_torch(grad_x_rows.index_select(0, row_of_slot(slot_of_row)), None, slots, T, x.dtype)
         if needs_w_in:
