@@ -17,9 +17,16 @@ Each part can run alone (``--parts``), in order:
   ``MoE.to_fp8``: forward only) and ``fp8-train`` (``MoE(precision="fp8")``, FP8 training),
   the FP8 ones also as a ratio to ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
-  down kernel by kernel with ``torch.profiler``.
+  down kernel by kernel with ``torch.profiler``, and each grouped GEMM launch (the forward's two,
+  the backward's ``act_grad`` and input-gradient ones, the two weight gradients: named by the
+  profiler ranges ``grouped_mm`` opens around its launches) with its ms, TFLOP/s and fraction of
+  the card's peak.
 - ``training``: images/s of a DiT-MoE-S/2-8E2A training step at batch 256 (bf16 autocast and
   TF32) and of XL/2-8E2A at batch 32 (bf16), both backends.
+- ``first-step``: seconds from a fresh process to the end of its first S/2-8E2A training step
+  (batch 256, bf16, Triton), with an empty Triton cache, autotuning every launch and then with
+  this run's table of tuned configs (the time a user's first step takes with and without the
+  table shipped for their GPU).
 - ``sampling``: one guided sampling step of DiT-MoE-S/2 and XL/2 at 256 px, eager and replayed as
   a CUDA graph (``dit.sampling.cuda_graphed``), both backends, with bf16 weights under bf16
   autocast as ``dit.sample --precision bf16`` runs it, and with FP8 experts as ``--precision
@@ -28,7 +35,10 @@ Each part can run alone (``--parts``), in order:
 Progress lines carry the seconds since the start. A row that fails records its error and the run
 goes on; the JSON (named after the card) is written after each part, with the config the
 autotuner chose for each key it tuned (``autotuned``), so a run cut short keeps what it measured,
-and a summary is printed last. ``--smoke`` runs every part on CPU through the
+and a summary is printed last. Every launch autotunes (``--table off``, the default: the GPU's
+shipped table is not used), and what the autotuners chose is written after each part as the
+table ``<card>.json`` in ``--tables`` (default ``OUT/configs``), added to what is there: the file
+to ship in ``moe_kernels/configs/``. ``--smoke`` runs every part on CPU through the
 Triton interpreter at tiny sizes, in fp32, timing each call once, so that the script a short GPU
 lease depends on is itself tested (``benchmarks/test_gpu_check.py``).
 """
@@ -38,7 +48,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -58,8 +72,8 @@ from moe_kernels import reference
 from moe_kernels.activations import ACTIVATIONS, projection_width
 from moe_kernels.backend import INTERPRET
 from moe_kernels.fp8 import grouped_mm_fp8_torch
-from moe_kernels.grouped_mm import _grouped_mm_kernel, _grouped_wgrad_kernel
-from moe_kernels.tuning import AUTOTUNE
+from moe_kernels.grouped_mm import TUNED_KERNELS
+from moe_kernels.tuning import AUTOTUNE, TABLE_ENV, TABLES, device_slug, tuned_table, write_table
 
 STARTED = time.time()
 
@@ -444,6 +458,33 @@ def host_ms(fn: Callable[[], object], calls: int = 10) -> float:
 PROFILE_CASES = ("XL/2-8E2A T=16384", "S/2-16E2A T=32768", "XL sampling T=4096")
 
 
+# Dense tensor-core peaks (TFLOP/s) per card, bf16/fp16; FP8 doubles them.
+PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H200": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0}
+
+
+def gemm_rates(trace, calls: int, smoke: bool) -> dict[str, dict[str, float]]:
+    """Each grouped GEMM launch of a traced call (``grouped_mm``'s profiler ranges, named with its
+    kernel, epilogue and sizes): ms per call (its kernels' time on the GPU), TFLOP/s and fraction
+    of the card's peak. Read from the host-side ranges (the GPU-side copies of a range are not
+    counted twice)."""
+    card = "" if smoke else torch.cuda.get_device_name()
+    peak = next((tflops for name, tflops in PEAK_TFLOPS.items() if name in card), None)
+    totals: dict[str, list[float]] = {}
+    for event in trace.events():
+        if event.name.startswith("moe_kernels.") and event.device_type == torch.autograd.DeviceType.CPU:
+            ms = (event.cpu_time_total if smoke else event.device_time_total) / 1e3
+            label, flops = event.name.removeprefix("moe_kernels.").rsplit(" flops=", 1)
+            total = totals.setdefault(label, [0.0, 0, 0])
+            total[0], total[1], total[2] = total[0] + ms, total[1] + 1, total[2] + int(flops)
+    rates = {}
+    for label, (ms, launches, flops) in sorted(totals.items(), key=lambda item: -item[1][0]):
+        row = {"ms": ms / calls, "launches": launches / calls, "TFLOP/s": flops / max(ms, 1e-9) / 1e9}
+        if peak:
+            row["of peak"] = row["TFLOP/s"] / (peak * (2 if "_fp8" in label else 1))
+        rates[label] = row
+    return rates
+
+
 def profile_layers(smoke: bool, dev: str, report: dict, top: int = 12) -> None:
     """Where one forward+backward of the ``triton`` layer spends its time, kernel by kernel
     (operator by operator on the CPU), from ``torch.profiler``: ms per call, largest first; at
@@ -466,17 +507,60 @@ def profile_layers(smoke: bool, dev: str, report: dict, top: int = 12) -> None:
                     sync()
                 field = "self_cpu_time_total" if smoke else "self_device_time_total"
                 events = [(event.key, getattr(event, field) / 1e3 / calls) for event in trace.key_averages()]
-                events = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])
-                return {"total ms": sum(ms for _, ms in events)} | {key[:80]: ms for key, ms in events[:top]}
+                # On the GPU a launch's kernel time shows twice: as its kernel and as its range.
+                kept = [e for e in events if e[1] > 0 and (smoke or not e[0].startswith("moe_kernels."))]
+                events = sorted(kept, key=lambda e: -e[1])
+                return (
+                    {"total ms": sum(ms for _, ms in events)}
+                    | {key[:80]: ms for key, ms in events[:top]}
+                    | {"gemms": gemm_rates(trace, calls, smoke)}
+                )
 
             guarded(report["profile"], f"{name} | {backend} fwd+bwd", measure)
 
 
-def autotuned() -> dict[str, dict[str, str]]:
+FIRST_STEP = ("DiT-MoE-S/2-8E2A", 256, "bf16")
+SMOKE_FIRST_STEP = ("DiT-MoE-Ti/2-4E2A", 4, "tf32")
+
+
+def first_step(smoke: bool) -> dict:
+    """In a fresh process: build ``FIRST_STEP``'s model and run one training step; how many launch
+    keys the autotuners tuned."""
+    model_name, batch, precision = SMOKE_FIRST_STEP if smoke else FIRST_STEP
+    dev = "cpu" if smoke else "cuda"
+    training_step(model_name, batch, "torch" if smoke else "triton", precision, dev, smoke)()
+    sync()
+    return {"keys tuned": sum(len(kernel.cache) for kernel in TUNED_KERNELS.values())}
+
+
+def time_first_step(smoke: bool, table: Path, report: dict, timeout_s: float = 240) -> None:
+    """``first_step`` in a child process with an empty Triton cache, autotuning, then with ``table``:
+    the seconds from starting the process (imports included) to the end of its step."""
+    for label, setting in (("autotuned", "off"), ("with table", str(table))):
+
+        def measure(setting=setting):
+            if setting != "off" and not Path(setting).is_file():
+                raise FileNotFoundError(f"no table at {setting}: run the layers or training part first")
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, TABLE_ENV: setting, "TRITON_CACHE_DIR": cache}
+                command = [sys.executable, "-m", "benchmarks.gpu_check", "--first-step-child", *["--smoke"] * smoke]
+                start = time.perf_counter()
+                child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+                seconds = time.perf_counter() - start
+            if child.returncode:
+                raise RuntimeError(child.stderr.strip().splitlines()[-1] if child.stderr.strip() else "failed")
+            return {"seconds": seconds, **json.loads(child.stdout.strip().splitlines()[-1])}
+
+        guarded(report["first step"], label, measure)
+    rows = report["first step"]
+    if all("seconds" in rows.get(label, {}) for label in ("autotuned", "with table")):
+        rows["with table"]["/ autotuned"] = rows["with table"]["seconds"] / rows["autotuned"]["seconds"]
+
+
+def autotuned() -> dict[str, dict[str, dict[str, int]]]:
     """The config the autotuner chose for each key it tuned, per GEMM kernel: which tiles won, and
     where the wgrad kernel's candidates all lose, what to try next."""
-    kernels = {"grouped_mm": _grouped_mm_kernel, "grouped_wgrad": _grouped_wgrad_kernel}
-    return {name: {str(key): str(config) for key, config in kernel.cache.items()} for name, kernel in kernels.items()}
+    return tuned_table(TUNED_KERNELS)
 
 
 def summary(report: dict) -> str:
@@ -494,7 +578,11 @@ def summary(report: dict) -> str:
                 if f"{part} / torch" in row
             )
             lines.append(f"{key:36s} {ratios or row.get('error', '')}")
-    for section in ("training", "sampling"):
+    for key, profile in report.get("profile", {}).items():
+        for gemm, row in profile.get("gemms", {}).items():
+            peak = f" {row['of peak']:.0%} of peak" if "of peak" in row else ""
+            lines.append(f"profile {key} {gemm}: {row['ms']:.3f} ms {row['TFLOP/s']:.0f} TFLOP/s{peak}")
+    for section in ("training", "first step", "sampling"):
         for key, row in report.get(section, {}).items():
             lines.append(
                 f"{section} {key:40s} "
@@ -503,7 +591,7 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("checks", "layers", "profile", "training", "sampling")
+PARTS = ("checks", "layers", "profile", "training", "first-step", "sampling")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -514,7 +602,23 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--checks", default=",".join(CHECK_DTYPES), help=f"the dtypes the checks run in, of {list(CHECK_DTYPES)}"
     )
+    p.add_argument(
+        "--table",
+        default="off",
+        help="tables of tuned configs: off (autotune every launch; the default), shipped, or a table's path",
+    )
+    p.add_argument(
+        "--tables",
+        default=None,
+        help="folder of the table written (default: OUT/configs); give runs of one lease the same one to add up",
+    )
+    p.add_argument("--first-step-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.first_step_child:
+        print(json.dumps(first_step(args.smoke)))
+        return Path()
+    if args.table != "shipped":
+        os.environ[TABLE_ENV] = args.table
     if args.smoke and not INTERPRET:
         p.error("--smoke runs the kernels through the interpreter: set TRITON_INTERPRET=1")
     if not args.smoke and not torch.cuda.is_available():
@@ -536,8 +640,10 @@ def main(argv: list[str] | None = None) -> Path:
         "timings": {},
         "profile": {},
         "training": {},
+        "first step": {},
         "sampling": {},
     }
+    table = Path(args.tables or Path(args.out) / "configs") / f"{device_slug(card)}.json"
     bench = _time_once if args.smoke else cuda_time_ms
     for part in parts:
         say(f"part {part}")
@@ -558,11 +664,14 @@ def main(argv: list[str] | None = None) -> Path:
             profile_layers(args.smoke, dev, report)
         elif part == "training":
             time_training(args.smoke, dev, bench, report)
+        elif part == "first-step":
+            time_first_step(args.smoke, table if table.is_file() else TABLES / table.name, report)
         else:
             time_sampling(args.smoke, dev, bench, report)
         report["seconds"] = time.time() - STARTED
         report["autotuned"] = autotuned()
         path = _save(report, args.out, card)
+        write_table(table, TUNED_KERNELS, card)
     print(summary(report), flush=True)
     print(f"wrote {path}")
     return path

@@ -27,9 +27,16 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     assert {name.split(" | ")[1] for name in report["profile"]} == {"triton fwd+bwd"}  # fp8-train: on the GPU
     for profile in report["profile"].values():
         assert profile["total ms"] > 0 and "moe_kernels::moe_ffn_backward" in profile
+        gemms = {name.split()[0]: row for name, row in profile["gemms"].items()}
+        assert {"grouped_mm[act]", "grouped_mm[none]", "grouped_mm[act_grad]", "grouped_wgrad"} == set(gemms)
+        assert all(row["ms"] > 0 and row["TFLOP/s"] > 0 for row in gemms.values())
     assert {name.split(" | ")[1] for name in report["sampling"]} == {"triton", "torch", "fp8"}
     assert all(row["eager ms"] > 0 for row in report["sampling"].values())
     assert all(row["img/s"] > 0 for row in report["training"].values()) and report["training"]
+    assert set(report["first step"]) == {"autotuned", "with table"}
+    assert all(row["seconds"] > 0 for row in report["first step"].values())
+    table = json.loads((tmp_path / "configs" / "smoke_CPU_interpreter.json").read_text())
+    assert set(table["kernels"]) == {"grouped_mm", "grouped_mm_fp8", "grouped_wgrad"}
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the smoke run needs the Triton interpreter")

@@ -19,6 +19,8 @@ Rows are never padded in memory: partial tiles are masked.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -33,8 +35,10 @@ from .tuning import (
     ROW_CONFIGS,
     ROW_KEYS,
     WGRAD_CONFIGS,
+    WGRAD_KEYS,
     fp8_candidates,
     row_candidates,
+    tabled,
     wgrad_candidates,
 )
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
@@ -124,7 +128,11 @@ def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, 
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=ROW_CONFIGS, key=ROW_KEYS, prune_configs_by={"early_config_prune": row_candidates})
+@triton.autotune(
+    configs=ROW_CONFIGS,
+    key=ROW_KEYS,
+    prune_configs_by={"early_config_prune": tabled("grouped_mm", ROW_KEYS, row_candidates)},
+)
 @triton.jit
 def _grouped_mm_kernel(
     # Pointers: operands, group ends, gather/scatter rows, per-slot scales, the pre-activation
@@ -235,7 +243,11 @@ def _quantize_rows(a, EXACT_CAST: tl.constexpr):
     return q.to(tl.float8e4nv), scale
 
 
-@triton.autotune(configs=FP8_CONFIGS, key=FP8_KEYS, prune_configs_by={"early_config_prune": fp8_candidates})
+@triton.autotune(
+    configs=FP8_CONFIGS,
+    key=FP8_KEYS,
+    prune_configs_by={"early_config_prune": tabled("grouped_mm_fp8", FP8_KEYS, fp8_candidates)},
+)
 @triton.jit
 def _grouped_mm_fp8_kernel(
     a_ptr,
@@ -352,8 +364,8 @@ def _wgrad_rows(
 
 @triton.autotune(
     configs=WGRAD_CONFIGS,
-    key=["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION"],
-    prune_configs_by={"early_config_prune": wgrad_candidates},
+    key=WGRAD_KEYS,
+    prune_configs_by={"early_config_prune": tabled("grouped_wgrad", WGRAD_KEYS, wgrad_candidates)},
 )
 @triton.jit
 def _grouped_wgrad_kernel(
@@ -459,6 +471,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+# The autotuned kernels by the names their tables of tuned configs use (``tuning.tabled``).
+TUNED_KERNELS = {
+    "grouped_mm": _grouped_mm_kernel,
+    "grouped_mm_fp8": _grouped_mm_fp8_kernel,
+    "grouped_wgrad": _grouped_wgrad_kernel,
+}
+
+
+def _annotated(kernel: str, flops: int, **sizes: int) -> contextlib.AbstractContextManager:
+    """A profiler range around one launch, named with its sizes and FLOPs, so that a trace says
+    which GEMM of the layer each kernel time belongs to and at what rate (``benchmarks/gpu_check.py``'s
+    ``profile`` part reads them); nothing at all when no profiler is running."""
+    if not torch.autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    named = " ".join(f"{key}={value}" for key, value in sizes.items())
+    return torch.profiler.record_function(f"moe_kernels.{kernel} {named} flops={flops}")
+
+
 def _launch_rows(
     a,
     b,
@@ -510,12 +540,15 @@ def _launch_rows(
     def grid(meta):
         return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(num_cols, meta["BLOCK_N"]),)
 
-    if b_scale is None:
-        _grouped_mm_kernel[grid](*pointers, *sizes, *strides, **options, PRECISION=_precision(a.dtype))
-    else:
-        _grouped_mm_fp8_kernel[grid](
-            *pointers, b_scale, *sizes, *strides, *b_scale.stride(), **options, EXACT_CAST=INTERPRET
-        )
+    products = 2 if gate is not None and epilogue == "act" else 1  # a GLU's gate and up projections
+    kernel = f"grouped_mm{'_fp8' if b_scale is not None else ''}[{epilogue}]"
+    with _annotated(kernel, 2 * num_rows * num_cols * K * products, rows=num_rows, N=num_cols * products, K=K):
+        if b_scale is None:
+            _grouped_mm_kernel[grid](*pointers, *sizes, *strides, **options, PRECISION=_precision(a.dtype))
+        else:
+            _grouped_mm_fp8_kernel[grid](
+                *pointers, b_scale, *sizes, *strides, *b_scale.stride(), **options, EXACT_CAST=INTERPRET
+            )
     return c
 
 
@@ -663,39 +696,41 @@ def grouped_mm_wgrad(
     summed = a.new_empty((E, N), dtype=torch.float32) if bias_grad else None
     if N == 0 or (K == 0 and not bias_grad):
         return c, None if summed is None else summed.to(out_dtype)
-    unused = offsets
 
     def grid(meta):
         return (E * triton.cdiv(max(K, 1), meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _grouped_wgrad_kernel[grid](
-        a,
-        b,
-        c,
-        offsets,
-        unused if a_rows is None else a_rows,
-        unused if b_rows is None else b_rows,
-        c if scale is None else scale,
-        unused if scale_rows is None else scale_rows,
-        c if summed is None else summed,
-        triton.next_power_of_2(a.shape[0] if a_rows is None else a_rows.shape[0]),
-        N,
-        K,
-        E,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        c.stride(0),
-        c.stride(1),
-        c.stride(2),
-        0 if summed is None else summed.stride(0),
-        GATHER_A=a_rows is not None,
-        GATHER_B=b_rows is not None,
-        SCALE=scale is not None,
-        BIAS_GRAD=bias_grad,
-        PRECISION=_precision(a.dtype),
-    )
+    rows = a.shape[0] if a_rows is None else a_rows.shape[0]
+    unused = offsets
+    with _annotated("grouped_wgrad", 2 * rows * K * N, rows=rows, N=N, K=K):
+        _grouped_wgrad_kernel[grid](
+            a,
+            b,
+            c,
+            offsets,
+            unused if a_rows is None else a_rows,
+            unused if b_rows is None else b_rows,
+            c if scale is None else scale,
+            unused if scale_rows is None else scale_rows,
+            c if summed is None else summed,
+            triton.next_power_of_2(rows),
+            N,
+            K,
+            E,
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            c.stride(0),
+            c.stride(1),
+            c.stride(2),
+            0 if summed is None else summed.stride(0),
+            GATHER_A=a_rows is not None,
+            GATHER_B=b_rows is not None,
+            SCALE=scale is not None,
+            BIAS_GRAD=bias_grad,
+            PRECISION=_precision(a.dtype),
+        )
     return c, None if summed is None else summed.to(out_dtype)
 
 

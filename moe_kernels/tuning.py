@@ -1,5 +1,6 @@
 """How the grouped GEMM kernels are tuned: the candidate configs for Hopper-class GPUs, the
-pruning of those a launch cannot use, and the switch that keeps only one.
+pruning of those a launch cannot use, the switch that keeps only one, and the tables of tuned
+configs shipped per GPU.
 
 The autotuner benchmarks every candidate left for a launch's key the first time it sees that
 key. ``early_config_prune`` (``row_candidates``, ``wgrad_candidates``) drops, before any compile,
@@ -7,12 +8,24 @@ the candidates whose software pipeline does not fit in shared memory and, for fp
 products (CUDA cores), the tiles that spill. ``MOE_KERNELS_AUTOTUNE=0`` keeps the smallest
 candidate only (correctness runs compile each kernel once); under the Triton interpreter, which
 cannot benchmark, one small config serves.
+
+On a GPU with a table (``configs/<GPU name>.json``, written by ``benchmarks/gpu_check.py`` after
+it autotuned on that GPU), a launch whose key the table lists compiles the config listed and
+benchmarks nothing; other keys, and GPUs without a table, autotune as before.
+``MOE_KERNELS_CONFIG_TABLE=off`` always autotunes; ``MOE_KERNELS_CONFIG_TABLE=<path>`` reads that
+table instead (one made on your GPU by ``write_table``).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
+from collections.abc import Callable
+from pathlib import Path
 
+import torch
 import triton
 
 from .backend import INTERPRET
@@ -143,3 +156,103 @@ def wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -
 ROW_KEYS = ["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C", "PRECISION"]
 # The FP8 kernel's products are e4m3 whatever the dtype of a: no PRECISION.
 FP8_KEYS = [key for key in ROW_KEYS if key != "PRECISION"]
+WGRAD_KEYS = ["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION"]
+
+
+# Tables of tuned configs, one per GPU name: {"device", "triton", "kernels": {kernel: {launch key:
+# {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}}}}.
+TABLES = Path(__file__).with_name("configs")
+TABLE_ENV = "MOE_KERNELS_CONFIG_TABLE"
+Prune = Callable[..., list[triton.Config]]
+
+
+def device_slug(name: str) -> str:
+    """A GPU's name as a file name: ``"NVIDIA H100 80GB HBM3"`` -> ``"NVIDIA_H100_80GB_HBM3"``."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")
+
+
+def launch_key(keys: list[str], values: dict) -> str:
+    """The autotuner's key of one launch as text: the ``keys`` arguments' values, then the dtype of
+    every tensor argument in order (Triton adds those to its key itself)."""
+    dtypes = [value.dtype for value in values.values() if hasattr(value, "dtype")]
+    return _key_text([(key, values[key]) for key in keys if key in values], dtypes)
+
+
+def _key_text(named: list[tuple[str, object]], dtypes: list) -> str:
+    return ",".join([f"{name}={value}" for name, value in named] + ["dtypes=" + "/".join(map(str, dtypes))])
+
+
+def _config_fields(config: triton.Config) -> dict[str, int]:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _table_path(device: torch.device) -> Path | None:
+    setting = os.environ.get(TABLE_ENV, "").strip()
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    if setting:
+        path = Path(setting)
+        if not path.is_file():
+            raise ValueError(f"{TABLE_ENV}={setting!r}: no such table (unset it to use the shipped ones, or 'off')")
+        return path
+    if device.type != "cuda":
+        return None
+    path = TABLES / f"{device_slug(torch.cuda.get_device_name(device))}.json"
+    return path if path.is_file() else None
+
+
+@functools.cache
+def _read_table(path: Path) -> dict[str, dict[str, dict[str, int]]]:
+    try:
+        kernels = json.loads(path.read_text())["kernels"]
+        if not all(isinstance(entries, dict) for entries in kernels.values()):
+            raise TypeError("each kernel's entries must be an object of launch key -> config")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a table of tuned configs ({type(error).__name__}: {error})") from error
+    return kernels
+
+
+def tabled(kernel: str, keys: list[str], prune: Prune) -> Prune:
+    """``prune`` for ``kernel``'s autotuner, answered by the GPU's table where it lists the launch:
+    the one config it names (when that config is still a candidate), else ``prune``'s candidates."""
+
+    def candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        tensor = next(value for value in named_args.values() if isinstance(value, torch.Tensor))
+        path = _table_path(tensor.device)
+        if path is not None:
+            listed = _read_table(path).get(kernel, {}).get(launch_key(keys, {**named_args, **kwargs}))
+            chosen = [config for config in configs if _config_fields(config) == listed]
+            if chosen:
+                return chosen[:1]
+        return prune(configs, named_args, **kwargs)
+
+    return candidates
+
+
+def tuned_table(kernels: dict[str, triton.runtime.Autotuner]) -> dict[str, dict[str, dict[str, int]]]:
+    """What the autotuners chose so far, per kernel and launch key, as a table's ``"kernels"``.
+    Triton's key is the ``key`` arguments' values followed by the tensor arguments' dtypes."""
+    table = {}
+    for kernel_name, kernel in kernels.items():
+        keys = list(kernel.keys)
+        entries = {
+            _key_text(list(zip(keys, key)), list(key[len(keys) :])): _config_fields(config)
+            for key, config in kernel.cache.items()
+        }
+        table[kernel_name] = dict(sorted(entries.items()))
+    return table
+
+
+def write_table(path: Path, kernels: dict[str, triton.runtime.Autotuner], device: str) -> Path:
+    """Write what ``kernels`` chose as the table for the GPU named ``device`` (atomically), over the
+    entries of the table already at ``path`` (runs that tuned other shapes add up)."""
+    table = dict(_read_table(path)) if path.is_file() else {}
+    _read_table.cache_clear()  # this process reads the new one
+    for name, entries in tuned_table(kernels).items():
+        table[name] = dict(sorted({**table.get(name, {}), **entries}.items()))
+    about = {"device": device, "triton": triton.__version__, "torch": torch.__version__}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps({**about, "kernels": table}, indent=1) + "\n")
+    partial.replace(path)
+    return path

@@ -1,0 +1,121 @@
+"""Tables of tuned configs: a launch whose key the GPU's table lists compiles that config and
+benchmarks nothing; anything else autotunes as before; a table is written from what the
+autotuners chose, with keys a later launch finds."""
+
+import json
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import tuning
+from moe_kernels.grouped_mm import _grouped_mm_kernel, _grouped_wgrad_kernel
+from moe_kernels.tuning import INTERPRETER_CONFIG, config, launch_key, tabled, tuned_table, write_table
+
+from .helpers import DEVICE
+
+SMALL_TILE = config(16, 32, 32, 4, 1)
+
+
+def _pruned(*configs):
+    return lambda candidates, named_args, **kwargs: list(configs)
+
+
+def _launch():
+    a = torch.randn(12, 8)
+    return {"a_ptr": a, "b_ptr": torch.randn(2, 8, 8), "M_BUCKET": 16, "N": 8}, {"GLU": False, "PRECISION": "ieee"}
+
+
+def _table(tmp_path, entries: dict) -> str:
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"device": "test", "kernels": entries}))
+    return str(path)
+
+
+def test_a_listed_launch_gets_its_config_and_others_autotune(tmp_path, monkeypatch):
+    named, kwargs = _launch()
+    key = launch_key(["M_BUCKET", "N", "GLU", "PRECISION"], {**named, **kwargs})
+    assert key == "M_BUCKET=16,N=8,GLU=False,PRECISION=ieee,dtypes=torch.float32/torch.float32"
+    fields = {**SMALL_TILE.kwargs, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setenv(tuning.TABLE_ENV, _table(tmp_path, {"k": {key: fields}}))
+    prune = tabled("k", ["M_BUCKET", "N", "GLU", "PRECISION"], _pruned(INTERPRETER_CONFIG, SMALL_TILE))
+    assert prune([INTERPRETER_CONFIG, SMALL_TILE], named, **kwargs) == [SMALL_TILE]
+    other = {**named, "M_BUCKET": 32}
+    assert prune([INTERPRETER_CONFIG, SMALL_TILE], other, **kwargs) == [INTERPRETER_CONFIG, SMALL_TILE]
+    # A config the table names that is no longer a candidate is not used.
+    assert prune([INTERPRETER_CONFIG], named, **kwargs) == [INTERPRETER_CONFIG, SMALL_TILE]
+    monkeypatch.setenv(tuning.TABLE_ENV, "off")
+    assert prune([INTERPRETER_CONFIG, SMALL_TILE], named, **kwargs) == [INTERPRETER_CONFIG, SMALL_TILE]
+
+
+def test_cpu_tensors_have_no_shipped_table(monkeypatch):
+    monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
+    named, kwargs = _launch()
+    prune = tabled("k", ["M_BUCKET"], _pruned(INTERPRETER_CONFIG))
+    assert prune([INTERPRETER_CONFIG, SMALL_TILE], named, **kwargs) == [INTERPRETER_CONFIG]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [(None, "no such table"), ("{not json", "not a table"), ('{"kernels": {"k": []}}', "not a table")],
+)
+def test_a_bad_table_says_so(tmp_path, monkeypatch, text, match):
+    path = tmp_path / "bad.json"
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setenv(tuning.TABLE_ENV, str(path))
+    named, kwargs = _launch()
+    with pytest.raises(ValueError, match=match):
+        tabled("k", ["M_BUCKET"], _pruned(INTERPRETER_CONFIG))([INTERPRETER_CONFIG, SMALL_TILE], named, **kwargs)
+
+
+def test_device_slug():
+    assert tuning.device_slug("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+    assert tuning.device_slug("NVIDIA H200") == "NVIDIA_H200"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="swaps the kernels' candidates under the interpreter")
+def test_a_written_table_serves_the_next_launches(tmp_path, monkeypatch):
+    """Round trip on the real kernels: the table names the smaller tile for every launch of a
+    grouped GEMM and its gradients; the launches take it (Triton >= 3.7 does not benchmark a single
+    candidate, so this runs through the interpreter), the result is right, and the table written
+    from the autotuners' caches holds the same keys and configs."""
+    kernels = {"grouped_mm": _grouped_mm_kernel, "grouped_wgrad": _grouped_wgrad_kernel}
+    x = torch.randn(21, 8, requires_grad=True)
+    w = torch.randn(3, 8, 12, requires_grad=True)
+    offsets = torch.tensor([5, 5, 21], dtype=torch.int32)
+    fields = {**SMALL_TILE.kwargs, "num_warps": 4, "num_stages": 1}
+
+    for kernel in kernels.values():
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "configs", [INTERPRETER_CONFIG, SMALL_TILE])
+
+    def listed(name, kernel):
+        def prune(configs, named_args, **kwargs):
+            key = launch_key(list(kernel.keys), {**named_args, **kwargs})
+            seen.setdefault(name, {})[key] = fields
+            return [SMALL_TILE]
+
+        return prune
+
+    seen = {}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(kernel, "early_config_prune", listed(name, kernel))
+    y = mk.grouped_mm(x, w, offsets, backend="triton")
+    y.backward(torch.ones_like(y))
+    assert set(seen) == {"grouped_mm", "grouped_wgrad"}
+
+    path = write_table(tmp_path / "t.json", kernels, "test")
+    written = json.loads(path.read_text())
+    assert written["kernels"] == {name: dict(sorted(entries.items())) for name, entries in seen.items()}
+
+    for name, kernel in kernels.items():  # a new process: empty caches, the table's prune
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "early_config_prune", tabled(name, list(kernel.keys), _pruned(INTERPRETER_CONFIG)))
+    monkeypatch.setenv(tuning.TABLE_ENV, str(path))
+    x.grad = w.grad = None
+    y = mk.grouped_mm(x, w, offsets, backend="triton")
+    y.backward(torch.ones_like(y))
+    assert tuned_table(kernels) == written["kernels"]
+    want = mk.grouped_mm(x.detach(), w.detach(), offsets, backend="torch")
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
