@@ -14,8 +14,9 @@ Each part can run alone (``--parts``), in order:
   same FLOPs without routing), with CUDA events, peak memory, the host (Python) time per call,
   the forward replayed as a CUDA graph (its GPU time alone), and each time as a ratio to
   ``torch``'s in the same run; and ``expert-choice``, ``fp8`` (the experts stored in FP8,
-  ``MoE.to_fp8``: forward only) and ``fp8-train`` (``MoE(precision="fp8")``, FP8 training),
-  the FP8 ones also as a ratio to ``triton``'s.
+  ``MoE.to_fp8``: forward only; at XL/2-8E2A also ``fp8-nmajor``, its weights N-major instead of
+  K-major) and ``fp8-train`` (``MoE(precision="fp8")``, FP8 training), the FP8 ones also as a
+  ratio to ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
   down kernel by kernel with ``torch.profiler``, and each grouped GEMM launch (the forward's two,
   the backward's ``act_grad`` and input-gradient ones, the two weight gradients: named by the
@@ -222,13 +223,14 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
 
 
 # The layer variants beyond the backends, and the backend each runs on.
-BACKEND_OF = {"expert-choice": "triton", "fp8": "triton", "fp8-train": "triton"}
+BACKEND_OF = {"expert-choice": "triton", "fp8": "triton", "fp8-nmajor": "triton", "fp8-train": "triton"}
 
 
 def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=torch.bfloat16) -> Callable[[], object]:
     """One call of the layer at ``case`` (``T, D, H, E, k``): ``MoE`` on ``backend``, ``dense-eq``,
     ``expert-choice`` (Triton, each expert taking its best ``k * 256 / E`` tokens of every 256: the
-    same FLOPs), ``fp8`` (Triton, the experts stored in FP8: ``MoE.to_fp8``, forward only) or
+    same FLOPs), ``fp8`` (Triton, the experts stored in FP8: ``MoE.to_fp8``, forward only; ``fp8-nmajor``
+    the same with the FP8 weights laid out N-major instead of K-major) or
     ``fp8-train`` (Triton, ``MoE(precision="fp8")``: bf16 weights quantized on each call, the
     forward and input-gradient GEMMs in FP8)."""
     T, D, H, E, k = (case[key] for key in ("T", "D", "H", "E", "k"))
@@ -248,8 +250,10 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
             routing = dict(precision="fp8")
         fn = mk.MoE(D, H, E, k, num_shared_experts=0, backend=BACKEND_OF.get(backend, backend), **routing)
         fn = fn.to(dev, dtype)
-        if backend == "fp8":  # inference only: FP8-stored experts have no backward
+        if backend in ("fp8", "fp8-nmajor"):  # inference only: FP8-stored experts have no backward
             fn.eval().to_fp8()
+        if backend == "fp8-nmajor":  # the same weights N-major, as a contiguous checkpoint holds them
+            fn.w_in, fn.w_out = fn.w_in.contiguous(), fn.w_out.contiguous()
         fn.requires_grad_(backward)
     if not backward:
         return lambda: fn(x)
@@ -399,11 +403,13 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     """Each backend at each shape, forward and forward+backward, with ratios to ``torch``."""
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, case in (SMOKE_CASES if smoke else PAPER_CASES).items():
-        for backend in ("triton", "torch", "dense-eq", "expert-choice", "fp8", "fp8-train"):
+        # FP8 weights as quantize_fp8 lays them out (K-major) and N-major, side by side at the FP8 goal's shape.
+        layouts = ("fp8-nmajor",) if smoke or name.startswith("XL/2-8E2A") else ()
+        for backend in ("triton", "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"):
 
             def measure():
                 row = {}
-                for backward in (False,) if backend == "fp8" else (False, True):
+                for backward in (False,) if backend.startswith("fp8") and backend != "fp8-train" else (False, True):
                     fn = layer_fn(backend, case, backward, dev, dtype)
                     part = "fwd+bwd" if backward else "fwd"
                     row[f"{part} ms"] = bench(fn)
@@ -418,8 +424,8 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
 
             guarded(report["timings"], f"{name} | {backend}", measure)
         for base_name, compared in (
-            ("torch", ("triton", "dense-eq", "expert-choice", "fp8", "fp8-train")),
-            ("triton", ("fp8", "fp8-train")),
+            ("torch", ("triton", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train")),
+            ("triton", ("fp8", *layouts, "fp8-train")),
         ):
             base = report["timings"][f"{name} | {base_name}"]
             for backend in compared:

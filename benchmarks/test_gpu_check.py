@@ -16,8 +16,10 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     report = json.loads(path.read_text())
     assert report["checks"] == {"fp32": "ok"}
     backends = {key.split(" | ")[1] for key in report["timings"]}
-    assert backends == {"triton", "torch", "dense-eq", "expert-choice", "fp8", "fp8-train"}
-    trained = {key: row for key, row in report["timings"].items() if not key.endswith("fp8")}  # fp8: forward only
+    assert backends == {"triton", "torch", "dense-eq", "expert-choice", "fp8", "fp8-nmajor", "fp8-train"}
+    trained = {
+        key: row for key, row in report["timings"].items() if not key.endswith(("fp8", "nmajor"))
+    }  # forward only
     assert all(row["fwd ms"] > 0 and row["fwd+bwd ms"] > 0 for row in trained.values())
     assert all(row["fwd+bwd / torch"] > 0 for key, row in trained.items() if not key.endswith("torch"))
     assert all(row["fwd / triton"] > 0 for key, row in report["timings"].items() if "fp8" in key)

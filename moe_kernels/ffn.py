@@ -189,11 +189,10 @@ def _(x, weights, experts, w_in, w_out, b_in, b_out, activation, backend, save_p
 
 def _transposed(w: Tensor, fp8: bool) -> tuple[Tensor, Tensor | None]:
     """An input-gradient GEMM's operand: ``w^T`` and, with ``fp8``, its block scales, quantized
-    as the forward quantized ``w`` (a block's scale serves its transpose)."""
+    as the forward quantized ``w`` (the same blocks, transposed), K-major for this GEMM."""
     if not fp8:
         return w.transpose(1, 2), None
-    w, scale = quantize_blocks(w)
-    return w.transpose(1, 2), scale.transpose(1, 2)
+    return quantize_blocks(w.transpose(1, 2))
 
 
 def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs, fp8):

@@ -19,6 +19,7 @@ fail to build on the GPU. This module closes that gap in two steps:
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import inspect
 import json
@@ -107,10 +108,8 @@ def _ptxas_report(ptx: str) -> dict:
     }
 
 
-def _spills_in_loops(cubin: bytes) -> int | None:
-    """How many of the kernel's spill instructions (``STL``/``LDL`` in its SASS, from the
-    ``nvdisasm`` beside Triton's ptxas) sit inside a loop, that is between a backward branch and
-    its target: those run on every K step; the others once per program. None without nvdisasm."""
+def disassemble(cubin: bytes) -> str | None:
+    """The kernel's SASS, from the ``nvdisasm`` beside Triton's ptxas (None without it)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     nvdisasm = os.path.join(os.path.dirname(get_ptxas(TARGET_CAPABILITY).path), "nvdisasm")
@@ -120,14 +119,21 @@ def _spills_in_loops(cubin: bytes) -> int | None:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
-    return count_loop_spills(sass)
+        return subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
 
 
-def count_loop_spills(sass: str) -> int:
-    """The ``STL``/``LDL`` instructions of ``sass`` (``nvdisasm -c`` output) that lie between a
-    backward ``BRA`` and the label it jumps to."""
-    labels, branches, spills, pending = {}, [], [], []
+def _spills_in_loops(cubin: bytes) -> int | None:
+    """How many of the kernel's spill instructions (``STL``/``LDL`` in its SASS) sit inside a
+    loop, that is between a backward branch and its target: those run on every K step; the
+    others once per program. None without nvdisasm."""
+    sass = disassemble(cubin)
+    return None if sass is None else count_loop_spills(sass)
+
+
+def _instructions_and_loops(sass: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
+    """``sass``'s (``nvdisasm -c`` output) instructions as ``(address, text)``, and its loops as
+    ``(start, end)`` addresses: a backward ``BRA`` and the label it jumps to."""
+    labels, branches, instructions, pending = {}, [], [], []
     for line in sass.splitlines():
         if label := re.match(r"^(\.L\w+):", line):
             pending.append(label.group(1))
@@ -137,10 +143,29 @@ def count_loop_spills(sass: str) -> int:
             pending = []
             if target := re.search(r"\bBRA\b.*`\((\.L\w+)\)", text):
                 branches.append((address, target.group(1)))
-            if re.search(r"\b(STL|LDL)\b", text):
-                spills.append(address)
+            instructions.append((address, text))
     loops = [(labels[target], address) for address, target in branches if labels.get(target, address) < address]
+    return instructions, loops
+
+
+def count_loop_spills(sass: str) -> int:
+    """The ``STL``/``LDL`` instructions of ``sass`` (``nvdisasm -c`` output) that lie inside a loop."""
+    instructions, loops = _instructions_and_loops(sass)
+    spills = [address for address, text in instructions if re.search(r"\b(STL|LDL)\b", text)]
     return sum(any(start <= a <= end for start, end in loops) for a in spills)
+
+
+def longest_loop_opcodes(sass: str) -> dict[str, int]:
+    """How many instructions of each opcode (``LDGSTS``, ``STS``, ``HGMMA``...: predicates and
+    modifiers dropped) the longest loop of ``sass`` holds: a GEMM kernel's K loop."""
+    instructions, loops = _instructions_and_loops(sass)
+    if not loops:
+        return {}
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    opcodes = [
+        re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for a, text in instructions if start <= a <= end
+    ]
+    return dict(collections.Counter(opcodes).most_common())
 
 
 def _mma_kind(ptx: str) -> str:

@@ -21,6 +21,7 @@ def test_round_trip_is_within_e4m3_precision(shape, block):
     w = torch.randn(shape, device=DEVICE) * torch.exp(torch.randn(shape, device=DEVICE))
     q, scale = mk.quantize_fp8(w, block)
     assert q.dtype == FP8 and q.shape == w.shape
+    assert q.mT.is_contiguous()  # K-major: what FP8 tensor cores read without a transpose
     assert scale.shape == (*shape[:-2], -(-shape[-2] // block), -(-shape[-1] // block))
     back = mk.dequantize_fp8(q, scale, block)
     step = scale.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., : shape[-2], : shape[-1]]
@@ -103,6 +104,8 @@ def test_grouped_mm_fp8_equals_the_emulation(backend, dtype, M, K, N, offsets):
     if y.numel() >= 1000:  # a handful of outputs can stray further (9% for 16 of them)
         exact = grouped_mm_torch(x.float(), w, offsets)
         assert (y.float() - exact).norm() <= 0.05 * exact.norm()
+    # The same weights laid out N-major (contiguous, as a checkpoint may hold them): the same product.
+    torch.testing.assert_close(mk.grouped_mm_fp8(x, q.contiguous(), scale, offsets, backend=backend), y)
 
 
 def test_kernel_options_equal_the_emulation():
@@ -170,8 +173,16 @@ def test_fp8_layer_equals_its_emulation_and_stays_near_full_precision(options):
     assert (got["torch"] - want).norm() <= 0.05 * want.norm()
     layer = layers["torch"]
     assert layer.fp8 and layer.w_in.dtype == FP8 and layer.w_in_scale.shape == (4, 1, 1)
+    assert layer.w_in.mT.is_contiguous() and layer.w_out.mT.is_contiguous()  # K-major
     assert {"w_in", "w_out"}.isdisjoint(name for name, _ in layer.named_parameters())
     assert layer.to_fp8() is layer
+    # A checkpoint saved contiguous (as safetensors wants) loads back into the K-major buffers.
+    saved = {name: value.contiguous() for name, value in layer.state_dict().items()}
+    reloaded = _layer("torch", **options).to_fp8()
+    reloaded.load_state_dict(saved)
+    assert reloaded.w_in.mT.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), got["torch"])
 
 
 def test_fp8_stored_layer_has_no_backward():

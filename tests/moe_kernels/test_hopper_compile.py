@@ -8,7 +8,14 @@ import torch
 from moe_kernels.backend import INTERPRET
 from moe_kernels.tuning import SHARED_MEMORY_LIMIT
 
-from .hopper_compile import compile_launches, count_loop_spills, moe_workload, nvidia_backend_missing, record_launches
+from .hopper_compile import (
+    compile_launches,
+    count_loop_spills,
+    longest_loop_opcodes,
+    moe_workload,
+    nvidia_backend_missing,
+    record_launches,
+)
 
 _NO_COMPILER = nvidia_backend_missing()
 pytestmark = [
@@ -68,8 +75,7 @@ def test_launches_are_recorded_with_the_jit_specialization():
     assert signature["EPILOGUE"] == "constexpr" and constants["EPILOGUE"] == "none"
 
 
-def test_spills_are_counted_inside_loops_only():
-    sass = """
+SASS = """
         /*0000*/                   STL [R1], R2 ;
 .L_x_1:
         /*0010*/                   LDL R2, [R1] ;
@@ -81,4 +87,12 @@ def test_spills_are_counted_inside_loops_only():
         /*0060*/                   LDL.64 R4, [R1+0x8] ;
         /*0070*/                   EXIT ;
 """
-    assert count_loop_spills(sass) == 1
+
+
+def test_spills_are_counted_inside_loops_only():
+    assert count_loop_spills(SASS) == 1
+
+
+def test_the_longest_loop_is_counted_by_opcode():
+    assert longest_loop_opcodes(SASS) == {"LDL": 1, "HGMMA": 1, "BRA": 1}  # predicate and modifiers dropped
+    assert longest_loop_opcodes("        /*0000*/                   EXIT ;") == {}
