@@ -16,9 +16,12 @@ Each part can run alone (``--parts``), in order:
   ``torch``'s in the same run; and ``expert-choice``, ``fp8`` (the experts stored in FP8,
   ``MoE.to_fp8``: forward only; at XL/2-8E2A also ``fp8-nmajor``, its weights N-major instead of
   K-major) and ``fp8-train`` (``MoE(precision="fp8")``, FP8 training), the FP8 ones also as a
+  ratio to ``triton``'s; at XL/2-8E2A and S/2-16E2A ``triton-prescaled``, the Triton layer with
+  the backward's dL/dy weighted once for its two GEMMs (``ffn.PRESCALED_BACKWARD``), also as a
   ratio to ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
-  down kernel by kernel with ``torch.profiler``, and each grouped GEMM launch (the forward's two,
+  down kernel by kernel with ``torch.profiler`` (at the first, ``triton-prescaled`` and
+  ``fp8-train`` too), and each grouped GEMM launch (the forward's two,
   the backward's ``act_grad`` and input-gradient ones, the two weight gradients: named by the
   profiler ranges ``grouped_mm`` opens around its launches) with its ms, TFLOP/s and fraction of
   the card's peak.
@@ -47,6 +50,7 @@ lease depends on is itself tested (``benchmarks/test_gpu_check.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -56,7 +60,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -69,7 +73,7 @@ from dit.diffusion import create_diffusion
 from dit.models import create_model
 from dit.precision import autocast, inference_weights, matmul_precision, training_precision
 from dit.sampling import cuda_graphed, guided
-from moe_kernels import reference
+from moe_kernels import ffn, reference
 from moe_kernels.activations import ACTIVATIONS, projection_width
 from moe_kernels.backend import INTERPRET
 from moe_kernels.fp8 import grouped_mm_fp8_torch
@@ -189,10 +193,12 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
         for name, a, b in zip(("y", "dx", "dweights", "dw_in", "dw_out"), *results):
             compare(f"moe_ffn fp8 {name} vs emulation", a, b)
 
-    # Every activation, and the biased experts of an upcycled DiT (GELU-tanh) and of SwiGLU.
-    for activation, biased in [(a, False) for a in ACTIVATIONS] + [("gelu_tanh", True), ("swiglu", True)]:
+    # Every activation, the biased experts of an upcycled DiT (GELU-tanh) and of SwiGLU, and the
+    # latter with the backward's dL/dy weighted once (ffn.PRESCALED_BACKWARD).
+    variants = [(a, False, False) for a in ACTIVATIONS] + [("gelu_tanh", True, False), ("swiglu", True, False)]
+    for activation, biased, prescaled in [*variants, ("swiglu", True, True)]:
         width = projection_width(activation, H)
-        op = f"moe_ffn {activation}{' biased' if biased else ''}"
+        op = f"moe_ffn {activation}{' biased' if biased else ''}{' prescaled' if prescaled else ''}"
         x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=True)
         weights = torch.rand(T, k, device=dev, requires_grad=True)
         w_in = (torch.randn(E, D, width, device=dev) / D**0.5).to(dtype).requires_grad_()
@@ -213,17 +219,33 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
         compare(op, y, ref)
         dy = torch.randn_like(ref)
         params = [x, weights, w_in, w_out, *biases]
+        with prescaled_backward(prescaled):
+            got = torch.autograd.grad((y.double() * dy).sum(), params)
         for name, a, b in zip(
-            ("dx", "dweights", "dw_in", "dw_out", "db_in", "db_out"),
-            torch.autograd.grad((y.double() * dy).sum(), params),
-            torch.autograd.grad((ref * dy).sum(), params),
+            ("dx", "dweights", "dw_in", "dw_out", "db_in", "db_out"), got, torch.autograd.grad((ref * dy).sum(), params)
         ):
             compare(f"{op} {name}", a, b)
     return failures, errors
 
 
+@contextlib.contextmanager
+def prescaled_backward(on: bool = True) -> Iterator[None]:
+    """The Triton backward with ``ffn.PRESCALED_BACKWARD`` set to ``on`` for the duration."""
+    saved, ffn.PRESCALED_BACKWARD = ffn.PRESCALED_BACKWARD, on
+    try:
+        yield
+    finally:
+        ffn.PRESCALED_BACKWARD = saved
+
+
 # The layer variants beyond the backends, and the backend each runs on.
-BACKEND_OF = {"expert-choice": "triton", "fp8": "triton", "fp8-nmajor": "triton", "fp8-train": "triton"}
+BACKEND_OF = {
+    "expert-choice": "triton",
+    "fp8": "triton",
+    "fp8-nmajor": "triton",
+    "fp8-train": "triton",
+    "triton-prescaled": "triton",
+}
 
 
 def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=torch.bfloat16) -> Callable[[], object]:
@@ -257,6 +279,13 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
         fn.requires_grad_(backward)
     if not backward:
         return lambda: fn(x)
+    if backend == "triton-prescaled":
+
+        def prescaled():
+            with prescaled_backward():
+                fn(x).backward(grad)
+
+        return prescaled
     return lambda: fn(x).backward(grad)
 
 
@@ -403,9 +432,11 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     """Each backend at each shape, forward and forward+backward, with ratios to ``torch``."""
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, case in (SMOKE_CASES if smoke else PAPER_CASES).items():
-        # FP8 weights as quantize_fp8 lays them out (K-major) and N-major, side by side at the FP8 goal's shape.
+        # Candidates beside the defaults at the shapes of their goals: FP8 weights N-major (quantize_fp8
+        # lays them out K-major) and the backward with dL/dy weighted once (ffn.PRESCALED_BACKWARD).
         layouts = ("fp8-nmajor",) if smoke or name.startswith("XL/2-8E2A") else ()
-        for backend in ("triton", "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"):
+        prescaled = ("triton-prescaled",) if smoke or name.startswith(("XL/2-8E2A", "S/2-16E2A")) else ()
+        for backend in ("triton", *prescaled, "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"):
 
             def measure():
                 row = {}
@@ -424,8 +455,8 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
 
             guarded(report["timings"], f"{name} | {backend}", measure)
         for base_name, compared in (
-            ("torch", ("triton", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train")),
-            ("triton", ("fp8", *layouts, "fp8-train")),
+            ("torch", ("triton", *prescaled, "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train")),
+            ("triton", (*prescaled, "fp8", *layouts, "fp8-train")),
         ):
             base = report["timings"][f"{name} | {base_name}"]
             for backend in compared:
@@ -501,7 +532,7 @@ def profile_layers(smoke: bool, dev: str, report: dict, top: int = 12) -> None:
     cases = SMOKE_CASES if smoke else {name: PAPER_CASES[name] for name in PROFILE_CASES}
     calls = 1 if smoke else 5
     for index, (name, case) in enumerate(cases.items()):
-        for backend in ("triton", "fp8-train") if index == 0 and not smoke else ("triton",):
+        for backend in ("triton", "triton-prescaled", "fp8-train") if index == 0 and not smoke else ("triton",):
 
             def measure():
                 fn = layer_fn(backend, case, True, dev, dtype)
@@ -577,7 +608,7 @@ def summary(report: dict) -> str:
         for label, result in report["checks"].items()
     ]
     for key, row in report["timings"].items():
-        if key.endswith(("triton", "dense-eq")):
+        if key.endswith(("triton", "triton-prescaled", "dense-eq")):
             ratios = " ".join(
                 f"{part} {row[f'{part} / torch']:.2f}x"
                 for part in ("fwd", "fwd graph", "fwd+bwd")

@@ -99,6 +99,31 @@ def _combine_weight_grad_kernel(
         tl.store(out_ptr + first + j, dot, mask=slot_ok)
 
 
+@triton.jit
+def _weighted_rows_kernel(
+    x_ptr,
+    rows_ptr,
+    weights_ptr,
+    weight_rows_ptr,
+    out_ptr,
+    R,
+    D,
+    stride_xt,
+    stride_xd,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    r_ok = r < R
+    tokens = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
+    w = tl.load(weights_ptr + tl.load(weight_rows_ptr + r, mask=r_ok, other=0), mask=r_ok, other=0.0)
+    mask = r_ok[:, None] & (cols < D)[None, :]
+    x = tl.load(x_ptr + tokens[:, None] * stride_xt + cols[None, :] * stride_xd, mask=mask, other=0.0)
+    out = (x.to(tl.float32) * w.to(tl.float32)[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * D + cols[None, :], out, mask=mask)
+
+
 def _layout(slots: Slots, src: torch.Tensor) -> tuple[int, torch.Tensor, bool]:
     """``K`` (0 for per-token counts), the ``starts`` pointer (any tensor where unused), ``VARLEN``."""
     if isinstance(slots, int):
@@ -143,6 +168,30 @@ def combine_weight_grad(grad: torch.Tensor, src: torch.Tensor, slots: Slots) -> 
         grad, src, starts, out, T, D, *grad.stride(), K=K, VARLEN=varlen, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D
     )
     return out
+
+
+def weighted_rows(
+    x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, weight_rows: torch.Tensor
+) -> torch.Tensor:
+    """``out[r] = weights[weight_rows[r]] * x[rows[r]]`` (the product in fp32, stored in x's
+    dtype): ``x [T, D]``, ``rows``/``weight_rows [R]`` int32, ``weights [S]`` -> ``[R, D]``.
+    With ``rows`` the token and ``weight_rows`` the slot of each expert-major row, it is the
+    combine's gradient of ``src``, laid out as the expert GEMMs read it."""
+    R, D = rows.shape[0], x.shape[1]
+    out = x.new_empty((R, D))
+    if R == 0 or D == 0:
+        return out
+    _weighted_rows_kernel[(triton.cdiv(R, _BLOCK_T), triton.cdiv(D, _BLOCK_D))](
+        x, rows, weights, weight_rows, out, R, D, *x.stride(), BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D
+    )
+    return out
+
+
+def weighted_rows_torch(
+    x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, weight_rows: torch.Tensor
+) -> torch.Tensor:
+    """``weighted_rows`` in PyTorch."""
+    return (x.index_select(0, rows).float() * weights.float().index_select(0, weight_rows)[:, None]).to(x.dtype)
 
 
 def _token_of_slot(starts: torch.Tensor, num_slots: int) -> torch.Tensor:

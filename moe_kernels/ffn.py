@@ -30,7 +30,7 @@ import torch
 
 from .activations import activation_fn, activation_grad, parse_activation
 from .backend import resolve_backend
-from .combine import Slots, combine, combine_torch, combine_weight_grad, combine_weight_grad_torch
+from .combine import Slots, combine, combine_torch, combine_weight_grad, combine_weight_grad_torch, weighted_rows
 from .fp8 import (
     BLOCK,
     FP8,
@@ -195,6 +195,15 @@ def _transposed(w: Tensor, fp8: bool) -> tuple[Tensor, Tensor | None]:
     return quantize_blocks(w.transpose(1, 2))
 
 
+# How the backward reads dL/dy for the second GEMM's gradients (dh and dW_out): False, gathered
+# by token and scaled by the routing weight inside the kernels; True, gathered and scaled once
+# into expert-major rows (``weighted_rows``, one [S, D] pass) that both GEMMs read plainly. The
+# first keeps memory traffic lowest; the second spares the weight-gradient kernel scaling each
+# B tile in registers on every K step (twice the K loop's instructions on sm_90a: 379 against
+# 179 at 64x128x128). Which is faster is for a GPU to say: ``benchmarks/gpu_check.py`` times both.
+PRESCALED_BACKWARD = False
+
+
 def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, slots, activation, needs, fp8):
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, needs_b_out = needs
     slot_of_row, token_of_row, offsets = routing
@@ -205,6 +214,12 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, s
     if needs_weights:
         grad_weights = combine_weight_grad(grad_y, out.reshape(scale.shape[0], D), slots)
         grad_weights = grad_weights.view(weights.shape).to(weights.dtype)
+    needs_dh = needs_x or needs_w_in or needs_b_in
+    # The rows of dL/dy each expert-major row reads, and their routing weights.
+    dy_rows, dy_scale, dy_scale_rows = token_of_row, scale, slot_of_row
+    if PRESCALED_BACKWARD and (needs_w_out or needs_b_out or needs_dh):
+        grad_y = weighted_rows(grad_y, token_of_row, scale, slot_of_row)
+        dy_rows = dy_scale = dy_scale_rows = None
     if needs_w_out or needs_b_out:
         # A bias alone needs no weight gradient: zero columns of h leave only the bias sums.
         rows = h if needs_w_out else h.new_empty((slot_of_row.shape[0], 0))
@@ -213,13 +228,13 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, s
             grad_y,
             offsets,
             w_out.dtype,
-            b_rows=token_of_row,
-            scale=scale,
-            scale_rows=slot_of_row,
+            b_rows=dy_rows,
+            scale=dy_scale,
+            scale_rows=dy_scale_rows,
             bias_grad=needs_b_out,
         )
         grad_w_out = grad_w_out if needs_w_out else None
-    if needs_x or needs_w_in or needs_b_in:
+    if needs_dh:
         w_out_t, w_out_t_scale = _transposed(w_out, fp8)
         grad_preact = grouped_mm_act_grad(
             grad_y,
@@ -227,9 +242,9 @@ def _backward_triton(grad_y, x, weights, w_in, w_out, preact, h, out, routing, s
             offsets,
             preact,
             activation,
-            a_rows=token_of_row,
-            scale=scale,
-            scale_rows=slot_of_row,
+            a_rows=dy_rows,
+            scale=dy_scale,
+            scale_rows=dy_scale_rows,
             b_scale=w_out_t_scale,
         )
         if needs_x:

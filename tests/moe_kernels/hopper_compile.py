@@ -30,6 +30,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from unittest import mock
 
 import torch
 
@@ -274,7 +275,7 @@ def moe_workload(
 ) -> Callable[[], None]:
     """Forward and backward of every public op, in each dtype, on tiny CPU tensors; with ``tf32``,
     fp32 once more with TF32 products (the trainer's default), which lowers ``tl.dot`` differently."""
-    from moe_kernels import MoE, balance_loss, grouped_mm, swiglu_activation, topk_gating
+    from moe_kernels import MoE, balance_loss, ffn, grouped_mm, swiglu_activation, topk_gating
 
     def run_ops(dtype: torch.dtype) -> None:
         # SwiGLU, GELU, an upcycled DiT's experts: GELU-tanh with biases (BIAS, BIAS_GRAD), relu²,
@@ -289,6 +290,10 @@ def moe_workload(
             x = torch.randn(24, 32, dtype=dtype, requires_grad=True)
             out = layer(x)
             (out.float().square().mean() + layer.aux_loss).backward()
+        # The backward with dL/dy gathered and weighted once (ffn.PRESCALED_BACKWARD): its plain GEMMs.
+        layer = MoE(32, 32, num_experts=4, top_k=2, backend="triton").to(dtype)
+        with mock.patch.object(ffn, "PRESCALED_BACKWARD", True):
+            layer(torch.randn(24, 32, dtype=dtype, requires_grad=True)).float().square().mean().backward()
         # Expert choice: its selection and scatter kernels, and the combine with per-token counts.
         layer = MoE(32, 32, num_experts=4, top_k=2, routing="expert-choice", group_size=12, backend="triton")
         layer.to(dtype)(torch.randn(2, 12, 32, dtype=dtype, requires_grad=True)).float().square().mean().backward()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels import reference
+from moe_kernels import ffn, reference
 from moe_kernels.activations import projection_width
 from moe_kernels.expert_choice import expert_rows
 from moe_kernels.routing import chosen_routing
@@ -176,13 +176,17 @@ def _chosen(T, E, C, group_size, dtype=torch.float32):
     return weights.to(dtype).requires_grad_(), tokens
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# "triton prescaled": the Triton backward with ffn.PRESCALED_BACKWARD (dL/dy weighted per slot once).
+@pytest.mark.parametrize("backend", [*BACKENDS, *(["triton prescaled"] if "triton" in BACKENDS else [])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "T,E,C,group_size,activation,biases",
     [(24, 4, 5, None, "swiglu", False), (32, 8, 3, 8, "gelu_tanh", True), (12, 3, 4, 4, "relu", True)],
 )
-def test_ffn_forward_backward_match_reference(backend, dtype, T, E, C, group_size, activation, biases):
+def test_ffn_forward_backward_match_reference(monkeypatch, backend, dtype, T, E, C, group_size, activation, biases):
+    if backend == "triton prescaled":
+        monkeypatch.setattr(ffn, "PRESCALED_BACKWARD", True)
+        backend = "triton"
     D, H = 24, 20  # neither a multiple of the blocks
     x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=True)
     weights, tokens = _chosen(T, E, C, group_size)

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels import reference
+from moe_kernels import ffn, reference
 from moe_kernels.activations import projection_width
+from moe_kernels.combine import weighted_rows, weighted_rows_torch
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, DTYPES, assert_close_to_reference, grads, non_contiguous
 
 # (T, D, H, E, k, routing): k=1, k=E, T=1, sizes off the block, empty experts, one expert for all.
@@ -89,6 +90,20 @@ def _biases(E, D, w_in, dtype):
 @pytest.mark.parametrize("T,D,H,E,k,routing", CASES)
 def test_expert_biases_match_reference(backend, dtype, activation, T, D, H, E, k, routing):
     """Biases added in the GEMM epilogues; their gradients summed inside the weight-gradient kernel."""
+    _check_with_biases(backend, dtype, activation, T, D, H, E, k, routing)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="a choice of the Triton backward")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,D,H,E,k,routing", CASES)
+def test_prescaled_backward_matches_reference(monkeypatch, dtype, T, D, H, E, k, routing):
+    """``PRESCALED_BACKWARD``: dL/dy gathered and weighted once into expert-major rows, which the
+    second GEMM's two gradients (dh, dW_out and its bias) then read plainly."""
+    monkeypatch.setattr(ffn, "PRESCALED_BACKWARD", True)
+    _check_with_biases("triton", dtype, "swiglu", T, D, H, E, k, routing)
+
+
+def _check_with_biases(backend, dtype, activation, T, D, H, E, k, routing):
     x, weights, experts, w_in, w_out = _inputs(T, D, H, E, k, routing, activation, dtype)
     b_in, b_out = _biases(E, D, w_in, dtype)
     y = mk.moe_ffn(x, weights, experts, w_in, w_out, activation, backend, b_in=b_in, b_out=b_out)
@@ -174,6 +189,20 @@ def test_wide_model_reaches_every_column_tile(backend):
         ("dx", "dweights", "dw_in", "dw_out"), grads(y, inputs, grad_y), grads(ref, inputs, grad_y)
     ):
         assert_close_to_reference(got, want, torch.float32, name)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="a Triton kernel")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R", [0, 1, 37])
+def test_weighted_rows_kernel_matches_torch(dtype, R):
+    """Rows gathered from a strided x, weighted in fp32: 300 columns span three partial tiles."""
+    x = torch.randn(300, 11, device=DEVICE).to(dtype).T  # [11, 300], column stride 11
+    rows = torch.randint(0, 11, (R,), device=DEVICE, dtype=torch.int32)
+    weights = torch.rand(50, device=DEVICE)
+    weight_rows = torch.randint(0, 50, (R,), device=DEVICE, dtype=torch.int32)
+    got = weighted_rows(x, rows, weights, weight_rows)
+    assert got.shape == (R, 300) and got.dtype == dtype
+    torch.testing.assert_close(got, weighted_rows_torch(x, rows, weights, weight_rows), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -43,6 +43,7 @@ def test_every_launch_compiles_for_hopper():
         "_grouped_wgrad_kernel",
         "_combine_kernel",
         "_combine_weight_grad_kernel",
+        "_weighted_rows_kernel",
         "_select_kernel",
         "_scatter_grad_kernel",
         "_grouped_mm_fp8_kernel",
