@@ -86,11 +86,14 @@ def quantize_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, 
     """``quantize_fp8`` of inputs known to be valid, without the finiteness check's host sync
     (FP8 training quantizes its weights on every step)."""
     K, N = w.shape[-2:]
-    tiles = F.pad(w.float().abs(), (0, -N % block, 0, -K % block))
+    # One fp32 copy, divided tile by tile (no full-size copy of the scales), written straight into
+    # the K-major e4m3 tensor: FP8 training runs this on every step.
+    tiles = F.pad(w.float(), (0, -N % block, 0, -K % block))
     tiles = tiles.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # [..., Kb, block, Nb, block]
-    scale = _scales(tiles.amax(dim=(-3, -1)))
+    scale = _scales(tiles.abs().amax(dim=(-3, -1)))
+    scaled = (tiles / scale[..., :, None, :, None]).flatten(-2).flatten(-3, -2)[..., :K, :N]
     w_fp8 = torch.empty((*w.shape[:-2], N, K), dtype=FP8, device=w.device).mT  # K-major (see quantize_fp8)
-    return w_fp8.copy_(_to_e4m3(w.float() / _expand(scale, block, K, N))), scale
+    return w_fp8.copy_(scaled.clamp_(-E4M3_MAX, E4M3_MAX)), scale
 
 
 def check_finite(name: str, w: torch.Tensor) -> None:
@@ -150,7 +153,7 @@ def quantize_rows_fp8(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor
     M, K = x.shape
     groups = F.pad(x.float(), (0, -K % block)).unflatten(-1, (-1, block))
     scale = _scales(groups.abs().amax(dim=-1))
-    return _to_e4m3(x.float() / scale.repeat_interleave(block, -1)[:, :K]), scale
+    return _to_e4m3((groups / scale[..., None]).flatten(-2)[:, :K]), scale
 
 
 def grouped_mm_fp8_torch(
