@@ -17,7 +17,7 @@ Each part can run alone (``--parts``), in order:
   ``MoE.to_fp8``: forward only; at XL/2-8E2A also ``fp8-nmajor``, its weights N-major instead of
   K-major) and ``fp8-train`` (``MoE(precision="fp8")``, FP8 training), the FP8 ones also as a
   ratio to ``triton``'s; at XL/2-8E2A and S/2-16E2A ``triton-prescaled``, the Triton layer with
-  the backward's dL/dy weighted once for its two GEMMs (``ffn.PRESCALED_BACKWARD``), also as a
+  the backward's dL/dy weighted once for its two GEMMs (``tuning.PRESCALED_BACKWARD``), also as a
   ratio to ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
   down kernel by kernel with ``torch.profiler`` (at the first, ``triton-prescaled`` and
@@ -73,12 +73,11 @@ from dit.diffusion import create_diffusion
 from dit.models import create_model
 from dit.precision import autocast, inference_weights, matmul_precision, training_precision
 from dit.sampling import cuda_graphed, guided
-from moe_kernels import ffn, reference
+from moe_kernels import reference, tuning
 from moe_kernels.activations import ACTIVATIONS, projection_width
 from moe_kernels.backend import INTERPRET
-from moe_kernels.fp8 import grouped_mm_fp8_torch
-from moe_kernels.grouped_mm import TUNED_KERNELS
-from moe_kernels.tuning import AUTOTUNE, TABLE_ENV, TABLES, device_slug, tuned_table, write_table
+from moe_kernels.grouped_mm import grouped_mm_fp8_torch
+from moe_kernels.tuning import AUTOTUNE, TABLE_ENV, TABLES, TUNED_KERNELS, device_slug, tuned_table, write_table
 
 STARTED = time.time()
 
@@ -194,7 +193,7 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
             compare(f"moe_ffn fp8 {name} vs emulation", a, b)
 
     # Every activation, the biased experts of an upcycled DiT (GELU-tanh) and of SwiGLU, and the
-    # latter with the backward's dL/dy weighted once (ffn.PRESCALED_BACKWARD).
+    # latter with the backward's dL/dy weighted once (tuning.PRESCALED_BACKWARD).
     variants = [(a, False, False) for a in ACTIVATIONS] + [("gelu_tanh", True, False), ("swiglu", True, False)]
     for activation, biased, prescaled in [*variants, ("swiglu", True, True)]:
         width = projection_width(activation, H)
@@ -230,12 +229,12 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
 
 @contextlib.contextmanager
 def prescaled_backward(on: bool = True) -> Iterator[None]:
-    """The Triton backward with ``ffn.PRESCALED_BACKWARD`` set to ``on`` for the duration."""
-    saved, ffn.PRESCALED_BACKWARD = ffn.PRESCALED_BACKWARD, on
+    """The Triton backward with ``tuning.PRESCALED_BACKWARD`` set to ``on`` for the duration."""
+    saved, tuning.PRESCALED_BACKWARD = tuning.PRESCALED_BACKWARD, on
     try:
         yield
     finally:
-        ffn.PRESCALED_BACKWARD = saved
+        tuning.PRESCALED_BACKWARD = saved
 
 
 # The layer variants beyond the backends, and the backend each runs on.
@@ -265,12 +264,12 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
             return mlp(x.repeat_interleave(k, dim=0)).view(T, k, D).sum(1)
     else:
         # A forward-only timing records no autograd graph, for the baseline alike.
-        routing = {}
+        options = {}
         if backend == "expert-choice":
-            routing = dict(routing="expert-choice", group_size=256 if T % 256 == 0 else None)
+            options = dict(router="expert-choice", group_size=256 if T % 256 == 0 else None)
         if backend == "fp8-train":
-            routing = dict(precision="fp8")
-        fn = mk.MoE(D, H, E, k, num_shared_experts=0, backend=BACKEND_OF.get(backend, backend), **routing)
+            options = dict(precision="fp8")
+        fn = mk.MoE(D, H, E, k, num_shared_experts=0, backend=BACKEND_OF.get(backend, backend), **options)
         fn = fn.to(dev, dtype)
         if backend in ("fp8", "fp8-nmajor"):  # inference only: FP8-stored experts have no backward
             fn.eval().to_fp8()
@@ -433,7 +432,7 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, case in (SMOKE_CASES if smoke else PAPER_CASES).items():
         # Candidates beside the defaults at the shapes of their goals: FP8 weights N-major (quantize_fp8
-        # lays them out K-major) and the backward with dL/dy weighted once (ffn.PRESCALED_BACKWARD).
+        # lays them out K-major) and the backward with dL/dy weighted once (tuning.PRESCALED_BACKWARD).
         layouts = ("fp8-nmajor",) if smoke or name.startswith("XL/2-8E2A") else ()
         prescaled = ("triton-prescaled",) if smoke or name.startswith(("XL/2-8E2A", "S/2-16E2A")) else ()
         for backend in ("triton", *prescaled, "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"):

@@ -1,5 +1,5 @@
 """Kernel group, one benchmark per public op under its name (``topk_gating``, ``balance_loss``,
-``grouped_mm``, ``moe_ffn``; the layer's are in ``test_layer.py``) and the internal routing: the
+``grouped_mm``, ``moe_ffn``; the layer's are in ``test_layer.py``) and the dispatch's sort by expert: the
 triton and torch backends, the GEMMs forward and forward+backward against a dense product of the
 same FLOPs."""
 
@@ -9,8 +9,8 @@ import torch
 import moe_kernels as mk
 from benchmarks.common import DEVICE, dtype_for, measure, shape_for
 from moe_kernels.backend import IMPLEMENTATIONS
+from moe_kernels.dispatch import sort_by_expert
 from moe_kernels.grouped_mm import grouped_mm_apply
-from moe_kernels.routing import route
 
 BACKENDS = list(IMPLEMENTATIONS)
 
@@ -57,14 +57,14 @@ def test_balance_loss(benchmark, case, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_routing(benchmark, case, backend):
+def test_sort_by_expert(benchmark, case, backend):
     label, dims = shape_for(case, backend)
     T, E, k = dims["T"], dims["E"], dims["k"]
     experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
     _measure(
         benchmark,
-        lambda: route(experts, E, backend),
-        op="routing",
+        lambda: sort_by_expert(experts, E, backend),
+        op="sort_by_expert",
         case=label,
         variant=backend,
         tokens=T,

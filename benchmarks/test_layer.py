@@ -29,7 +29,7 @@ def _build(variant, D, H, E, k, dtype, T):
         return MoE(D, H, E, k, backend=variant).to(DEVICE, dtype)
     if variant.startswith("expert-choice"):
         group = IMAGE_TOKENS if T % IMAGE_TOKENS == 0 else None
-        return MoE(D, H, E, k, backend=variant.split()[1], routing="expert-choice", group_size=group).to(DEVICE, dtype)
+        return MoE(D, H, E, k, backend=variant.split()[1], router="expert-choice", group_size=group).to(DEVICE, dtype)
     if variant == "loop":
         return LoopMoE(MoE(D, H, E, k, backend="torch").to(DEVICE, dtype))
     if variant == "dense-activated":

@@ -51,7 +51,7 @@ const char* kUsage =
     "                  [--cfg-scale G (4; 1 for a package exported without --cfg)] [--cfg-interval LO HI (all)]\n"
     "                  [--time-shift S (1; rectified flow)] [--batch B (checked against the package)]";
 
-// The number rules of the Python command lines (moe_kernels.validation): a seed in [0, 2**32),
+// The number rules of the Python command lines (moe_kernels.rules): a seed in [0, 2**32),
 // guidance a finite number in [0, 1e6], counts >= 1, a class >= 0.
 int64_t to_int(const std::string& flag, const std::string& text, int64_t low, int64_t high) {
   const std::optional<int64_t> value = dit::whole_integer(text);

@@ -1,10 +1,11 @@
 // The moe_kernels custom ops, for programs without Python.
 //
-// An exported DiT-MoE (python -m dit.export) calls moe_kernels::topk_gating and
-// moe_kernels::moe_ffn by name (an expert-choice one moe_kernels::expert_choice_gating and
-// moe_kernels::expert_choice_ffn); in Python the moe_kernels package registers them, here this
-// file does. Forward only, in ATen, so any device torch was built for runs them; it follows the
-// package's PyTorch path step for step (stable sorts, so the same experts and tokens win ties).
+// An exported DiT-MoE (python -m dit.export) calls by name moe_kernels::topk_gating (or
+// moe_kernels::expert_choice_gating), moe_kernels::sort_by_expert for a token-choice dispatch,
+// and moe_kernels::experts, the one experts op; in Python the moe_kernels package registers
+// them, here this file does. Forward only, in ATen, so any device torch was built for runs them;
+// it follows the package's PyTorch path step for step (stable sorts, so the same experts and
+// tokens win ties; each token's slots summed in slot order).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -59,7 +60,7 @@ Tensor activate(const Tensor& preact, const std::string& activation) {
   if (activation == "silu") return at::silu(preact);
   if (activation == "relu") return at::relu(preact);
   if (activation == "relu2") return at::relu(preact).square();
-  TORCH_CHECK(false, "moe_ffn: unknown activation '", activation, "'");
+  TORCH_CHECK(false, "experts: unknown activation '", activation, "'");
 }
 
 // Expert e's MLP on its rows: act(rows @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e].
@@ -72,33 +73,50 @@ Tensor expert_mlp(const Tensor& rows, int64_t e, const Tensor& w_in, const Tenso
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_ffn(
-    const Tensor& x, const Tensor& weights, const Tensor& experts, const Tensor& w_in, const Tensor& w_out,
-    const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out, c10::string_view activation,
-    c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/, bool /*save_out*/, bool fp8) {
-  TORCH_CHECK(!fp8, "moe_ffn: FP8 experts are not in the C++ runtime; export the model in bf16");
-  const int64_t tokens = x.size(0), dim = x.size(1), k = experts.size(1), num_experts = w_in.size(0);
-  // The slots sorted by expert (stably), each expert's rows ending at offsets[e].
+// The slots of experts [T, k] sorted stably by expert: (slot_of_row, token_of_row, offsets), int32.
+std::tuple<Tensor, Tensor, Tensor> sort_by_expert(const Tensor& experts, int64_t num_experts,
+                                                  c10::string_view /*backend*/) {
+  const int64_t k = experts.size(1);
   auto [sorted, slot_of_row] = experts.reshape(-1).sort(true, 0, false);
-  const Tensor token_of_row = at::div(slot_of_row, k, "floor");
   const Tensor offsets = at::searchsorted(sorted, at::arange(num_experts, sorted.options()), false, true);
+  return {slot_of_row.to(at::kInt), at::div(slot_of_row, k, "floor").to(at::kInt), offsets.to(at::kInt)};
+}
+
+// The experts on a dispatch: expert e computes rows offsets[e-1]:offsets[e] (the tokens
+// token_of_row), each row's output goes to its slot, and each token's slots are summed with their
+// weights in slot order: k consecutive slots per token, or starts[t]:starts[t+1].
+std::tuple<Tensor, Tensor, Tensor, Tensor> experts(
+    const Tensor& x, const Tensor& weights, const Tensor& slot_of_row, const Tensor& token_of_row,
+    const Tensor& offsets, const std::optional<Tensor>& starts, const Tensor& w_in, const Tensor& w_out,
+    const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out, const std::optional<Tensor>& w_in_scale,
+    const std::optional<Tensor>& /*w_out_scale*/, c10::string_view activation, c10::string_view /*backend*/,
+    bool /*save_preact*/, bool /*save_h*/, bool /*save_out*/, bool quantize) {
+  TORCH_CHECK(!quantize && !w_in_scale.has_value(),
+              "experts: FP8 experts are not in the C++ runtime; export the model in bf16");
+  const int64_t tokens = x.size(0), dim = x.size(1), slots = weights.size(0);
   const Tensor rows = x.index_select(0, token_of_row);
-  Tensor out_rows = at::empty({rows.size(0), dim}, x.options());
+  Tensor out_rows = at::empty({slots, dim}, x.options());
   const Tensor ends = offsets.cpu();
   const std::string act(activation);
   int64_t start = 0;
-  for (int64_t e = 0; e < num_experts; ++e) {
+  for (int64_t e = 0; e < w_in.size(0); ++e) {
     const int64_t end = ends[e].item<int64_t>();
     if (end > start) {
       out_rows.slice(0, start, end).copy_(expert_mlp(rows.slice(0, start, end), e, w_in, w_out, b_in, b_out, act));
     }
     start = end;
   }
-  const Tensor out = at::empty_like(out_rows).index_copy_(0, slot_of_row, out_rows).view({tokens, k, dim});
-  const Tensor y = at::bmm(weights.to(at::kFloat).unsqueeze(1), out.to(at::kFloat)).squeeze(1).to(x.scalar_type());
+  const Tensor out = at::empty_like(out_rows).index_copy_(0, slot_of_row.to(at::kLong), out_rows);
+  const Tensor weighted = out.to(at::kFloat) * weights.to(at::kFloat).unsqueeze(1);
+  Tensor y;
+  if (starts.has_value()) {
+    y = at::segment_reduce(weighted, "sum", std::nullopt, std::nullopt, starts->to(at::kLong), 0, true);
+  } else {
+    y = tokens == 0 ? at::zeros({0, dim}, weighted.options()) : weighted.view({tokens, slots / tokens, dim}).sum(1);
+  }
   // What the training op keeps for its backward: nothing here, but the same outputs.
-  return {y, x.new_empty({0, w_in.size(2)}), x.new_empty({0, w_out.size(1)}), x.new_empty({0, k, dim}),
-          slot_of_row.to(at::kInt), token_of_row.to(at::kInt), offsets.to(at::kInt)};
+  return {y.to(x.scalar_type()), x.new_empty({0, w_in.size(2)}), x.new_empty({0, w_out.size(1)}),
+          x.new_empty({0, dim})};
 }
 
 // Each expert's `capacity` highest softmax scores among each group of `group_size` tokens; a
@@ -113,57 +131,23 @@ std::tuple<Tensor, Tensor, Tensor> expert_choice_gating(const Tensor& logits, in
   return {values.narrow(-1, 0, capacity).contiguous(), (order.narrow(-1, 0, capacity) + first).contiguous(), probs};
 }
 
-// Experts that chose their tokens: expert e took tokens[offsets[e-1]:offsets[e]], weighted by weights.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_choice_ffn(
-    const Tensor& x, const Tensor& weights, const Tensor& tokens, const Tensor& offsets, const Tensor& w_in,
-    const Tensor& w_out, const std::optional<Tensor>& b_in, const std::optional<Tensor>& b_out,
-    c10::string_view activation, c10::string_view /*backend*/, bool /*save_preact*/, bool /*save_h*/,
-    bool /*save_out*/, bool fp8) {
-  TORCH_CHECK(!fp8, "expert_choice_ffn: FP8 experts are not in the C++ runtime; export the model in bf16");
-  const int64_t count = x.size(0), dim = x.size(1), experts = offsets.size(0), rows = tokens.size(0);
-  // The slots (one per token and chooser, token-major, choosers in expert order), as the op returns them.
-  const Tensor counts = at::diff(offsets, 1, 0, offsets.new_zeros({1}));
-  const Tensor expert_of_row = at::repeat_interleave(at::arange(experts, tokens.options()), counts, 0, rows);
-  const Tensor pair = tokens * experts + expert_of_row;
-  const Tensor chosen = at::zeros({count * experts}, tokens.options().dtype(at::kInt)).index_fill_(0, pair, 1);
-  const Tensor ends = chosen.cumsum(0, at::kInt);
-  const Tensor starts = at::cat({ends.new_zeros({1}), ends.view({count, experts}).select(1, experts - 1)});
-  // Each token's weighted expert outputs summed in expert order, in float32, as the segment sum does.
-  Tensor y = at::zeros({count, dim}, x.options().dtype(at::kFloat));
-  const Tensor ends_of_experts = offsets.cpu();
-  const std::string act(activation);
-  int64_t start = 0;
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t end = ends_of_experts[e].item<int64_t>();
-    if (end > start) {
-      const Tensor mine = tokens.slice(0, start, end);
-      const Tensor out = expert_mlp(x.index_select(0, mine), e, w_in, w_out, b_in, b_out, act);
-      y.index_add_(0, mine, out.to(at::kFloat) * weights.slice(0, start, end).unsqueeze(1).to(at::kFloat));
-    }
-    start = end;
-  }
-  return {y.to(x.scalar_type()), x.new_empty({0, w_in.size(2)}), x.new_empty({0, w_out.size(1)}),
-          x.new_empty({0, dim}), ends.index_select(0, pair) - 1, tokens.to(at::kInt), starts};
-}
-
 }  // namespace
 
 TORCH_LIBRARY(moe_kernels, m) {
   m.def("topk_gating(Tensor logits, SymInt k, bool normalize, str backend, str score, Tensor? bias, SymInt num_groups, "
         "SymInt topk_groups, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("moe_ffn(Tensor x, Tensor weights, Tensor experts, Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, "
-        "str activation, str backend, bool save_preact, bool save_h, bool save_out, bool fp8=False) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("expert_choice_gating(Tensor logits, SymInt capacity, SymInt group_size, str backend) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("expert_choice_ffn(Tensor x, Tensor weights, Tensor tokens, Tensor offsets, Tensor w_in, Tensor w_out, "
-        "Tensor? b_in, Tensor? b_out, str activation, str backend, bool save_preact, bool save_h, bool save_out, "
-        "bool fp8=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sort_by_expert(Tensor experts, SymInt num_experts, str backend) -> (Tensor, Tensor, Tensor)");
+  m.def("experts(Tensor x, Tensor weights, Tensor slot_of_row, Tensor token_of_row, Tensor offsets, Tensor? starts, "
+        "Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, Tensor? w_in_scale, Tensor? w_out_scale, "
+        "str activation, str backend, bool save_preact, bool save_h, bool save_out, bool quantize) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {
   m.impl("topk_gating", &topk_gating);
-  m.impl("moe_ffn", &moe_ffn);
   m.impl("expert_choice_gating", &expert_choice_gating);
-  m.impl("expert_choice_ffn", &expert_choice_ffn);
+  m.impl("sort_by_expert", &sort_by_expert);
+  m.impl("experts", &experts);
 }

@@ -52,7 +52,13 @@ std::optional<double> whole_number(const std::string& text) {
 }
 
 PackageInfo read_package_info(const std::unordered_map<std::string, std::string>& metadata) {
-  if (metadata.find("format") == metadata.end() || metadata.at("format") != "dit-moe-denoiser/1") {
+  const auto format = metadata.find("format");
+  if (format != metadata.end() && format->second == "dit-moe-denoiser/1") {
+    throw std::invalid_argument(
+        "this package was written by an older python -m dit.export (format 1, whose experts ops this sampler "
+        "no longer has): export the checkpoint again");
+  }
+  if (format == metadata.end() || format->second != "dit-moe-denoiser/2") {
     throw std::invalid_argument("not a package written by python -m dit.export");
   }
   PackageInfo info;

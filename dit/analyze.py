@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import build_from_checkpoint
-from .cli import add_moe_backend_argument, check_writable_dir, coefficient, nonnegative_int, positive_int, seed
+from .cli import add_moe_backend_argument, coefficient, nonnegative_int, positive_int, seed
+from .files import check_writable_dir
 from .models import DiT
 from .sampling import SAMPLERS, check_steps, generate
 
@@ -45,7 +46,7 @@ class RoutingRecorder:
         if not layers:
             raise ValueError("the model has no MoE layers to analyse")
         L, E, P = len(layers), layers[0].num_experts, model.grid_size**2
-        self.expert_choice = model.config.routing != "token-choice"
+        self.expert_choice = model.config.router != "token-choice"
         self.by_class = torch.zeros(L, model.config.num_classes, E, dtype=torch.long)
         self.by_position = torch.zeros(L, P, E, dtype=torch.long)
         self.by_step = torch.zeros(L, num_steps, E, dtype=torch.long)

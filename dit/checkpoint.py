@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -34,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .cli import check_writable, default_file_mode, replace_atomically
+from .files import MANIFEST, check_writable, default_file_mode, fsync, is_checkpoint, replace_atomically, sha256
 from .models import DiT, DiTConfig, config_from_dict, config_to_dict
 
 _STEP_DIR = re.compile(r"^\d{7}$")
@@ -44,28 +43,11 @@ _LEFTOVER = re.compile(r"^\.(?P<step>\d{7})\.(?P<kind>tmp|old)-\d+$")
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 STATE_FILE = "state.pt"
 SHARDED_DIR = "sharded"
-MANIFEST = "manifest.json"
 FORMAT = "dit-moe/1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written, or is missing, incomplete or corrupt."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_weights(state_dict: dict, path: Path, config: DiTConfig, extra: dict | None = None) -> None:
@@ -130,7 +112,7 @@ def save_sharded_checkpoint(
             files = {STATE_FILE: _describe(tmp / STATE_FILE)}
             for part in gathered:
                 files.update(part)
-            _fsync(tmp / SHARDED_DIR)
+            fsync(tmp / SHARDED_DIR)
             _publish(tmp, final, step, files)
         dist.barrier()
     except (OSError, CheckpointException) as error:
@@ -146,7 +128,7 @@ def _paths(checkpoint_dir: Path, step: int, tag: int) -> tuple[Path, Path]:
 
 
 def _describe(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
 def _publish(tmp: Path, final: Path, step: int, files: dict[str, dict]) -> None:
@@ -157,7 +139,7 @@ def _publish(tmp: Path, final: Path, step: int, files: dict[str, dict]) -> None:
     mode = default_file_mode()
     for name in (*files, MANIFEST):
         os.chmod(tmp / name, mode)
-        _fsync(tmp / name)
+        fsync(tmp / name)
     if final.exists():  # re-saving a step: move the old copy aside first, drop it after
         old = final.parent / f".{step:07d}.old-{os.getpid()}"
         final.rename(old)
@@ -165,7 +147,7 @@ def _publish(tmp: Path, final: Path, step: int, files: dict[str, dict]) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync(final.parent)
+    fsync(final.parent)
 
 
 def _write_error(tmp: Path, final: Path, error: BaseException, clean: bool = True) -> CheckpointError:
@@ -223,17 +205,6 @@ def remove_tree(path: Path, patience: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def is_checkpoint(path: Path) -> bool:
-    """A complete checkpoint directory: its manifest, written last, exists."""
-    return path.is_dir() and (path / MANIFEST).is_file()
-
-
-def enclosing_checkpoint(path: str | Path) -> Path | None:
-    """The complete checkpoint directory that ``path`` is or lies in (at any depth), or ``None``."""
-    resolved = Path(path).resolve()
-    return next((parent for parent in (resolved, *resolved.parents) if is_checkpoint(parent)), None)
-
-
 def is_sharded(path: Path) -> bool:
     """Whether a checkpoint directory was written by a sharded run (``save_sharded_checkpoint``)."""
     return (path / SHARDED_DIR).is_dir()
@@ -265,7 +236,7 @@ def verify(checkpoint: Path, names: tuple[str, ...] | None = None) -> None:
             raise CheckpointError(
                 f"{path} is {size} bytes, its manifest says {files[name]['bytes']}: truncated or overwritten"
             )
-        if _sha256(path) != files[name]["sha256"]:
+        if sha256(path) != files[name]["sha256"]:
             raise CheckpointError(f"{path} does not match the SHA-256 in its manifest: the file is corrupt")
 
 
@@ -317,7 +288,7 @@ def fingerprint(path: str | Path) -> str:
     every file's SHA-256) hashed, or a single file's size and modification time."""
     path = Path(path)
     if path.is_dir():
-        return "manifest sha256 " + hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+        return "manifest sha256 " + sha256(path / MANIFEST)
     stat = path.stat()
     return f"{stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import check_matches, save_weights
-from .cli import check_writable, positive_int, replace_atomically
+from .cli import positive_int
+from .files import check_writable, replace_atomically
 from .models import DiT, DiTConfig, sincos_pos_embed
 
 # Renames that keep the tensor as it is: official key (regex) -> ours.

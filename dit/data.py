@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cli import check_writable_dir, positive_int
+from .cli import positive_int
+from .files import check_writable_dir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 LATENT_SCALE = 0.18215  # Stable Diffusion's VAE latent scaling, as DiT uses it

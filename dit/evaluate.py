@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from .cli import check_writable, positive_int, replace_atomically
+from .cli import positive_int
+from .files import check_writable, replace_atomically
 
 
 def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -10,9 +10,10 @@ metadata holds what a sampler needs besides: the objective and, for diffusion, t
 alphas of the 1000-step schedule, plus the image shape, the classes and the batch. The C++
 sampler (``CMakeLists.txt``, ``csrc/``) reads both.
 
-The exported graph keeps the ``moe_kernels`` custom ops (``topk_gating``, ``moe_ffn``) as calls
-by name: a program that loads the package must have them registered, which the Python package
-does on import and ``csrc/moe_ops.cpp`` does for C++.
+The exported graph keeps the ``moe_kernels`` custom ops (``topk_gating``, ``sort_by_expert``,
+``experts``; ``expert_choice_gating`` for expert choice) as calls by name: a program that loads
+the package must have them registered, which the Python package does on import and
+``csrc/moe_ops.cpp`` does for C++.
 """
 
 from __future__ import annotations
@@ -27,11 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from moe_kernels import ROUTERS
+
 from .checkpoint import build_from_checkpoint
-from .cli import check_writable, positive_int
+from .cli import positive_int
 from .diffusion import NUM_TIMESTEPS, linear_betas
+from .files import check_writable
 from .models import DiT
 from .sampling import guidance
+
+# The package format the C++ sampler reads. 2: the experts run as moe_kernels::sort_by_expert and
+# moe_kernels::experts (1, before routers were plug-ins: moe_kernels::moe_ffn and expert_choice_ffn).
+FORMAT = "dit-moe-denoiser/2"
 
 
 class Denoiser(nn.Module):
@@ -56,7 +64,7 @@ def metadata(model: DiT, batch: int, cfg: bool) -> dict[str, str]:
     """What a sampler needs besides the network, as the strings package metadata holds."""
     config = model.config
     values = {
-        "format": "dit-moe-denoiser/1",
+        "format": FORMAT,
         "objective": config.objective,
         "batch": batch,
         "cfg": int(cfg),
@@ -76,9 +84,11 @@ def export(model: DiT, out: Path, batch: int, cfg: bool) -> Path:
     """Export ``model`` (eval mode, on its device) as an AOTInductor package at ``out``."""
     device = next(model.parameters()).device
     config = model.config
-    if config.routing == "diffmoe":
-        # Its inference routing has a data-dependent row count, which AOTInductor cannot size.
-        raise ValueError("dit.export cannot package a diffmoe model: its experts' token counts are data-dependent")
+    if not ROUTERS[config.router].static_shapes:
+        # Its inference dispatch has a data-dependent row count, which AOTInductor cannot size.
+        raise ValueError(
+            f"dit.export cannot package a {config.router} model: its experts' token counts are data-dependent"
+        )
     example = (
         torch.randn(batch, config.in_channels, config.input_size, config.input_size, device=device),
         torch.full((batch,), 500.0, device=device),

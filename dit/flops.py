@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from moe_kernels.activations import parse_activation
+import torch
+
+from moe_kernels import ROUTERS, projection_width
 
 from .cli import positive_int
-from .models import DiTConfig, parse_model_name
+from .models import DiTConfig, parse_model_name, router_options
 
 FREQUENCY_SIZE = 256
 
@@ -76,6 +78,17 @@ class Counts:
         return self.linear_macs if source == _MOE else self.macs
 
 
+def _router_extras(config: DiTConfig) -> tuple[int, int]:
+    """The parameters a router holds beyond its ``Linear(D, E)`` (DiffMoE's capacity predictor:
+    ``Linear(D, D)``, SiLU, ``Linear(D, E)``), all applied to every token, and their
+    multiply-accumulates per token (one per element of a weight matrix), from the router built
+    on the meta device."""
+    with torch.device("meta"):
+        router = ROUTERS[config.router](config.hidden_size, config.num_experts, config.top_k, **router_options(config))
+    extra = [p for name, p in router.named_parameters() if name not in ("weight", "bias")]
+    return sum(p.numel() for p in extra), sum(p.numel() for p in extra if p.dim() >= 2)
+
+
 def count(config: DiTConfig) -> Counts:
     """Parameters (total, and activated per token) and forward multiply-accumulates for one image."""
     D, p, C, L = config.hidden_size, config.patch_size, config.in_channels, config.depth
@@ -89,14 +102,13 @@ def count(config: DiTConfig) -> Counts:
     attn_params = 4 * D * D + 4 * D + (4 * (D // config.num_heads) if config.qk_norm else 0)
     adaln_params = 6 * D * D + 6 * D
     if E:
-        matrices = 3 if parse_activation(config.expert_activation)[1] else 2  # gate, up, down or in, out
+        matrices = projection_width(config.expert_activation, 1) + 1  # gate, up, down or in, out
         expert_macs = matrices * D * H
         expert = expert_macs + ((matrices - 1) * H + D if config.expert_biases else 0)
-        # DiffMoE's capacity predictor: Linear(D, D), SiLU, Linear(D, E) on every token.
-        predictor = D * D + D + D * E + E if config.routing == "diffmoe" else 0
-        ffn_params = E * D + E * expert + matrices * D * shared + predictor
-        ffn_active = E * D + k * expert + matrices * D * shared + predictor
-        ffn_macs = N * (E * D + k * expert_macs + matrices * D * shared + (D * D + D * E if predictor else 0))
+        router_params, router_macs = _router_extras(config)
+        ffn_params = E * D + E * expert + matrices * D * shared + router_params
+        ffn_active = E * D + k * expert + matrices * D * shared + router_params
+        ffn_macs = N * (E * D + k * expert_macs + matrices * D * shared + router_macs)
     else:
         ffn_params = ffn_active = 2 * D * H + H + D
         ffn_macs = N * 2 * D * H

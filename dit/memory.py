@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from moe_kernels.activations import projection_width
+from moe_kernels import projection_width
 from moe_kernels.fp8 import BLOCK as FP8_BLOCK
 
 from .cli import positive_float, positive_int

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moe_kernels import MoE
-from moe_kernels.activations import ACTIVATIONS
-from moe_kernels.validation import COEFFICIENT, NONNEGATIVE_INT, OFFSET, POSITIVE, POSITIVE_INT, Rule, check_k
+from moe_kernels import ACTIVATIONS, ROUTERS, MoE
+from moe_kernels.rules import COEFFICIENT, NONNEGATIVE_INT, OFFSET, POSITIVE, POSITIVE_INT, Rule, check_k
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -177,10 +176,6 @@ OBJECTIVES = ("diffusion", "rectified-flow")
 DROPOUT = Rule(integer=False, low=0, high=1, open_high=True)
 
 
-# How the MoE layers route (DiTConfig.routing).
-ROUTINGS = ("token-choice", "expert-choice", "diffmoe")
-
-
 @dataclass
 class DiTConfig:
     """Everything that shapes a DiT; ``num_experts = 0`` means the dense DiT."""
@@ -205,11 +200,12 @@ class DiTConfig:
     expert_activation: str = "swiglu"
     expert_biases: bool = False
     normalize_weights: bool = False
-    # "token-choice" (DiT-MoE's top-k), "expert-choice" (EC-DiT: each expert takes the best
-    # top_k * tokens / num_experts tokens of each image, so no image depends on its batch) or
-    # "diffmoe" (DiffMoE: expert choice over the whole batch in training, and a capacity
-    # predictor that routes each token on its own at inference; experimental).
-    routing: str = "token-choice"
+    # The MoE layers' router, by the layer's names (moe_kernels.ROUTERS): "token-choice"
+    # (DiT-MoE's top-k), "expert-choice" (EC-DiT: each expert takes the best top_k * tokens /
+    # num_experts tokens of each image, so no image depends on its batch) or "diffmoe" (DiffMoE:
+    # expert choice over the whole batch in training, and a capacity predictor that routes each
+    # token on its own at inference; experimental).
+    router: str = "token-choice"
     qk_norm: bool = False
     name: str = ""
     # How the model's inputs and outputs are read: the training objective ("diffusion" or
@@ -234,12 +230,23 @@ class DiTConfig:
             check_k(self.top_k, self.num_experts, "top_k", "num_experts")
         DROPOUT.check("class_dropout_prob", self.class_dropout_prob)
         COEFFICIENT.check("balance_loss_alpha", self.balance_loss_alpha)
-        if self.routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {self.router!r}")
         if self.expert_activation not in ACTIVATIONS:
             raise ValueError(f"expert_activation must be one of {ACTIVATIONS}, got {self.expert_activation!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+
+def router_options(config: DiTConfig) -> dict:
+    """The options of ``config.router`` that the config sets: token choice's balance loss and
+    weights; expert choice's groups, one image each (so no image depends on its batch). Any other
+    router of ``moe_kernels.ROUTERS`` takes its defaults."""
+    if config.router == "token-choice":
+        return dict(normalize_weights=config.normalize_weights, balance_loss_alpha=config.balance_loss_alpha)
+    if config.router == "expert-choice":
+        return dict(group_size=(config.input_size // config.patch_size) ** 2)
+    return {}
 
 
 class DiT(nn.Module):
@@ -279,20 +286,10 @@ class DiT(nn.Module):
         if config.num_experts == 0:
             return Mlp(D, hidden)
         return MoE(
-            D,
-            hidden,
-            config.num_experts,
-            config.top_k,
-            num_shared_experts=config.num_shared_experts,
-            activation=config.expert_activation,
-            normalize_weights=config.normalize_weights,
-            balance_loss_alpha=config.balance_loss_alpha,
-            backend=moe_backend,
-            expert_biases=config.expert_biases,
-            routing="token-choice" if config.routing == "token-choice" else "expert-choice",
-            group_size=(config.input_size // config.patch_size) ** 2 if config.routing == "expert-choice" else None,
-            capacity_predictor=config.routing == "diffmoe",
-        )
+            D, hidden, config.num_experts, config.top_k, num_shared_experts=config.num_shared_experts,
+            activation=config.expert_activation, router=config.router, backend=moe_backend,
+            expert_biases=config.expert_biases, **router_options(config),
+        )  # fmt: skip
 
     def initialize_weights(self) -> None:
         """DiT's scheme: Xavier-uniform linear layers (each expert matrix as its own linear
@@ -332,22 +329,22 @@ class DiT(nn.Module):
         """The compute dial at inference, without retraining: an expert-choice model's
         ``capacity_factor`` (average experts per token; training's is ``top_k``), a diffmoe
         model's ``capacity_offset`` (added to every capacity threshold: positive spends less
-        compute, negative more). ``ValueError`` for a dial the model's routing does not have."""
-        routing = self.config.routing
+        compute, negative more). ``ValueError`` for a dial the model's router does not have."""
+        router = self.config.router
         for name, value, owner in (
             ("capacity_factor", capacity_factor, "expert-choice"),
             ("capacity_offset", capacity_offset, "diffmoe"),
         ):
             if value is None:
                 continue
-            if routing != owner:
-                raise ValueError(f"{name} sets the compute of {owner} models; this one routes by {routing}")
+            if router != owner:
+                raise ValueError(f"{name} sets the compute of {owner} models; this one routes by {router}")
             if name == "capacity_offset":
                 value = OFFSET.check(name, value)
             for moe in self.moe_layers():
                 if name == "capacity_factor":
-                    moe.capacity(moe.group_size, value)  # a factor beyond E, or one that rounds to 0, raises
-                setattr(moe, name, value)
+                    moe.router.capacity(moe.router.group_size, value)  # a factor beyond E, or rounding to 0, raises
+                setattr(moe.router, name, value)
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
@@ -476,4 +473,6 @@ def config_to_dict(config: DiTConfig) -> dict:
 
 def config_from_dict(values: dict) -> DiTConfig:
     known = DiTConfig.__dataclass_fields__
+    if "routing" in values and "router" not in values:  # the field's name before routers were objects
+        values = {**values, "router": values["routing"]}
     return DiTConfig(**{k: v for k, v in values.items() if k in known})

@@ -21,21 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from moe_kernels import ROUTERS
+
 from . import checkpoint as ckpt
 from .checkpoint import build_from_checkpoint
-from .cli import (
-    add_moe_backend_argument,
-    check_writable,
-    coefficient,
-    fraction,
-    nonnegative_int,
-    offset,
-    positive_int,
-    replace_atomically,
-    seed,
-    shift,
-)
+from .cli import add_moe_backend_argument, coefficient, fraction, nonnegative_int, offset, positive_int, seed, shift
 from .data import decode, load_vae
+from .files import check_writable, replace_atomically
 from .parallel import Distributed, JobRefused
 from .precision import add_precision_argument, inference_weights, use_precision
 from .sample_shards import ShardedRun
@@ -149,9 +141,9 @@ def _sample(args: argparse.Namespace, env: Distributed) -> int:
     model.set_expert_compute(args.capacity_factor, args.capacity_offset)
     if args.precision == "fp8" and args.compile:
         raise ValueError("--precision fp8 runs its FP8 kernels eagerly: --compile cannot take it yet")
-    if config.routing == "diffmoe" and (args.compile or args.cuda_graphs):
+    if not ROUTERS[config.router].static_shapes and (args.compile or args.cuda_graphs):
         raise ValueError(
-            "a diffmoe model's token counts are data-dependent: --compile and --cuda-graphs cannot take it"
+            f"a {config.router} model's token counts are data-dependent: --compile and --cuda-graphs cannot take it"
         )
     steps, sampler = check_steps(config, args.steps, args.sampler, args.cfg_interval, args.time_shift)
     if args.class_label is not None and not 0 <= args.class_label < config.num_classes:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import replace_atomically
+from .files import replace_atomically
 
 
 class ShardedRun:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_kernels.validation import COEFFICIENT, PROBABILITY, SCALE
+from moe_kernels.rules import COEFFICIENT, PROBABILITY, SCALE
 
 from .cli import SEED
 from .diffusion import NUM_TIMESTEPS, RectifiedFlow, create_diffusion

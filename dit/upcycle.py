@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import check_matches, load_weights, save_weights
-from .cli import check_writable, nonnegative_int, positive_int, replace_atomically, seed
+from .cli import nonnegative_int, positive_int, seed
 from .convert import convert_official, infer_config, load_official
+from .files import check_writable, replace_atomically
 from .models import DiT, DiTConfig, parse_model_name
 
 ROUTER_INITS = ("normal", "zero")

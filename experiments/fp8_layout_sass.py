@@ -40,9 +40,9 @@ def _workload() -> None:
 
 
 def record() -> list[dict]:
-    from tests.moe_kernels.hopper_compile import record_launches
+    from benchmarks.hopper_compile import record_launches
 
-    return [launch for launch in record_launches(_workload) if launch["kernel"] == "_grouped_mm_fp8_kernel"]
+    return [launch for launch in record_launches(_workload) if launch["kernel"] == "grouped_mm_fp8_kernel"]
 
 
 def compile_rows(launches: list[dict]) -> list[dict]:
@@ -52,7 +52,7 @@ def compile_rows(launches: list[dict]) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    from tests.moe_kernels.hopper_compile import TARGET_CAPABILITY, _ptxas_report, disassemble, longest_loop_opcodes
+    from benchmarks.hopper_compile import TARGET_CAPABILITY, disassemble, longest_loop_opcodes, ptxas_report
 
     target = GPUTarget("cuda", TARGET_CAPABILITY, 32)
     backend = make_backend(target)
@@ -72,7 +72,7 @@ def compile_rows(launches: list[dict]) -> list[dict]:
                     "weights": layout,
                     "tile": f"{m}x{n}x{k} w{warps} s{stages}",
                     "shared KiB": compiled.metadata.shared // 1024,
-                    **_ptxas_report(compiled.asm["ptx"]),
+                    **ptxas_report(compiled.asm["ptx"]),
                     "K-loop instructions": sum(opcodes.values()),
                     **{op: opcodes.get(op, 0) for op in OPCODES},
                 }

@@ -30,12 +30,12 @@ ROUTINGS = {
     "token choice (top-2)": ("tc", [], [("top-2", {})]),
     "expert choice (per image)": (
         "ec",
-        ["--set", "routing=expert-choice"],
+        ["--set", "router=expert-choice"],
         [(f"{f / 2:g}x (capacity_factor {f:g})", dict(capacity_factor=f)) for f in (1.0, 2.0, 4.0)],
     ),
     "DiffMoE (batch pool, predictor)": (
         "diffmoe",
-        ["--set", "routing=diffmoe"],
+        ["--set", "router=diffmoe"],
         [(f"offset {o:+g}", dict(capacity_offset=o)) for o in (-1.0, 0.0, 1.0)],
     ),
 }

@@ -2,7 +2,7 @@
 
 ``balance_loss`` is DiT-MoE's loss (and, as an option, the Switch Transformer's) from its two
 statistics: per-expert counts of routed slots and per-expert sums of the router scores. The
-gating kernel (``gating.py``) gathers both in the same pass as top-k, so the ``MoE`` layer gets
+gating kernel (``topk_gating.py``) gathers both in the same pass as top-k, so the ``MoE`` layer gets
 them for free and calls ``loss_from_stats``; for probabilities and experts from elsewhere, one
 Triton kernel here computes them. ``router_z_loss`` is ST-MoE's z-loss;
 ``update_selection_bias`` is DeepSeek-V3's auxiliary-loss-free balancing, which moves the
@@ -17,17 +17,8 @@ import triton.language as tl
 
 from .backend import resolve_backend
 from .library import custom_op, differentiable
-from .validation import (
-    COEFFICIENT,
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
-    check_dim,
-    check_expert_ids,
-    check_k,
-    check_positive_int,
-    check_same_device,
-    check_tensor,
-)
+from .rules import COEFFICIENT, check_k, check_positive_int
+from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_expert_ids, check_same_device, check_tensor
 
 # Rows of a [T, E] table per program, in the gating and statistics kernels.
 BLOCK_ROWS = 32

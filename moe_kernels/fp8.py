@@ -1,13 +1,16 @@
-"""FP8 (e4m3) experts with DeepSeek-V3's fine-grained scales: block-quantized weights, per-token
-quantized activations, and the grouped GEMM that multiplies them.
+"""FP8 (e4m3) with DeepSeek-V3's fine-grained scales: the format, its scale rule, and the
+quantization of weights (in PyTorch) and of activation tiles (in the Triton kernels).
 
-Weights are ``float8_e4m3fn`` with one fp32 scale per ``block x block`` tile of the last two
-dimensions (an expert's ``[K, N]`` matrix); activations are quantized per row in groups of
-``block`` along K. A scale is the tile's (group's) largest magnitude over 448, e4m3's largest
-finite value, so the largest element maps to 448 and nothing saturates; an all-zero tile gets
-scale 1. Rounding is to nearest, ties to even.
+The one home of FP8's numbers: ``E4M3_MAX`` (448, e4m3's largest finite value) and ``BLOCK`` (128)
+are read by the PyTorch emulation and by the kernels alike (``quantize_tile``). Weights are
+``float8_e4m3fn`` with one fp32 scale per ``block x block`` tile of the last two dimensions (an
+expert's ``[K, N]`` matrix); activations are quantized per row in groups of ``block`` along K.
+The scale rule: a scale is the tile's (group's) largest magnitude over ``E4M3_MAX``, so the
+largest element maps to 448 and nothing saturates; an all-zero tile gets scale 1. Rounding is to
+nearest, ties to even.
 
-``grouped_mm_fp8`` computes ``c[rows of e] = a[rows of e] @ dequantize(w[e])`` the FP8 way:
+The FP8 GEMM (``grouped_mm_fp8``, and the experts' GEMMs with FP8 weights) computes
+``c[rows of e] = a[rows of e] @ dequantize(w[e])`` the FP8 way:
 
     for each block-wide step of K:   quantize a's tile per row (in registers, as it is loaded)
                                      acc += (a_q @ w_q) * a_scale[row] * w_scale[column]
@@ -17,8 +20,9 @@ every scale is applied once per K step: the error does not grow with K. The acti
 quantized inside the kernel that loads (and gathers) them, with no pass of their own; the second
 GEMM quantizes the SwiGLU output the same way as it loads it (the recipe writes it in FP8 from
 the first GEMM's epilogue instead: that saves half of ``h``'s bytes, at the price of a second
-layout of the kernel; not yet). The PyTorch path emulates the recipe exactly: quantize,
-dequantize, fp32 products.
+layout of the kernel; not yet). The kernel is the grouped GEMM's FP8 form
+(``grouped_mm_kernels.py``); the PyTorch path emulates the recipe exactly (``grouped_mm.py``:
+quantize, dequantize, fp32 products).
 
 The Triton interpreter rounds some fp32 to e4m3 conversions wrongly (one binade off where
 rounding carries into the exponent); under it the kernel rounds in fp32 first, so that the
@@ -29,16 +33,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from .backend import resolve_backend
-from .grouped_mm import grouped_mm_torch, grouped_mm_triton
-from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
+from .validation import FLOAT_DTYPES, check_tensor
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = 128
 # Block sizes a scale may cover: a power of two, at least a tensor core's K step.
 BLOCKS = (16, 32, 64, 128, 256)
+# E4M3_MAX for the kernels, which read globals only as compile-time constants.
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
 
 
 def check_block(block: object) -> int:
@@ -54,12 +60,12 @@ def _expand(scale: torch.Tensor, block: int, rows: int, cols: int) -> torch.Tens
 
 
 def _scales(amax: torch.Tensor) -> torch.Tensor:
-    """A block's scale from its largest magnitude: that value maps to 448; an all-zero block gets 1."""
+    """The scale rule: a block's largest magnitude maps to ``E4M3_MAX``; an all-zero block gets 1."""
     return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
 
 
 def _to_e4m3(values: torch.Tensor) -> torch.Tensor:
-    """fp32 values already divided by their scales -> e4m3 (saturating at +-448)."""
+    """fp32 values already divided by their scales -> e4m3 (saturating at +-E4M3_MAX)."""
     return values.clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
 
 
@@ -156,51 +162,23 @@ def quantize_rows_fp8(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor
     return _to_e4m3((groups / scale[..., None]).flatten(-2)[:, :K]), scale
 
 
-def grouped_mm_fp8_torch(
-    a: torch.Tensor,
-    w_fp8: torch.Tensor,
-    scale: torch.Tensor,
-    offsets: torch.Tensor,
-    block: int = BLOCK,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The recipe emulated: ``a``'s rows quantized per group of ``block``, both operands
-    dequantized, fp32 products; ``[M, N]`` in ``out_dtype`` (default ``a.dtype``)."""
-    a_fp8, a_scale = quantize_rows_fp8(a, block)
-    rows = a_fp8.float() * a_scale.repeat_interleave(block, -1)[:, : a.shape[1]]
-    return grouped_mm_torch(rows, dequantize_fp8(w_fp8, scale, block), offsets).to(out_dtype or a.dtype)
+@triton.jit
+def _round_to_e4m3(v):
+    """fp32 ``v`` rounded to the nearest e4m3 value (ties to even), still fp32: dropping 20 of
+    fp32's 23 mantissa bits for normal values, steps of 2**-9 below 2**-6 (e4m3's subnormals)."""
+    bits = v.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    subnormal = ((v * 512.0 + 12582912.0) - 12582912.0) / 512.0  # 1.5 * 2**23 rounds to an integer
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
 
 
-def grouped_mm_fp8(
-    x: torch.Tensor,
-    w_fp8: torch.Tensor,
-    scale: torch.Tensor,
-    offsets: torch.Tensor,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """``y[rows of e] = x[rows of e] @ dequantize_fp8(w_fp8[e], scale[e])``, the rows of ``x``
-    quantized per token in groups of 128 along K, products in FP8, sums in fp32 (inference:
-    not differentiable).
-
-    Args:
-        x: ``[M, K]`` (fp16, bf16 or fp32); w_fp8, scale: ``quantize_fp8(w)`` of ``w [E, K, N]``
-            (blocks of 128); offsets: ``[E]`` int32 cumulative row ends.
-    Returns:
-        ``y [M, N]`` in ``x.dtype``.
-    """
-    check_tensor("x", x, 2, FLOAT_DTYPES)
-    check_tensor("w_fp8", w_fp8, 3, (FP8,))
-    check_quantized("w_fp8", w_fp8, scale, BLOCK)
-    check_tensor("offsets", offsets, 1, INDEX_DTYPES)
-    check_dim("w_fp8", w_fp8, 1, x.shape[1], "K, the width of x")
-    check_dim("offsets", offsets, 0, w_fp8.shape[0], "E, the groups of w_fp8")
-    if w_fp8.shape[0] == 0:
-        raise ValueError(f"w_fp8 must hold at least one group, got shape {tuple(w_fp8.shape)}")
-    device = check_same_device(x=x, w_fp8=w_fp8, scale=scale, offsets=offsets)
-    check_offsets(offsets, x.shape[0])
-    offsets = offsets.to(torch.int32)
-    if torch.is_grad_enabled() and x.requires_grad:
-        raise ValueError("grouped_mm_fp8 serves inference: it has no backward (x requires grad)")
-    if resolve_backend(backend, device) == "triton":
-        return grouped_mm_triton(x, w_fp8, offsets, b_scale=scale)
-    return grouped_mm_fp8_torch(x, w_fp8, scale, offsets)
+@triton.jit
+def quantize_tile(a, EXACT_CAST: tl.constexpr):
+    """A ``[BLOCK_M, BLOCK_K]`` fp32 tile -> its e4m3 tile and per-row scales ``[BLOCK_M]``, by the
+    scale rule (``quantize_rows_fp8`` in PyTorch). EXACT_CAST (the interpreter) rounds in fp32 first."""
+    amax = tl.max(tl.abs(a), axis=1)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, _E4M3_MAX), 1.0)
+    q = tl.clamp(tl.math.div_rn(a, scale[:, None]), -_E4M3_MAX, _E4M3_MAX)
+    if EXACT_CAST:
+        q = _round_to_e4m3(q)
+    return q.to(tl.float8e4nv), scale

@@ -27,16 +27,20 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 def dispatch_free(args: tuple) -> bool:
     """Whether calling an op's implementation directly does exactly what the dispatcher would:
-    grad mode off (nothing to record), no ``torch.compile``/``torch.export``/``jit.trace`` trace,
-    no functorch transform, no dispatch or torch-function mode, no profiler (which labels the op),
-    and only plain tensors (no subclass such as DTensor or FakeTensor)."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() or torch.jit.is_tracing():
+    nothing for autograd to record (grad mode off, or no input requiring grad: the dispatch's
+    integer tables), no ``torch.compile``/``torch.export``/``jit.trace`` trace, no functorch
+    transform, no dispatch or torch-function mode, no profiler (which labels the op), and only
+    plain tensors (no subclass such as DTensor or FakeTensor)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._are_functorch_transforms_active() or is_in_torch_dispatch_mode():
         return False
     if torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled():
         return False
-    return all(type(arg) in _PLAIN_TENSORS for arg in args if isinstance(arg, torch.Tensor))
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(type(t) in _PLAIN_TENSORS for t in tensors)
 
 
 class CustomOp:

@@ -1,6 +1,7 @@
-"""How the grouped GEMM kernels are tuned: the candidate configs for Hopper-class GPUs, the
-pruning of those a launch cannot use, the switch that keeps only one, and the tables of tuned
-configs shipped per GPU.
+"""The choices a GPU run decides: how the grouped GEMM kernels are tuned (the candidate configs
+for Hopper-class GPUs, the pruning of those a launch cannot use, the switch that keeps only one,
+the tables of tuned configs shipped per GPU) and the switches between kernel designs still
+waiting for a GPU to time them.
 
 The autotuner benchmarks every candidate left for a launch's key the first time it sees that
 key. ``early_config_prune`` (``row_candidates``, ``wgrad_candidates``) drops, before any compile,
@@ -29,6 +30,15 @@ import torch
 import triton
 
 from .backend import INTERPRET
+
+# How the experts' backward reads dL/dy for the second GEMM's gradients (dh and dW_out): False,
+# gathered by token and scaled by the routing weight inside the kernels; True, gathered and scaled
+# once into expert-major rows (``combine.weighted_rows``, one [S, D] pass) that both GEMMs read
+# plainly. The first keeps memory traffic lowest; the second spares the weight-gradient kernel
+# scaling each B tile in registers on every K step (twice the K loop's instructions on sm_90a: 379
+# against 179 at 64x128x128). Which is faster is for a GPU to say: ``benchmarks/gpu_check.py``
+# times both.
+PRESCALED_BACKWARD = False
 
 # ``MOE_KERNELS_AUTOTUNE=0`` keeps one config per kernel on the GPU, the smallest: correctness
 # runs then compile each kernel once instead of once per candidate.
@@ -227,6 +237,25 @@ def tabled(kernel: str, keys: list[str], prune: Prune) -> Prune:
         return prune(configs, named_args, **kwargs)
 
     return candidates
+
+
+# The autotuned kernels by the names their tables use, filled by ``autotuned`` as they are defined.
+TUNED_KERNELS: dict[str, triton.runtime.Autotuner] = {}
+
+
+def autotuned(name: str, configs: list[triton.Config], keys: list[str], prune: Prune) -> Callable:
+    """Decorator over a ``@triton.jit`` kernel: Triton's autotuner over ``configs``, keyed by
+    ``keys``, its candidates pruned by ``prune`` and answered by the GPU's table (``tabled``); the
+    kernel is registered in ``TUNED_KERNELS`` under ``name``, the name its table entries use."""
+
+    def decorate(kernel: triton.JITFunction) -> triton.runtime.Autotuner:
+        tuned = triton.autotune(
+            configs=configs, key=keys, prune_configs_by={"early_config_prune": tabled(name, keys, prune)}
+        )(kernel)
+        TUNED_KERNELS[name] = tuned
+        return tuned
+
+    return decorate
 
 
 def tuned_table(kernels: dict[str, triton.runtime.Autotuner]) -> dict[str, dict[str, dict[str, int]]]:

@@ -49,7 +49,7 @@ def run(binary: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=600)
 
 
-def train_and_export(tmp: Path, objective: str, device: str, routing: str = "token-choice") -> tuple[Path, Path]:
+def train_and_export(tmp: Path, objective: str, device: str, router: str = "token-choice") -> tuple[Path, Path]:
     """A checkpoint of the digits model trained for a few steps, and its guided batch-8 package."""
     runs = tmp / objective
     train_main(
@@ -65,7 +65,7 @@ def train_and_export(tmp: Path, objective: str, device: str, routing: str = "tok
             "--objective",
             objective,
             "--set",
-            f"routing={routing}",
+            f"router={router}",
             "--results-dir",
             str(runs),
         ]
@@ -157,6 +157,12 @@ def main() -> None:
         foreign = tmp / "foreign.pt2"
         exported = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
         torch._inductor.aoti_compile_and_package(exported, package_path=str(foreign))
+        # A package of the format before routers were plug-ins calls ops this sampler no longer has.
+        older = tmp / "older.pt2"
+        older_metadata = {"aot_inductor.metadata": {"format": "dit-moe-denoiser/1"}}
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(older), inductor_configs=older_metadata)
+        result = run(binary, "--package", str(older), "--out", str(tmp / "x.npz"))
+        assert result.returncode != 0 and "export the checkpoint again" in result.stderr, result.stderr
 
         bad = {
             "missing package": ["--package", str(tmp / "none.pt2"), "--out", str(tmp / "x.npz")],

@@ -31,8 +31,8 @@ def _layer(backend: str, num_experts: int, top_k: int, unused: int, options: dic
     tokens are positive, so a strongly negative router row is never among the top k."""
     torch.manual_seed(0)
     layer = mk.MoE(8, 12, num_experts, top_k, num_shared_experts=1, backend=backend, **options)
-    if layer.expert_bias is not None:
-        layer.expert_bias.normal_(0, 0.1)
+    if layer.router.expert_bias is not None:
+        layer.router.expert_bias.normal_(0, 0.1)
     with torch.no_grad():
         layer.router.weight[0] += 0.5
         layer.router.weight[unused] = -10.0
@@ -102,9 +102,9 @@ def _check_expert_choice(rank: int, world_size: int, backend: str) -> None:
     for options, capacity_factor in (({}, 2), (dict(expert_biases=True, activation="gelu_tanh"), 3)):
         torch.manual_seed(0)
         layer = mk.MoE(
-            8, 12, 4, 2, num_shared_experts=1, routing="expert-choice", group_size=6, backend=backend, **options
+            8, 12, 4, 2, num_shared_experts=1, router="expert-choice", group_size=6, backend=backend, **options
         )
-        layer.capacity_factor = capacity_factor
+        layer.router.capacity_factor = capacity_factor
         reference = copy.deepcopy(layer)
         expert_parallel(layer, mesh)
         xs, gs = _tokens(world_size, [12] * world_size, 7)

@@ -41,7 +41,7 @@ def test_recorder_counts_every_choice_of_the_conditional_images(cfg_scale):
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_expert_choice_counts_and_experts_per_token(cfg_scale):
-    model = _tiny(routing="expert-choice")
+    model = _tiny(router="expert-choice")
     steps, labels = 3, torch.tensor([2, 5])
     recorder = RoutingRecorder(model, steps).attach()
     recorder.start(labels)
@@ -62,7 +62,7 @@ def test_expert_choice_counts_and_experts_per_token(cfg_scale):
 
 
 def test_cli_draws_experts_per_token_for_expert_choice(tmp_path, capsys):
-    model = _tiny(routing="expert-choice")
+    model = _tiny(router="expert-choice")
     save_weights(model.state_dict(), tmp_path / "m.safetensors", model.config)
     out = tmp_path / "routing"
     main(["--ckpt", str(tmp_path / "m.safetensors"), "--samples-per-class", "1", "--classes", "4", "--steps", "2"]

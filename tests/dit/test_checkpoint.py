@@ -11,6 +11,7 @@ import torch
 
 from dit import checkpoint as ckpt
 from dit.analyze import main as analyze_main
+from dit.files import sha256
 from dit.sample import main as sample_main
 from dit.train import main as train_main
 from tests.dit.test_train import FAST, run
@@ -127,7 +128,7 @@ def test_a_crafted_training_state_is_refused_without_running_it(trained, tmp_pat
     manifest = json.loads((checkpoint / ckpt.MANIFEST).read_text())
     manifest["files"]["state.pt"] = {
         "bytes": (checkpoint / "state.pt").stat().st_size,
-        "sha256": ckpt._sha256(checkpoint / "state.pt"),
+        "sha256": sha256(checkpoint / "state.pt"),
     }
     (checkpoint / ckpt.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(SystemExit, match="refusing to load .*state.pt: it holds a reference to io.open"):
@@ -274,7 +275,7 @@ def test_every_command_verifies_the_weights_it_loads(trained, tmp_path, which):
 
 
 def test_checkpoint_files_share_one_mode_and_the_resume_is_logged(trained, tmp_path):
-    from dit.cli import default_file_mode
+    from dit.files import default_file_mode
 
     run_dir = _copy_run(trained, tmp_path)
     checkpoint = run_dir / "checkpoints" / "0000002"
@@ -291,13 +292,13 @@ def test_checkpoint_files_share_one_mode_and_the_resume_is_logged(trained, tmp_p
 
 
 def test_a_second_job_waits_for_the_run_then_names_its_holder(trained, tmp_path, monkeypatch, capsys):
-    import dit.train
+    import dit.train_args
     from dit.run_lock import RunLock
 
     run_dir = _copy_run(trained, tmp_path)
     held = RunLock()
     held.acquire(run_dir)
-    monkeypatch.setattr(dit.train, "LOCK_WAIT", 0.5)
+    monkeypatch.setattr(dit.train_args, "LOCK_WAIT", 0.5)
     try:
         with pytest.raises(SystemExit, match=f"run {run_dir} is in use by process {os.getpid()} on "):
             train_main([*FAST, "--steps", "3", "--resume", str(run_dir)])

@@ -18,7 +18,7 @@ def _model(**overrides):
 
 def test_metadata_holds_the_schedule_and_shapes():
     values = metadata(_model(), batch=8, cfg=True)
-    assert values["format"] == "dit-moe-denoiser/1" and values["batch"] == "8" and values["cfg"] == "1"
+    assert values["format"] == "dit-moe-denoiser/2" and values["batch"] == "8" and values["cfg"] == "1"
     assert values["device"] == "cpu" and values["input_size"] == "8" and values["num_classes"] == "10"
     alphas = np.array([float(v) for v in values["alphas_cumprod"].split(",")])
     expected = create_diffusion()._tables["alphas_cumprod"].numpy()
@@ -56,7 +56,7 @@ def test_a_missing_or_unknown_device_is_one_line(tmp_path, device, message):
 def test_a_diffmoe_model_is_refused(tmp_path):
     from dit.checkpoint import save_weights
 
-    model = _model(routing="diffmoe")
+    model = _model(router="diffmoe")
     save_weights(model.state_dict(), tmp_path / "m.safetensors", model.config)
     with pytest.raises(SystemExit, match="cannot package a diffmoe model"):
         main(["--ckpt", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "model.pt2"), "--device", "cpu"])

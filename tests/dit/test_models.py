@@ -34,7 +34,7 @@ def test_every_block_is_moe_with_the_papers_shapes():
     D = 384
     assert moe.w_in.shape == (8, D, 2 * 4 * D) and moe.w_out.shape == (8, 4 * D, D)
     assert moe.shared.proj_in.weight.shape == (2 * 2 * D, D) and moe.top_k == 2
-    assert moe.normalize_weights is False and moe.balance_loss_alpha == 0.05
+    assert moe.router.normalize_weights is False and moe.router.balance_loss_alpha == 0.05
     assert model.blocks[0].attn.qkv.weight.shape == (3 * D, D) and model.config.learn_sigma
 
 
@@ -112,12 +112,12 @@ def test_qk_norm_adds_per_head_layernorms():
 
 
 def test_expert_choice_dit_routes_each_image_alone():
-    """routing="expert-choice" groups one image's tokens: an image's output does not depend on its
+    """router="expert-choice" groups one image's tokens: an image's output does not depend on its
     batch (guidance batches the conditional and unconditional passes together), and every expert
     takes top_k * tokens / num_experts tokens of each image."""
     torch.manual_seed(0)
     model = create_model(
-        "DiT-MoE-Ti/2-8E2A", input_size=8, in_channels=1, num_classes=10, routing="expert-choice", moe_backend="torch"
+        "DiT-MoE-Ti/2-8E2A", input_size=8, in_channels=1, num_classes=10, router="expert-choice", moe_backend="torch"
     ).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.1)
@@ -127,20 +127,20 @@ def test_expert_choice_dit_routes_each_image_alone():
         alone = torch.cat([model(x[i : i + 1], t[i : i + 1], y[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)  # batched GEMMs round differently
     assert model.moe_layers()[0].expert_counts.tolist() == [4] * 8  # 16 tokens x 2 / 8 experts, the last image
-    with pytest.raises(ValueError, match="routing must be one of"):
-        create_model("DiT-MoE-Ti/2-8E2A", routing="random")
+    with pytest.raises(ValueError, match="router must be one of"):
+        create_model("DiT-MoE-Ti/2-8E2A", router="random")
 
 
-def test_compute_dials_belong_to_their_routing():
-    def build(routing):
-        return create_model("DiT-MoE-Ti/2-8E2A", input_size=8, in_channels=1, num_classes=10, routing=routing)
+def test_compute_dials_belong_to_their_router():
+    def build(router):
+        return create_model("DiT-MoE-Ti/2-8E2A", input_size=8, in_channels=1, num_classes=10, router=router)
 
     model = build("expert-choice")
     model.set_expert_compute(capacity_factor=1.0)
-    assert all(moe.capacity_factor == 1.0 for moe in model.moe_layers())
+    assert all(moe.router.capacity_factor == 1.0 for moe in model.moe_layers())
     with pytest.raises(ValueError, match="cannot exceed num_experts"):
         model.set_expert_compute(capacity_factor=9.0)
-    assert all(moe.capacity_factor == 1.0 for moe in model.moe_layers())  # a refused dial changes nothing
+    assert all(moe.router.capacity_factor == 1.0 for moe in model.moe_layers())  # a refused dial changes nothing
     with pytest.raises(ValueError, match="capacity_offset sets the compute of diffmoe models"):
         model.set_expert_compute(capacity_offset=0.5)
     with pytest.raises(ValueError, match="capacity_factor sets the compute of expert-choice models"):
@@ -149,4 +149,4 @@ def test_compute_dials_belong_to_their_routing():
     with pytest.raises(ValueError, match="finite"):
         diffmoe.set_expert_compute(capacity_offset=float("nan"))
     diffmoe.set_expert_compute(capacity_offset=-0.5)
-    assert all(moe.capacity_offset == -0.5 and moe.group_size is None for moe in diffmoe.moe_layers())
+    assert all(moe.router.capacity_offset == -0.5 and moe.router.group_size is None for moe in diffmoe.moe_layers())

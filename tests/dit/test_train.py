@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from dit import checkpoint as ckpt
+from dit.files import is_checkpoint
 from dit.precision import use_precision
 from dit.sample import main as sample_main
 from dit.train import main as train_main
@@ -30,7 +31,7 @@ def test_train_writes_checkpoint_log_and_samples(tmp_path):
     log = (run_dir / "log.txt").read_text()
     assert "balance" in log and "expert load" in log
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    assert latest.name == "0000003" and ckpt.is_checkpoint(latest)
+    assert latest.name == "0000003" and is_checkpoint(latest)
     state = ckpt.load_state(latest)
     assert state["step"] == 3 and "optimizer" in state and len(state["rng"]) == 1
 
@@ -171,7 +172,7 @@ def test_two_process_ddp_on_gloo(tmp_path):
 
 
 def test_model_overrides(tmp_path, capsys):
-    from dit.train import parse_overrides
+    from dit.train_args import parse_overrides
 
     parsed = parse_overrides(["mlp_ratio=15", "qk_norm=true", "num_shared_experts=0"])
     assert parsed == {"mlp_ratio": 15.0, "qk_norm": True, "num_shared_experts": 0}
@@ -266,14 +267,14 @@ def test_init_starts_a_new_run_from_upcycled_weights(tmp_path, capsys):
 
 
 def test_diffmoe_trains_its_predictor_and_samples_with_the_compute_dial(tmp_path):
-    """routing=diffmoe: expert choice over the whole batch in training, the capacity thresholds
+    """router=diffmoe: expert choice over the whole batch in training, the capacity thresholds
     averaged into the EMA as the weights are, then per-token routing when sampling, where
     --capacity-offset moves the compute."""
-    run_dir = run(tmp_path, "--steps", "3", "--set", "routing=diffmoe")
+    run_dir = run(tmp_path, "--steps", "3", "--set", "router=diffmoe")
     checkpoint = run_dir / "checkpoints" / "0000003"
     ema = ckpt.build_from_checkpoint(str(checkpoint), "ema")
     for moe in ema.moe_layers():
-        assert moe.group_size is None and (moe.capacity_predictor.thresholds != 0).all()
+        assert moe.router.group_size is None and (moe.router.capacity_predictor.thresholds != 0).all()
     counts = {}
     for offset in ("-2", "0", "2"):
         out = tmp_path / f"s{offset}.npz"

@@ -39,7 +39,7 @@ def test_upcycled_model_equals_the_dense_one_at_initialisation(backend, shared, 
     moe = upcycle(dense.state_dict(), config, router_init=router_init).eval()
     for layer in moe.moe_layers():
         layer.backend = backend
-        assert (layer.activation, layer.b_in is not None, layer.normalize_weights) == ("gelu_tanh", True, True)
+        assert (layer.activation, layer.b_in is not None, layer.router.normalize_weights) == ("gelu_tanh", True, True)
     routers = torch.stack([layer.router.weight for layer in moe.moe_layers()])
     if router_init == "zero":
         assert torch.count_nonzero(routers) == 0

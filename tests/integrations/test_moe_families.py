@@ -74,8 +74,8 @@ def _copy(block, moe: mk.MoE) -> None:
     A gated MLP's gate_proj and up_proj, stacked, are proj_in."""
     with torch.no_grad():
         moe.router.weight.copy_(block.gate.weight)
-        if moe.expert_bias is not None:
-            moe.expert_bias.copy_(block.gate.e_score_correction_bias)
+        if moe.router.expert_bias is not None:
+            moe.router.expert_bias.copy_(block.gate.e_score_correction_bias)
         moe.w_in.copy_(block.experts.gate_up_proj.transpose(1, 2))
         moe.w_out.copy_(block.experts.down_proj.transpose(1, 2))
         shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)

@@ -7,7 +7,7 @@ import torch
 import moe_kernels as mk
 from moe_kernels import reference
 from moe_kernels.balance import loss_from_stats
-from moe_kernels.gating import gating_with_stats
+from moe_kernels.topk_gating import gating_with_stats
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, ROUTING_SHAPES
 
 

@@ -1,5 +1,6 @@
-"""DiffMoE's capacity predictor in the ``MoE`` layer: trained on the expert-choice selection,
-then routing each token on its own at inference, with a threshold offset as the compute dial."""
+"""The DiffMoE router and its capacity predictor in the ``MoE`` layer: trained on the
+expert-choice selection, then routing each token on its own at inference, with a threshold
+offset as the compute dial."""
 
 import copy
 
@@ -8,19 +9,20 @@ import torch
 
 import moe_kernels as mk
 from moe_kernels import reference
-from moe_kernels.capacity import CapacityPredictor
+from moe_kernels.routers import CapacityPredictor
 from tests.moe_kernels.helpers import BACKENDS, DEVICE
 
 
 def _layer(backend, **options):
     torch.manual_seed(0)
-    return mk.MoE(16, 12, 4, 2, routing="expert-choice", capacity_predictor=True, backend=backend, **options).to(DEVICE)
+    return mk.MoE(16, 12, 4, 2, router="diffmoe", backend=backend, **options).to(DEVICE)
 
 
 def _predicted(layer, x, offset):
     """The reference of eval mode: expert e takes the tokens whose predicted logit passes its
     threshold plus offset, weighted by the softmax score."""
-    mask = layer.capacity_predictor(x) > layer.capacity_predictor.thresholds + offset
+    predictor = layer.router.capacity_predictor
+    mask = predictor(x) > predictor.thresholds + offset
     probs = torch.softmax(layer.router(x), dim=-1)
     y = sum(
         torch.where(mask[:, e : e + 1], probs[:, e : e + 1], 0.0)
@@ -34,7 +36,8 @@ def _predicted(layer, x, offset):
 def test_training_is_expert_choice_and_trains_the_predictor_alone(backend):
     layer = _layer(backend)
     plain = copy.deepcopy(layer)
-    plain.capacity_predictor = None
+    plain.router = mk.ExpertChoice(16, 4, 2).to(DEVICE)
+    plain.router.weight.data.copy_(layer.router.weight)
     x = torch.randn(24, 16, device=DEVICE, requires_grad=True)
     y = layer(x)
     torch.testing.assert_close(y, plain(x))
@@ -43,7 +46,7 @@ def test_training_is_expert_choice_and_trains_the_predictor_alone(backend):
     grads = torch.autograd.grad(loss, [x, *layer.parameters()], allow_unused=True)
     moved = {name for (name, _), g in zip(layer.named_parameters(), grads[1:]) if g is not None and g.abs().sum() > 0}
     assert grads[0] is None and moved == {name for name, _ in layer.named_parameters() if "capacity_predictor" in name}
-    assert (layer.capacity_predictor.thresholds != 0).all()  # moved towards this batch's cut
+    assert (layer.router.capacity_predictor.thresholds != 0).all()  # moved towards this batch's cut
 
 
 def test_thresholds_reproduce_the_training_capacity():
@@ -65,14 +68,14 @@ def test_eval_routes_each_token_by_threshold(backend):
         layer(x)  # training steps move the thresholds
     layer.eval()
     for offset in (0.0, 0.3, -0.3, 100.0, -100.0):
-        layer.capacity_offset = offset
+        layer.router.capacity_offset = offset
         with torch.no_grad():
             y = layer(x)
             want, mask = _predicted(layer, x, offset)
         torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
         assert layer.expert_counts.tolist() == mask.sum(0).tolist()
     with torch.no_grad():  # each token on its own: no batch dependence
-        layer.capacity_offset = 0.0
+        layer.router.capacity_offset = 0.0
         torch.testing.assert_close(layer(x), torch.cat([layer(x[i : i + 1]) for i in range(30)]), atol=1e-6, rtol=1e-6)
 
 
@@ -93,5 +96,9 @@ def test_eval_mode_is_differentiable(backend):
 
 
 def test_options_are_checked():
-    with pytest.raises(ValueError, match="capacity_predictor needs routing='expert-choice'"):
+    with pytest.raises(TypeError, match="token-choice router takes no option capacity_predictor"):
         mk.MoE(16, 12, 4, 2, capacity_predictor=True)
+    layer = _layer("torch").eval()
+    layer.router.capacity_offset = float("nan")
+    with pytest.raises(ValueError, match="capacity_offset"):
+        layer(torch.randn(3, 16, device=DEVICE))

@@ -4,10 +4,8 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels import ffn, reference
+from moe_kernels import reference, tuning
 from moe_kernels.activations import projection_width
-from moe_kernels.expert_choice import expert_rows
-from moe_kernels.routing import chosen_routing
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, assert_close_to_reference, grads
 
 # (T, E, C, group_size): one group, several, C = 1, C = S (every token), S not a power of two.
@@ -73,7 +71,7 @@ def test_bad_input(kwargs, error, match):
 
 def _layer(backend, **kwargs):
     torch.manual_seed(0)
-    options = dict(num_shared_experts=0, routing="expert-choice", backend=backend) | kwargs
+    options = dict(num_shared_experts=0, router="expert-choice", backend=backend) | kwargs
     return mk.MoE(16, 12, options.pop("num_experts", 4), options.pop("top_k", 2), **options).to(DEVICE)
 
 
@@ -106,8 +104,8 @@ def test_layer_forward_backward_match_reference(backend, kwargs):
     x = torch.randn(3, 8, 16, device=DEVICE, requires_grad=True)
     y = layer(x)
     tokens = x.reshape(-1, 16)
-    size = layer.group_size or tokens.shape[0]
-    capacity = layer.capacity(size)
+    size = layer.router.group_size or tokens.shape[0]
+    capacity = layer.router.capacity(size)
     weights, chosen, _ = reference.expert_choice_gating(layer.router(tokens), capacity, size)
     want = reference.expert_choice_ffn(tokens, weights, chosen, layer.w_in, layer.w_out, layer.activation)
     if layer.shared is not None:
@@ -135,25 +133,25 @@ def test_per_image_groups_make_each_image_independent_of_its_batch(backend):
 
 def test_capacity_factor_is_the_compute_dial():
     layer = _layer("torch", num_experts=8, top_k=2, group_size=16)
-    assert layer.capacity(16) == 4  # 16 tokens x 2 experts each / 8 experts
-    layer.capacity_factor = 1.0
-    assert layer.capacity(16) == 2
-    layer.capacity_factor = 0.75
-    assert layer.capacity(16) == 2  # 1.5 rounds half up
-    layer.capacity_factor = 0.1
+    assert layer.router.capacity(16) == 4  # 16 tokens x 2 experts each / 8 experts
+    layer.router.capacity_factor = 1.0
+    assert layer.router.capacity(16) == 2
+    layer.router.capacity_factor = 0.75
+    assert layer.router.capacity(16) == 2  # 1.5 rounds half up
+    layer.router.capacity_factor = 0.1
     with pytest.raises(ValueError, match="rounds to 0 tokens per expert"):
         layer(torch.randn(1, 16, 16))
-    layer.capacity_factor = 9.0
+    layer.router.capacity_factor = 9.0
     with pytest.raises(ValueError, match="cannot exceed num_experts"):
         layer(torch.randn(1, 16, 16))
 
 
 def test_bad_layer_options():
-    with pytest.raises(ValueError, match="routing must be one of"):
-        mk.MoE(8, 8, 4, 2, routing="random")
-    with pytest.raises(ValueError, match="softmax score alone"):
-        mk.MoE(8, 8, 4, 2, routing="expert-choice", score="sigmoid")
-    layer = mk.MoE(8, 8, 4, 2, routing="expert-choice", group_size=3, backend="torch")
+    with pytest.raises(ValueError, match="router must be one of"):
+        mk.MoE(8, 8, 4, 2, router="random")
+    with pytest.raises(TypeError, match="expert-choice router takes no option score"):
+        mk.MoE(8, 8, 4, 2, router="expert-choice", score="sigmoid")
+    layer = mk.MoE(8, 8, 4, 2, router="expert-choice", group_size=3, backend="torch")
     with pytest.raises(ValueError, match="must divide"):
         layer(torch.randn(2, 4, 8))
 
@@ -176,7 +174,7 @@ def _chosen(T, E, C, group_size, dtype=torch.float32):
     return weights.to(dtype).requires_grad_(), tokens
 
 
-# "triton prescaled": the Triton backward with ffn.PRESCALED_BACKWARD (dL/dy weighted per slot once).
+# "triton prescaled": the Triton backward with tuning.PRESCALED_BACKWARD (dL/dy weighted per slot once).
 @pytest.mark.parametrize("backend", [*BACKENDS, *(["triton prescaled"] if "triton" in BACKENDS else [])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
@@ -185,7 +183,7 @@ def _chosen(T, E, C, group_size, dtype=torch.float32):
 )
 def test_ffn_forward_backward_match_reference(monkeypatch, backend, dtype, T, E, C, group_size, activation, biases):
     if backend == "triton prescaled":
-        monkeypatch.setattr(ffn, "PRESCALED_BACKWARD", True)
+        monkeypatch.setattr(tuning, "PRESCALED_BACKWARD", True)
         backend = "triton"
     D, H = 24, 20  # neither a multiple of the blocks
     x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -225,16 +223,6 @@ def test_ffn_is_deterministic_and_edge_cases(backend):
         torch.testing.assert_close(
             runs[0][0], reference.expert_choice_ffn(x, weights, tokens, w_in, w_out), atol=1e-4, rtol=1e-4
         )
-
-
-def test_routing_numbers_the_slots_token_major_in_expert_order():
-    tokens = torch.tensor([[[0, 3], [3, 1], [2, 3]]])  # G=1, E=3, C=2 over T=5 tokens
-    routing, starts = chosen_routing(*expert_rows(tokens, tokens)[1:], 5)
-    # Slots: token 0 (e0), 1 (e1), 2 (e2), 3 (e0, e1, e2); token 4 has none.
-    assert starts.tolist() == [0, 1, 2, 3, 6, 6]
-    assert routing.token_of_row.tolist() == [0, 3, 3, 1, 2, 3]
-    assert routing.slot_of_row.tolist() == [0, 3, 4, 1, 2, 5]
-    assert routing.offsets.tolist() == [2, 4, 6]
 
 
 @pytest.mark.parametrize(

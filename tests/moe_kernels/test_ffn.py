@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels import ffn, reference
+from moe_kernels import reference, tuning
 from moe_kernels.activations import projection_width
 from moe_kernels.combine import weighted_rows, weighted_rows_torch
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, DTYPES, assert_close_to_reference, grads, non_contiguous
@@ -99,7 +99,7 @@ def test_expert_biases_match_reference(backend, dtype, activation, T, D, H, E, k
 def test_prescaled_backward_matches_reference(monkeypatch, dtype, T, D, H, E, k, routing):
     """``PRESCALED_BACKWARD``: dL/dy gathered and weighted once into expert-major rows, which the
     second GEMM's two gradients (dh, dW_out and its bias) then read plainly."""
-    monkeypatch.setattr(ffn, "PRESCALED_BACKWARD", True)
+    monkeypatch.setattr(tuning, "PRESCALED_BACKWARD", True)
     _check_with_biases("triton", dtype, "swiglu", T, D, H, E, k, routing)
 
 

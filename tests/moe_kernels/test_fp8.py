@@ -5,8 +5,8 @@ import torch
 
 import moe_kernels as mk
 from moe_kernels.activations import projection_width
-from moe_kernels.fp8 import E4M3_MAX, FP8, grouped_mm_fp8_torch, quantize_rows_fp8
-from moe_kernels.grouped_mm import grouped_mm_act, grouped_mm_torch, grouped_mm_triton
+from moe_kernels.fp8 import E4M3_MAX, FP8, quantize_rows_fp8
+from moe_kernels.grouped_mm import grouped_mm_act, grouped_mm_fp8_torch, grouped_mm_torch, grouped_mm_triton
 from tests.moe_kernels.helpers import BACKENDS, DEVICE
 
 
@@ -154,8 +154,8 @@ def _layer(backend, **options):
     [
         {},
         dict(activation="gelu_tanh", expert_biases=True),
-        dict(routing="expert-choice", group_size=8),
-        dict(routing="expert-choice", capacity_predictor=True),
+        dict(router="expert-choice", group_size=8),
+        dict(router="diffmoe"),
     ],
     ids=["token choice", "biases", "expert choice", "diffmoe"],
 )
@@ -172,7 +172,7 @@ def test_fp8_layer_equals_its_emulation_and_stays_near_full_precision(options):
     torch.testing.assert_close(got["triton"], got["torch"], atol=1e-5, rtol=1e-4)
     assert (got["torch"] - want).norm() <= 0.05 * want.norm()
     layer = layers["torch"]
-    assert layer.fp8 and layer.w_in.dtype == FP8 and layer.w_in_scale.shape == (4, 1, 1)
+    assert layer.fp8_weights and layer.w_in.dtype == FP8 and layer.w_in_scale.shape == (4, 1, 1)
     assert layer.w_in.mT.is_contiguous() and layer.w_out.mT.is_contiguous()  # K-major
     assert {"w_in", "w_out"}.isdisjoint(name for name, _ in layer.named_parameters())
     assert layer.to_fp8() is layer
@@ -307,12 +307,12 @@ def test_fp8_gradients_stay_near_full_precision(activation):
 def test_fp8_layer_trains_and_its_kernels_equal_the_emulation(routing):
     """``MoE(precision="fp8")``: the parameters stay fp32 and get their gradients; both backends
     agree, for both routings."""
-    options = dict(routing=routing, group_size=8) if routing == "expert-choice" else {}
+    options = dict(router=routing, group_size=8) if routing == "expert-choice" else {}
     x = torch.randn(16, 32, device=DEVICE)
     results = {}
     for backend in BACKENDS:
         layer = _layer(backend, precision="fp8", **options).train()
-        assert layer.precision == "fp8" and not layer.fp8 and "precision='fp8'" in repr(layer)
+        assert layer.precision == "fp8" and not layer.fp8_weights and "precision='fp8'" in repr(layer)
         xg = x.clone().requires_grad_()
         y = layer(xg)
         (y.square().mean() + layer.aux_loss).backward()

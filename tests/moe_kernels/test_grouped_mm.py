@@ -109,10 +109,10 @@ def test_bad_input_raises(args, error, match):
 def test_autotune_key_buckets_the_row_count(monkeypatch):
     """Row counts in one power-of-two bucket share one autotuned config, so a new token count
     does not benchmark every config again."""
-    from moe_kernels.grouped_mm import _grouped_mm_kernel, _grouped_wgrad_kernel
+    from moe_kernels.grouped_mm_kernels import grouped_mm_kernel, grouped_wgrad_kernel
 
     buckets = []
-    for kernel in (_grouped_mm_kernel, _grouped_wgrad_kernel):
+    for kernel in (grouped_mm_kernel, grouped_wgrad_kernel):
         assert "M_BUCKET" in kernel.keys
         inner = kernel.fn
         run = inner.run

@@ -8,11 +8,11 @@ from tests.moe_kernels.helpers import BACKENDS, DEVICE
 
 def _reference_forward(layer: mk.MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = x.reshape(-1, layer.dim)
-    weights, experts, probs = reference.topk_gating(layer.router(tokens), layer.top_k, layer.normalize_weights)
+    weights, experts, probs = reference.topk_gating(layer.router(tokens), layer.top_k, layer.router.normalize_weights)
     y = reference.moe_ffn(tokens, weights, experts, layer.w_in, layer.w_out, layer.activation, layer.b_in, layer.b_out)
     if layer.shared is not None:
         y = y + layer.shared(tokens)
-    aux = reference.balance_loss(probs, experts, layer.num_experts, layer.balance_loss_alpha)
+    aux = reference.balance_loss(probs, experts, layer.num_experts, layer.router.balance_loss_alpha)
     return y.reshape(x.shape), aux
 
 
@@ -153,3 +153,34 @@ def test_balance_loss_conventions():
 def test_bad_routing_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mk.MoE(8, 8, 4, 2, **kwargs)
+
+
+def test_a_router_by_name_and_as_an_object_are_the_same_layer():
+    torch.manual_seed(0)
+    named = mk.MoE(8, 8, 4, 2, router="token-choice", normalize_weights=True, backend="torch")
+    torch.manual_seed(0)
+    given = mk.MoE(8, 8, 4, router=mk.TokenChoice(8, 4, 2, normalize_weights=True), backend="torch")
+    assert type(named.router) is mk.TokenChoice and given.top_k == named.top_k == 2
+    assert named.state_dict().keys() == given.state_dict().keys()
+    given.load_state_dict(named.state_dict())
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(named(x), given(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(router=mk.TokenChoice(6, 4, 2)), ValueError, "6-wide tokens against 4 experts"),
+        (dict(router=mk.TokenChoice(8, 3, 2)), ValueError, "8-wide tokens against 3 experts"),
+        (dict(router=mk.TokenChoice(8, 4, 2), top_k=1), ValueError, "differs from the router's"),
+        (dict(router=mk.TokenChoice(8, 4, 2), score="sigmoid"), TypeError, "pass them to its constructor"),
+        (dict(router=torch.nn.Linear(8, 4)), TypeError, "moe_kernels.Router"),
+        (dict(router="token-choice", top_k=2, group_size=4), TypeError, "takes no option group_size"),
+        (dict(router="expert-choice", top_k=2, normalize_weights=True), TypeError, "takes no option normalize_weights"),
+        (dict(router="token-choice", top_k=None), TypeError, "top_k is required"),
+    ],
+)
+def test_bad_routers(kwargs, error, match):
+    args = dict(dim=8, hidden_dim=8, num_experts=4, top_k=None) | kwargs
+    with pytest.raises(error, match=match):
+        mk.MoE(**args)

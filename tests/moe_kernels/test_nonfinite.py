@@ -118,10 +118,10 @@ def test_a_non_finite_selection_bias_shows_in_the_output(backend, value):
     that expert, -Inf none): every weight, hence every output and the training loss, is NaN."""
     moe = mk.MoE(D, H, E, k, backend=backend, selection_bias=True).to(DEVICE)
     x = torch.randn(T, D, device=DEVICE)
-    moe.expert_bias[2] = value
+    moe.router.expert_bias[2] = value
     y = moe(x)
     assert y.isnan().all()
-    ref_weights, _, _ = reference.topk_gating(moe.router(x), k, bias=moe.expert_bias)
+    ref_weights, _, _ = reference.topk_gating(moe.router(x), k, bias=moe.router.expert_bias)
     assert ref_weights.isnan().all()
     weights, _, _ = mk.topk_gating(moe.router(x), k, backend=backend, bias=torch.randn(E, device=DEVICE))
     assert torch.isfinite(weights).all()

@@ -172,16 +172,16 @@ def reference_layer(moe: mk.MoE, x: torch.Tensor) -> list[torch.Tensor]:
     weights, experts, probs = reference.topk_gating(
         logits,
         moe.top_k,
-        moe.normalize_weights,
-        num_groups=moe.num_groups,
-        topk_groups=moe.topk_groups,
-        scale=moe.routed_scale,
+        moe.router.normalize_weights,
+        num_groups=moe.router.num_groups,
+        topk_groups=moe.router.topk_groups,
+        scale=moe.router.routed_scale,
     )
     y = reference.moe_ffn(x, weights, experts, moe.w_in, moe.w_out)
     if moe.shared is not None:
         y = y + moe.shared(x)
-    aux = reference.balance_loss(probs, experts, moe.num_experts, moe.balance_loss_alpha)
-    return [y, aux + moe.z_loss_coef * router_z_loss(logits)]
+    aux = reference.balance_loss(probs, experts, moe.num_experts, moe.router.balance_loss_alpha)
+    return [y, aux + moe.router.z_loss_coef * router_z_loss(logits)]
 
 
 def build(kwargs: dict, device: str) -> mk.MoE:

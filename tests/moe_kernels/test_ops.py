@@ -5,17 +5,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_kernels as mk
-from moe_kernels import ffn, gating, reference
+from moe_kernels import reference
 from moe_kernels.balance import expert_stats_op
-from moe_kernels.expert_choice import (
-    expert_choice_ffn_op,
+from moe_kernels.dispatch import Dispatch, by_token, sort_by_expert
+from moe_kernels.expert_choice_gating import (
+    choice_dispatch,
     expert_choice_gating_backward_op,
     expert_choice_gating_op,
-    expert_rows,
 )
-from moe_kernels.ffn import moe_ffn_backward_op, moe_ffn_op
-from moe_kernels.gating import topk_gating_backward_op, topk_gating_op
+from moe_kernels.experts import experts_backward_op, experts_op
 from moe_kernels.grouped_mm import grouped_mm_op, grouped_mm_wgrad_op
+from moe_kernels.topk_gating import topk_gating_backward_op, topk_gating_op
 from tests.moe_kernels.helpers import BACKENDS, DEVICE
 
 T, D, H, E, k = 11, 16, 8, 4, 2
@@ -30,6 +30,15 @@ def _routed():
     experts = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :k]
     w_in, w_out = _leaf(E, D, 2 * H) / D**0.5, _leaf(E, H, D) / H**0.5
     return x, weights, experts, w_in.detach().requires_grad_(), w_out.detach().requires_grad_()
+
+
+def _leaf_weights(d: Dispatch) -> Dispatch:
+    return d._replace(weights=d.weights.detach().requires_grad_())
+
+
+def _experts_args(d: Dispatch, x, w_in, w_out, b_in, b_out, activation, backend, save=True):
+    """The arguments of ``moe_kernels::experts`` for the dispatch ``d``."""
+    return (x, *d[:5], w_in, w_out, b_in, b_out, None, None, activation, backend, save, save, save, False)
 
 
 def _op_cases(backend):
@@ -51,43 +60,35 @@ def _op_cases(backend):
     yield expert_choice_gating_backward_op, (ec_probs, ec_tokens, *ec_grads, torch.float32, backend)
     yield expert_choice_gating_backward_op, (ec_probs, ec_tokens, ec_grads[0], None, torch.float32, backend)
     x, w_in, w_out = _leaf(12, D), _leaf(E, D, 2 * H), _leaf(E, H, D)
-    rows, tokens, offsets = expert_rows(ec_weights, ec_tokens)
-    ec_args = (x, rows.contiguous().requires_grad_(), tokens, offsets, w_in, w_out)
-    yield expert_choice_ffn_op, (*ec_args, _leaf(E, 2 * H), _leaf(E, D), "swiglu", backend, True, True, True)
-    plain = [t.detach() for t in ec_args]
-    yield expert_choice_ffn_op, (*plain, None, None, "swiglu", backend, False, False, False)
+    chosen = _leaf_weights(choice_dispatch(ec_weights, ec_tokens, 12))
+    yield experts_op, _experts_args(chosen, x, w_in, w_out, _leaf(E, 2 * H), _leaf(E, D), "swiglu", backend)
+    plain = [t.detach() for t in (x, w_in, w_out)]
+    yield (
+        experts_op,
+        _experts_args(chosen._replace(weights=chosen.weights.detach()), *plain, None, None, "swiglu", backend, False),
+    )
     offsets = torch.tensor([3, 3, 9, 14], dtype=torch.int32, device=DEVICE)
     x, w = _leaf(14, D), _leaf(E, D, H)
     yield grouped_mm_op, (x, w, offsets, backend)
     yield grouped_mm_wgrad_op, (x.detach(), torch.randn(14, H, device=DEVICE), offsets, backend)
-    x, weights, experts, w_in, w_out = _routed()
+    x, weights, chosen_experts, w_in, w_out = _routed()
+    yield sort_by_expert, (chosen_experts, E, backend)
+    d = by_token(chosen_experts, weights, E, backend)
     b_in, b_out = _leaf(E, 2 * H), _leaf(E, D)
-    yield moe_ffn_op, (x, weights, experts, w_in, w_out, None, None, "swiglu", backend, True, True, True)
-    yield moe_ffn_op, (x, weights, experts, w_in, w_out, b_in, b_out, "swiglu", backend, True, True, True)
+    yield experts_op, _experts_args(d, x, w_in, w_out, None, None, "swiglu", backend)
+    yield experts_op, _experts_args(d, x, w_in, w_out, b_in, b_out, "swiglu", backend)
+    frozen = [t.detach() for t in (x, w_in, w_out)]
     yield (
-        moe_ffn_op,
-        (x.detach(), weights.detach(), experts, w_in.detach(), w_out.detach(), None, None)
-        + ("swiglu", backend, False, False, False),
+        experts_op,
+        _experts_args(d._replace(weights=d.weights.detach()), *frozen, None, None, "swiglu", backend, False),
     )
-    yield moe_ffn_op, (x, weights, experts, _leaf(E, D, H), w_out, _leaf(E, H), None, "gelu", backend, True, True, True)
-    saved = moe_ffn_op(
-        x.detach(),
-        weights.detach(),
-        experts,
-        w_in.detach(),
-        w_out.detach(),
-        None,
-        None,
-        "swiglu",
-        backend,
-        True,
-        True,
-        True,
-    )
-    frozen = (x.detach(), weights.detach(), w_in.detach(), w_out.detach())
+    yield experts_op, _experts_args(d, x, _leaf(E, D, H), w_out, _leaf(E, H), None, "gelu", backend)
+    saved = experts_op(*_experts_args(d._replace(weights=d.weights.detach()), *frozen, None, None, "swiglu", backend))
     grad_y = torch.randn(T, D, device=DEVICE)
+    dispatched = (d.weights.detach(), *d[1:5])
     for needs in ((True,) * 6, (True, False, False, False, False, False), (False,) * 4 + (True, True)):
-        yield moe_ffn_backward_op, (grad_y, *frozen, *saved[1:], "swiglu", backend, *needs)
+        args = (grad_y, frozen[0], *dispatched, frozen[1], frozen[2], *saved[1:], "swiglu", backend, *needs, False)
+        yield experts_backward_op, args
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,21 +105,20 @@ def test_ops_are_registered_in_the_moe_kernels_namespace(backend):
         "expert_stats",
         "expert_choice_gating",
         "expert_choice_gating_backward",
-        "expert_choice_ffn",
+        "sort_by_expert",
+        "experts",
+        "experts_backward",
         "grouped_mm",
         "grouped_mm_wgrad",
-        "moe_ffn",
-        "moe_ffn_backward",
     }
     for name in names:
         assert hasattr(torch.ops.moe_kernels, name)
-    x, weights, experts, w_in, w_out = _routed()
-    y = torch.ops.moe_kernels.moe_ffn(
-        x, weights, experts, w_in, w_out, None, None, "swiglu", backend, True, True, True
-    )[0]
+    x, weights, chosen, w_in, w_out = _routed()
+    d = Dispatch(weights.reshape(-1), *torch.ops.moe_kernels.sort_by_expert(chosen, E, backend))
+    y = torch.ops.moe_kernels.experts(*_experts_args(d, x, w_in, w_out, None, None, "swiglu", backend))[0]
     y.square().sum().backward()  # differentiable when called through torch.ops too
     ref_x = x.detach().clone().requires_grad_()
-    reference.moe_ffn(ref_x, weights, experts, w_in, w_out).square().sum().backward()
+    reference.moe_ffn(ref_x, weights, chosen, w_in, w_out).square().sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
 
 
@@ -130,7 +130,8 @@ class _Passthrough(TorchDispatchMode):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plain_eager_calls_skip_the_dispatcher_and_agree_with_it(backend, monkeypatch):
     dispatched = []
-    for op in (ffn.moe_ffn_op, ffn.moe_ffn_backward_op, gating.topk_gating_op, gating.topk_gating_backward_op):
+    ops = (experts_op, experts_backward_op, sort_by_expert, topk_gating_op, topk_gating_backward_op)
+    for op in ops:
         monkeypatch.setattr(
             op, "overload", lambda *args, op=op, run=op.overload: dispatched.append(op.name) or run(*args)
         )
@@ -142,14 +143,16 @@ def test_plain_eager_calls_skip_the_dispatcher_and_agree_with_it(backend, monkey
     assert dispatched == []
     with torch.no_grad(), _Passthrough():  # a dispatch mode must see the op, not its insides
         through_op = layer(x)
-    assert dispatched == ["moe_kernels::topk_gating", "moe_kernels::moe_ffn"]
+    assert dispatched == ["moe_kernels::topk_gating", "moe_kernels::sort_by_expert", "moe_kernels::experts"]
     torch.testing.assert_close(direct, through_op, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_gradient_whose_inputs_were_not_saved_is_refused(backend):
-    x, weights, experts, w_in, w_out = _routed()
-    y = moe_ffn_op(x, weights, experts, w_in, w_out, None, None, "swiglu", backend, True, False, True)[0]
+    x, weights, chosen, w_in, w_out = _routed()
+    args = list(_experts_args(by_token(chosen, weights, E, backend), x, w_in, w_out, None, None, "swiglu", backend))
+    args[15] = False  # save_h
+    y = experts_op(*args)[0]
     with pytest.raises(RuntimeError, match="gradient of w_out needs what save_h=True keeps"):
         y.sum().backward()
 

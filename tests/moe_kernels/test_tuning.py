@@ -9,7 +9,7 @@ import torch
 
 import moe_kernels as mk
 from moe_kernels import tuning
-from moe_kernels.grouped_mm import _grouped_mm_kernel, _grouped_wgrad_kernel
+from moe_kernels.grouped_mm_kernels import grouped_mm_kernel, grouped_wgrad_kernel
 from moe_kernels.tuning import INTERPRETER_CONFIG, config, launch_key, tabled, tuned_table, write_table
 
 from .helpers import DEVICE
@@ -80,7 +80,7 @@ def test_a_written_table_serves_the_next_launches(tmp_path, monkeypatch):
     grouped GEMM and its gradients; the launches take it (Triton >= 3.7 does not benchmark a single
     candidate, so this runs through the interpreter), the result is right, and the table written
     from the autotuners' caches holds the same keys and configs."""
-    kernels = {"grouped_mm": _grouped_mm_kernel, "grouped_wgrad": _grouped_wgrad_kernel}
+    kernels = {"grouped_mm": grouped_mm_kernel, "grouped_wgrad": grouped_wgrad_kernel}
     x = torch.randn(21, 8, requires_grad=True)
     w = torch.randn(3, 8, 12, requires_grad=True)
     offsets = torch.tensor([5, 5, 21], dtype=torch.int32)

@@ -13,7 +13,12 @@ fail to build on the GPU. This module closes that gap in two steps:
    autotuner would try, reading registers and spills from ``ptxas`` and, from the machine
    code, whether any spill sits inside a loop.
 
-    python -m tests.moe_kernels.hopper_compile      # the table of kernels x configs
+    python -m benchmarks.hopper_compile      # the table of kernels x configs
+
+Its public interface: ``record_launches``, ``compile_launches``, ``moe_workload``, ``table``,
+``summary``, and for the machine code ``ptxas_report``, ``disassemble``, ``count_loop_spills``,
+``longest_loop_opcodes`` and ``TARGET_CAPABILITY``; ``tests/moe_kernels/test_hopper_compile.py``
+and ``experiments/`` use them.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def record_launches(workload: Callable[[], None]) -> list[dict]:
     return list(launches.values())
 
 
-def _ptxas_report(ptx: str) -> dict:
+def ptxas_report(ptx: str) -> dict:
     """Registers and spill bytes per thread that ptxas reports for ``ptx``."""
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -221,7 +226,7 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
             compiled = triton.compile(source, target=target, options=options)
             result |= {"ok": True, "shared_bytes": compiled.metadata.shared}
             if full_report:
-                result |= _ptxas_report(compiled.asm["ptx"]) | {
+                result |= ptxas_report(compiled.asm["ptx"]) | {
                     "mma": _mma_kind(compiled.asm["ptx"]),
                     "loop_spills": _spills_in_loops(compiled.asm["cubin"]),
                 }
@@ -237,11 +242,11 @@ def compile_launches(
     """Compile ``launches`` (from ``record_launches``) for sm_90a in a fresh process without the
     interpreter; one result per launch and config compiled (see ``_compile_one``), in order.
     ``triton_dir``: a directory holding another Triton package to compile with."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, root, os.environ.get("PYTHONPATH")) if p)
     done = subprocess.run(
-        [sys.executable, "-m", "tests.moe_kernels.hopper_compile", "--compile"],
+        [sys.executable, "-m", "benchmarks.hopper_compile", "--compile"],
         input=json.dumps({"launches": launches, "full_report": full_report}),
         capture_output=True,
         text=True,
@@ -275,7 +280,7 @@ def moe_workload(
 ) -> Callable[[], None]:
     """Forward and backward of every public op, in each dtype, on tiny CPU tensors; with ``tf32``,
     fp32 once more with TF32 products (the trainer's default), which lowers ``tl.dot`` differently."""
-    from moe_kernels import MoE, balance_loss, ffn, grouped_mm, swiglu_activation, topk_gating
+    from moe_kernels import MoE, balance_loss, grouped_mm, swiglu_activation, topk_gating, tuning
 
     def run_ops(dtype: torch.dtype) -> None:
         # SwiGLU, GELU, an upcycled DiT's experts: GELU-tanh with biases (BIAS, BIAS_GRAD), relu²,
@@ -290,12 +295,12 @@ def moe_workload(
             x = torch.randn(24, 32, dtype=dtype, requires_grad=True)
             out = layer(x)
             (out.float().square().mean() + layer.aux_loss).backward()
-        # The backward with dL/dy gathered and weighted once (ffn.PRESCALED_BACKWARD): its plain GEMMs.
+        # The backward with dL/dy gathered and weighted once (tuning.PRESCALED_BACKWARD): its plain GEMMs.
         layer = MoE(32, 32, num_experts=4, top_k=2, backend="triton").to(dtype)
-        with mock.patch.object(ffn, "PRESCALED_BACKWARD", True):
+        with mock.patch.object(tuning, "PRESCALED_BACKWARD", True):
             layer(torch.randn(24, 32, dtype=dtype, requires_grad=True)).float().square().mean().backward()
         # Expert choice: its selection and scatter kernels, and the combine with per-token counts.
-        layer = MoE(32, 32, num_experts=4, top_k=2, routing="expert-choice", group_size=12, backend="triton")
+        layer = MoE(32, 32, num_experts=4, top_k=2, router="expert-choice", group_size=12, backend="triton")
         layer.to(dtype)(torch.randn(2, 12, 32, dtype=dtype, requires_grad=True)).float().square().mean().backward()
         logits = torch.randn(24, 4, dtype=dtype, requires_grad=True)
         _, experts, probs = topk_gating(logits, 2, normalize=True, backend="triton")
@@ -409,7 +414,7 @@ def summary(results: list[dict]) -> str:
             (
                 f"Every launch of the public ops' forward and backward (`moe_workload`), compiled for "
                 f"sm_{TARGET_CAPABILITY}a by Triton {results[0]['triton']} with each autotune config: "
-                "`python -m tests.moe_kernels.hopper_compile`."
+                "`python -m benchmarks.hopper_compile`."
             ),
             "",
             f"- {len(compiled)} of {len(results)} launch x config pairs compile.",
@@ -450,7 +455,7 @@ def main() -> None:
         json.dump({"triton": triton.__version__, "results": results}, sys.stdout)
         return
     parser = argparse.ArgumentParser(
-        prog="python -m tests.moe_kernels.hopper_compile",
+        prog="python -m benchmarks.hopper_compile",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

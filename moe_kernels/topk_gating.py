@@ -21,15 +21,8 @@ import triton.language as tl
 from .backend import resolve_backend
 from .balance import BLOCK_ROWS, expert_stats_torch, row_block
 from .library import custom_op, differentiable, gradients
-from .validation import (
-    FLOAT_DTYPES,
-    SCALE,
-    check_dim,
-    check_k,
-    check_positive_int,
-    check_same_device,
-    check_tensor,
-)
+from .rules import SCALE, check_k, check_positive_int
+from .validation import FLOAT_DTYPES, check_dim, check_same_device, check_tensor
 
 
 @triton.jit

@@ -12,8 +12,7 @@ non-negative float sorts as its bits; the index breaks ties), and keeps the firs
 backward scatters the weights' gradients into the scores' (each (token, expert) is chosen at most
 once, so plain stores, no atomics) and runs the gating kernel's softmax backward.
 
-``expert_choice_ffn`` runs the chosen tokens through ``moe_ffn``'s grouped GEMMs and combine
-(forward and backward), from a routing in which a token owns one slot per expert that chose it.
+``ExpertChoice`` (``routers/expert_choice.py``) turns the choice into a dispatch for the experts op.
 """
 
 from __future__ import annotations
@@ -25,19 +24,11 @@ import triton
 import triton.language as tl
 
 from .backend import resolve_backend
-from .ffn import (
-    DIFFERENTIABLE,
-    check_experts,
-    check_saved,
-    experts_forward,
-    moe_ffn_backward_op,
-    quantized_experts,
-    saves,
-)
-from .gating import _gating_triton, topk_gating_backward_op
+from .dispatch import Dispatch, by_expert
 from .library import custom_op, differentiable, gradients
-from .routing import chosen_routing
-from .validation import FLOAT_DTYPES, POSITIVE_INT, check_dim, check_same_device, check_tensor
+from .rules import POSITIVE_INT
+from .topk_gating import _gating_triton, topk_gating_backward_op
+from .validation import FLOAT_DTYPES, check_tensor
 
 Tensor = torch.Tensor
 # The most tokens one Triton program sorts (a group): its keys live in registers.
@@ -236,198 +227,11 @@ def expert_choice_gating(
     return expert_choice_gating_apply(logits, capacity, size, backend)
 
 
-def slot_weights(weights: Tensor, slot_of_row: Tensor) -> Tensor:
-    """The rows' ``weights [S]`` in slot order (each slot is one row: plain stores)."""
-    return torch.empty_like(weights).index_copy_(0, slot_of_row.long(), weights)
-
-
-@custom_op("moe_kernels::expert_choice_ffn")
-def expert_choice_ffn_op(
-    x: Tensor,
-    weights: Tensor,
-    tokens: Tensor,
-    offsets: Tensor,
-    w_in: Tensor,
-    w_out: Tensor,
-    b_in: Tensor | None,
-    b_out: Tensor | None,
-    activation: str,
-    backend: str,
-    save_preact: bool,
-    save_h: bool,
-    save_out: bool,
-    fp8: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Experts that chose their tokens: expert ``e`` takes ``tokens[offsets[e-1]:offsets[e]]``
-    (int64 ``[S]``, distinct within an expert) with ``weights [S]``.
-
-    Returns ``y [T, D]``, what the backward reads where asked for (the pre-activation and ``h``,
-    ``[S, *]``, the per-slot outputs ``[S, D]``; else empty along dimension 0), ``slot_of_row``
-    and ``token_of_row`` (int32 ``[S]``) and the tokens' slot ``starts [T + 1]``. ``fp8`` as for
-    ``moe_kernels::moe_ffn``."""
-    routing, starts = chosen_routing(tokens, offsets, x.shape[0])
-    w_in, w_out, scales = quantized_experts(w_in, w_out, fp8)
-    y, preact, h, out = experts_forward(
-        x, slot_weights(weights, routing.slot_of_row), routing, starts, w_in, w_out, b_in, b_out,
-        activation, backend, save_preact, scales,
-    )  # fmt: skip
-    empty = x.new_empty
-    return (
-        y,
-        preact if save_preact else empty((0, w_in.shape[2])),
-        h if save_h else empty((0, w_out.shape[1])),
-        out if save_out else empty((0, x.shape[1])),
-        routing.slot_of_row,
-        routing.token_of_row,
-        starts,
-    )
-
-
-@expert_choice_ffn_op.register_fake
-def _(
-    x, weights, tokens, offsets, w_in, w_out, b_in, b_out, activation, backend, save_preact, save_h, save_out, fp8=False
-):
-    (T, D), S = x.shape, tokens.shape[0]
-    index = dict(dtype=torch.int32)
-    return (
-        x.new_empty((T, D)),
-        x.new_empty((S if save_preact else 0, w_in.shape[2])),
-        x.new_empty((S if save_h else 0, w_out.shape[1])),
-        x.new_empty((S if save_out else 0, D)),
-        x.new_empty((S,), **index),
-        x.new_empty((S,), **index),
-        x.new_empty((T + 1,), **index),
-    )
-
-
-class EcFfnInputs(NamedTuple):
-    """The arguments of ``moe_kernels::expert_choice_ffn``, in its schema's order."""
-
-    x: Tensor
-    weights: Tensor
-    tokens: Tensor
-    offsets: Tensor
-    w_in: Tensor
-    w_out: Tensor
-    b_in: Tensor | None
-    b_out: Tensor | None
-    activation: str
-    backend: str
-    save_preact: bool
-    save_h: bool
-    save_out: bool
-    fp8: bool = False
-
-
-def _ffn_setup_context(ctx, inputs, output):
-    args = EcFfnInputs(*inputs)
-    _, preact, h, out, slot_of_row, token_of_row, starts = output
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(
-        args.x, args.weights, args.w_in, args.w_out, preact, h, out, slot_of_row, token_of_row, args.offsets, starts
-    )
-    ctx.activation, ctx.backend, ctx.fp8 = args.activation, args.backend, args.fp8
-
-
-def _ffn_backward(ctx, grad_y, *_):
-    needs = tuple(ctx.needs_input_grad[EcFfnInputs._fields.index(name)] for name in DIFFERENTIABLE)
-    if grad_y is None or not any(needs):
-        return gradients(EcFfnInputs)
-    x, weights, w_in, w_out, preact, h, out, slot_of_row, token_of_row, offsets, starts = ctx.saved_tensors
-    check_saved((x, weights, w_in, w_out, preact, h, out), needs)
-    with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
-        grads = list(moe_ffn_backward_op(
-            grad_y, x, slot_weights(weights, slot_of_row), w_in, w_out, preact, h, out,
-            slot_of_row, token_of_row, offsets, ctx.activation, ctx.backend, *needs, starts, ctx.fp8,
-        ))  # fmt: skip
-        if needs[1]:  # the weights' gradient, from slot order back to the rows'
-            grads[1] = grads[1].index_select(0, slot_of_row)
-    return gradients(EcFfnInputs, **{name: grad for name, grad, need in zip(DIFFERENTIABLE, grads, needs) if need})
-
-
-expert_choice_ffn_apply = differentiable(expert_choice_ffn_op, _ffn_setup_context, _ffn_backward)
-
-
-def chosen_rows_ffn(
-    x, weights, tokens, offsets, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str, fp8: bool = False
-) -> Tensor:
-    """The experts on the tokens they chose, given as expert-major rows (``tokens [S]`` int64,
-    ``weights [S]``, ``offsets [E]`` int32 row ends), inputs known to be valid; ``fp8``: the
-    GEMMs in FP8 (differentiable)."""
-    args = EcFfnInputs(
-        x, weights, tokens, offsets, w_in, w_out, b_in, b_out, activation, backend,
-        *saves(x, weights, w_in, w_out, b_in), fp8,
-    )  # fmt: skip
-    return expert_choice_ffn_apply(*args)[0]
-
-
-def expert_choice_ffn_unchecked(
-    x, weights, tokens, w_in, w_out, b_in=None, b_out=None, *, activation: str, backend: str
-) -> Tensor:
-    """``expert_choice_ffn`` for inputs already known to be valid, with ``backend`` resolved."""
-    rows = expert_rows(weights, tokens)
-    return chosen_rows_ffn(x, *rows, w_in, w_out, b_in, b_out, activation=activation, backend=backend)
-
-
-def expert_rows(weights: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``weights, tokens [G, E, C]`` as expert-major rows: ``weights [S]``, ``tokens [S]`` and the
-    row ends ``offsets [E]`` (int32), expert ``e``'s ``G * C`` rows ending at ``(e + 1) * G * C``."""
+def choice_dispatch(weights: Tensor, tokens: Tensor, num_tokens: int) -> Dispatch:
+    """The dispatch of an expert choice (``weights, tokens [G, E, C]``) over ``num_tokens``
+    tokens: expert ``e``'s ``G * C`` tokens are its rows, consecutive, so the row ends follow
+    from the shapes (no host sync) and every expert owns ``G * C`` rows."""
     G, E, C = tokens.shape
     offsets = torch.arange(1, E + 1, device=tokens.device, dtype=torch.int32) * (G * C)
-    return weights.transpose(0, 1).reshape(-1), tokens.transpose(0, 1).reshape(-1), offsets
-
-
-def check_token_ids(tokens: Tensor, num_tokens: int) -> None:
-    """``ValueError`` unless every expert's chosen tokens are distinct indices in ``[0, T)``
-    (one host sync: for the public API only; the layer makes them itself)."""
-    if tokens.numel() == 0:
-        return
-    low, high = tokens.min().item(), tokens.max().item()
-    if low < 0 or high >= num_tokens:
-        raise ValueError(f"tokens must be indices in [0, {num_tokens}), got values in [{low}, {high}]")
-    per_expert = tokens.transpose(0, 1).reshape(tokens.shape[1], -1).sort(dim=1).values
-    if (per_expert[:, 1:] == per_expert[:, :-1]).any():
-        raise ValueError("an expert's tokens must be distinct: each (token, expert) pair is chosen at most once")
-
-
-def expert_choice_ffn(
-    x: Tensor,
-    weights: Tensor,
-    tokens: Tensor,
-    w_in: Tensor,
-    w_out: Tensor,
-    activation: str = "swiglu",
-    backend: str | None = None,
-    *,
-    b_in: Tensor | None = None,
-    b_out: Tensor | None = None,
-) -> Tensor:
-    """The routed experts under expert choice, with a weighted combine.
-
-    ``y[t] = sum over the (g, e, c) with tokens[g, e, c] = t of weights[g, e, c] * FFN_e(x[t])``:
-    0 for a token no expert chose. Expert ``e``'s ``G * C`` tokens are consecutive rows of one
-    grouped GEMM (its offsets follow from the shapes: no host sync, no padding), and the combine
-    reads each token's 0 to ``E`` slots in expert order (deterministic, no atomics).
-
-    Args:
-        x: ``[T, D]`` (fp16, bf16 or fp32).
-        weights: ``[G, E, C]`` the chosen tokens' weights (any float dtype), as from
-            ``expert_choice_gating``.
-        tokens: ``[G, E, C]`` int64 row indices of ``x``; one expert's tokens are distinct.
-        w_in, w_out, activation, backend, b_in, b_out: as for ``moe_ffn``.
-    Returns:
-        ``y [T, D]`` in ``x.dtype``, differentiable in ``x``, ``weights``, the experts' weights
-        and their biases.
-    """
-    biases = check_experts(x, w_in, w_out, b_in, b_out, activation)
-    check_tensor("weights", weights, 3, FLOAT_DTYPES)
-    check_tensor("tokens", tokens, 3, (torch.int64,))
-    if tokens.shape != weights.shape:
-        raise ValueError(f"tokens must have the shape of weights {tuple(weights.shape)}, got {tuple(tokens.shape)}")
-    check_dim("tokens", tokens, 1, w_in.shape[0], "E, the experts of w_in")
-    device = check_same_device(x=x, weights=weights, tokens=tokens, w_in=w_in, w_out=w_out, **biases)
-    check_token_ids(tokens, x.shape[0])
-    return expert_choice_ffn_unchecked(
-        x, weights, tokens, w_in, w_out, b_in, b_out, activation=activation, backend=resolve_backend(backend, device)
-    )
+    rows = (t.transpose(0, 1).reshape(-1) for t in (tokens, weights))
+    return by_expert(*rows, offsets, num_tokens, rows_per_expert=G * C)

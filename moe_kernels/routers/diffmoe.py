@@ -1,4 +1,5 @@
-"""DiffMoE's capacity predictor: at inference, each expert's token count set per token.
+"""DiffMoE: expert choice over a pool of tokens in training, and a capacity predictor that routes
+each token on its own at inference.
 
 Training routes by expert choice over a pool of tokens (DiffMoE pools the whole batch), which
 needs every token of the pool at once. The predictor learns to tell, from one token alone,
@@ -16,6 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..dispatch import by_expert
+from ..rules import OFFSET
+from .base import Routed
+from .expert_choice import ExpertChoice
+
+Tensor = torch.Tensor
 
 
 class CapacityPredictor(nn.Module):
@@ -57,3 +65,44 @@ class CapacityPredictor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}"
+
+
+class DiffMoE(ExpertChoice):
+    """DiffMoE's router: training routes by expert choice (``ExpertChoice``; DiffMoE pools the
+    batch: ``group_size=None``) and trains a ``CapacityPredictor`` on the selection (its loss is the
+    auxiliary loss); in eval mode each expert takes the tokens whose predicted logit passes its
+    threshold plus ``capacity_offset`` (default 0; positive spends less compute, negative more),
+    weighted by their scores, so every token is routed on its own and the compute per token
+    varies. That mode reads its row count on the host (``nonzero``): no CUDA graph there.
+
+    Args: as for ``ExpertChoice``.
+    """
+
+    static_shapes = False  # eval mode's rows per expert are data (nonzero)
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, **options):
+        super().__init__(dim, num_experts, top_k, **options)
+        self.capacity_predictor = CapacityPredictor(self.dim, self.num_experts)
+        self.capacity_offset = 0.0
+
+    def route(self, tokens: Tensor, logits: Tensor, backend: str) -> Routed:
+        if not self.training:
+            return self._predicted(tokens, logits)
+        weights, chosen, probs = self.choose(logits, backend)
+        routed = self.routed(weights, chosen, probs)
+        mask = self.chosen_mask(chosen, tokens.shape[0])
+        per_expert = chosen.shape[0] * chosen.shape[2]
+        routed.loss = lambda: self.capacity_predictor.train_step(tokens, mask, per_expert)
+        routed.record = lambda: (mask, probs)
+        return routed
+
+    def _predicted(self, tokens: Tensor, logits: Tensor) -> Routed:
+        """Each expert takes the tokens whose predicted logit passes its threshold (plus
+        ``capacity_offset``), weighted by their scores; no groups. One host read (``nonzero``)."""
+        offset = OFFSET.check("capacity_offset", self.capacity_offset)
+        mask = self.capacity_predictor.select(tokens, offset)  # [T, E]
+        probs = torch.softmax(logits.float(), dim=-1)
+        experts, rows = mask.t().nonzero().unbind(1)  # expert-major, tokens in order within an expert
+        counts = mask.sum(0, dtype=torch.int32)
+        dispatch = by_expert(rows, probs[rows, experts], counts.cumsum(0, dtype=torch.int32), tokens.shape[0])
+        return Routed(dispatch, record=lambda: (mask, probs), counts=counts)
