@@ -1,7 +1,8 @@
 """Train DiT / DiT-MoE: ``python -m dit.train`` (its flags and resume rules: ``train_args``).
 
-``main`` reads top to bottom as DiT's ``train.py`` does: find the run, build the data, the model
-with its EMA and optimizer, then the loop of steps, logs and checkpoints, and a sample grid.
+As DiT's ``train.py``: the helpers first, then the training function that reads top to bottom:
+find the run, build the data, the model with its EMA and optimizer, then the loop of steps, logs
+and checkpoints, and a sample grid.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from .train_args import build_parser, find_run, fit_layout, load_init, parse_arg
 
 # The command's parser lives with its resume rules; every dit command exposes it.
 __all__ = ["build_parser", "main", "train"]
+
+
+#################################################################################
+#                                    Helpers                                    #
+#################################################################################
 
 
 @torch.no_grad()
@@ -103,121 +109,6 @@ def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None, init
         return create_model(args.model, moe_backend=args.moe_backend, **overrides)
     except TypeError as error:
         raise ValueError(str(error)) from error
-
-
-def train(args: argparse.Namespace) -> Path:
-    env = Distributed()
-    lock = RunLock()
-    try:
-        with matmul_precision(args.precision):
-            return _train(args, env, lock)
-    except JobRefused as error:
-        env.refuse(error)
-    finally:
-        lock.release()
-        env.close()
-
-
-def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
-    device = env.device
-    warnings = []
-
-    def warn(message: str) -> None:
-        warnings.append(message)
-        tqdm.write(f"warning: {message}", file=sys.stderr)
-
-    # Find the run, and check everything that can refuse it before the data and the model:
-    init_weights, init_config = load_init(args) if args.init is not None and args.resume is None else (None, None)
-    run_dir, checkpoint = env.on_main(lambda: find_run(args, lock, warn))
-    state = None
-    if checkpoint is not None:
-        state = ckpt.load_state(checkpoint, verified=True)
-        resume_arguments(args, state["args"])
-        changed = fit_layout(args, env.world_size, state["config"]["num_experts"])
-        if changed and env.main:
-            warn(changed)
-    global_batch, sharded = args.global_batch_size, check_layout(args, env.world_size, checkpoint)
-
-    # Data: this process's rows of each global batch.
-    batch = global_batch // env.world_size
-    rows = slice(env.rank * batch, (env.rank + 1) * batch)
-    dataset = load_dataset(args.data, args.image_size)
-    total_steps = args.steps if args.epochs is None else args.epochs * steps_per_epoch(dataset, global_batch)
-    if args.hflip is None:
-        args.hflip = not (args.data == "digits" or dataset.is_latent)
-
-    # Model, EMA and optimizer, laid out over the processes, and where a resumed run left off:
-    model, ema, mesh = build_models(args, env, dataset, checkpoint, init_config, init_weights)
-    vae = load_vae(args.vae, device) if args.vae else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    start_step = 0 if checkpoint is None else restore(args, env, checkpoint, state, model, ema, optimizer)
-    config = model.config
-    objective = (
-        RectifiedFlow() if config.objective == "rectified-flow" else create_diffusion(learn_sigma=config.learn_sigma)
-    )
-    ddp = parallel.data_parallel(model, device) if env.world_size > 1 and not args.fsdp else model
-    save_tag = env.broadcast(os.getpid())
-    log_file = open_log(args, env, run_dir, model, dataset, total_steps, (checkpoint, start_step), warnings)
-
-    # The losses of one batch, and the optimizer step, compiled if asked:
-    def compute_loss(x, y, t, noise, drop) -> tuple[torch.Tensor, torch.Tensor]:
-        """The diffusion loss and the summed balance loss of one batch."""
-        with autocast(args.precision, device):
-            loss = objective.training_losses(ddp, x, {"y": y, "drop_labels": drop}, noise=noise, t=t)["loss"].mean()
-        aux = model.aux_loss  # a property that sums the layers' losses: read it once
-        return loss, aux if aux is not None else torch.zeros((), device=device)
-
-    optimizer_step = optimizer.step
-    if args.compile:
-        # One graph for the loss (AOTAutograd compiles its backward with it); DDP splits the graph
-        # at its gradient buckets, so fullgraph holds on one process only. The optimizer step is
-        # compiled too; PyTorch puts graph breaks around it by design.
-        compute_loss = torch.compile(compute_loss, fullgraph=env.world_size == 1)
-        optimizer_step = torch.compile(optimizer.step)
-
-    # Train:
-    model.train()
-    data = batches(dataset, batch, args.seed, start_step, env.rank, env.world_size)
-    bar = tqdm(total=total_steps, initial=start_step, disable=not env.main, desc="train", dynamic_ncols=True)
-    window = LossWindow(device)
-    for step in range(start_step, total_steps):
-        env.check_agent()
-        # This process's rows of the step's batch and of its random draws:
-        x, y = (t.to(device, non_blocking=True) for t in next(data))
-        draws = StepDraws(args.seed, step, global_batch, rows, device)
-        if args.hflip:
-            x = torch.where(draws.uniform()[:, None, None, None] < 0.5, x.flip(-1), x)
-        if vae is not None:
-            x = encode(vae, x)
-        drop = draws.uniform() < config.class_dropout_prob
-        t = draws.take(objective.sample_times(global_batch, device, draws.generator))
-        noise = draws.normal(x.shape[1:])
-
-        # One optimizer step, then the EMA:
-        loss, aux = compute_loss(x, y, t, noise, drop)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        if args.ep > 1 and not args.fsdp:
-            parallel.reduce_expert_grads(model, mesh)
-        optimizer_step()
-        update_ema(ema, model, ema_decay(step, args.ema_decay))
-
-        # Log the window's mean losses, speed and expert load; save a checkpoint:
-        window.add(loss, aux)
-        bar.update(1)
-        done = step + 1
-        if done % args.log_every == 0 or done == total_steps:
-            window.report(env, model, global_batch, done, bar, log_file)
-        if done % args.ckpt_every == 0 or done == total_steps:
-            save(args, env, run_dir, done, (model, ema, optimizer), sharded, save_tag, log_file)
-    bar.close()
-
-    # Sample a grid from the EMA. With sharded experts every process takes part; the main one writes it.
-    if env.main or sharded:
-        write_sample_grid(args, ema, vae, run_dir / "samples.png", log_file, write=env.main)
-    if env.main:
-        log_file.close()
-    return run_dir
 
 
 def check_layout(args: argparse.Namespace, world_size: int, checkpoint: Path | None) -> bool:
@@ -378,6 +269,126 @@ def log(log_file, message: str, echo: bool = True) -> None:
     if log_file is not None:
         log_file.write(line + "\n")
         log_file.flush()
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+
+def train(args: argparse.Namespace) -> Path:
+    env = Distributed()
+    lock = RunLock()
+    try:
+        with matmul_precision(args.precision):
+            return _train(args, env, lock)
+    except JobRefused as error:
+        env.refuse(error)
+    finally:
+        lock.release()
+        env.close()
+
+
+def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
+    device = env.device
+    warnings = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    # Find the run, and check everything that can refuse it before the data and the model:
+    init_weights, init_config = load_init(args) if args.init is not None and args.resume is None else (None, None)
+    run_dir, checkpoint = env.on_main(lambda: find_run(args, lock, warn))
+    state = None
+    if checkpoint is not None:
+        state = ckpt.load_state(checkpoint, verified=True)
+        resume_arguments(args, state["args"])
+        changed = fit_layout(args, env.world_size, state["config"]["num_experts"])
+        if changed and env.main:
+            warn(changed)
+    global_batch, sharded = args.global_batch_size, check_layout(args, env.world_size, checkpoint)
+
+    # Data: this process's rows of each global batch.
+    batch = global_batch // env.world_size
+    rows = slice(env.rank * batch, (env.rank + 1) * batch)
+    dataset = load_dataset(args.data, args.image_size)
+    total_steps = args.steps if args.epochs is None else args.epochs * steps_per_epoch(dataset, global_batch)
+    if args.hflip is None:
+        args.hflip = not (args.data == "digits" or dataset.is_latent)
+
+    # Model, EMA and optimizer, laid out over the processes, and where a resumed run left off:
+    model, ema, mesh = build_models(args, env, dataset, checkpoint, init_config, init_weights)
+    vae = load_vae(args.vae, device) if args.vae else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    start_step = 0 if checkpoint is None else restore(args, env, checkpoint, state, model, ema, optimizer)
+    config = model.config
+    objective = (
+        RectifiedFlow() if config.objective == "rectified-flow" else create_diffusion(learn_sigma=config.learn_sigma)
+    )
+    ddp = parallel.data_parallel(model, device) if env.world_size > 1 and not args.fsdp else model
+    save_tag = env.broadcast(os.getpid())
+    log_file = open_log(args, env, run_dir, model, dataset, total_steps, (checkpoint, start_step), warnings)
+
+    # The losses of one batch, and the optimizer step, compiled if asked:
+    def compute_loss(x, y, t, noise, drop) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diffusion loss and the summed balance loss of one batch."""
+        with autocast(args.precision, device):
+            loss = objective.training_losses(ddp, x, {"y": y, "drop_labels": drop}, noise=noise, t=t)["loss"].mean()
+        aux = model.aux_loss  # a property that sums the layers' losses: read it once
+        return loss, aux if aux is not None else torch.zeros((), device=device)
+
+    optimizer_step = optimizer.step
+    if args.compile:
+        # One graph for the loss (AOTAutograd compiles its backward with it); DDP splits the graph
+        # at its gradient buckets, so fullgraph holds on one process only. The optimizer step is
+        # compiled too; PyTorch puts graph breaks around it by design.
+        compute_loss = torch.compile(compute_loss, fullgraph=env.world_size == 1)
+        optimizer_step = torch.compile(optimizer.step)
+
+    # Train:
+    model.train()
+    data = batches(dataset, batch, args.seed, start_step, env.rank, env.world_size)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not env.main, desc="train", dynamic_ncols=True)
+    window = LossWindow(device)
+    for step in range(start_step, total_steps):
+        env.check_agent()
+        # This process's rows of the step's batch and of its random draws:
+        x, y = (t.to(device, non_blocking=True) for t in next(data))
+        draws = StepDraws(args.seed, step, global_batch, rows, device)
+        if args.hflip:
+            x = torch.where(draws.uniform()[:, None, None, None] < 0.5, x.flip(-1), x)
+        if vae is not None:
+            x = encode(vae, x)
+        drop = draws.uniform() < config.class_dropout_prob
+        t = draws.take(objective.sample_times(global_batch, device, draws.generator))
+        noise = draws.normal(x.shape[1:])
+
+        # One optimizer step, then the EMA:
+        loss, aux = compute_loss(x, y, t, noise, drop)
+        optimizer.zero_grad(set_to_none=True)
+        (loss + aux).backward()
+        if args.ep > 1 and not args.fsdp:
+            parallel.reduce_expert_grads(model, mesh)
+        optimizer_step()
+        update_ema(ema, model, ema_decay(step, args.ema_decay))
+
+        # Log the window's mean losses, speed and expert load; save a checkpoint:
+        window.add(loss, aux)
+        bar.update(1)
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            window.report(env, model, global_batch, done, bar, log_file)
+        if done % args.ckpt_every == 0 or done == total_steps:
+            save(args, env, run_dir, done, (model, ema, optimizer), sharded, save_tag, log_file)
+    bar.close()
+
+    # Sample a grid from the EMA. With sharded experts every process takes part; the main one writes it.
+    if env.main or sharded:
+        write_sample_grid(args, ema, vae, run_dir / "samples.png", log_file, write=env.main)
+    if env.main:
+        log_file.close()
+    return run_dir
 
 
 def main(argv: list[str] | None = None) -> None:
