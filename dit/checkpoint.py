@@ -250,6 +250,8 @@ def read_manifest(checkpoint: Path) -> dict[str, dict]:
         manifest = json.loads(path.read_text())
     except (ValueError, OSError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"checkpoint {checkpoint}: {MANIFEST} is corrupt ({error})") from error
+    except RecursionError:  # nested deeper than the parser goes: no manifest _publish writes
+        raise CheckpointError(f"checkpoint {checkpoint}: {MANIFEST} is corrupt (nested too deep to read)") from None
     problem = _manifest_problem(manifest, checkpoint)
     if problem:
         raise CheckpointError(f"checkpoint {checkpoint}: {MANIFEST} is malformed: {problem}")
@@ -312,6 +314,7 @@ def latest_intact_checkpoint(checkpoint_dir: Path, warn: Callable[[str], None]) 
     for step in steps:
         try:
             verify(step)
+            checkpoint_config(step, verified=True)
         except CheckpointError as error:
             warn(f"skipping checkpoint {step}: {error}")
             continue
@@ -333,9 +336,10 @@ def load_weights(path: str | Path, which: str = "ema", verified: bool = False) -
         path = path / f"{which}.safetensors"
     config = read_config(path)
     try:
-        return load_file(str(path)), config
+        state_dict = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from error
+    return check_finite(state_dict, path), config
 
 
 def _load_sharded_weights(checkpoint: Path, which: str, verified: bool) -> tuple[dict, DiTConfig]:
@@ -354,7 +358,7 @@ def _load_sharded_weights(checkpoint: Path, which: str, verified: bool) -> tuple
         raise CheckpointError(
             f"sharded checkpoint {checkpoint} does not hold {which} weights for its config: {error}"
         ) from error
-    return state_dict, config
+    return check_finite(state_dict, checkpoint), config
 
 
 def load_sharded(checkpoint: Path, model: DiT, ema: DiT, optimizer: torch.optim.Optimizer) -> None:
@@ -388,7 +392,7 @@ def _read_shards(state_dict: dict, checkpoint: Path) -> None:
 def checkpoint_config(checkpoint: Path, verified: bool = False) -> DiTConfig:
     """The model config of a checkpoint directory, sharded or not."""
     if is_sharded(checkpoint):
-        return config_from_dict(load_state(checkpoint, verified)["config"])
+        return stored_config(load_state(checkpoint, verified).get("config"), checkpoint)
     if not verified:
         verify(checkpoint, ("model.safetensors",))
     return read_config(checkpoint / "model.safetensors")
@@ -405,7 +409,29 @@ def read_config(path: Path) -> DiTConfig:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from error
     if "config" not in metadata:
         raise CheckpointError(f"checkpoint {path} carries no model config; was it written by dit.train or dit.convert?")
-    return config_from_dict(json.loads(metadata["config"]))
+    try:
+        values = json.loads(metadata["config"])
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"checkpoint {path} holds a damaged model config: {error}") from None
+    return stored_config(values, path)
+
+
+def stored_config(values: object, where: str | Path) -> DiTConfig:
+    """The model config a checkpoint stores, checked as any config is: a value of the wrong type
+    or out of range makes the checkpoint damaged (``CheckpointError``), as a wrong hash does."""
+    try:
+        return config_from_dict(values)
+    except (TypeError, ValueError, RecursionError) as error:
+        raise CheckpointError(f"checkpoint {where} holds a damaged model config: {error}") from None
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], where: str | Path) -> dict[str, torch.Tensor]:
+    """``state_dict``, after checking that no floating-point tensor holds NaN or Inf: such weights
+    would sample NaN images or train from a NaN loss; ``CheckpointError`` names the first."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {where}: {name} holds NaN or Inf; these weights cannot be used")
+    return state_dict
 
 
 def load_state(checkpoint: Path, verified: bool = False) -> dict:
@@ -419,7 +445,7 @@ def load_state(checkpoint: Path, verified: bool = False) -> dict:
         verify(checkpoint, (STATE_FILE,))
     path = checkpoint / STATE_FILE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         what = f"a reference to {found[1]}" if found else "objects other than tensors and plain Python values"
@@ -429,6 +455,13 @@ def load_state(checkpoint: Path, verified: bool = False) -> dict:
         ) from error
     except Exception as error:
         raise CheckpointError(f"training state {path} is corrupt or unreadable: {error}") from error
+    kinds = {"step": int, "args": dict, "config": dict, "rng": list}
+    wrong = [key for key, kind in kinds.items() if not isinstance(state, dict) or type(state.get(key)) is not kind]
+    if wrong:
+        raise CheckpointError(
+            f"training state {path} is damaged: its {', '.join(wrong)} are missing or of the wrong type"
+        )
+    return state
 
 
 def load_into(model: torch.nn.Module, state_dict: dict, source: str | Path) -> None:
@@ -496,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
             raise CheckpointError(f"checkpoint {args.checkpoint} is not a directory")
         if args.command == "verify":
             verify(args.checkpoint)
+            checkpoint_config(args.checkpoint, verified=True)
             print(f"{args.checkpoint}: intact")
         else:
             out = consolidate(args.checkpoint, check_writable(args.out, "OUT"), args.which)

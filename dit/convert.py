@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        output = check_writable(args.output, "output")
+        output = check_writable(args.output, "output", {"input": args.input})
         official = load_official(args.input)
         config = infer_config(official, args.num_heads, args.top_k, args.input_size)
         state_dict = convert_official(official)

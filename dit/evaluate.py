@@ -104,8 +104,25 @@ def load_reference_statistics(path: str | Path) -> dict[str, tuple[np.ndarray, n
                 raise ValueError(
                     f"{path}: {mu_key} must be [F] and {sigma_key} [F, F], got {mu.shape} and {sigma.shape}"
                 )
+            _check_statistics(path, (mu_key, mu), (sigma_key, sigma))
             out[kind] = (mu, sigma)
     return out
+
+
+def _check_statistics(path: str | Path, mu: tuple[str, np.ndarray], sigma: tuple[str, np.ndarray]) -> None:
+    """``ValueError`` naming the array unless the mean is finite and the covariance a finite,
+    symmetric, positive semi-definite matrix (up to rounding): anything else gives an FID that
+    means nothing (or a complex one)."""
+    for name, array in (mu, sigma):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{path}: {name} holds NaN or Inf: these statistics are damaged")
+    name, sigma = sigma
+    scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * scale):
+        raise ValueError(f"{path}: {name} is not symmetric, so not a covariance matrix")
+    lowest = float(np.linalg.eigvalsh(sigma).min())
+    if lowest < -1e-6 * scale:
+        raise ValueError(f"{path}: {name} has a negative eigenvalue ({lowest:.3g}), so it is not a covariance matrix")
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
@@ -337,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        json_path = check_writable(args.json, "--json") if args.json else None
+        inputs = {"SAMPLES": args.samples, "REF": args.reference, "--inception-weights": args.inception_weights}
+        json_path = check_writable(args.json, "--json", inputs) if args.json else None
         samples, labels = load_images(args.samples)
         if args.digits:
             results = digits_metrics(samples, labels)

@@ -138,7 +138,7 @@ def check_device(text: str) -> torch.device:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        out = check_writable(args.out, "--out")
+        out = check_writable(args.out, "--out", {"--ckpt": args.ckpt})
         if out.suffix != ".pt2":
             raise ValueError(f"--out must end in .pt2 (an AOTInductor package), got {out}")
         device = check_device(args.device)

@@ -45,14 +45,31 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_writable(path: str | Path, flag: str) -> Path:
+def check_writable(path: str | Path, flag: str, inputs: dict[str, str | Path | None] | None = None) -> Path:
     """Create ``path``'s directory and make sure a file can be written there, before the work
-    that produces it; return ``path``. A failure is a ``ValueError`` naming ``flag``."""
+    that produces it; return ``path``. ``inputs`` maps what the command reads (by the name a user
+    gave it: ``"SAMPLES"``, ``"--dense"``) to its path: ``path`` may be none of them, under any
+    name (the same file by its resolved path, a hard link or a symlink). A failure is a
+    ``ValueError`` naming ``flag``."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a directory; give a file name")
+    for name, given in (inputs or {}).items():
+        if given is not None and same_file(path, Path(given)):
+            raise ValueError(
+                f"{flag} {path} is {name} {given}, which this command reads: writing it would destroy it; "
+                "give another file"
+            )
     _probe(path.parent, path, flag)
     return path
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: one path resolved, a hard link, or a symlink."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): only their resolved paths can match
+        return a.resolve() == b.resolve()
 
 
 def check_writable_dir(path: str | Path, flag: str) -> Path:

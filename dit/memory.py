@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         print(sampling_table(configs))
         return
     layout = Layout(args.gpus, args.ep, args.fsdp, args.grad_checkpointing)
+    if args.gpus % args.ep:
+        parser.error(f"--ep {args.ep} must divide --gpus {args.gpus}, as dit.train's does the processes")
+    if all(config.num_experts % args.ep for config in configs):
+        parser.error(f"--ep {args.ep} divides the experts of no model ({sorted({c.num_experts for c in configs})})")
     print(
         f"GiB per GPU, training with AdamW and an EMA, {args.batch} images of {args.image_size}x{args.image_size} "
         f"per GPU, bf16 activations; {layout.describe()}"

@@ -472,7 +472,21 @@ def config_to_dict(config: DiTConfig) -> dict:
 
 
 def config_from_dict(values: dict) -> DiTConfig:
-    known = DiTConfig.__dataclass_fields__
+    """The config ``values`` (as ``config_to_dict`` wrote it) describe, each value checked for
+    its field's type (``TypeError`` naming the field) and the whole as ``DiTConfig.check`` does;
+    keys of no field are ignored."""
+    if not isinstance(values, dict):
+        raise TypeError(f"a model config is a mapping of settings, got {type(values).__name__}")
     if "routing" in values and "router" not in values:  # the field's name before routers were objects
         values = {**values, "router": values["routing"]}
-    return DiTConfig(**{k: v for k, v in values.items() if k in known})
+    known = {key: value for key, value in values.items() if key in DiTConfig.__dataclass_fields__}
+    for key, kind in get_type_hints(DiTConfig).items():
+        value = known.get(key)
+        if kind is float and type(value) is int:  # JSON writes 4.0 back as 4.0, but a hand-made 4 means it
+            known[key] = value = float(value)
+        if key in known and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            wanted = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+            raise TypeError(f"{key} must be {wanted}, got {value!r}")
+    config = DiTConfig(**known)
+    config.check()
+    return config

@@ -215,9 +215,10 @@ def sample_labels(indices: range, config, class_label: int | None) -> torch.Tens
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    check_writable(args.out, "--out")
+    inputs = {"--ckpt": args.ckpt, "--vae": args.vae}
+    check_writable(args.out, "--out", inputs)
     if args.grid:
-        check_writable(args.grid, "--grid")
+        check_writable(args.grid, "--grid", inputs)
 
 
 def main(argv: list[str] | None = None) -> None:

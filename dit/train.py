@@ -304,7 +304,7 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     if checkpoint is not None:
         state = ckpt.load_state(checkpoint, verified=True)
         resume_arguments(args, state["args"])
-        changed = fit_layout(args, env.world_size, state["config"]["num_experts"])
+        changed = fit_layout(args, env.world_size, ckpt.checkpoint_config(checkpoint, verified=True).num_experts)
         if changed and env.main:
             warn(changed)
     global_batch, sharded = args.global_batch_size, check_layout(args, env.world_size, checkpoint)
@@ -314,6 +314,9 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
     rows = slice(env.rank * batch, (env.rank + 1) * batch)
     dataset = load_dataset(args.data, args.image_size)
     total_steps = args.steps if args.epochs is None else args.epochs * steps_per_epoch(dataset, global_batch)
+    if state is not None and total_steps < state["step"]:
+        length = f"--steps {args.steps}" if args.epochs is None else f"--epochs {args.epochs} ({total_steps} steps)"
+        raise ValueError(f"{length} ends before step {state['step']}, which the run already reached: nothing to train")
     if args.hflip is None:
         args.hflip = not (args.data == "digits" or dataset.is_latent)
 

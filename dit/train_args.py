@@ -290,6 +290,7 @@ def find_run(args: argparse.Namespace, lock: RunLock, warn: Callable[[str], None
         warn(action)
     if checkpoint is not None:
         ckpt.verify(checkpoint)
+        ckpt.checkpoint_config(checkpoint, verified=True)
         return run_dir, checkpoint
     checkpoint = ckpt.latest_intact_checkpoint(run_dir / "checkpoints", warn)
     if checkpoint is None:

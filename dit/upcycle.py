@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        out = check_writable(args.out, "--out")
+        out = check_writable(args.out, "--out", {"--dense": args.dense})
         if out.suffix != ".safetensors":
             raise ValueError(f"--out must name a .safetensors file, got {args.out}")
         dense, dense_config = read_dense(args.dense, args.which, args.num_heads)

@@ -215,6 +215,10 @@ _MALFORMED = {
     "files a list": lambda m: {**m, "files": list(m["files"])},
     "bytes a string": lambda m: {**m, "files": {**m["files"], "state.pt": {**m["files"]["state.pt"], "bytes": "12"}}},
     "no sha256": lambda m: {**m, "files": {**m["files"], "state.pt": {"bytes": m["files"]["state.pt"]["bytes"]}}},
+    "an entry with more keys": lambda m: {
+        **m,
+        "files": {**m["files"], "state.pt": {**m["files"]["state.pt"], "mode": 420}},
+    },
     "sha256 not hex": lambda m: {
         **m,
         "files": {**m["files"], "state.pt": {**m["files"]["state.pt"], "sha256": "x" * 64}},
@@ -380,3 +384,18 @@ def test_a_worker_whose_agent_is_gone_stops_without_saving(tmp_path, monkeypatch
     (run_dir,) = tmp_path.iterdir()
     assert not any((run_dir / "checkpoints").iterdir())
     assert not (run_dir / "samples.png").exists()
+
+
+def test_the_lock_record_replaces_a_longer_stale_one(tmp_path):
+    """The holder's record is written over whatever a killed job left, truncated: a longer stale
+    record would leave its tail behind and the file would not parse."""
+    from dit.run_lock import LOCK_FILE, RunLock
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "x" * 500, "pid": 1, "since": "long ago"}))
+    lock = RunLock()
+    lock.acquire(tmp_path)
+    try:
+        record = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert record["pid"] == os.getpid() and record["host"] != "x" * 500
+    finally:
+        lock.release()

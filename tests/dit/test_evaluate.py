@@ -175,3 +175,15 @@ def test_bad_reference_statistics(tmp_path):
     np.savez(tmp_path / "shape.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8), mu=np.zeros(4), sigma=np.zeros((3, 3)))
     with pytest.raises(ValueError, match=r"sigma \[F, F\]"):
         load_reference_statistics(tmp_path / "shape.npz")
+
+
+def test_the_tensorflow_resize_samples_where_tensorflow_1_does():
+    """TF1's bilinear resize (no half-pixel centres) reads output pixel ``j`` at input position
+    ``j * in / out``, clamped at the last pixel: pinned on two small ramps (a half-pixel offset of
+    the wrong sign, or none, moves every interior value)."""
+    from dit.evaluate import tf_resize
+
+    ramp = torch.arange(3.0)[None].repeat(3, 1)[None, None]
+    torch.testing.assert_close(tf_resize(ramp, 5)[0, 0, 0], torch.tensor([0.0, 0.6, 1.2, 1.8, 2.0]))
+    two = torch.tensor([[0.0, 1.0], [0.0, 1.0]])[None, None]
+    torch.testing.assert_close(tf_resize(two, 4)[0, 0, 0], torch.tensor([0.0, 0.5, 1.0, 1.0]))

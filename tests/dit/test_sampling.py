@@ -124,3 +124,12 @@ def test_the_seed_changes_every_draw():
     assert len({tuple(row.flatten().tolist()) for row in noise(7)}) == 3
     draws = [StepDraws(seed, 10, 4, slice(0, 4), torch.device("cpu")).uniform() for seed in (0, 0, 1)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_stream_seeds_keep_runs_apart():
+    """``stream_seed`` spreads runs by the golden-ratio step: pinned values, and the streams of
+    runs seeded s and s + 1 do not coincide (as they would with ``seed + index``)."""
+    from dit.parallel import stream_seed
+
+    assert [stream_seed(0, 1), stream_seed(1, 0), stream_seed(7, 3)] == [1, 2654435769, 1401181202]
+    assert {stream_seed(5, i) for i in range(100)}.isdisjoint(stream_seed(6, i) for i in range(100))

@@ -108,3 +108,20 @@ def test_cli_errors(tmp_path, capsys, change, match):
         main(argv)
     assert match in str(exit_info.value)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_the_routers_random_start_follows_the_seed():
+    """Each seed draws its own routers (normal(0, 0.02), layer by layer from one generator): the
+    same seed the same, another seed others."""
+    dense = _dense()
+    config = moe_config(dense.config, "DiT-MoE-Ti/2-4E2A", shared_experts=0, normalize=True)
+
+    def routers(seed):
+        return torch.stack(
+            [layer.router.weight for layer in upcycle(dense.state_dict(), config, seed=seed).moe_layers()]
+        )
+
+    first = routers(1)
+    generator = torch.Generator().manual_seed(1)
+    torch.testing.assert_close(first[0], torch.randn(first[0].shape, generator=generator) * 0.02)
+    assert torch.equal(first, routers(1)) and not torch.allclose(first, routers(2))

@@ -102,3 +102,15 @@ def test_options_are_checked():
     layer.router.capacity_offset = float("nan")
     with pytest.raises(ValueError, match="capacity_offset"):
         layer(torch.randn(3, 16, device=DEVICE))
+
+
+def test_every_token_chosen_puts_the_cut_one_below_the_lowest_logit():
+    """``per_expert == T``: no token is left out, so the cut sits a unit under the lowest logit
+    (every token passes), not midway to a token that does not exist."""
+    predictor = CapacityPredictor(16, 4, momentum=0.0)
+    x = torch.randn(10, 16)
+    predictor.train_step(x, torch.ones(10, 4, dtype=torch.bool), per_expert=10)
+    with torch.no_grad():
+        lowest = predictor(x).float().min(dim=0).values
+    torch.testing.assert_close(predictor.thresholds, lowest - 1)
+    assert predictor.select(x).all()

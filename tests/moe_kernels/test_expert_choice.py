@@ -6,6 +6,7 @@ import torch
 import moe_kernels as mk
 from moe_kernels import reference, tuning
 from moe_kernels.activations import projection_width
+from moe_kernels.expert_choice_gating import MAX_GROUP, check_groups
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, assert_close_to_reference, grads
 
 # (T, E, C, group_size): one group, several, C = 1, C = S (every token), S not a power of two.
@@ -247,3 +248,12 @@ def test_ffn_bad_input(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         mk.expert_choice_ffn(**args, backend="torch")
+
+
+def test_the_largest_group_the_triton_path_sorts_is_accepted():
+    """Groups of up to ``MAX_GROUP`` tokens fit one program's registers: exactly that many is
+    accepted, one more is refused with the limit named (the PyTorch path takes any)."""
+    assert check_groups(2 * MAX_GROUP, 1, MAX_GROUP, "triton") == MAX_GROUP
+    with pytest.raises(ValueError, match=f"groups of up to {MAX_GROUP} tokens"):
+        check_groups(MAX_GROUP + 1, 1, None, "triton")
+    assert check_groups(MAX_GROUP + 1, 1, None, "torch") == MAX_GROUP + 1

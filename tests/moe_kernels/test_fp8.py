@@ -227,6 +227,7 @@ def test_moe_ffn_fp8_bad_input():
             "w_out_scale goes with an FP8 w_out",
         ),
         (dict(precision="fp8", w_in=w_in.clone().fill_(float("nan"))), ValueError, "w_in holds a non-finite"),
+        (dict(precision="fp8", w_out=w_out.clone().fill_(float("inf"))), ValueError, "w_out holds a non-finite"),
         (dict(precision="fp8", w_in=q_in, w_in_scale=torch.ones(2, 2, 1)), ValueError, "w_in scale must have shape"),
         (dict(w_in=q_in), TypeError, "w_in must have the dtype of x"),
     ]

@@ -119,3 +119,18 @@ def test_a_written_table_serves_the_next_launches(tmp_path, monkeypatch):
     assert tuned_table(kernels) == written["kernels"]
     want = mk.grouped_mm(x.detach(), w.detach(), offsets, backend="torch")
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_write_adds_to_the_table(tmp_path, monkeypatch):
+    """Runs that tuned other shapes add up: a second write keeps the first's entries (a key both
+    wrote takes the second's config)."""
+    kernel = grouped_mm_kernel
+    configs = [config(16, 16, 16, 4, 1), config(32, 32, 32, 4, 1)]
+    keys = [tuple(f"key{i}" for _ in kernel.keys) + (torch.float32,) for i in range(3)]
+    path = tmp_path / "t.json"
+    monkeypatch.setattr(kernel, "cache", {keys[0]: configs[0], keys[1]: configs[0]})
+    write_table(path, {"grouped_mm": kernel}, "test")
+    monkeypatch.setattr(kernel, "cache", {keys[1]: configs[1], keys[2]: configs[1]})
+    written = json.loads(write_table(path, {"grouped_mm": kernel}, "test").read_text())["kernels"]["grouped_mm"]
+    tiles = sorted((key.split(",")[0], entry["BLOCK_M"]) for key, entry in written.items())
+    assert tiles == [(f"{kernel.keys[0]}=key0", 16), (f"{kernel.keys[0]}=key1", 32), (f"{kernel.keys[0]}=key2", 32)]
