@@ -13,7 +13,15 @@ from .expert_choice_gating import choice_dispatch
 from .experts import check_experts, run_experts
 from .fp8 import BLOCK, FP8, check_finite, check_inference, check_quantized, fp8_operand
 from .rules import check_k
-from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_expert_ids, check_same_device, check_tensor
+from .validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_dim,
+    check_expert_ids,
+    check_same_device,
+    check_tensor,
+    values_checkable,
+)
 
 Tensor = torch.Tensor
 
@@ -99,8 +107,9 @@ def moe_ffn(
 
 def check_token_ids(tokens: Tensor, num_tokens: int) -> None:
     """``ValueError`` unless every expert's chosen tokens are distinct indices in ``[0, T)``
-    (one host sync: for the public API only; the routers make them themselves)."""
-    if tokens.numel() == 0:
+    (one host sync: for the public API only; the routers make them themselves). Skipped where
+    there are no values to read (meta tensors, compiling)."""
+    if tokens.numel() == 0 or not values_checkable(tokens):
         return
     low, high = tokens.min().item(), tokens.max().item()
     if low < 0 or high >= num_tokens:

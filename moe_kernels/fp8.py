@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .validation import FLOAT_DTYPES, check_tensor
+from .validation import FLOAT_DTYPES, check_tensor, values_checkable
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -103,8 +103,9 @@ def quantize_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, 
 
 
 def check_finite(name: str, w: torch.Tensor) -> None:
-    """``ValueError`` if ``w`` holds inf or NaN, which no FP8 scale can represent (one host sync)."""
-    if not torch.isfinite(w).all():
+    """``ValueError`` if ``w`` holds inf or NaN, which no FP8 scale can represent (one host sync;
+    none on meta tensors or while compiling, which hold no values to read)."""
+    if values_checkable(w) and not torch.isfinite(w).all():
         raise ValueError(f"{name} holds a non-finite value (inf or NaN): an FP8 scale cannot represent it")
 
 
@@ -149,6 +150,8 @@ def dequantize_fp8(
     """``w_fp8 * scale``, tile by tile: the inverse of ``quantize_fp8`` up to e4m3's rounding."""
     block = check_block(block)
     check_quantized("w_fp8", w_fp8, scale, block)
+    if values_checkable(scale) and not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ValueError("scale must hold finite, positive block scales (quantize_fp8 gives no other)")
     K, N = w_fp8.shape[-2:]
     return (w_fp8.float() * _expand(scale, block, K, N)).to(dtype)
 

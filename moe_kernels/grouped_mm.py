@@ -464,6 +464,19 @@ def grouped_mm_fp8(
     offsets = offsets.to(torch.int32)
     if torch.is_grad_enabled() and x.requires_grad:
         raise ValueError("grouped_mm_fp8 serves inference: it has no backward (x requires grad)")
-    if resolve_backend(backend, device) == "triton":
+    return grouped_mm_fp8_op(x, w_fp8, scale, offsets, resolve_backend(backend, device))
+
+
+@custom_op("moe_kernels::grouped_mm_fp8")
+def grouped_mm_fp8_op(
+    x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, backend: str
+) -> torch.Tensor:
+    """``x [M, K], w_fp8 [E, K, N] e4m3, scale [E, K/128, N/128], offsets [E] int32 -> y [M, N]``."""
+    if backend == "triton":
         return grouped_mm_triton(x, w_fp8, offsets, b_scale=scale)
     return grouped_mm_fp8_torch(x, w_fp8, scale, offsets)
+
+
+@grouped_mm_fp8_op.register_fake
+def _(x, w_fp8, scale, offsets, backend):
+    return x.new_empty((x.shape[0], w_fp8.shape[2]))

@@ -15,11 +15,15 @@ from .backend import BACKENDS, resolve_backend
 from .dispatch import Dispatch
 from .experts import run_experts
 from .fp8 import FP8, check_inference, quantize_fp8
-from .routers import Router, make_router
+from .routers import Router, make_router, router_attributes
 from .rules import NONNEGATIVE_INT, check_positive_int
 from .validation import FLOAT_DTYPES, check_elements
 
 PRECISIONS = (None, "fp8")
+# The routers' options and settings: set on the layer, they would be kept and never read.
+_ROUTER_ATTRIBUTES = router_attributes()
+# The buffers of FP8-stored experts (``to_fp8``), which a dtype cast must not touch.
+_FP8_STORED = ("w_in", "w_out", "w_in_scale", "w_out_scale")
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -153,6 +157,11 @@ class MoE(nn.Module):
             raise ValueError(f"top_k ({top_k}) differs from the router's ({router.top_k}): leave it out")
         return router
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _ROUTER_ATTRIBUTES:
+            raise AttributeError(f"{name} is a setting of the layer's router: set moe.router.{name}")
+        super().__setattr__(name, value)
+
     @property
     def top_k(self) -> int:
         """The experts a token gets (exactly, or on average: see ``Router``)."""
@@ -247,9 +256,9 @@ class MoE(nn.Module):
         ``w_in`` and ``w_out`` become ``float8_e4m3fn`` buffers with fp32 scales per 128x128
         block (``w_in_scale``, ``w_out_scale``; ``quantize_fp8``): half the bytes of bf16. The
         forward then runs the experts' FP8 GEMMs (activations quantized per token as they are
-        loaded), whatever the router; it has no backward. Call it last, after the layer's
-        ``.to(device, dtype)``: a later ``.to(dtype)`` would round the scales. The biases, router
-        and shared experts keep their dtype.
+        loaded), whatever the router; it has no backward. A later ``.to(dtype)``, ``.float()``,
+        ``.half()`` or ``.type()`` casts the biases, router and shared experts and leaves the FP8
+        weights and their scales as they are; a move to another device moves them too.
         """
         if self.expert_mesh is not None:
             raise ValueError("to_fp8 quantizes whole experts: an expert-parallel layer cannot be converted")
@@ -261,6 +270,24 @@ class MoE(nn.Module):
             self.register_buffer(name, weight_fp8)
             self.register_buffer(f"{name}_scale", scale)
         self.precision = "fp8"
+        return self
+
+    def _apply(self, fn, recurse: bool = True) -> MoE:
+        # What .to(), .float(), .half(), .type() and the like apply, recursively. FP8-stored experts
+        # keep their e4m3 weights and fp32 scales through a cast (a cast would drop the scales'
+        # meaning and round them): of such a call they take only the move to another device.
+        if not self.fp8_weights:
+            return super()._apply(fn, recurse)
+        order = list(self._buffers)
+        stored = {name: self._buffers.pop(name) for name in _FP8_STORED}
+        try:
+            super()._apply(fn, recurse)
+            device = fn(torch.empty(0, device=stored["w_in"].device)).device
+            stored = {name: tensor.to(device) for name, tensor in stored.items()}
+        finally:
+            buffers = {**self._buffers, **stored}
+            self._buffers.clear()
+            self._buffers.update((name, buffers[name]) for name in order)
         return self
 
     def __getstate__(self) -> dict:

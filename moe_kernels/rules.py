@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -91,3 +92,27 @@ def check_k(k: object, num_experts: int, name: str = "k", experts: str = "the nu
     if k > num_experts:
         raise ValueError(f"{name} must be <= {experts} ({num_experts}), got {k}")
     return k
+
+
+class Setting:
+    """A setting of a module checked whenever it is set, in the constructor or afterwards: by
+    ``rule`` (``None`` allowed with ``optional``), then by ``check(module, value)`` for what
+    depends on the module's other settings. A class attribute: ``capacity_offset = Setting(OFFSET)``."""
+
+    def __init__(self, rule: Rule, check: Callable[[object, float], None] | None = None, optional: bool = False):
+        self.rule, self.check, self.optional = rule, check, optional
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module: object, owner: type | None = None) -> object:
+        if module is None:
+            return self
+        return module.__dict__[self.name]
+
+    def __set__(self, module: object, value: object) -> None:
+        if not (self.optional and value is None):
+            value = self.rule.check(self.name, value)
+            if self.check is not None:
+                self.check(module, value)
+        module.__dict__[self.name] = value

@@ -36,6 +36,7 @@ import warnings
 import torch
 
 from ..activations import ELEMENTWISE, GATED, activation_fn, swiglu_activation
+from ..backend import BACKENDS
 from ..ffn import moe_ffn
 
 NAME = "moe_kernels"
@@ -173,9 +174,12 @@ def _weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def register(backend: str | None = None) -> str:
     """Register ``moe_kernels`` as a transformers experts implementation; return its name.
 
-    ``backend`` is ``moe_ffn``'s (``None``: Triton on CUDA, PyTorch elsewhere). Calling it again
-    replaces the earlier registration. Needs transformers >= 5 (``pip install 'moe-kernels[hf]'``).
+    ``backend`` is ``moe_ffn``'s (``None``: Triton on CUDA, PyTorch elsewhere), checked here.
+    Calling it again replaces the earlier registration. Needs transformers >= 5 (``pip install
+    'moe-kernels[hf]'``).
     """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     try:
         from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
     except ImportError as error:

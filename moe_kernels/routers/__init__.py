@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 
-from .base import Routed, Router
+from .base import Routed, Router, router_settings
 from .diffmoe import CapacityPredictor, DiffMoE
 from .expert_choice import ExpertChoice
 from .token_choice import TokenChoice
@@ -37,6 +37,11 @@ def make_router(name: str, dim: int, num_experts: int, top_k: int, **options) ->
             f"the {name} router takes no option {', '.join(unknown)} (its options: {', '.join(sorted(known))})"
         )
     return router(dim, num_experts, top_k, **options)
+
+
+def router_attributes() -> frozenset[str]:
+    """What the named routers take and hold: their options and checked settings."""
+    return frozenset(set().union(*map(_options, ROUTERS.values())) | router_settings())
 
 
 def _options(router: type[Router]) -> set[str]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..balance import router_z_loss
 from ..dispatch import Dispatch
-from ..rules import COEFFICIENT, check_k, check_positive_int
+from ..rules import COEFFICIENT, Setting, check_k, check_positive_int
 from ..validation import check_elements
 
 Tensor = torch.Tensor
@@ -58,6 +58,7 @@ class Router(nn.Linear):
     """
 
     static_shapes: ClassVar[bool] = True
+    z_loss_coef = Setting(COEFFICIENT)
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, router_bias: bool = False, z_loss_coef: float = 0.0):
         dim = check_positive_int("dim", dim)
@@ -65,7 +66,17 @@ class Router(nn.Linear):
         check_elements("the router's weight", (num_experts, dim), "dim and num_experts")
         super().__init__(dim, num_experts, bias=bool(router_bias))
         self.top_k = check_k(top_k, num_experts, name="top_k", experts="num_experts")
-        self.z_loss_coef = COEFFICIENT.check("z_loss_coef", z_loss_coef)
+        self.z_loss_coef = z_loss_coef
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # A setting of another router set on this one would be kept and never read: refuse it.
+        if not name.startswith("_") and getattr(type(self), name, None) is None:
+            owners = [cls.__name__ for cls in _routers() if isinstance(cls.__dict__.get(name), Setting)]
+            if owners:
+                raise AttributeError(
+                    f"{type(self).__name__} has no setting {name}, a setting of {' and '.join(owners)}"
+                )
+        super().__setattr__(name, value)
 
     @property
     def dim(self) -> int:
@@ -91,3 +102,18 @@ class Router(nn.Linear):
         return (
             f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, router_bias={self.bias is not None}"
         )
+
+
+def _routers() -> list[type[Router]]:
+    """Every subclass of ``Router`` defined so far, the user's too."""
+    found, todo = [], [Router]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def router_settings() -> set[str]:
+    """The names of every router's checked settings (``rules.Setting``)."""
+    return {name for cls in _routers() for name, value in vars(cls).items() if isinstance(value, Setting)}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import by_expert
-from ..rules import OFFSET
+from ..rules import OFFSET, Setting
 from .base import Routed
 from .expert_choice import ExpertChoice
 
@@ -79,6 +79,7 @@ class DiffMoE(ExpertChoice):
     """
 
     static_shapes = False  # eval mode's rows per expert are data (nonzero)
+    capacity_offset = Setting(OFFSET)
 
     def __init__(self, dim: int, num_experts: int, top_k: int, **options):
         super().__init__(dim, num_experts, top_k, **options)
@@ -99,8 +100,9 @@ class DiffMoE(ExpertChoice):
     def _predicted(self, tokens: Tensor, logits: Tensor) -> Routed:
         """Each expert takes the tokens whose predicted logit passes its threshold (plus
         ``capacity_offset``), weighted by their scores; no groups. One host read (``nonzero``)."""
-        offset = OFFSET.check("capacity_offset", self.capacity_offset)
-        mask = self.capacity_predictor.select(tokens, offset)  # [T, E]
+        if tokens.is_meta:
+            raise ValueError("DiffMoE's eval-mode routing reads its rows per expert, which meta tensors do not hold")
+        mask = self.capacity_predictor.select(tokens, self.capacity_offset)  # [T, E]
         probs = torch.softmax(logits.float(), dim=-1)
         experts, rows = mask.t().nonzero().unbind(1)  # expert-major, tokens in order within an expert
         counts = mask.sum(0, dtype=torch.int32)

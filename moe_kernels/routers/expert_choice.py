@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..expert_choice_gating import check_groups, choice_dispatch, expert_choice_gating_apply
-from ..rules import SCALE, check_positive_int
+from ..rules import POSITIVE_INT, SCALE, Setting
 from .base import Routed, Router
 
 Tensor = torch.Tensor
@@ -32,6 +32,10 @@ class ExpertChoice(Router):
         capacity_factor: the average experts per token, default ``top_k``.
     """
 
+    # Checked when set: a factor beyond E, or one that rounds to no token per group, is refused then.
+    group_size = Setting(POSITIVE_INT, lambda router, size: router._check_capacity(size, None), optional=True)
+    capacity_factor = Setting(SCALE, lambda router, factor: router._check_capacity(None, factor))
+
     def __init__(
         self,
         dim: int,
@@ -44,7 +48,7 @@ class ExpertChoice(Router):
         z_loss_coef: float = 0.0,
     ):
         super().__init__(dim, num_experts, top_k, router_bias=router_bias, z_loss_coef=z_loss_coef)
-        self.group_size = None if group_size is None else check_positive_int("group_size", group_size)
+        self.group_size = group_size
         self.capacity_factor = float(self.top_k) if capacity_factor is None else capacity_factor
 
     def capacity(self, group_size: int, capacity_factor: float | None = None) -> int:
@@ -60,6 +64,18 @@ class ExpertChoice(Router):
                 "to 0 tokens per expert: use larger groups or a larger capacity_factor"
             )
         return capacity
+
+    def _check_capacity(self, group_size: int | None, factor: float | None) -> None:
+        """Refuse a new group size or factor that ``capacity`` would refuse with the other one:
+        a factor beyond ``num_experts``, or a group of known size left with no token per expert."""
+        factor = self.__dict__.get("capacity_factor") if factor is None else factor
+        size = self.__dict__.get("group_size") if group_size is None else group_size
+        if factor is None:  # constructing: the factor is set next
+            return
+        if factor > self.num_experts:
+            raise ValueError(f"capacity_factor ({factor}) cannot exceed num_experts ({self.num_experts})")
+        if size is not None:
+            self.capacity(size, factor)
 
     def choose(self, logits: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
         """``expert_choice_gating`` of ``logits [T, E]`` at this router's groups and capacity:

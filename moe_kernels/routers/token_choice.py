@@ -6,7 +6,7 @@ import torch
 
 from ..balance import CONVENTIONS, loss_from_stats
 from ..dispatch import by_token
-from ..rules import COEFFICIENT
+from ..rules import COEFFICIENT, Setting
 from ..topk_gating import check_routing_options, gating_with_stats
 from .base import Routed, Router
 
@@ -27,6 +27,8 @@ class TokenChoice(Router):
         num_groups, topk_groups: group-limited routing (see ``topk_gating``).
         routed_scale: a factor on the routed weights.
     """
+
+    balance_loss_alpha = Setting(COEFFICIENT)
 
     def __init__(
         self,
@@ -54,7 +56,7 @@ class TokenChoice(Router):
             raise ValueError(f"balance_loss_convention must be one of {CONVENTIONS}, got {balance_loss_convention!r}")
         self.score, self.balance_loss_convention = score, balance_loss_convention
         self.normalize_weights = bool(normalize_weights)
-        self.balance_loss_alpha = COEFFICIENT.check("balance_loss_alpha", balance_loss_alpha)
+        self.balance_loss_alpha = balance_loss_alpha
         if selection_bias:
             # Not a parameter: update_selection_bias moves it between steps (DeepSeek-V3).
             self.register_buffer("expert_bias", torch.zeros(num_experts))

@@ -334,3 +334,56 @@ def test_fp8_precision_setting():
     assert layer.precision == "fp8"
     with pytest.raises(ValueError, match="stored in FP8"):
         layer.precision = None
+
+
+CASTS = {
+    "to(bf16)": lambda m: m.to(torch.bfloat16),
+    "to(fp32)": lambda m: m.to(torch.float32),
+    "half()": lambda m: m.half(),
+    "float()": lambda m: m.float(),
+    "bfloat16()": lambda m: m.bfloat16(),
+    "type(fp32)": lambda m: m.type(torch.float32),
+}
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
+def test_a_dtype_cast_keeps_fp8_experts_and_their_scales(cast):
+    """A cast converts the router, shared experts and biases, and leaves the FP8 weights and their
+    fp32 scales as they were (casting them would compute with unscaled values: garbage)."""
+    layer = _layer("torch", expert_biases=True, activation="gelu_tanh").to_fp8()
+    stored = {name: getattr(layer, name).clone() for name in ("w_in", "w_out", "w_in_scale", "w_out_scale")}
+    x = torch.randn(24, 32, device=DEVICE)
+    with torch.no_grad():
+        before = layer(x)
+        CASTS[cast](layer)
+        dtype = layer.router.weight.dtype
+        after = layer(x.to(dtype))
+    for name, tensor in stored.items():
+        assert getattr(layer, name).dtype == tensor.dtype and torch.equal(getattr(layer, name), tensor), name
+    assert layer.b_in.dtype == dtype and layer.shared.proj_in.weight.dtype == dtype
+    assert (after.float() - before).norm() <= 0.02 * before.norm()  # the cast parts' rounding alone
+    # A state dict of the uncast layer loads into the cast one: the FP8 tensors as they are.
+    layer.load_state_dict(_layer("torch", expert_biases=True, activation="gelu_tanh").to_fp8().state_dict())
+    assert layer.w_in.dtype == FP8 and layer.w_in_scale.dtype == torch.float32 and layer.b_in.dtype == dtype
+
+
+def test_a_dit_with_fp8_experts_survives_float_and_to():
+    from dit.models import create_model
+    from dit.precision import inference_weights
+
+    torch.manual_seed(0)
+    model = create_model("DiT-MoE-Ti/2-4E2A", input_size=8, in_channels=1, num_classes=10, moe_backend="torch")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model = inference_weights(model.eval(), "fp8")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        want = model(x, t, y).float()
+    for cast in (lambda m: m.float(), lambda m: m.to(torch.bfloat16), lambda m: m.to("cpu", torch.float32)):
+        cast(model)
+        assert all(moe.w_in.dtype == FP8 and moe.w_in_scale.dtype == torch.float32 for moe in model.moe_layers())
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            got = model(x.to(model.x_embedder.proj.weight.dtype), t, y).float()
+        # fp32 or bf16 weights route a few tokens differently; unscaled FP8 values would be off by 1e11.
+        assert (got - want).norm() <= 0.2 * want.norm()

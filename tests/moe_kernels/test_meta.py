@@ -30,6 +30,24 @@ CALLS = {
     "balance_loss": lambda i: (mk.balance_loss(torch.softmax(i["logits"], -1), i["experts"], E, backend="torch"),),
     "grouped_mm": lambda i: (mk.grouped_mm(i["x"], i["w"], i["offsets"], backend="torch"),),
     "moe_ffn": lambda i: (mk.moe_ffn(i["x"], i["weights"], i["experts"], i["w_in"], i["w_out"], backend="torch"),),
+    "moe_ffn fp8": lambda i: (
+        mk.moe_ffn(i["x"], i["weights"], i["experts"], i["w_in"], i["w_out"], backend="torch", precision="fp8"),
+    ),
+    "expert_choice_gating": lambda i: mk.expert_choice_gating(i["logits"][:6], 2, 3, backend="torch"),
+    "expert_choice_ffn": lambda i: (
+        mk.expert_choice_ffn(
+            i["x"],
+            *mk.expert_choice_gating(i["logits"], 3, backend="torch")[:2],
+            i["w_in"],
+            i["w_out"],
+            backend="torch",
+        ),
+    ),
+    "quantize_fp8": lambda i: mk.quantize_fp8(i["w"].detach()),
+    "dequantize_fp8": lambda i: (mk.dequantize_fp8(*mk.quantize_fp8(i["w"].detach())),),
+    "grouped_mm_fp8": lambda i: (
+        mk.grouped_mm_fp8(i["x"].detach(), *mk.quantize_fp8(i["w"].detach()), i["offsets"], backend="torch"),
+    ),
 }
 
 
@@ -40,7 +58,8 @@ def test_ops_on_meta_tensors_match_real_shapes(name):
         inputs = _inputs(device)
         outputs = CALLS[name](inputs)
         floats = [out for out in outputs if out.requires_grad]
-        sum(out.float().sum() for out in floats).backward()
+        if floats:
+            sum(out.float().sum() for out in floats).backward()
         grads = {key: t.grad for key, t in inputs.items() if t.grad is not None}
         results[device] = (
             [(o.shape, o.dtype, o.device.type) for o in outputs],
@@ -52,15 +71,33 @@ def test_ops_on_meta_tensors_match_real_shapes(name):
     assert meta_grads == cpu_grads
 
 
-def test_a_layer_built_on_meta_runs_forward_and_backward():
+@pytest.mark.parametrize(
+    "options", [dict(selection_bias=True), dict(router="expert-choice", group_size=T), dict(precision="fp8")]
+)
+def test_a_layer_built_on_meta_runs_forward_and_backward(options):
     with torch.device("meta"):
-        moe = mk.MoE(D, H, E, k, backend="torch", selection_bias=True)
+        moe = mk.MoE(D, H, E, k, backend="torch", **options)
     x = torch.randn(3, T, D, device="meta", requires_grad=True)
     y = moe(x)
     (y.sum() + moe.aux_loss).backward()
     assert y.shape == x.shape and y.is_meta and moe.aux_loss.shape == ()
     assert x.grad.shape == x.shape and moe.w_in.grad.shape == moe.w_in.shape
     assert moe.expert_counts.shape == (E,)
+
+
+def test_a_layer_on_meta_stores_its_experts_in_fp8():
+    with torch.device("meta"):
+        moe = mk.MoE(D, H, E, k, backend="torch").eval().to_fp8()
+    with torch.no_grad():
+        y = moe(torch.randn(T, D, device="meta"))
+    assert y.shape == (T, D) and moe.w_in.dtype == torch.float8_e4m3fn and moe.w_in_scale.shape == (E, 1, 1)
+
+
+def test_diffmoe_eval_says_it_needs_values():
+    with torch.device("meta"):
+        moe = mk.MoE(D, H, E, k, backend="torch", router="diffmoe").eval()
+    with pytest.raises(ValueError, match="meta tensors do not hold"):
+        moe(torch.randn(T, D, device="meta"))
 
 
 def test_meta_and_real_tensors_do_not_mix():
