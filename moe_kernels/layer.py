@@ -107,8 +107,6 @@ class MoE(nn.Module):
         if shared_hidden_dim is not None:
             shared_hidden_dim = check_positive_int("shared_hidden_dim", shared_hidden_dim)
         parse_activation(activation)
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         if shared_gate and num_shared_experts == 0:
             raise ValueError("shared_gate needs a shared expert (num_shared_experts >= 1)")
         width_in = projection_width(activation, hidden_dim)
@@ -161,6 +159,18 @@ class MoE(nn.Module):
         if name in _ROUTER_ATTRIBUTES:
             raise AttributeError(f"{name} is a setting of the layer's router: set moe.router.{name}")
         super().__setattr__(name, value)
+
+    @property
+    def backend(self) -> str | None:
+        """Which implementation the layer runs: ``"auto"``/``None``, ``"triton"`` or ``"torch"``;
+        settable, checked when set."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        if value is not None and value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {value!r}")
+        self._backend = value
 
     @property
     def top_k(self) -> int:

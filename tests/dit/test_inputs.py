@@ -148,6 +148,8 @@ def test_a_damaged_config_is_one_line_and_skipped_on_resume(trained, tmp_path, c
         sample_main(["--ckpt", str(newest), "--out", str(tmp_path / "s.npz"), "--num-samples", "1"])
     with pytest.raises(SystemExit, match="^error: .*damaged model config"):
         ckpt.main(["verify", str(newest)])
+    if damage != "a string depth":  # one resume shows the skip; every damage reaches the same check
+        return
     train_main([*FAST, "--results-dir", str(tmp_path / "runs"), "--steps", "3", "--resume", "latest"])
     assert f"skipping checkpoint {newest}" in capsys.readouterr().err
     assert "resumed from " + str(run_dir / "checkpoints" / "0000001") in (run_dir / "log.txt").read_text()

@@ -139,12 +139,15 @@ def test_capacity_factor_is_the_compute_dial():
     assert layer.router.capacity(16) == 2
     layer.router.capacity_factor = 0.75
     assert layer.router.capacity(16) == 2  # 1.5 rounds half up
-    layer.router.capacity_factor = 0.1
     with pytest.raises(ValueError, match="rounds to 0 tokens per expert"):
-        layer(torch.randn(1, 16, 16))
-    layer.router.capacity_factor = 9.0
+        layer.router.capacity_factor = 0.1  # refused when set, not at the next forward
     with pytest.raises(ValueError, match="cannot exceed num_experts"):
-        layer(torch.randn(1, 16, 16))
+        layer.router.capacity_factor = 9.0
+    assert layer.router.capacity_factor == 0.75
+    pooled = _layer("torch", num_experts=8, top_k=2, group_size=None)  # the group is a forward's tokens
+    pooled.router.capacity_factor = 0.1
+    with pytest.raises(ValueError, match="rounds to 0 tokens per expert"):
+        pooled(torch.randn(1, 16, 16))
 
 
 def test_bad_layer_options():

@@ -104,3 +104,11 @@ def test_moe_ffn_in_fp8_names_weights_that_are_not_tensors():
         mk.moe_ffn(x, weights, experts, [[1.0]], torch.randn(3, 4, 8), precision="fp8")
     with pytest.raises(TypeError, match="w_out must be a torch.Tensor, got list"):
         mk.moe_ffn(x, weights, experts, torch.randn(3, 8, 8), [[1.0]], precision="fp8")
+
+
+def test_the_layers_backend_is_checked_when_set():
+    layer = mk.MoE(8, 8, 4, 2)
+    layer.backend = "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        layer.backend = "cuda"
+    assert layer.backend == "torch"
