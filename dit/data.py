@@ -105,6 +105,9 @@ def _check_headers(paths: list[Path]) -> None:
             raise ValueError(f"{path} is an empty image ({width}x{height})")
 
 
+DIGITS = 1797  # scikit-learn's digits
+
+
 def load_digits(image_size: int = 8) -> TensorData:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels, 10 classes), in [-1, 1]."""
     table = _digits_table()
@@ -160,6 +163,15 @@ def load_latents(root: Path) -> TensorData:
         labels.append(tensors["labels"].long())
     labels_all = torch.cat(labels)
     return TensorData(torch.cat(latents), labels_all, int(labels_all.max()) + 1, is_latent=True)
+
+
+def resident_bytes(data: str, image_size: int) -> int:
+    """The bytes a dataset holds in memory once loaded: the digits upsampled to ``image_size`` (fp32)
+    or a latents directory's shards (about their size on disk); an image folder reads each batch."""
+    if data == "digits":
+        return DIGITS * image_size * image_size * 4
+    root = Path(data)
+    return sum(shard.stat().st_size for shard in root.glob("*.safetensors")) if root.is_dir() else 0
 
 
 def load_dataset(data: str, image_size: int | None) -> TensorData | ImageFolderData:

@@ -29,7 +29,10 @@ per expert weight plus an fp32 scale per 128x128 block).
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
+
+import torch
 
 from moe_kernels import projection_width
 from moe_kernels.fp8 import BLOCK as FP8_BLOCK
@@ -113,6 +116,47 @@ def estimate(config: DiTConfig, layout: Layout, batch: int, compute_bytes: int =
         ema=local * FP32,
         activations=activation_bytes(config, batch, layout.grad_checkpointing, compute_bytes, layout.ep > 1),
     )
+
+
+def available_bytes(device: torch.device) -> int:
+    """The memory a process may count on: a GPU's total, or the host's available memory shared by
+    the processes of this node (``LOCAL_WORLD_SIZE``, as torchrun sets it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as info:
+            fields = dict(line.split(":", 1) for line in info)
+        total = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def check_fits(
+    config: DiTConfig, layout: Layout, batch: int, compute_bytes: int, device: torch.device, data: float = 0
+) -> None:
+    """``ValueError`` before anything is allocated when training ``config`` (``batch`` images per
+    process, ``data`` bytes of a dataset held in memory) cannot fit in what ``device`` has, saying
+    how much it needs and how much there is. The estimate is ``estimate``'s; a run that needs
+    more than that many bytes would end in an allocator's failure (or in swapping) instead."""
+    memory = estimate(config, layout, batch, compute_bytes)
+    needed, available = memory.total + data, available_bytes(device)
+    if needed > available:
+        parts = (
+            ("weights, gradients, AdamW and EMA", memory.total - memory.activations),
+            ("activations", memory.activations),
+            ("data", data),
+        )
+        shown = ", ".join(f"{name} {_size(value)}" for name, value in parts if value)
+        raise ValueError(
+            f"this run needs about {_size(needed)} per process ({shown}) and {device} has {_size(available)}: "
+            "make the model or the batch smaller, add processes or --grad-checkpointing, or pass "
+            "--skip-memory-check to go ahead anyway"
+        )
+
+
+def _size(count: float) -> str:
+    return f"{count / GiB:.3g} GiB" if count >= GiB else f"{count / 2**20:.3g} MiB"
 
 
 def activation_bytes(

@@ -461,10 +461,16 @@ def create_model(name: str, moe_backend: str | None = "auto", **overrides) -> Di
     ``patch_size``). An unknown setting or a value of the wrong type raises ``TypeError``, a
     value out of range ``ValueError``, each naming the setting.
     """
+    return DiT(model_config(name, **overrides), moe_backend=moe_backend)
+
+
+def model_config(name: str, **overrides) -> DiTConfig:
+    """The config ``create_model`` builds, checked, without building it."""
     config = parse_model_name(name)
     for key, value in overrides.items():
         setattr(config, key, coerce_override(key, value))
-    return DiT(config, moe_backend=moe_backend)
+    config.check()
+    return config
 
 
 def config_to_dict(config: DiTConfig) -> dict:

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import parallel
-from .data import batches, decode, encode, load_dataset, load_vae, steps_per_epoch
+from .data import batches, decode, encode, load_dataset, load_vae, resident_bytes, steps_per_epoch
 from .diffusion import RectifiedFlow, create_diffusion
-from .models import DiT, DiTConfig, create_model
+from .memory import Layout, check_fits
+from .models import DiT, DiTConfig, model_config
 from .parallel import Distributed, JobRefused, StepDraws, rng_state, set_rng_state
 from .precision import autocast, matmul_precision, training_precision
 from .run_lock import RunLock
@@ -72,22 +73,23 @@ def expert_load(model: DiT) -> list[dict]:
     return stats
 
 
-def data_shape(args: argparse.Namespace, dataset) -> dict:
-    """The model settings the data fixes: ``input_size``, ``in_channels``, ``num_classes``."""
-    channels, size, _ = dataset.shape
+def data_shape(args: argparse.Namespace, channels: int, size: int, num_classes: int) -> dict:
+    """The model settings the data fixes: ``input_size``, ``in_channels``, ``num_classes``, from
+    the images' channels, side and classes (``--vae`` trains on latents 8 times smaller)."""
     if args.vae:
         if size % 8:
             raise ValueError(
                 f"--image-size must be a multiple of 8 with --vae (its latents are 8 times smaller), got {size}"
             )
         channels, size = 4, size // 8
-    return dict(input_size=size, in_channels=channels, num_classes=dataset.num_classes)
+    return dict(input_size=size, in_channels=channels, num_classes=num_classes)
 
 
-def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None, init: DiTConfig | None = None) -> DiT:
+def run_config(args: argparse.Namespace, shape: dict, latent: bool, checkpoint: Path | None, init) -> DiTConfig:
+    """The config of the model this run trains: a checkpoint's, ``--init``'s (which must fit the
+    data's ``shape``), or ``--model`` with the data's shape and the ``--set`` settings."""
     if checkpoint is not None:
-        return DiT(ckpt.checkpoint_config(checkpoint, verified=True), moe_backend=args.moe_backend)
-    shape = data_shape(args, dataset)
+        return ckpt.checkpoint_config(checkpoint, verified=True)
     if init is not None:
         wrong = [
             f"{key} {getattr(init, key)} (the data's: {value})"
@@ -96,19 +98,47 @@ def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None, init
         ]
         if wrong:
             raise ValueError(f"--init {args.init} does not fit the data: its model has {', '.join(wrong)}")
-        return DiT(init, moe_backend=args.moe_backend)
+        return init
     overrides = dict(
         **shape,
         learn_sigma=args.objective == "diffusion",
         objective=args.objective,
-        latent=bool(args.vae) or dataset.is_latent,
+        latent=latent,
         balance_loss_alpha=args.balance_alpha,
     )
     overrides.update(parse_overrides(args.model_overrides))
     try:
-        return create_model(args.model, moe_backend=args.moe_backend, **overrides)
+        return model_config(args.model, **overrides)
     except TypeError as error:
         raise ValueError(str(error)) from error
+
+
+def check_memory(args: argparse.Namespace, env: Distributed, checkpoint: Path | None, init) -> None:
+    """Refuse, before the data and the model are allocated, a run that cannot fit in this
+    process's memory (``dit.memory.check_fits``), from the shape the data will have."""
+    if args.data != "digits" and not Path(args.data).is_dir():
+        return  # no data to size: loading it says why
+    latents = args.data != "digits" and any(Path(args.data).glob("*.safetensors"))
+    channels, size = (
+        (1, args.image_size)
+        if args.data == "digits"
+        else (4, args.image_size // 8)
+        if latents
+        else (3, args.image_size)
+    )
+    shape = data_shape(args, channels, size, 10 if args.data == "digits" else 1000)
+    config = run_config(args, shape, bool(args.vae) or latents, checkpoint, init)
+    layout = Layout(env.world_size, args.ep, args.fsdp, args.grad_checkpointing)
+    compute_bytes = 2 if args.precision in ("bf16", "fp8") else 4
+    check_fits(config, layout, args.global_batch_size // env.world_size, compute_bytes, env.device,
+               data=resident_bytes(args.data, args.image_size))  # fmt: skip
+
+
+def build_model(args: argparse.Namespace, dataset, checkpoint: Path | None, init: DiTConfig | None = None) -> DiT:
+    channels, size, _ = dataset.shape
+    shape = data_shape(args, channels, size, dataset.num_classes)
+    config = run_config(args, shape, bool(args.vae) or dataset.is_latent, checkpoint, init)
+    return DiT(config, moe_backend=args.moe_backend)
 
 
 def check_layout(args: argparse.Namespace, world_size: int, checkpoint: Path | None) -> bool:
@@ -308,6 +338,8 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
         if changed and env.main:
             warn(changed)
     global_batch, sharded = args.global_batch_size, check_layout(args, env.world_size, checkpoint)
+    if not args.skip_memory_check:
+        check_memory(args, env, checkpoint, init_config)
 
     # Data: this process's rows of each global batch.
     batch = global_batch // env.world_size

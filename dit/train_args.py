@@ -39,6 +39,7 @@ RESUME_MAY_CHANGE = (
     "log_every",
     "precision",
     "grad_checkpointing",
+    "skip_memory_check",
     "compile",
     "moe_backend",
     "cfg_scale",
@@ -126,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_precision_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="start even where the estimate of the memory a process needs (dit.memory's) exceeds what it has",
+    )
     p.add_argument(
         "--ep",
         type=positive_int,

@@ -201,3 +201,24 @@ def test_evaluate_refuses_labels_outside_the_digits(tmp_path):
             SystemExit, match=rf"arr_1 must hold integer labels in \[0, 10\) for the digits report, got {shown}"
         ):
             evaluate_main([str(tmp_path / "s.npz"), "--digits"])
+
+
+def test_a_damaged_checkpoint_and_a_layout_that_does_not_fit_are_one_line_under_torchrun(tmp_path):
+    """Every process finds the same fault; the main one says it, once, and none shows a traceback
+    of its own (torchrun's banner about the failed workers follows)."""
+    from tests.distributed.helpers import torchrun
+    from tests.dit.test_inputs import _rewrite, _with_config
+
+    checkpoint = run(tmp_path, "--steps", "1") / "checkpoints" / "0000001"
+    for name in ("model.safetensors", "ema.safetensors"):
+        _rewrite(checkpoint, name, _with_config(lambda config: {**config, "depth": "4"}))
+    for argv, message in (
+        (["dit.sample", "--ckpt", str(checkpoint), "--out", str(tmp_path / "s.npz"), "--num-samples", "2"],
+         f"error: checkpoint {checkpoint / 'ema.safetensors'} holds a damaged model config: depth must be an integer"),
+        (["dit.train", *FAST, "--steps", "1", "--ep", "3", "--results-dir", str(tmp_path / "runs")],
+         "error: --ep 3 must divide the number of processes (2)"),
+    ):  # fmt: skip
+        result = torchrun(2, *argv, check=False, timeout=120)
+        ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode != 0 and len(ours) == 1 and ours[0].startswith(message), result.stderr
+        assert "Connection" not in result.stderr and "/dit/" not in result.stderr, result.stderr

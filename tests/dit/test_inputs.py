@@ -224,3 +224,33 @@ def test_memory_refuses_an_expert_parallel_degree_that_does_not_fit(ep, capsys):
     with pytest.raises(SystemExit) as exit_info:
         memory_main(["--gpus", "8", "--ep", ep])
     assert exit_info.value.code == 2 and f"--ep {ep} must divide --gpus 8" in capsys.readouterr().err
+
+
+# --- Sizes that cannot fit are refused before they are allocated.
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--global-batch-size", "1000000000"],
+        ["--set", "hidden_size=1000000000"],
+        ["--set", "num_experts=1000000"],
+        ["--image-size", "1000000"],
+    ],
+)
+def test_a_run_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path, flags):
+    with pytest.raises(
+        SystemExit, match=r"^error: this run needs about .* per process \(.*\) and cpu has .*--skip-memory-check"
+    ):
+        train_main(["--steps", "1", "--results-dir", str(tmp_path), *flags])
+    assert not any(tmp_path.glob("*/checkpoints/*"))
+
+
+def test_skip_memory_check_goes_ahead(tmp_path, monkeypatch):
+    import dit.memory
+
+    monkeypatch.setattr(dit.memory, "available_bytes", lambda device: 2**20)  # a 1 MiB machine
+    with pytest.raises(SystemExit, match="this run needs about .* and cpu has 1 MiB"):
+        train_main([*FAST, "--steps", "1", "--results-dir", str(tmp_path)])
+    train_main([*FAST, "--steps", "1", "--results-dir", str(tmp_path), "--skip-memory-check"])
+    assert any(tmp_path.glob("*/checkpoints/0000001"))
