@@ -54,3 +54,45 @@ def torchrun(nproc: int, *argv: str, check: bool = True, timeout: float = 600) -
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert not check or result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def torchrun_nodes(nnodes: int, *argv: str, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """``nnodes`` torchrun agents of one process each, joined by the c10d rendezvous on localhost
+    as agents on ``nnodes`` machines would be (``--node-rank`` 0 to ``nnodes - 1``); each must
+    succeed."""
+    endpoint = f"localhost:{free_port()}"
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                str(nnodes),
+                "--nproc_per_node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "multi-node-test",
+                "-m",
+                *argv,
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in range(nnodes)
+    ]
+    results = []
+    for agent in agents:
+        stdout, stderr = agent.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return results

@@ -18,7 +18,7 @@ from dit.checkpoint import main as checkpoint_main
 from dit.models import create_model
 from dit.sample import main as sample_main
 from dit.train import main as train_main
-from tests.distributed.helpers import torchrun
+from tests.distributed.helpers import torchrun, torchrun_nodes
 
 STEPS = 20
 # The balance loss is each process's own (as in the official code), so it would make the runs
@@ -136,6 +136,18 @@ def test_parallel_training_matches_one_process(one_process, tmp_path):
         else:
             torchrun(nproc, *argv)
         check(resumed / run_dir.name, range(16, STEPS + 1), layout)
+
+
+def test_two_nodes_by_the_c10d_rendezvous_train_as_one_process(one_process, tmp_path):
+    """Two torchrun agents (one process each, ``--nnodes 2 --node-rank 0|1 --rdzv-backend c10d``)
+    joined on localhost, as on two machines, train an ``--ep 2`` model: the losses of one process."""
+    torchrun_nodes(2, "dit.train", *ARGS, "--steps", "5", "--ep", "2", "--results-dir", str(tmp_path))
+    run_dir = only_run(tmp_path)
+    assert "2 process(es) (data 1 x expert 2)" in (run_dir / "log.txt").read_text()
+    got, expected = losses(run_dir), losses(one_process)
+    assert sorted(got) == list(range(1, 6))
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=2e-5, abs=2e-6), step
 
 
 def test_layout_errors(tmp_path, capsys):
