@@ -58,7 +58,7 @@ class Distributed:
         if cuda:
             torch.cuda.set_device(self.device)
         if self.world_size > 1:
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group("nccl" if cuda else "gloo", **_attempt_store(self.rank, self.world_size))
 
     @property
     def main(self) -> bool:
@@ -124,6 +124,24 @@ class Distributed:
     def close(self) -> None:
         if self.world_size > 1:
             dist.destroy_process_group()
+
+
+def _attempt_store(rank: int, world_size: int) -> dict:
+    """``init_process_group``'s rendezvous under torchrun: its store, under a prefix of this attempt
+    (``TORCHELASTIC_RESTART_COUNT``). The store outlives an elastic restart, and without the prefix
+    the restarted workers read the addresses their predecessors published and hang connecting to
+    processes that are gone. Elsewhere, the default (``env://``)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not hosted_by_agent and rank == 0,
+    )
+    return dict(store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank, world_size=world_size)
 
 
 class JobRefused(ValueError):

@@ -4,12 +4,13 @@ continuing a run (which run and checkpoint, which flags may change, how the layo
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from . import checkpoint as ckpt
 from .cli import add_moe_backend_argument, coefficient, explicit_arguments, fraction, positive_float, positive_int, seed
-from .files import check_writable_dir
+from .files import check_writable_dir, replace_atomically
 from .models import OBJECTIVES, OVERRIDES, DiTConfig, coerce_override
 from .precision import add_precision_argument
 from .run_lock import RunLock
@@ -262,9 +263,18 @@ def parse_overrides(items: list[str]) -> dict:
 def find_run(args: argparse.Namespace, lock: RunLock, warn: Callable[[str], None]) -> tuple[Path, Path | None]:
     """The run directory, held by ``lock``, and, when resuming, the checkpoint to start from,
     verified against its manifest; a killed save's leftovers are cleared first. Run by the main
-    process alone (``Distributed.on_main``)."""
+    process alone (``Distributed.on_main``).
+
+    A job that torchrun may restart (``--max-restarts``) notes the run it starts; its restarts,
+    which start the workers again with the same arguments, continue that run from its newest
+    intact checkpoint (from the start, if it saved none)."""
     if args.resume is None:
         results = check_writable_dir(args.results_dir, "--results-dir")
+        note = _elastic_note(results)
+        if note is not None and note.is_file() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+            run_dir = results / note.read_text().strip()
+            warn(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']} of this job: continuing {run_dir}")
+            return _hold(run_dir, lock, warn, None, "--results-dir", start_over=True)
         name = args.model.replace("/", "-")
         while True:  # the next free index; mkdir claims it even against a job started alongside
             index = max((int(p.name[:3]) for p in results.iterdir() if p.name[:3].isdigit()), default=-1) + 1
@@ -275,6 +285,8 @@ def find_run(args: argparse.Namespace, lock: RunLock, warn: Callable[[str], None
             except FileExistsError:
                 continue
         lock.acquire(run_dir, LOCK_WAIT, say=warn)
+        if note is not None:
+            replace_atomically(lambda tmp: tmp.write_text(run_dir.name), note)
         return run_dir, None
     path = Path(args.resume)
     if args.resume == "latest":
@@ -287,10 +299,17 @@ def find_run(args: argparse.Namespace, lock: RunLock, warn: Callable[[str], None
     elif not path.is_dir():
         raise ValueError(f"--resume {path}: no such directory (give a checkpoint or run directory, or 'latest')")
     if ckpt.is_step_dir(path):
-        run_dir, checkpoint = path.parent.parent, path
-    else:
-        run_dir, checkpoint = path, None
-    check_writable_dir(run_dir, "--resume")
+        return _hold(path.parent.parent, lock, warn, path, f"--resume {args.resume}")
+    return _hold(path, lock, warn, None, f"--resume {args.resume}")
+
+
+def _hold(
+    run_dir: Path, lock: RunLock, warn: Callable[[str], None], checkpoint: Path | None, flag: str, start_over=False
+) -> tuple[Path, Path | None]:
+    """Hold the existing ``run_dir``, clear what a killed save left, and return it with
+    ``checkpoint`` verified or, without one, its newest intact checkpoint (``None`` with
+    ``start_over`` where it has none; else an error naming ``flag``)."""
+    check_writable_dir(run_dir, flag.split()[0])
     lock.acquire(run_dir, LOCK_WAIT, say=warn)
     for action in ckpt.remove_stale(run_dir / "checkpoints"):
         warn(action)
@@ -299,9 +318,24 @@ def find_run(args: argparse.Namespace, lock: RunLock, warn: Callable[[str], None
         ckpt.checkpoint_config(checkpoint, verified=True)
         return run_dir, checkpoint
     checkpoint = ckpt.latest_intact_checkpoint(run_dir / "checkpoints", warn)
-    if checkpoint is None:
-        raise ValueError(f"--resume {args.resume}: no intact checkpoint in {run_dir / 'checkpoints'}")
+    if checkpoint is None and not start_over:
+        raise ValueError(f"{flag}: no intact checkpoint in {run_dir / 'checkpoints'}")
     return run_dir, checkpoint
+
+
+def _elastic_note(results: Path) -> Path | None:
+    """Where a job torchrun may restart notes the run it started: a file in ``results`` named for
+    the job (the rendezvous id all its agents share, or with torchrun's default rendezvous, its
+    one agent's own directory, the same through its restarts); ``None`` for other jobs."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) == 0:
+        return None
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if job == "none":
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file is None:
+            return None
+        job = Path(error_file).parents[2].name
+    return results / f".elastic-{job}"
 
 
 def fit_layout(args: argparse.Namespace, world_size: int, num_experts: int) -> str | None:
