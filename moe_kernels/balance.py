@@ -21,11 +21,11 @@ from .rules import COEFFICIENT, check_k, check_positive_int
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_counts,
     check_dim,
     check_expert_ids,
     check_same_device,
     check_tensor,
-    values_checkable,
 )
 
 # Rows of a [T, E] table per program, in the gating and statistics kernels.
@@ -164,8 +164,7 @@ def update_selection_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float 
     check_dim("counts", counts, 0, bias.shape[0], "E, the experts of bias")
     check_same_device(bias=bias, counts=counts)
     rate = COEFFICIENT.check("rate", rate)
-    if values_checkable(counts) and bool((counts < 0).any() | ~torch.isfinite(counts.float()).all()):
-        raise ValueError("counts must be finite and non-negative: routed slots per expert")
+    check_counts("counts", counts)
     load = counts.float()
     with torch.no_grad():
         return bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))

@@ -391,11 +391,11 @@ class GatingInputs(NamedTuple):
     k: int
     normalize: bool
     backend: str
-    score: str
-    bias: Tensor | None
-    num_groups: int
-    topk_groups: int
-    scale: float
+    score: str = "softmax"
+    bias: Tensor | None = None
+    num_groups: int = 1
+    topk_groups: int = 1
+    scale: float = 1.0
 
 
 class Gating(NamedTuple):
@@ -440,24 +440,10 @@ topk_gating_apply = differentiable(topk_gating_op, _setup_gating, _backward_gati
 SCORES = ("softmax", "sigmoid")
 
 
-def gating_with_stats(
-    logits: Tensor,
-    *,
-    k: int,
-    normalize: bool,
-    backend: str,
-    score: str = "softmax",
-    bias: Tensor | None = None,
-    num_groups: int = 1,
-    topk_groups: int = 1,
-    scale: float = 1.0,
-) -> Gating:
-    """``topk_gating`` plus the balance-loss statistics ``counts [E]`` and ``prob_sums [E]``.
-
-    Inputs are assumed valid; ``backend`` is already resolved.
-    """
-    args = GatingInputs(logits, k, normalize, backend, score, bias, num_groups, topk_groups, scale)
-    return Gating(*topk_gating_apply(*args))
+def gating_with_stats(inputs: GatingInputs) -> Gating:
+    """``topk_gating`` of ``inputs`` (assumed valid, ``backend`` resolved) plus the balance-loss
+    statistics ``counts [E]`` and ``prob_sums [E]``."""
+    return Gating(*topk_gating_apply(*inputs))
 
 
 def check_routing_options(
@@ -542,7 +528,6 @@ def topk_gating(
             raise ValueError("bias must be finite")
     backend = resolve_backend(backend, logits.device)
     gating = gating_with_stats(
-        logits, k=k, normalize=bool(normalize), backend=backend, score=score, bias=bias, num_groups=num_groups,
-        topk_groups=topk_groups, scale=scale,
-    )  # fmt: skip
+        GatingInputs(logits, k, bool(normalize), backend, score, bias, num_groups, topk_groups, scale)
+    )
     return gating.weights, gating.experts, gating.probs

@@ -69,6 +69,13 @@ def check_expert_ids(name: str, experts: torch.Tensor, num_experts: int) -> None
         raise ValueError(f"{name} holds expert ids in [{low}, {high}], expected ids in [0, {num_experts})")
 
 
+def check_counts(name: str, counts: torch.Tensor) -> None:
+    """Check that every count is finite and non-negative (one host sync; none where values
+    cannot be read)."""
+    if values_checkable(counts) and not bool(((counts >= 0) & torch.isfinite(counts.float())).all()):
+        raise ValueError(f"{name} must be finite and non-negative: routed slots per expert")
+
+
 def check_offsets(offsets: torch.Tensor, num_rows: int) -> None:
     """Check that ``offsets`` is non-decreasing, non-negative and ends at ``num_rows``."""
     if not values_checkable(offsets):

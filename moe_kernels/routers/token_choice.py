@@ -7,7 +7,7 @@ import torch
 from ..balance import CONVENTIONS, loss_from_stats
 from ..dispatch import by_token
 from ..rules import COEFFICIENT, Setting
-from ..topk_gating import check_routing_options, gating_with_stats
+from ..topk_gating import GatingInputs, check_routing_options, gating_with_stats
 from .base import Routed, Router
 
 Tensor = torch.Tensor
@@ -65,8 +65,8 @@ class TokenChoice(Router):
 
     def route(self, tokens: Tensor, logits: Tensor, backend: str) -> Routed:
         gating = gating_with_stats(
-            logits, k=self.top_k, normalize=self.normalize_weights, backend=backend, score=self.score,
-            bias=self.expert_bias, num_groups=self.num_groups, topk_groups=self.topk_groups, scale=self.routed_scale,
+            GatingInputs(logits, self.top_k, self.normalize_weights, backend, self.score, self.expert_bias,
+                         self.num_groups, self.topk_groups, self.routed_scale)
         )  # fmt: skip
 
         def balance_loss() -> Tensor:

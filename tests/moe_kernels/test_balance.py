@@ -7,7 +7,7 @@ import torch
 import moe_kernels as mk
 from moe_kernels import reference
 from moe_kernels.balance import loss_from_stats
-from moe_kernels.topk_gating import gating_with_stats
+from moe_kernels.topk_gating import GatingInputs, gating_with_stats
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, ROUTING_SHAPES
 
 
@@ -21,7 +21,7 @@ def test_update_selection_bias():
 @pytest.mark.parametrize("T,E,k", ROUTING_SHAPES)
 def test_fused_statistics_give_the_balance_loss(backend, T, E, k):
     logits = torch.randn(T, E, device=DEVICE, requires_grad=True)
-    weights, experts, probs, counts, prob_sums = gating_with_stats(logits, k=k, normalize=False, backend=backend)
+    weights, experts, probs, counts, prob_sums = gating_with_stats(GatingInputs(logits, k, False, backend))
     assert torch.equal(counts.long(), torch.bincount(experts.flatten(), minlength=E))
     loss = loss_from_stats(counts, prob_sums, T, k, 0.05)
     ref_logits = logits.detach().clone().requires_grad_()
