@@ -6,7 +6,8 @@
 Each part can run alone (``--parts``), in order:
 
 - ``checks``: every op (forward and gradients) of the ``triton`` backend against
-  ``moe_kernels.reference`` in fp64, in fp32 (IEEE and TF32 products), fp16 and bf16.
+  ``moe_kernels.reference`` in fp64, in fp32 (IEEE and TF32 products), fp16 and bf16, once per
+  design of the row GEMM kernel (``tuning.DESIGNS``: the tiled one, then the persistent TMA one).
 - ``layers``: one MoE FFN layer (router, top-2 gating, SwiGLU experts, weighted combine: ``MoE``
   without shared experts, called as a model calls it) at the paper's shapes
   (``benchmarks.common.PAPER_CASES``) in bf16, forward and forward+backward, for the ``triton``
@@ -16,7 +17,9 @@ Each part can run alone (``--parts``), in order:
   ``torch``'s in the same run; and ``expert-choice``, ``fp8`` (the experts stored in FP8,
   ``MoE.to_fp8``: forward only; at XL/2-8E2A also ``fp8-nmajor``, its weights N-major instead of
   K-major) and ``fp8-train`` (``MoE(precision="fp8")``, FP8 training), the FP8 ones also as a
-  ratio to ``triton``'s; at XL/2-8E2A and S/2-16E2A ``triton-prescaled``, the Triton layer with
+  ratio to ``triton``'s; ``triton-tiled``, the Triton layer with the row GEMMs' tiled design alone
+  (``triton`` autotunes among every design, each launch picking its own: the table written
+  says which won per launch), also as a ratio to ``triton``'s; at XL/2-8E2A and S/2-16E2A ``triton-prescaled``, the Triton layer with
   the backward's dL/dy weighted once for its two GEMMs (``tuning.PRESCALED_BACKWARD``), also as a
   ratio to ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
@@ -76,6 +79,7 @@ from dit.sampling import cuda_graphed, guided
 from moe_kernels import reference, tuning
 from moe_kernels.activations import ACTIVATIONS, projection_width
 from moe_kernels.backend import INTERPRET
+from moe_kernels.fp8 import check_fp8_tensor_cores
 from moe_kernels.grouped_mm import grouped_mm_fp8_torch
 from moe_kernels.tuning import AUTOTUNE, TABLE_ENV, TABLES, TUNED_KERNELS, device_slug, tuned_table, write_table
 
@@ -163,7 +167,7 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
     ):
         compare(f"grouped_mm {name}", a, b)
 
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16) and fp8_unsupported(dev) is None:
         # FP8 experts: the kernel against its exact emulation (they differ in fp32 sum order and
         # the output's rounding), and the FP8 product against the full-precision one (~4%).
         x = torch.randn(int(sizes.sum()), D, device=dev, dtype=dtype)
@@ -244,6 +248,7 @@ BACKEND_OF = {
     "fp8-nmajor": "triton",
     "fp8-train": "triton",
     "triton-prescaled": "triton",
+    "triton-tiled": "triton",
 }
 
 
@@ -276,16 +281,22 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
         if backend == "fp8-nmajor":  # the same weights N-major, as a contiguous checkpoint holds them
             fn.w_in, fn.w_out = fn.w_in.contiguous(), fn.w_out.contiguous()
         fn.requires_grad_(backward)
-    if not backward:
-        return lambda: fn(x)
-    if backend == "triton-prescaled":
+    call = (lambda: fn(x).backward(grad)) if backward else (lambda: fn(x))
+    if backend == "triton-prescaled" and backward:
 
         def prescaled():
             with prescaled_backward():
-                fn(x).backward(grad)
+                call()
 
         return prescaled
-    return lambda: fn(x).backward(grad)
+    if backend == "triton-tiled":
+
+        def tiled():
+            with tuning.use_design("tiled"):
+                call()
+
+        return tiled
+    return call
 
 
 def fresh_model(
@@ -352,7 +363,7 @@ def time_sampling(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
                     row["graph / eager"] = row["cuda_graph ms"] / row["eager ms"]
                 return row
 
-            guarded(report["sampling"], f"{name} | {backend}", measure)
+            guarded(report["sampling"], f"{name} | {backend}", measure, dev)
 
 
 # name: (model, batch); one training step at 256 px (32x32x4 latents, 1000 classes): the official
@@ -402,14 +413,27 @@ def time_training(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
                     ms = bench(training_step(model_name, batch, backend, precision, dev, smoke))
                     return {"step ms": ms, "img/s": batch / ms * 1e3}
 
-                guarded(report["training"], f"{name} {precision} | {backend}", measure)
+                guarded(report["training"], f"{name} {precision} | {backend}", measure, dev)
 
 
-def guarded(section: dict, key: str, measure: Callable[[], dict]) -> None:
-    """``section[key] = measure()``, or the error it raised: one failure must not cost the rest of
-    a short GPU lease. Frees the GPU memory the measurement held."""
+def fp8_unsupported(dev: str) -> str | None:
+    """Why ``dev`` cannot run the FP8 rows (an A100 has no e4m3 tensor cores), or ``None``."""
+    if dev != "cuda":
+        return None
     try:
-        row = measure()
+        check_fp8_tensor_cores(torch.device(dev))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def guarded(section: dict, key: str, measure: Callable[[], dict], dev: str = "cuda") -> None:
+    """``section[key] = measure()``, or the error it raised: one failure must not cost the rest of
+    a short GPU lease; an FP8 row on a GPU without FP8 tensor cores records why it is skipped.
+    Frees the GPU memory the measurement held."""
+    skipped = fp8_unsupported(dev) if "fp8" in key else None
+    try:
+        row = {"skipped": skipped} if skipped else measure()
     except Exception as error:  # noqa: BLE001 - recorded and printed, the run goes on
         row = {"error": f"{type(error).__name__}: {error}"[:1000]}
         traceback.print_exc(limit=-3)
@@ -435,7 +459,10 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
         # lays them out K-major) and the backward with dL/dy weighted once (tuning.PRESCALED_BACKWARD).
         layouts = ("fp8-nmajor",) if smoke or name.startswith("XL/2-8E2A") else ()
         prescaled = ("triton-prescaled",) if smoke or name.startswith(("XL/2-8E2A", "S/2-16E2A")) else ()
-        for backend in ("triton", *prescaled, "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"):
+        designs = ("triton-tiled",)  # "triton" autotunes among every design: each GEMM launch picks its own
+        for backend in (
+            "triton", *designs, *prescaled, "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"
+        ):  # fmt: skip
 
             def measure():
                 row = {}
@@ -452,10 +479,10 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
                 row["TFLOP/s fwd"] = layer_flops(*dims) / row["fwd ms"] / 1e9
                 return row
 
-            guarded(report["timings"], f"{name} | {backend}", measure)
+            guarded(report["timings"], f"{name} | {backend}", measure, dev)
         for base_name, compared in (
-            ("torch", ("triton", *prescaled, "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train")),
-            ("triton", (*prescaled, "fp8", *layouts, "fp8-train")),
+            ("torch", ("triton", *designs, *prescaled, "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train")),
+            ("triton", (*designs, *prescaled, "fp8", *layouts, "fp8-train")),
         ):
             base = report["timings"][f"{name} | {base_name}"]
             for backend in compared:
@@ -494,8 +521,11 @@ def host_ms(fn: Callable[[], object], calls: int = 10) -> float:
 PROFILE_CASES = ("XL/2-8E2A T=16384", "S/2-16E2A T=32768", "XL sampling T=4096")
 
 
-# Dense tensor-core peaks (TFLOP/s) per card, bf16/fp16; FP8 doubles them.
-PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H200": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0}
+# Dense tensor-core peaks (TFLOP/s) per card, bf16/fp16, by a part of its name; FP8 doubles them
+# (the A100 has none).
+PEAK_TFLOPS = {
+    "H100 80GB HBM3": 989.4, "H200": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "A100": 312.0, "B200": 2250.0,
+}  # fmt: skip
 
 
 def gemm_rates(trace, calls: int, smoke: bool) -> dict[str, dict[str, float]]:
@@ -552,7 +582,7 @@ def profile_layers(smoke: bool, dev: str, report: dict, top: int = 12) -> None:
                     | {"gemms": gemm_rates(trace, calls, smoke)}
                 )
 
-            guarded(report["profile"], f"{name} | {backend} fwd+bwd", measure)
+            guarded(report["profile"], f"{name} | {backend} fwd+bwd", measure, dev)
 
 
 FIRST_STEP = ("DiT-MoE-S/2-8E2A", 256, "bf16")
@@ -607,13 +637,16 @@ def summary(report: dict) -> str:
         for label, result in report["checks"].items()
     ]
     for key, row in report["timings"].items():
-        if key.endswith(("triton", "triton-prescaled", "dense-eq")):
+        if key.endswith(("triton", "triton-tiled", "triton-prescaled", "dense-eq")):
             ratios = " ".join(
                 f"{part} {row[f'{part} / torch']:.2f}x"
                 for part in ("fwd", "fwd graph", "fwd+bwd")
                 if f"{part} / torch" in row
             )
             lines.append(f"{key:36s} {ratios or row.get('error', '')}")
+    chosen = [fields.get("TMA") for fields in report.get("autotuned", {}).get("grouped_mm", {}).values()]
+    if chosen:
+        lines.append(f"row GEMM launches tuned: {sum(map(bool, chosen))} of {len(chosen)} chose the persistent design")
     for key, profile in report.get("profile", {}).items():
         for gemm, row in profile.get("gemms", {}).items():
             peak = f" {row['of peak']:.0%} of peak" if "of peak" in row else ""
@@ -685,15 +718,19 @@ def main(argv: list[str] | None = None) -> Path:
         say(f"part {part}")
         if part == "checks":
             # The interpreter's bf16 tl.dot is wrong, so the smoke run checks fp32 only.
-            for label in ("fp32",) if args.smoke else checks:
-                tiny = dict(T=45, D=16, H=24, group_sizes=(0, 7, 1, 0, 12, 5, 9, 3))
-                failures, errors = check(label, dev, **tiny) if args.smoke else check(label)
-                report["checks"][label] = failures or "ok"
-                report["check errors"][label] = errors
-                say(
-                    f"check {label}: {'ok' if not failures else failures} (largest relative error "
-                    f"{max(errors.values()):.1e}, in {max(errors, key=errors.get)})"
-                )
+            # Each design of the row kernel alone: the autotuner (or MOE_KERNELS_AUTOTUNE=0) picks one otherwise.
+            for dtype_label in ("fp32",) if args.smoke else checks:
+                for design in tuning.DESIGNS:
+                    label = dtype_label if design == "tiled" else f"{dtype_label} {design}"
+                    tiny = dict(T=45, D=16, H=24, group_sizes=(0, 7, 1, 0, 12, 5, 9, 3))
+                    with tuning.use_design(design):
+                        failures, errors = check(dtype_label, dev, **tiny) if args.smoke else check(dtype_label)
+                    report["checks"][label] = failures or "ok"
+                    report["check errors"][label] = errors
+                    say(
+                        f"check {label}: {'ok' if not failures else failures} (largest relative error "
+                        f"{max(errors.values()):.1e}, in {max(errors, key=errors.get)})"
+                    )
         elif part == "layers":
             time_layers(args.smoke, dev, bench, report)
         elif part == "profile":

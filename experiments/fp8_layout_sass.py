@@ -40,7 +40,7 @@ def _workload() -> None:
 
 
 def record() -> list[dict]:
-    from benchmarks.hopper_compile import record_launches
+    from benchmarks.gpu_compile import record_launches
 
     return [launch for launch in record_launches(_workload) if launch["kernel"] == "grouped_mm_fp8_kernel"]
 
@@ -52,9 +52,9 @@ def compile_rows(launches: list[dict]) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    from benchmarks.hopper_compile import TARGET_CAPABILITY, disassemble, longest_loop_opcodes, ptxas_report
+    from benchmarks.gpu_compile import TARGETS, disassemble, longest_loop_opcodes, ptxas_report
 
-    target = GPUTarget("cuda", TARGET_CAPABILITY, 32)
+    target = GPUTarget("cuda", TARGETS["sm_90a"][0], 32)
     backend = make_backend(target)
     rows = []
     for launch in launches:

@@ -31,6 +31,8 @@ conversion is exact. The GPU's conversion rounds the same way on its own.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -45,6 +47,23 @@ BLOCK = 128
 BLOCKS = (16, 32, 64, 128, 256)
 # E4M3_MAX for the kernels, which read globals only as compile-time constants.
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
+
+
+# The first GPUs with e4m3 tensor cores: Ada (8.9), then Hopper (9.0) and Blackwell (10.0).
+FP8_CAPABILITY = (8, 9)
+
+
+@functools.cache
+def check_fp8_tensor_cores(device: torch.device) -> None:
+    """``ValueError`` naming the GPU unless ``device`` has FP8 tensor cores (an A100, 8.0, has
+    none: Triton cannot compile e4m3 products for it). The PyTorch path (``backend="torch"``)
+    emulates FP8 on any device."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
+        name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"FP8 GEMMs need FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell); {name} is "
+            f"{major}.{minor}: train and sample in bf16 on it, or emulate FP8 with backend='torch'"
+        )
 
 
 def check_block(block: object) -> int:

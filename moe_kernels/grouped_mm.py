@@ -21,9 +21,10 @@ import triton
 
 from .activations import Glu, split_activation
 from .backend import INTERPRET, resolve_backend
-from .fp8 import BLOCK, FP8, check_quantized, dequantize_fp8, quantize_rows_fp8
+from .fp8 import BLOCK, FP8, check_fp8_tensor_cores, check_quantized, dequantize_fp8, quantize_rows_fp8
 from .grouped_mm_kernels import grouped_mm_fp8_kernel, grouped_mm_kernel, grouped_wgrad_kernel
 from .library import custom_op, differentiable
+from .tuning import has_tma, persistent_programs, tma_ready
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
 
@@ -42,6 +43,23 @@ def _annotated(kernel: str, flops: int, **sizes: int) -> contextlib.AbstractCont
         return contextlib.nullcontext()
     named = " ".join(f"{key}={value}" for key, value in sizes.items())
     return torch.profiler.record_function(f"moe_kernels.{kernel} {named} flops={flops}")
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _allow_descriptors() -> None:
+    """Give Triton the allocator its on-device TMA descriptors need (the persistent design builds
+    them in global scratch memory), unless the caller set one. Triton keeps it per thread, and
+    the backward runs on autograd's threads: set it before each launch."""
+    if isinstance(triton.runtime._allocation._allocator.get(), triton.runtime._allocation.NullAllocator):
+        triton.set_allocator(_descriptor_scratch)
+
+
+def _rows_tma_ready(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor over the rows of the 2-D ``t`` can read it, on its device."""
+    return t.stride(1) == 1 and tma_ready(t) and has_tma(t.device)
 
 
 def _launch_rows(
@@ -93,13 +111,23 @@ def _launch_rows(
     )  # fmt: skip
 
     def grid(meta):
-        return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(num_cols, meta["BLOCK_N"]),)
+        tiles = (triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(num_cols, meta["BLOCK_N"])
+        return (min(tiles, persistent_programs(a.device)) if meta.get("TMA") else tiles,)
 
+    if b_scale is not None:
+        check_fp8_tensor_cores(a.device)
     products = 2 if gate is not None and epilogue == "act" else 1  # a GLU's gate and up projections
     kernel = f"grouped_mm{'_fp8' if b_scale is not None else ''}[{epilogue}]"
     with _annotated(kernel, 2 * num_rows * num_cols * K * products, rows=num_rows, N=num_cols * products, K=K):
         if b_scale is None:
-            grouped_mm_kernel[grid](*pointers, *sizes, *strides, **options, PRECISION=_precision(a.dtype))
+            _allow_descriptors()
+            # A TMA box starts 16-byte aligned along the contiguous dim: a GLU's up half, at column N, too.
+            up_aligned = products == 1 or num_cols * b.element_size() % 16 == 0
+            grouped_mm_kernel[grid](
+                *pointers, *sizes, *strides, a.shape[0], **options, PRECISION=_precision(a.dtype),
+                A_TMA=a_rows is None and _rows_tma_ready(a),
+                B_TMA=tma_ready(b) and has_tma(b.device) and up_aligned, B_TRANSPOSED=b.stride(2) != 1,
+            )  # fmt: skip
         else:
             grouped_mm_fp8_kernel[grid](
                 *pointers, b_scale, *sizes, *strides, *b_scale.stride(), **options, EXACT_CAST=INTERPRET
@@ -257,6 +285,7 @@ def grouped_mm_wgrad(
 
     rows = a.shape[0] if a_rows is None else a_rows.shape[0]
     unused = offsets
+    _allow_descriptors()
     with _annotated("grouped_wgrad", 2 * rows * K * N, rows=rows, N=N, K=K):
         grouped_wgrad_kernel[grid](
             a,
@@ -280,23 +309,17 @@ def grouped_mm_wgrad(
             c.stride(1),
             c.stride(2),
             0 if summed is None else summed.stride(0),
+            a.shape[0],
+            b.shape[0],
             GATHER_A=a_rows is not None,
             GATHER_B=b_rows is not None,
             SCALE=scale is not None,
             BIAS_GRAD=bias_grad,
             PRECISION=_precision(a.dtype),
+            A_TMA=K > 0 and a_rows is None and _rows_tma_ready(a),
+            B_TMA=b_rows is None and _rows_tma_ready(b),
         )
     return c, None if summed is None else summed.to(out_dtype)
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    # torch._grouped_mm wants one of the last two dims contiguous (the last, or the one before
-    # for a transposed matrix), 16-byte aligned data and every other stride a multiple of 16
-    # bytes (so no broadcast, stride-0 dims). A width of 1 makes the row stride 1 element.
-    size, strides = t.element_size(), t.stride()
-    inner = t.dim() - 1 if strides[-1] == 1 else t.dim() - 2
-    others = (s for d, s in enumerate(strides) if d != inner)
-    return t.data_ptr() % 16 == 0 and strides[inner] == 1 and all(s != 0 and s * size % 16 == 0 for s in others)
 
 
 def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -307,7 +330,7 @@ def grouped_mm_torch(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
     """``torch._grouped_mm(a [M, K], b [E, K, N])``, padding K and N where its alignment rules demand."""
     if a.shape[1] == 0 or b.shape[2] == 0:  # an empty product, which torch._grouped_mm rejects
         return a.new_zeros((a.shape[0], b.shape[2]))
-    if not (_aligned(a) and _aligned(b)):
+    if not (tma_ready(a) and tma_ready(b)):
         multiple = 16 // a.element_size()
         N = b.shape[2]
         a = _pad_last(a, multiple).contiguous()
@@ -334,7 +357,7 @@ def grouped_mm_wgrad_torch(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tens
     K, N = a.shape[1], b.shape[1]
     if K == 0 or N == 0:
         return a.new_zeros((offsets.shape[0], K, N))
-    if not (_aligned(a.t()) and _aligned(b)):
+    if not (tma_ready(a.t()) and tma_ready(b)):
         multiple = 16 // a.element_size()
         a, b = _pad_last(a, multiple).contiguous(), _pad_last(b, multiple).contiguous()
         return torch._grouped_mm(a.t(), b, offs=offsets)[:, :K, :N].contiguous()

@@ -4,7 +4,8 @@
 * ``grouped_mm_kernel`` tiles each group's rows into ``BLOCK_M`` tiles. The tile-to-group map
   is computed inside the kernel from ``offsets``, and the grid is sized from the host-known bound
   ``cdiv(M, BLOCK_M) + E`` tiles, so nothing is read back to the host and an empty group costs
-  nothing but idle programs. Options fuse the MoE data movement into the GEMM: a row gather in
+  nothing but idle programs; or, in its TMA design, one program per SM walks the same
+  schedule, loading the weights (and expert-major rows) by TMA. Options fuse the MoE data movement into the GEMM: a row gather in
   the A load (no permuted copy of the tokens), a per-row scale, the activation (and the store of
   its input for the backward pass) or the activation's gradient in the epilogue, and a row
   scatter in the store.
@@ -38,16 +39,21 @@ from .tuning import (
 
 
 @triton.jit
-def _group_of_tile(offsets_ptr, tile, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Map a row tile to ``(group, first row, row end)``; ``group >= E`` past the last tile."""
+def _tile_schedule(offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Each group's first row, row end and last row tile + 1 (``[BLOCK_E]``, zero rows past E):
+    the grouped tile schedule, built on the device from ``offsets``."""
     groups = tl.arange(0, BLOCK_E)
     ends = tl.load(offsets_ptr + groups, mask=groups < E, other=0).to(tl.int32)
     starts = tl.load(offsets_ptr + groups - 1, mask=(groups > 0) & (groups < E), other=0).to(tl.int32)
-    tiles = tl.cdiv(ends - starts, BLOCK_M)
-    tile_ends = tl.cumsum(tiles, axis=0)
+    return starts, ends, tl.cumsum(tl.cdiv(ends - starts, BLOCK_M), axis=0)
+
+
+@triton.jit
+def _locate_tile(tile, starts, ends, tile_ends, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tile ``tile`` of a schedule: ``(group, first row, row end)``; ``group >= E`` past the last tile."""
     group = tl.sum((tile_ends <= tile).to(tl.int32), axis=0)
-    this = groups == group
-    first_tile = tl.sum(tl.where(this, tile_ends - tiles, 0), axis=0)
+    this = tl.arange(0, BLOCK_E) == group
+    first_tile = tl.sum(tl.where(this, tile_ends - tl.cdiv(ends - starts, BLOCK_M), 0), axis=0)
     row_start = tl.sum(tl.where(this, starts, 0), axis=0) + (tile - first_tile) * BLOCK_M
     return group, row_start, tl.sum(tl.where(this, ends, 0), axis=0)
 
@@ -69,7 +75,8 @@ def _row_tile(offsets_ptr, a_rows_ptr, N, E, GATHER_A: tl.constexpr, BLOCK_M: tl
     masks, and the rows of ``a`` it reads."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
-    group, row_start, row_end = _group_of_tile(offsets_ptr, pid // num_n, E, BLOCK_M, BLOCK_E)
+    starts, ends, tile_ends = _tile_schedule(offsets_ptr, E, BLOCK_M, BLOCK_E)
+    group, row_start, row_end = _locate_tile(pid // num_n, starts, ends, tile_ends, BLOCK_M, BLOCK_E)
     rm = row_start + tl.arange(0, BLOCK_M)
     rn = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < row_end
@@ -121,6 +128,16 @@ def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, 
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _load_b(b_desc, group, k0, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, B_TRANSPOSED: tl.constexpr):
+    """The ``BLOCK_K x BLOCK_N`` tile of ``b[group]`` at ``(k0, n0)`` through its TMA descriptor;
+    a K-contiguous b (the transposed weights of the input gradient) is loaded as its
+    ``BLOCK_N x BLOCK_K`` tile and read transposed, as the MMA reads shared memory either way."""
+    if B_TRANSPOSED:
+        return b_desc.load([group, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+    return b_desc.load([group, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+
+
 @autotuned("grouped_mm", ROW_CONFIGS, ROW_KEYS, row_candidates)
 @triton.jit
 def grouped_mm_kernel(
@@ -152,6 +169,7 @@ def grouped_mm_kernel(
     stride_pn,
     stride_bias_e,
     stride_bias_n,
+    A_ROWS,
     # Options
     EPILOGUE: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -168,11 +186,15 @@ def grouped_mm_kernel(
     SCALE: tl.constexpr,
     BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
-    # Tiles
+    A_TMA: tl.constexpr,
+    B_TMA: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr,
+    # Tiles, and the design (``tuning.DESIGNS``): tiled, or TMA (persistent, with TMA loads)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """``c[rows] = epilogue(a[rows] @ b[group] + bias[group])`` for one ``BLOCK_M x BLOCK_N`` tile.
 
@@ -183,32 +205,89 @@ def grouped_mm_kernel(
     STORE_PREACT the pre-activation (both halves) is written to preact.
     EPILOGUE "act_grad": acc is dL/d(act output) (times the row scale); preact holds the saved
     pre-activation; c = dL/d(pre-activation), 2N columns wide with GLU.
-    """
-    group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
-        offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
-    )
-    if group >= E:
-        return
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + group.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = rk < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if GLU and EPILOGUE == "act":
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
 
-    _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
-              preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
-              EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT,
-              SCATTER_C, SCALE, BIAS)  # fmt: skip
+    Two designs, a config's choice (``tuning``), so that the autotuner times them side by side:
+    one program per tile of the host-known bound, with pointer loads; or TMA: one program
+    per SM walking the grouped tile schedule from tile ``program_id`` in steps of the grid (no
+    program idles on an empty group's slots, and the tile count needs no host sync), b read
+    through a TMA descriptor over ``[E, K, width]`` (with B_TRANSPOSED, a K-contiguous b such as
+    the input gradient's transposed weights, over ``[E, width, K]``, each tile read transposed),
+    whose bounds zero what lies past K and past the width. B_TMA says the launcher found b
+    readable by TMA. With A_TMA (not gathered, rows 16-byte aligned) a is read through a
+    descriptor over its ``[A_ROWS, K]`` rows too: a tile's rows past its group are the next
+    group's, and the epilogue's row mask drops them. Gathered rows keep pointer loads (Hopper's
+    TMA has no gather).
+    """
+    if TMA:
+        tl.static_assert(B_TMA, "the TMA design reads b by TMA: its pruning keeps it from other launches")
+        starts, ends, tile_ends = _tile_schedule(offsets_ptr, E, BLOCK_M, BLOCK_E)
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = tl.max(tile_ends, axis=0) * num_n
+        width = N * 2 if GLU and EPILOGUE == "act" else N
+        if B_TRANSPOSED:
+            b_desc = tl.make_tensor_descriptor(
+                b_ptr, shape=[E, width, K], strides=[stride_be, stride_bn, 1], block_shape=[1, BLOCK_N, BLOCK_K]
+            )
+        else:
+            b_desc = tl.make_tensor_descriptor(
+                b_ptr, shape=[E, K, width], strides=[stride_be, stride_bk, 1], block_shape=[1, BLOCK_K, BLOCK_N]
+            )
+        if A_TMA:
+            a_desc = tl.make_tensor_descriptor(
+                a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
+            )
+        rk = tl.arange(0, BLOCK_K)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            group, row_start, row_end = _locate_tile(tile // num_n, starts, ends, tile_ends, BLOCK_M, BLOCK_E)
+            n0 = (tile % num_n) * BLOCK_N
+            rm = row_start + tl.arange(0, BLOCK_M)
+            rn = n0 + tl.arange(0, BLOCK_N)
+            row_ok = rm < row_end
+            col_ok = rn < N
+            a_ptrs = a_ptr + _rows(a_rows_ptr, rm, row_ok, GATHER_A)[:, None] * stride_am + rk[None, :] * stride_ak
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if A_TMA:
+                    a = a_desc.load([row_start, k0])
+                else:
+                    a = tl.load(a_ptrs, mask=row_ok[:, None] & (rk < K - k0)[None, :], other=0.0)
+                    a_ptrs += BLOCK_K * stride_ak
+                acc = tl.dot(a, _load_b(b_desc, group, k0, n0, BLOCK_K, BLOCK_N, B_TRANSPOSED), acc,
+                             input_precision=PRECISION)  # fmt: skip
+                if GLU and EPILOGUE == "act":
+                    b_up = _load_b(b_desc, group, k0, n0 + N, BLOCK_K, BLOCK_N, B_TRANSPOSED)
+                    acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
+                      preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e,
+                      stride_bias_n, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP,
+                      STORE_PREACT, SCATTER_C, SCALE, BIAS)  # fmt: skip
+    else:
+        group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
+            offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
+        )
+        if group >= E:
+            return
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = b_ptr + group.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = rk < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if GLU and EPILOGUE == "act":
+                b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
+                  preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
+                  EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT,
+                  SCATTER_C, SCALE, BIAS)  # fmt: skip
 
 
 @autotuned("grouped_mm_fp8", FP8_CONFIGS, FP8_KEYS, fp8_candidates)
@@ -326,6 +405,48 @@ def _wgrad_rows(
     return a_rows, b_rows, scales
 
 
+@triton.jit
+def _wgrad_tma_step(acc, bias_acc, m0, row_end, k0, n0, a_src, b_src, a_rows_ptr, b_rows_ptr, scale_ptr,
+                    scale_rows_ptr, rk, rn, k_ok, n_ok, stride_am, stride_ak, stride_bm, stride_bn, sums_bias,
+                    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+                    SCALE: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr):  # fmt: skip
+    """One reduction step of ``grouped_wgrad_kernel``'s TMA design: rows ``m0 + [0, BLOCK_M)``,
+    each operand read by TMA (``a_src``/``b_src`` a descriptor) or by pointer loads (a pointer,
+    rows gathered or not). A TMA tile runs past the group into the next group's rows; the TAIL
+    step (the group's last, partial tile) zeroes those rows of a, which drops their products."""
+    rm = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rm < row_end
+    if A_TMA:
+        a = a_src.load([m0, k0])
+        if TAIL:
+            a = tl.where(row_ok[:, None], a, tl.zeros_like(a))
+    else:
+        a_rows = _rows(a_rows_ptr, rm, row_ok, GATHER_A)
+        a_ptrs = a_src + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    if B_TMA:
+        b = b_src.load([m0, n0])
+    else:
+        b_rows = _rows(b_rows_ptr, rm, row_ok, GATHER_B)
+        b = tl.load(
+            b_src + b_rows[:, None] * stride_bm + rn[None, :] * stride_bn,
+            mask=row_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+    if SCALE:
+        slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
+        scales = tl.load(scale_ptr + slots, mask=row_ok, other=0.0)
+    if sums_bias:
+        summed = tl.where(row_ok[:, None], b.to(tl.float32), 0.0)
+        if SCALE:
+            summed = summed * scales[:, None]
+        bias_acc += tl.sum(summed, axis=0)
+    if SCALE:
+        a = (a * scales[:, None]).to(b.dtype)
+    return tl.dot(tl.trans(a), b, acc, input_precision=PRECISION), bias_acc
+
+
 @autotuned("grouped_wgrad", WGRAD_CONFIGS, WGRAD_KEYS, wgrad_candidates)
 @triton.jit
 def grouped_wgrad_kernel(
@@ -353,16 +474,21 @@ def grouped_wgrad_kernel(
     stride_ck,
     stride_cn,
     stride_db_e,
+    A_ROWS,
+    B_ROWS,
     # Options
     GATHER_A: tl.constexpr,
     GATHER_B: tl.constexpr,
     SCALE: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr,
-    # Tiles: BLOCK_K x BLOCK_N of the output, BLOCK_M rows of reduction per step
+    A_TMA: tl.constexpr,
+    B_TMA: tl.constexpr,
+    # Tiles: BLOCK_K x BLOCK_N of the output, BLOCK_M rows of reduction per step; the design
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """``c[e] = (scale * a[rows of e])^T @ b[rows of e]`` for one ``BLOCK_K x BLOCK_N`` tile of ``c[e]``.
 
@@ -375,6 +501,14 @@ def grouped_wgrad_kernel(
     step's MMA (Triton 3.6 and 3.9; ``benchmarks/results/sm_90a_compile/`` shows the buffers).
     The scale multiplies the A tile, which Hopper's MMA reads from registers: scaled there, it
     needs no trip back through shared memory, as a scaled B tile does.
+
+    The TMA design (``tuning.DESIGNS``) reads a (with A_TMA) and b (with B_TMA: each not
+    gathered, rows 16-byte aligned, on a GPU with TMA) through TMA descriptors over their rows
+    instead; a gathered operand keeps pointer loads. Its loop runs over the group's full row
+    tiles unmasked, then one masked step for the partial tile (``_wgrad_tma_step``). A tile by
+    TMA past the group reads the next group's rows, whose products a's zeroed rows drop: where
+    only b is read by TMA, a non-finite value in those rows of b would still make this group's
+    gradient NaN (0 x inf), which only a step whose gradients already overflowed can hold.
     """
     num_k = tl.cdiv(tl.maximum(K, 1), BLOCK_K)  # one K tile when K == 0, to sum the bias gradient
     num_n = tl.cdiv(N, BLOCK_N)
@@ -390,34 +524,64 @@ def grouped_wgrad_kernel(
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sums_bias = BIAS_GRAD and pid_k == 0  # one K tile's programs sum the bias gradient, once
-    rm = row_start + tl.arange(0, BLOCK_M)
-    a_rows, b_rows, scales = _wgrad_rows(
-        rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr, GATHER_A, GATHER_B, SCALE
-    )
-    for m0 in range(row_start, row_end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rm < row_end
-        a = tl.load(
-            a_ptr + a_rows[None, :] * stride_am + rk[:, None] * stride_ak,
-            mask=k_ok[:, None] & row_ok[None, :],
-            other=0.0,
+    if TMA:
+        tl.static_assert(
+            A_TMA or B_TMA, "the TMA design reads an operand by TMA: its pruning keeps it from other launches"
         )
-        b = tl.load(
-            b_ptr + b_rows[:, None] * stride_bm + rn[None, :] * stride_bn,
-            mask=row_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        if sums_bias:
-            if SCALE:
-                bias_acc += tl.sum(b.to(tl.float32) * scales[:, None], axis=0)
-            else:
-                bias_acc += tl.sum(b.to(tl.float32), axis=0)
-        if SCALE:
-            a = (a * scales[None, :]).to(b.dtype)
+        a_src = a_ptr
+        b_src = b_ptr
+        if A_TMA:
+            a_src = tl.make_tensor_descriptor(
+                a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
+            )
+        if B_TMA:
+            b_src = tl.make_tensor_descriptor(
+                b_ptr, shape=[B_ROWS, N], strides=[stride_bm, 1], block_shape=[BLOCK_M, BLOCK_N]
+            )
+        k0 = pid_k * BLOCK_K
+        n0 = (pid % num_n) * BLOCK_N
+        full_end = row_start + (row_end - row_start) // BLOCK_M * BLOCK_M
+        for m0 in range(row_start, full_end, BLOCK_M):
+            acc, bias_acc = _wgrad_tma_step(
+                acc, bias_acc, m0, row_end, k0, n0, a_src, b_src, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr,
+                rk, rn, k_ok, n_ok, stride_am, stride_ak, stride_bm, stride_bn, sums_bias, GATHER_A, GATHER_B,
+                A_TMA, B_TMA, SCALE, False, PRECISION, BLOCK_M,
+            )  # fmt: skip
+        if full_end < row_end:
+            acc, bias_acc = _wgrad_tma_step(
+                acc, bias_acc, full_end, row_end, k0, n0, a_src, b_src, a_rows_ptr, b_rows_ptr, scale_ptr,
+                scale_rows_ptr, rk, rn, k_ok, n_ok, stride_am, stride_ak, stride_bm, stride_bn, sums_bias, GATHER_A,
+                GATHER_B, A_TMA, B_TMA, SCALE, True, PRECISION, BLOCK_M,
+            )  # fmt: skip
+    else:
+        rm = row_start + tl.arange(0, BLOCK_M)
         a_rows, b_rows, scales = _wgrad_rows(
-            rm + BLOCK_M, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr, GATHER_A, GATHER_B, SCALE
+            rm, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr, GATHER_A, GATHER_B, SCALE
         )
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rm < row_end
+            a = tl.load(
+                a_ptr + a_rows[None, :] * stride_am + rk[:, None] * stride_ak,
+                mask=k_ok[:, None] & row_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b_ptr + b_rows[:, None] * stride_bm + rn[None, :] * stride_bn,
+                mask=row_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if sums_bias:
+                if SCALE:
+                    bias_acc += tl.sum(b.to(tl.float32) * scales[:, None], axis=0)
+                else:
+                    bias_acc += tl.sum(b.to(tl.float32), axis=0)
+            if SCALE:
+                a = (a * scales[None, :]).to(b.dtype)
+            a_rows, b_rows, scales = _wgrad_rows(
+                rm + BLOCK_M, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr, GATHER_A, GATHER_B, SCALE
+            )
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     c_ptrs = c_ptr + group.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
     if sums_bias:

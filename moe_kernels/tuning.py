@@ -19,11 +19,12 @@ table instead (one made on your GPU by ``write_table``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -46,8 +47,17 @@ AUTOTUNE = os.environ.get("MOE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("
 
 
 # Bytes of shared memory one block may use on Hopper (227 KiB): the autotuner's candidates are
-# pruned to those whose software pipeline fits, rather than compiled only to fail at launch.
+# pruned to those whose software pipeline fits, rather than compiled only to fail at launch. A
+# GPU says its own (an A100: 163 KiB); Hopper's serves where none is asked (the interpreter).
 SHARED_MEMORY_LIMIT = 232448
+
+
+@functools.cache
+def shared_memory_limit(device: torch.device) -> int:
+    """The shared memory one block may use on ``device``."""
+    if device.type != "cuda":
+        return SHARED_MEMORY_LIMIT
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def pipeline_size(config: triton.Config) -> int:
@@ -57,13 +67,20 @@ def pipeline_size(config: triton.Config) -> int:
     return config.num_stages * (m * k + k * n)
 
 
-def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    """The autotuner's candidates: ``gpu`` (only its smallest with ``MOE_KERNELS_AUTOTUNE=0``),
-    or under the interpreter, which cannot benchmark and runs every program in Python, the single
-    small ``interpreter`` config."""
+def autotune_configs(gpu: list[triton.Config], interpreter: list[triton.Config]) -> list[triton.Config]:
+    """The autotuner's candidates: ``gpu`` (with ``MOE_KERNELS_AUTOTUNE=0``, only the smallest
+    of each design), or under the interpreter, which cannot benchmark and runs every program in
+    Python, the small ``interpreter`` configs (one per design; the pruning keeps one)."""
     if INTERPRET:
-        return [interpreter]
-    return gpu if AUTOTUNE else [min(gpu, key=pipeline_size)]
+        return interpreter
+    return gpu if AUTOTUNE else smallest_of_each_design(gpu)
+
+
+def smallest_of_each_design(configs: list[triton.Config]) -> list[triton.Config]:
+    """The config with the smallest pipeline of each design among ``configs``: the ones that fit
+    in shared memory for every dtype."""
+    designs = dict.fromkeys(design_of(c) for c in configs)
+    return [min((c for c in configs if design_of(c) == design), key=pipeline_size) for design in designs]
 
 
 def config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
@@ -72,21 +89,117 @@ def config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) ->
     )
 
 
-INTERPRETER_CONFIG = config(32, 32, 32, 4, 1)
+def designed(config: triton.Config, design: str) -> triton.Config:
+    """``config`` as a GEMM kernel config of ``design`` (one of ``DESIGNS``): the row kernel
+    reads it as PERSISTENT, the weight-gradient kernel as TMA."""
+    config.kwargs["TMA"] = design == "tma"
+    return config
+
+
+def design_of(config: triton.Config) -> str:
+    return "tma" if config.kwargs.get("TMA") else "tiled"
+
+
+# The grouped GEMM kernels' designs: "tiled", the design the first GPU run timed (one program per
+# output tile, pointer loads), and "tma", the design of the fastest published MoE kernels: the
+# operands that are contiguous per group (the weights, expert-major rows) loaded by TMA and, in
+# the row kernel, one program per SM walking the tile schedule (persistent). Both are autotune
+# candidates, so the autotuner (and the table it writes) picks per launch.
+# ``MOE_KERNELS_DESIGN=tiled|tma`` keeps one (a correctness run of one design, or the GPU check
+# timing each alone); under the interpreter and with ``MOE_KERNELS_AUTOTUNE=0`` the tiled one
+# serves unless it says otherwise.
+DESIGNS = ("tiled", "tma")
+DESIGN = os.environ.get("MOE_KERNELS_DESIGN", "").strip().lower() or None
+if DESIGN not in (None, *DESIGNS):
+    raise ValueError(f"MOE_KERNELS_DESIGN={DESIGN!r}: expected one of {DESIGNS}, or unset (the autotuner picks)")
+DESIGNED_KERNELS = ("grouped_mm", "grouped_wgrad")
+
+
+def by_design(configs: list[triton.Config], tma: bool) -> list[triton.Config]:
+    """The configs of the designs in play (``DESIGN``): the TMA one only where the launch has an
+    operand TMA can read (``tma``: ``tma_ready`` on a GPU that ``has_tma``; an A100 would
+    emulate the descriptors with pointer loads), and only the tiled one where nothing is
+    benchmarked."""
+    wanted = [DESIGN] if DESIGN else list(DESIGNS) if AUTOTUNE and not INTERPRET else ["tiled"]
+    if not tma:
+        wanted = ["tiled"]
+    return [c for c in configs if design_of(c) in wanted] or [c for c in configs if design_of(c) == "tiled"]
+
+
+@contextlib.contextmanager
+def use_design(design: str | None) -> Iterator[None]:
+    """Only ``design``'s configs of the GEMM kernels (None: every design) for the duration, as
+    ``MOE_KERNELS_DESIGN`` would. The autotuners' choices are kept per design: those made
+    outside are set aside and restored, and those made inside serve the next time it is used."""
+    global DESIGN
+    if design not in (None, *DESIGNS):
+        raise ValueError(f"design must be one of {DESIGNS} or None, got {design!r}")
+    kernels = [TUNED_KERNELS[name] for name in DESIGNED_KERNELS]
+    outer = DESIGN
+    for kernel in kernels:
+        _CHOICES[kernel, outer] = dict(kernel.cache)
+        kernel.cache.clear()
+        kernel.cache.update(_CHOICES.get((kernel, design), {}))
+    DESIGN = design
+    try:
+        yield
+    finally:
+        DESIGN = outer
+        for kernel in kernels:
+            _CHOICES[kernel, design] = dict(kernel.cache)
+            kernel.cache.clear()
+            kernel.cache.update(_CHOICES[kernel, outer])
+
+
+# The GEMM autotuners' choices per design in play, while ``use_design`` holds another.
+_CHOICES: dict[tuple[triton.runtime.Autotuner, str | None], dict] = {}
+
+
+@functools.cache
+def has_tma(device: torch.device) -> bool:
+    """Whether ``device`` has TMA (Hopper and newer); the interpreter emulates it."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can read ``t``: 16-byte aligned data, one of its last two dims
+    contiguous (the last, or the one before for a transposed matrix), every other stride a
+    nonzero multiple of 16 bytes. ``torch._grouped_mm`` asks the same of its operands."""
+    size, strides = t.element_size(), t.stride()
+    inner = t.dim() - 1 if strides[-1] == 1 else t.dim() - 2
+    others = (s for d, s in enumerate(strides) if d != inner)
+    return t.data_ptr() % 16 == 0 and strides[inner] == 1 and all(s != 0 and s * size % 16 == 0 for s in others)
+
+
+@functools.cache
+def persistent_programs(device: torch.device) -> int:
+    """The persistent design's grid: one program per SM (three under the interpreter, so that
+    its tests see programs walk several tiles)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 # Candidates for Hopper-class GPUs, as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 # Row kernel: BLOCK_M rows x BLOCK_N columns, BLOCK_K reduction. The BLOCK_K=32 ones are for
 # fp32 (TF32), whose 64-wide K steps leave room in shared memory for little more than 64x64
-# tiles once a GLU loads two B tiles; ``row_candidates`` picks per launch.
+# tiles once a GLU loads two B tiles; ``row_candidates`` picks per launch. The persistent design
+# is tried at the larger tiles, which fill an SM's tensor cores.
 ROW_GPU_CONFIGS = [
-    config(*c)
+    designed(config(*c), "tiled")
     for c in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
               (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)]
+] + [
+    designed(config(*c), "tma")
+    for c in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+              (128, 128, 32, 8, 3)]
 ]  # fmt: skip
 # Weight-gradient kernel: BLOCK_K x BLOCK_N output tile, BLOCK_M rows of reduction per step.
 # A step of 64 (often gathered) rows is short next to a load's latency: the 4-stage config keeps
 # three steps of copies in flight.
 WGRAD_GPU_CONFIGS = [
-    config(*c)
+    designed(config(*c), design)
+    for design in DESIGNS
     for c in [(64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3),
               (64, 64, 64, 4, 4)]
 ]  # fmt: skip
@@ -97,21 +210,21 @@ WGRAD_GPU_CONFIGS = [
 FP8_GPU_CONFIGS = [
     config(*c) for c in [(128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 64, 128, 4, 4)]
 ]
-ROW_CONFIGS = autotune_configs(ROW_GPU_CONFIGS, INTERPRETER_CONFIG)
-FP8_CONFIGS = autotune_configs(FP8_GPU_CONFIGS, config(32, 32, 128, 4, 1))
-WGRAD_CONFIGS = autotune_configs(WGRAD_GPU_CONFIGS, INTERPRETER_CONFIG)
+ROW_CONFIGS = autotune_configs(ROW_GPU_CONFIGS, [designed(config(32, 32, 32, 4, 1), design) for design in DESIGNS])
+FP8_CONFIGS = autotune_configs(FP8_GPU_CONFIGS, [config(32, 32, 128, 4, 1)])
+WGRAD_CONFIGS = autotune_configs(WGRAD_GPU_CONFIGS, [designed(config(32, 32, 32, 4, 1), design) for design in DESIGNS])
 
 
 def _candidates(
-    configs: list[triton.Config], element_size: int, precision: str, pipeline, outputs
+    configs: list[triton.Config], element_size: int, precision: str, pipeline, outputs, limit: int
 ) -> list[triton.Config]:
     """The configs worth compiling for one launch: those whose pipeline (``pipeline(config)``
-    elements) fits in shared memory and, for fp32 with IEEE products, which run on CUDA cores,
+    elements) fits in the ``limit`` bytes of shared memory and, for fp32 with IEEE products, which run on CUDA cores,
     those of at most 64x64 outputs per tile (``outputs(config)``): ptxas spills tens of KB per thread
     above that. The smallest config if none qualifies."""
 
     def worth(config: triton.Config) -> bool:
-        fits = pipeline(config) * element_size <= SHARED_MEMORY_LIMIT
+        fits = pipeline(config) * element_size <= limit
         cuda_cores = element_size == 4 and precision == "ieee"
         return fits and (not cuda_cores or outputs(config) <= 64 * 64)
 
@@ -120,17 +233,19 @@ def _candidates(
 
 def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The row kernel's candidates (``early_config_prune``): the GLU forward loads two B tiles per
-    K step, and a K step narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps."""
+    K step, and a K step narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps; the
+    designs in play are ``by_design``'s."""
     size = named_args["a_ptr"].element_size()
+    configs = by_design(configs, kwargs["B_TMA"])
     b_tiles = 2 if kwargs["GLU"] and kwargs["EPILOGUE"] == "act" else 1
     configs = [c for c in configs if c.kwargs["BLOCK_K"] * size >= 128] or configs
 
     def pipeline(c: triton.Config) -> int:
         return c.num_stages * (c.kwargs["BLOCK_M"] + b_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
 
-    return _candidates(
-        configs, size, kwargs["PRECISION"], pipeline, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
-    )
+    outputs = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
+    limit = shared_memory_limit(named_args["a_ptr"].device)
+    return _candidates(configs, size, kwargs["PRECISION"], pipeline, outputs, limit)
 
 
 def fp8_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -145,28 +260,26 @@ def fp8_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 def wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The weight-gradient kernel's candidates (``early_config_prune``): each step loads a
-    BLOCK_M x BLOCK_K tile of a and a BLOCK_M x BLOCK_N tile of b into a BLOCK_K x BLOCK_N tile."""
+    BLOCK_M x BLOCK_K tile of a and a BLOCK_M x BLOCK_N tile of b into a BLOCK_K x BLOCK_N tile;
+    the designs in play are ``by_design``'s."""
 
     def pipeline(c: triton.Config) -> int:
         return c.num_stages * c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_N"])
 
-    return _candidates(
-        configs,
-        named_args["a_ptr"].element_size(),
-        kwargs["PRECISION"],
-        pipeline,
-        lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"],
-    )
+    a = named_args["a_ptr"]
+    configs = by_design(configs, kwargs["A_TMA"] or kwargs["B_TMA"])
+    outputs = lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]  # noqa: E731
+    return _candidates(configs, a.element_size(), kwargs["PRECISION"], pipeline, outputs, shared_memory_limit(a.device))
 
 
 # The kernels read row counts from ``offsets``; ``M_BUCKET``, the row count rounded up to a power
 # of two, only keys the autotuner, so a new token count reuses the config tuned for its bucket
 # instead of benchmarking every config again. PRECISION is a key: TF32 and IEEE products differ
 # in which tile is fastest (Triton adds the dtypes itself).
-ROW_KEYS = ["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C", "PRECISION"]
-# The FP8 kernel's products are e4m3 whatever the dtype of a: no PRECISION.
-FP8_KEYS = [key for key in ROW_KEYS if key != "PRECISION"]
-WGRAD_KEYS = ["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION"]
+ROW_KEYS = ["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C", "PRECISION", "B_TMA"]
+# The FP8 kernel's products are e4m3 whatever the dtype of a: no PRECISION; it has one design.
+FP8_KEYS = [key for key in ROW_KEYS if key not in ("PRECISION", "B_TMA")]
+WGRAD_KEYS = ["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION", "A_TMA", "B_TMA"]
 
 
 # Tables of tuned configs, one per GPU name: {"device", "triton", "kernels": {kernel: {launch key:

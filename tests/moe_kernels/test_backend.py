@@ -42,10 +42,10 @@ def test_autotune_off_keeps_the_smallest_config(monkeypatch):
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64}, num_stages=s)
         for m, n, s in ((128, 128, 3), (64, 64, 4), (128, 64, 4))
     ]
-    interpreter = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
+    interpreter = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
     monkeypatch.setattr(tuning, "INTERPRET", False)
     assert tuning.autotune_configs(configs, interpreter) == configs
     monkeypatch.setattr(tuning, "AUTOTUNE", False)
     assert tuning.autotune_configs(configs, interpreter) == [configs[1]]
     monkeypatch.setattr(tuning, "INTERPRET", True)
-    assert tuning.autotune_configs(configs, interpreter) == [interpreter]
+    assert tuning.autotune_configs(configs, interpreter) == interpreter

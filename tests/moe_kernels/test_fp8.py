@@ -387,3 +387,23 @@ def test_a_dit_with_fp8_experts_survives_float_and_to():
             got = model(x.to(model.x_embedder.proj.weight.dtype), t, y).float()
         # fp32 or bf16 weights route a few tokens differently; unscaled FP8 values would be off by 1e11.
         assert (got - want).norm() <= 0.2 * want.norm()
+
+
+@pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
+def test_fp8_gemms_name_a_gpu_without_fp8_tensor_cores(monkeypatch, capability, refused):
+    """An A100 (8.0) has no e4m3 tensor cores, so Triton cannot compile the FP8 GEMM for it: the
+    launch says so in one line naming the GPU, never a compiler traceback."""
+    from moe_kernels.fp8 import check_fp8_tensor_cores
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    check_fp8_tensor_cores.cache_clear()
+    try:
+        if refused:
+            with pytest.raises(ValueError, match=r"NVIDIA A100-SXM4-80GB is 8\.\d: train and sample in bf16"):
+                check_fp8_tensor_cores(torch.device("cuda", 0))
+        else:
+            check_fp8_tensor_cores(torch.device("cuda", 0))
+    finally:
+        check_fp8_tensor_cores.cache_clear()
+    check_fp8_tensor_cores(torch.device("cpu"))  # the interpreter and the emulation run anywhere

@@ -139,6 +139,7 @@ def test_autotune_candidates_fit_each_launch():
     """On the GPU the autotuner compiles only configs that can launch (ptxas's shared memory for
     the same tiles: 240 KiB for bf16's GLU forward at 128x256, over Hopper's 227) and, for fp32
     with IEEE products, tiles that do not spill."""
+    from moe_kernels import tuning
     from moe_kernels.tuning import (
         FP8_GPU_CONFIGS,
         ROW_GPU_CONFIGS,
@@ -148,9 +149,10 @@ def test_autotune_candidates_fit_each_launch():
         wgrad_candidates,
     )
 
-    def rows(dtype, glu=False, epilogue="none", precision="ieee"):
+    def rows(dtype, glu=False, epilogue="none", precision="ieee", b_tma=False):
         named = {"a_ptr": torch.empty(1, dtype=dtype)}
-        return _tiles(row_candidates(ROW_GPU_CONFIGS, named, GLU=glu, EPILOGUE=epilogue, PRECISION=precision))
+        options = dict(GLU=glu, EPILOGUE=epilogue, PRECISION=precision, B_TMA=b_tma)
+        return _tiles(row_candidates(ROW_GPU_CONFIGS, named, **options))
 
     bf16_glu = rows(torch.bfloat16, glu=True, epilogue="act")
     assert bf16_glu == {(128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 64)}
@@ -165,9 +167,19 @@ def test_autotune_candidates_fit_each_launch():
     }
     assert (128, 128, 64) in rows(torch.float32, precision="tf32")
     assert rows(torch.float32, glu=True, epilogue="act") == rows(torch.float32) == {(64, 64, 64)}
+    # The persistent design, where b is TMA-ready, at its larger tiles; else the tiled one.
+    with tuning.use_design("tma"):
+        assert rows(torch.bfloat16, glu=True, epilogue="act", b_tma=True) == {
+            (128, 128, 64),
+            (128, 64, 64),
+            (64, 128, 64),
+        }
+        assert rows(torch.bfloat16, b_tma=True) == {(128, 128, 64), (128, 256, 64), (128, 64, 64), (64, 128, 64)}
+        assert rows(torch.bfloat16, glu=True, epilogue="act") == bf16_glu
 
     def wgrad(dtype, precision="ieee"):
-        return _tiles(wgrad_candidates(WGRAD_GPU_CONFIGS, {"a_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision))
+        named = {"a_ptr": torch.empty(1, dtype=dtype)}
+        return _tiles(wgrad_candidates(WGRAD_GPU_CONFIGS, named, PRECISION=precision, A_TMA=False, B_TMA=False))
 
     assert wgrad(torch.bfloat16) == _tiles(WGRAD_GPU_CONFIGS)
     assert wgrad(torch.float32, "tf32") == _tiles(WGRAD_GPU_CONFIGS) - {(128, 128, 128)}
@@ -184,3 +196,19 @@ def test_autotune_candidates_fit_each_launch():
         == fp8(torch.float32)
         == _tiles(FP8_GPU_CONFIGS) - {(128, 128, 128)}
     )
+
+
+def test_the_candidates_fit_the_gpus_own_shared_memory(monkeypatch):
+    """On an A100 (163 KiB of shared memory per block, not Hopper's 227) the autotuner drops the
+    weight gradient's 128x128x128 tile (192 KiB in bf16) before compiling it."""
+    from moe_kernels import tuning
+
+    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 166912)
+    a100 = tuning.wgrad_candidates(
+        tuning.WGRAD_GPU_CONFIGS,
+        {"a_ptr": torch.empty(1, dtype=torch.bfloat16)},
+        PRECISION="ieee",
+        A_TMA=False,
+        B_TMA=False,
+    )
+    assert _tiles(a100) == _tiles(tuning.WGRAD_GPU_CONFIGS) - {(128, 128, 128)}

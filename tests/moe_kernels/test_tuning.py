@@ -10,11 +10,12 @@ import torch
 import moe_kernels as mk
 from moe_kernels import tuning
 from moe_kernels.grouped_mm_kernels import grouped_mm_kernel, grouped_wgrad_kernel
-from moe_kernels.tuning import INTERPRETER_CONFIG, config, launch_key, tabled, tuned_table, write_table
+from moe_kernels.tuning import config, designed, launch_key, tabled, tuned_table, write_table
 
 from .helpers import DEVICE
 
-SMALL_TILE = config(16, 32, 32, 4, 1)
+INTERPRETER_CONFIG = designed(config(32, 32, 32, 4, 1), "tiled")
+SMALL_TILE = designed(config(16, 32, 32, 4, 1), "tiled")
 
 
 def _pruned(*configs):

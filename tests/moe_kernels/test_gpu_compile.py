@@ -1,18 +1,20 @@
-"""Every kernel launch of the public ops also compiles for a Hopper GPU (sm_90a), with the
-Triton installed here, although no GPU is present: the interpreter alone would accept kernels
-that the GPU compiler rejects."""
+"""Every kernel launch of the public ops also compiles for a Hopper GPU (sm_90a), an A100 and a
+B200, with the Triton installed here, although no GPU is present: the interpreter alone would
+accept kernels that the GPU compiler rejects."""
 
 import pytest
 import torch
 
-from benchmarks.hopper_compile import (
+from benchmarks.gpu_compile import (
     compile_launches,
     count_loop_spills,
+    k_loop_opcodes,
     longest_loop_opcodes,
     moe_workload,
     nvidia_backend_missing,
     record_launches,
 )
+from moe_kernels import grouped_mm
 from moe_kernels.backend import INTERPRET
 from moe_kernels.tuning import SHARED_MEMORY_LIMIT
 
@@ -28,7 +30,7 @@ pytestmark = [
 def test_every_launch_compiles_for_hopper():
     # fp16 lowers like bf16; fp32 runs with IEEE and with TF32 products. Only the smallest
     # autotune config, the one the autotuner can always fall back on, keeps this short;
-    # `python -m benchmarks.hopper_compile` compiles them all.
+    # `python -m benchmarks.gpu_compile` compiles them all.
     launches = record_launches(moe_workload((torch.float32, torch.bfloat16)))
     kernels = {launch["kernel"] for launch in launches}
     assert {
@@ -59,8 +61,6 @@ def test_every_launch_compiles_for_hopper():
 
 
 def test_launches_are_recorded_with_the_jit_specialization():
-    from moe_kernels import grouped_mm
-
     def workload():
         x = torch.randn(20, 32, requires_grad=False)
         grouped_mm(x, torch.randn(3, 32, 48), torch.tensor([5, 5, 20], dtype=torch.int32), backend="triton")
@@ -96,3 +96,58 @@ def test_spills_are_counted_inside_loops_only():
 def test_the_longest_loop_is_counted_by_opcode():
     assert longest_loop_opcodes(SASS) == {"LDL": 1, "HGMMA": 1, "BRA": 1}  # predicate and modifiers dropped
     assert longest_loop_opcodes("        /*0000*/                   EXIT ;") == {}
+
+
+NESTED = """
+.L_x_0:
+        /*0000*/                   UTMALDG.2D [UR8], [UR4] ;
+.L_x_1:
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0020*/              @!P5 BRA `(.L_x_1) ;
+        /*0030*/                   STG.E [R2], R24 ;
+        /*0040*/              @P0 BRA `(.L_x_0) ;
+        /*0050*/                   EXIT ;
+"""
+
+
+def test_the_k_loop_is_the_innermost_loop_that_multiplies():
+    """A persistent kernel's loop over tiles holds its K loop: the K step is the inner one."""
+    assert k_loop_opcodes(NESTED) == {"HGMMA": 1, "BRA": 1}
+    assert longest_loop_opcodes(NESTED)["UTMALDG"] == 1
+    assert k_loop_opcodes(SASS) == {"LDL": 1, "HGMMA": 1, "BRA": 1}
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_100a"])
+def test_the_grouped_gemms_compile_for_the_a100_and_the_b200(target):
+    """The GEMM kernels' bf16 launches also build for an A100 (``mma.sync``; it has no FP8 tensor
+    cores, which the launcher says in one line) and a B200; `python -m benchmarks.gpu_compile
+    --target sm_80|sm_100a` compiles every launch with every config."""
+    launches = [
+        launch
+        for launch in record_launches(moe_workload((torch.bfloat16,), tf32=False))
+        if launch["kernel"].startswith("grouped") and (target != "sm_80" or "fp8" not in launch["kernel"])
+    ]
+    assert {"grouped_mm_kernel", "grouped_wgrad_kernel"} <= {launch["kernel"] for launch in launches}
+    results = compile_launches(launches, full_report=False, target=target)
+    failures = [f"{r['kernel']} {r['constants']}: {r['error']}" for r in results if not r["ok"]]
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("target, mma", [("sm_90a", "wgmma"), ("sm_100a", "tcgen05")])
+def test_the_persistent_design_loads_by_tma_on_hopper_and_blackwell(target, mma):
+    """The persistent row kernel's machine code holds TMA loads (``UTMALDG``) and the target's
+    asynchronous MMA, forward (weights N-contiguous) and for the input gradient (the transposed
+    weights, K-contiguous), at each of its tiles, with no spill inside a loop."""
+
+    def workload():
+        x = torch.randn(80, 64, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(4, 64, 128, dtype=torch.bfloat16, requires_grad=True)
+        y = grouped_mm(x, w, torch.tensor([16, 16, 64, 80], dtype=torch.int32), backend="triton")
+        y.backward(torch.randn_like(y))
+
+    launches = [launch for launch in record_launches(workload) if launch["kernel"] == "grouped_mm_kernel"]
+    assert {launch["constants"]["B_TRANSPOSED"] for launch in launches} == {False, True}
+    results = compile_launches(launches, target=target, designs=["tma"])
+    assert results and all(r["config"]["TMA"] for r in results)
+    shown = [(r["ok"], r["mma"], r["tma_loads"] > 0, r["loop_spills"]) for r in results]
+    assert shown == [(True, mma, True, 0)] * len(results), shown

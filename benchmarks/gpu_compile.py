@@ -1,4 +1,5 @@
-"""Compile every Triton kernel of moe_kernels for a Hopper GPU, on a machine without one.
+"""Compile every Triton kernel of moe_kernels for the GPUs users have (A100 ``sm_80``, H100/H200
+``sm_90a``, B200 ``sm_100a``), on a machine without one.
 
 The interpreter that runs the kernels in the tests accepts programs the GPU compiler rejects
 (mixed-dtype ``tl.dot``, layouts, shared memory), so a kernel can pass every test here and still
@@ -7,17 +8,17 @@ fail to build on the GPU. This module closes that gap in two steps:
 1. ``record_launches`` runs a small workload through the public ops under the interpreter and
    records each distinct kernel launch: argument types, ``tl.constexpr`` values and the
    specialization Triton's JIT would give it on the GPU.
-2. ``compile_launches`` builds each one for ``sm_90a`` with Triton's NVIDIA backend and the
+2. ``compile_launches`` builds each one for a target (``TARGETS``) with Triton's NVIDIA backend and the
    ``ptxas`` it ships, in processes started without the interpreter: with the smallest autotune
    config (the one the autotuner can always fall back on), or with every config the GPU
    autotuner would try, reading registers and spills from ``ptxas`` and, from the machine
    code, whether any spill sits inside a loop.
 
-    python -m benchmarks.hopper_compile      # the table of kernels x configs
+    python -m benchmarks.gpu_compile [--target sm_80|sm_90a|sm_100a]   # the table of kernels x configs
 
 Its public interface: ``record_launches``, ``compile_launches``, ``moe_workload``, ``table``,
 ``summary``, and for the machine code ``ptxas_report``, ``disassemble``, ``count_loop_spills``,
-``longest_loop_opcodes`` and ``TARGET_CAPABILITY``; ``tests/moe_kernels/test_hopper_compile.py``
+``longest_loop_opcodes`` and ``TARGETS``; ``tests/moe_kernels/test_gpu_compile.py``
 and ``experiments/`` use them.
 """
 
@@ -39,7 +40,10 @@ from unittest import mock
 
 import torch
 
-TARGET_CAPABILITY = 90
+# The GPUs compiled for, by ptxas's name for the architecture (``a``: its architecture-specific
+# features, wgmma and TMA on Hopper, tcgen05 on Blackwell): compute capability and the shared
+# memory one block may use (A100 163 KiB, Hopper and Blackwell 227 KiB).
+TARGETS = {"sm_80": (80, 166912), "sm_90a": (90, 232448), "sm_100a": (100, 232448)}
 
 
 def _specialize(value) -> tuple[str, str | None]:
@@ -92,16 +96,20 @@ def record_launches(workload: Callable[[], None]) -> list[dict]:
     return list(launches.values())
 
 
-def ptxas_report(ptx: str) -> dict:
-    """Registers and spill bytes per thread that ptxas reports for ``ptx``."""
+def _ptxas(target: str) -> str:
     from triton.backends.nvidia.compiler import get_ptxas
 
+    return get_ptxas(TARGETS[target][0]).path
+
+
+def ptxas_report(ptx: str, target: str = "sm_90a") -> dict:
+    """Registers and spill bytes per thread that ptxas reports for ``ptx`` on ``target``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
         log = subprocess.run(
-            [get_ptxas(TARGET_CAPABILITY).path, "-v", f"--gpu-name=sm_{TARGET_CAPABILITY}a", path, "-o", path + ".o"],
+            [_ptxas(target), "-v", f"--gpu-name={target}", path, "-o", path + ".o"],
             capture_output=True,
             text=True,
             check=True,
@@ -114,11 +122,9 @@ def ptxas_report(ptx: str) -> dict:
     }
 
 
-def disassemble(cubin: bytes) -> str | None:
+def disassemble(cubin: bytes, target: str = "sm_90a") -> str | None:
     """The kernel's SASS, from the ``nvdisasm`` beside Triton's ptxas (None without it)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    nvdisasm = os.path.join(os.path.dirname(get_ptxas(TARGET_CAPABILITY).path), "nvdisasm")
+    nvdisasm = os.path.join(os.path.dirname(_ptxas(target)), "nvdisasm")
     if not os.path.isfile(nvdisasm):
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,12 +134,18 @@ def disassemble(cubin: bytes) -> str | None:
         return subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
 
 
-def _spills_in_loops(cubin: bytes) -> int | None:
-    """How many of the kernel's spill instructions (``STL``/``LDL`` in its SASS) sit inside a
-    loop, that is between a backward branch and its target: those run on every K step; the
-    others once per program. None without nvdisasm."""
-    sass = disassemble(cubin)
-    return None if sass is None else count_loop_spills(sass)
+def _machine_code(cubin: bytes, target: str) -> dict:
+    """From the kernel's SASS: its spill instructions inside loops (``count_loop_spills``), its
+    TMA loads (``UTMALDG``) and the instructions of its K loop (``k_loop_opcodes``); None each
+    without nvdisasm."""
+    sass = disassemble(cubin, target)
+    if sass is None:
+        return {"loop_spills": None, "tma_loads": None, "k_step": None}
+    return {
+        "loop_spills": count_loop_spills(sass),
+        "tma_loads": len(re.findall(r"\bUTMALDG\b", sass)),
+        "k_step": sum(k_loop_opcodes(sass).values()) or None,
+    }
 
 
 def _instructions_and_loops(sass: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
@@ -161,46 +173,75 @@ def count_loop_spills(sass: str) -> int:
     return sum(any(start <= a <= end for start, end in loops) for a in spills)
 
 
-def longest_loop_opcodes(sass: str) -> dict[str, int]:
-    """How many instructions of each opcode (``LDGSTS``, ``STS``, ``HGMMA``...: predicates and
-    modifiers dropped) the longest loop of ``sass`` holds: a GEMM kernel's K loop."""
-    instructions, loops = _instructions_and_loops(sass)
-    if not loops:
-        return {}
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+def _opcodes(instructions: list[tuple[int, str]], start: int, end: int) -> dict[str, int]:
     opcodes = [
         re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for a, text in instructions if start <= a <= end
     ]
     return dict(collections.Counter(opcodes).most_common())
 
 
+def longest_loop_opcodes(sass: str) -> dict[str, int]:
+    """How many instructions of each opcode (``LDGSTS``, ``STS``, ``HGMMA``...: predicates and
+    modifiers dropped) the longest loop of ``sass`` holds: a GEMM kernel's K loop."""
+    instructions, loops = _instructions_and_loops(sass)
+    if not loops:
+        return {}
+    return _opcodes(instructions, *max(loops, key=lambda loop: loop[1] - loop[0]))
+
+
+def k_loop_opcodes(sass: str) -> dict[str, int]:
+    """The opcodes of the innermost loop of ``sass`` that holds a tensor-core instruction
+    (``HMMA``, ``HGMMA``, Blackwell's ``UTC*MMA``): a GEMM's K step, also inside a persistent
+    kernel's loop over tiles. Empty where no loop multiplies."""
+    instructions, loops = _instructions_and_loops(sass)
+    multiplies = [a for a, text in instructions if re.search(r"MMA\b|MMA\.", text.split()[0] if text else "")]
+    with_mma = [(s, e) for s, e in loops if any(s <= a <= e for a in multiplies)]
+    if not with_mma:
+        return {}
+    return _opcodes(instructions, *min(with_mma, key=lambda loop: loop[1] - loop[0]))
+
+
 def _mma_kind(ptx: str) -> str:
-    """Which tensor-core instruction the kernel's dots became: Hopper's asynchronous warpgroup
-    MMA, the older per-warp MMA, or none (CUDA-core FMAs)."""
+    """Which tensor-core instruction the kernel's dots became: Blackwell's tensor-memory MMA,
+    Hopper's asynchronous warpgroup MMA, the per-warp MMA (Ampere's), or none (CUDA-core FMAs)."""
+    if "tcgen05.mma" in ptx:
+        return "tcgen05"
     if "wgmma.mma_async" in ptx:
         return "wgmma"
     return "mma" if "mma.sync" in ptx else "none"
 
 
-def _compile_one(launch: dict, full_report: bool) -> list[dict]:
-    """Compile one recorded launch with its smallest autotune config or, for ``full_report``, with
-    every config the GPU autotuner would try, adding ptxas's register and spill counts (this
+def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str] | None = None) -> list[dict]:
+    """Compile one recorded launch with the smallest autotune config of each design or, for
+    ``full_report``, with every config the GPU autotuner would try (of ``designs`` only, if
+    given), adding ptxas's register and spill counts and what the machine code shows (this
     process must have imported triton without the interpreter)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.autotuner import Autotuner
 
-    from moe_kernels.tuning import pipeline_size
+    from moe_kernels.tuning import DESIGNS, design_of, smallest_of_each_design
 
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    # Strides Triton cannot prove 16-byte aligned rule out vectorised loads (and TMA).
+    aligned = all(
+        name in launch["attrs"]
+        for name, kind in launch["signature"].items()
+        if name.startswith("stride") and kind != "constexpr"
+    )
     configs = kernel.configs if isinstance(kernel, Autotuner) else [None]
-    if not full_report and configs[0] is not None:
-        configs = [min(configs, key=pipeline_size)]
+    if configs[0] is not None:
+        # As the GPU's pruning does: no persistent design without TMA (before Hopper) or where
+        # the launcher found b unreadable by TMA (B_TMA).
+        tma = launch["constants"].get("B_TMA", False) and TARGETS[target][0] >= 90
+        configs = [c for c in configs if (tma or design_of(c) != "tma") and design_of(c) in (designs or DESIGNS)]
+        if not full_report:
+            configs = smallest_of_each_design(configs)
     while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn
-    target = GPUTarget("cuda", TARGET_CAPABILITY, 32)
-    backend = make_backend(target)
+    gpu = GPUTarget("cuda", TARGETS[target][0], 32)
+    backend = make_backend(gpu)
     attrs = {(kernel.arg_names.index(name),): backend.parse_attr(desc) for name, desc in launch["attrs"].items()}
     results = []
     for config in configs:
@@ -210,26 +251,22 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
             constants |= config.kwargs
             options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         result = {
+            "target": target,
             "kernel": launch["kernel"],
             "dtype": next(t[1:] for t in launch["signature"].values() if t.startswith("*")),
             "constants": launch["constants"],
-            # Strides Triton cannot prove 16-byte aligned rule out vectorised loads.
-            "aligned": all(
-                name in launch["attrs"]
-                for name, kind in launch["signature"].items()
-                if name.startswith("stride") and kind != "constexpr"
-            ),
+            "aligned": aligned,
             "config": {**(config.kwargs if config else {}), **options},
         }
         try:
             source = ASTSource(kernel, launch["signature"], constants, attrs)
-            compiled = triton.compile(source, target=target, options=options)
+            compiled = triton.compile(source, target=gpu, options=options)
             result |= {"ok": True, "shared_bytes": compiled.metadata.shared}
             if full_report:
-                result |= ptxas_report(compiled.asm["ptx"]) | {
-                    "mma": _mma_kind(compiled.asm["ptx"]),
-                    "loop_spills": _spills_in_loops(compiled.asm["cubin"]),
-                }
+                ptx = compiled.asm["ptx"]
+                result |= (
+                    ptxas_report(ptx, target) | {"mma": _mma_kind(ptx)} | _machine_code(compiled.asm["cubin"], target)
+                )
         except Exception as error:  # noqa: BLE001 - every failure is reported with its launch
             result |= {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
         results.append(result)
@@ -237,17 +274,23 @@ def _compile_one(launch: dict, full_report: bool) -> list[dict]:
 
 
 def compile_launches(
-    launches: list[dict], full_report: bool = True, triton_dir: str | None = None, timeout: float = 1800
+    launches: list[dict],
+    full_report: bool = True,
+    triton_dir: str | None = None,
+    timeout: float = 1800,
+    target: str = "sm_90a",
+    designs: list[str] | None = None,
 ) -> list[dict]:
-    """Compile ``launches`` (from ``record_launches``) for sm_90a in a fresh process without the
-    interpreter; one result per launch and config compiled (see ``_compile_one``), in order.
-    ``triton_dir``: a directory holding another Triton package to compile with."""
+    """Compile ``launches`` (from ``record_launches``) for ``target`` (a key of ``TARGETS``) in a
+    fresh process without the interpreter; one result per launch and config compiled (see
+    ``_compile_one``; ``designs``: only the row kernel's configs of these designs), in order.
+    ``triton_dir``: a directory holding another Triton to compile with."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, root, os.environ.get("PYTHONPATH")) if p)
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hopper_compile", "--compile"],
-        input=json.dumps({"launches": launches, "full_report": full_report}),
+        [sys.executable, "-m", "benchmarks.gpu_compile", "--compile"],
+        input=json.dumps({"launches": launches, "full_report": full_report, "target": target, "designs": designs}),
         capture_output=True,
         text=True,
         env=env,
@@ -261,7 +304,7 @@ def compile_launches(
     return [result | {"triton": report["triton"]} for result in report["results"]]
 
 
-def nvidia_backend_missing() -> str | None:
+def nvidia_backend_missing(target: str = "sm_90a") -> str | None:
     """Why kernels cannot be compiled for the GPU here, or None when they can. These are Triton
     internals, so a Triton that moves them is reported, not crashed on."""
     try:
@@ -269,7 +312,7 @@ def nvidia_backend_missing() -> str | None:
         from triton.backends.nvidia.compiler import get_ptxas
         from triton.compiler import ASTSource, make_backend  # noqa: F401
 
-        ptxas = get_ptxas(TARGET_CAPABILITY).path
+        ptxas = get_ptxas(TARGETS[target][0]).path
     except Exception as error:  # noqa: BLE001 - any failure means no compiler to test with
         return f"Triton's NVIDIA backend, its ptxas or the internals used here are unavailable: {error!r}"
     return None if os.path.isfile(ptxas) else f"no ptxas at {ptxas}"
@@ -363,16 +406,16 @@ _VARIANT_KEYS = (
     "BIAS",
     "BIAS_GRAD",
     "PRECISION",
+    "B_TRANSPOSED",
 )
 
 
 def table(results: list[dict]) -> str:
-    """A markdown table of ``compile_launches`` results; fits Hopper's limits or says why not."""
-    from moe_kernels.tuning import SHARED_MEMORY_LIMIT
-
+    """A markdown table of ``compile_launches`` results; fits the target's limits or says why not."""
     lines = [
-        "kernel | dtype | variant | aligned | config | compiles | tensor cores | registers | spill bytes | spills in loops | shared KiB",
-        "---|---|---|---|---|---|---|---|---|---|---",
+        "kernel | dtype | variant | aligned | config | compiles | tensor cores | registers | spill bytes | spills in loops"
+        " | TMA loads | K step | shared KiB",
+        "---|---|---|---|---|---|---|---|---|---|---|---|---",
     ]
     for r in results:
         variant = " ".join(
@@ -381,57 +424,82 @@ def table(results: list[dict]) -> str:
         config = " ".join(f"{k}={v}" for k, v in r["config"].items())
         head = f"{r['kernel']} | {r['dtype']} | {variant} | {'yes' if r['aligned'] else 'no'} | {config}"
         if not r["ok"]:
-            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | | |")
+            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | | | | |")
             continue
         shared = f"{r['shared_bytes'] / 1024:.0f}" + (
-            " (over the limit)" if r["shared_bytes"] > SHARED_MEMORY_LIMIT else ""
+            " (over the limit)" if r["shared_bytes"] > TARGETS[r["target"]][1] else ""
         )
-        in_loops = "?" if r["loop_spills"] is None else r["loop_spills"]
-        lines.append(f"{head} | yes | {r['mma']} | {r['registers']} | {r['spill_bytes']} | {in_loops} | {shared}")
+        code = " | ".join("?" if r[key] is None else str(r[key]) for key in ("loop_spills", "tma_loads", "k_step"))
+        lines.append(f"{head} | yes | {r['mma']} | {r['registers']} | {r['spill_bytes']} | {code} | {shared}")
     return "\n".join(lines)
+
+
+def _persistent_line(persistent: list[dict], results: list[dict], mma: str, target: str) -> str:
+    """The persistent design in one line: TMA, spills, and its K step beside the tiled design's
+    at the same launch and tiles (the median of the ratios)."""
+    if not persistent:
+        return f"- The persistent design is left out on {target}, as the GPU's pruning leaves it out: no TMA."
+    tiled = {
+        (r["kernel"], json.dumps(r["constants"], sort_keys=True), json.dumps({**r["config"], "TMA": True})): r
+        for r in results
+        if r["ok"] and r["config"].get("TMA") is False
+    }
+    ratios = []
+    for r in persistent:
+        twin = tiled.get((r["kernel"], json.dumps(r["constants"], sort_keys=True), json.dumps(r["config"])))
+        if twin and twin.get("k_step") and r.get("k_step"):
+            ratios.append(r["k_step"] / twin["k_step"])
+    ratio = f"{sorted(ratios)[len(ratios) // 2]:.2f}x" if ratios else "?"
+    return (
+        f"- The persistent design (TMA=True): {len(persistent)} aligned {mma} pairs that fit; "
+        f"{sum(bool(r['tma_loads']) for r in persistent)} load by TMA (`UTMALDG` in the SASS), "
+        f"{sum(bool(r['loop_spills']) for r in persistent)} spill inside a loop; its K step (*K step*: the "
+        f"instructions of the innermost loop holding the MMA) is {ratio} the tiled design's at the same launch "
+        f"and tiles (median of {len(ratios)} pairs)."
+    )
 
 
 def summary(results: list[dict]) -> str:
     """What a reader of the table needs first: what compiled, what cannot launch, what spills."""
-    from moe_kernels.tuning import SHARED_MEMORY_LIMIT
-
+    target = results[0]["target"]
+    limit = TARGETS[target][1]
+    mma = {"sm_80": "mma", "sm_90a": "wgmma", "sm_100a": "tcgen05"}[target]
     compiled = [r for r in results if r["ok"]]
-    too_big = [r for r in compiled if r["shared_bytes"] > SHARED_MEMORY_LIMIT]
+    too_big = [r for r in compiled if r["shared_bytes"] > limit]
     half = [r for r in compiled if r["aligned"] and r["dtype"] in ("bf16", "fp16") and "grouped" in r["kernel"]]
     spilling = [r for r in half if r["spill_bytes"]]
     tensor_core = [
         r
         for r in compiled
-        if r["aligned"]
-        and "grouped" in r["kernel"]
-        and r["mma"] == "wgmma"
-        and r["shared_bytes"] <= SHARED_MEMORY_LIMIT
+        if r["aligned"] and "grouped" in r["kernel"] and r["mma"] == mma and r["shared_bytes"] <= limit
     ]
     loop_spilling = [r for r in tensor_core if r["loop_spills"]]
-    wgmma = [r for r in half if r["mma"] == "wgmma"]
+    fastest = [r for r in half if r["mma"] == mma]
+    persistent = [r for r in tensor_core if r["config"].get("TMA")]
     return "\n".join(
         [
             (
                 f"Every launch of the public ops' forward and backward (`moe_workload`), compiled for "
-                f"sm_{TARGET_CAPABILITY}a by Triton {results[0]['triton']} with each autotune config: "
-                "`python -m benchmarks.hopper_compile`."
+                f"{target} by Triton {results[0]['triton']} with each autotune config: "
+                f"`python -m benchmarks.gpu_compile --target {target}`."
             ),
             "",
             f"- {len(compiled)} of {len(results)} launch x config pairs compile.",
             (
-                f"- {len(too_big)} need more shared memory than Hopper's {SHARED_MEMORY_LIMIT // 1024} KiB; "
+                f"- {len(too_big)} need more shared memory than the target's {limit // 1024} KiB; "
                 "the autotuner skips those configs on the GPU."
             ),
             (
-                f"- {len(wgmma)} of the {len(half)} aligned bf16/fp16 GEMM pairs use wgmma; {len(spilling)} spill registers "
+                f"- {len(fastest)} of the {len(half)} aligned bf16/fp16 GEMM pairs use {mma}; {len(spilling)} spill registers "
                 "(spill bytes per thread, from ptxas)."
             ),
             (
-                f"- {len(loop_spilling)} of the {len(tensor_core)} aligned wgmma GEMM pairs (bf16, fp16, TF32) that fit in "
+                f"- {len(loop_spilling)} of the {len(tensor_core)} aligned {mma} GEMM pairs (bf16, fp16, TF32) that fit in "
                 "shared memory spill inside a loop. *spills in loops* counts the spill instructions (`STL`/`LDL` in "
                 "the SASS, from `nvdisasm`) between a backward branch and its target: those run on every K step; "
                 "the others, after the loop, once per tile."
             ),
+            _persistent_line(persistent, results, mma, target),
             (
                 "- *aligned*: every runtime stride is a multiple of 16 elements, as at real model sizes; the "
                 "unaligned launches (rows of 16 x 24) show the fallback Triton takes without 16-byte alignment."
@@ -449,16 +517,24 @@ def main() -> None:
         import triton
 
         job = json.loads(sys.stdin.read())
-        full_report = [job["full_report"]] * len(job["launches"])
-        with ProcessPoolExecutor(max(1, min(len(job["launches"]), os.cpu_count() or 1))) as pool:
-            results = [result for results in pool.map(_compile_one, job["launches"], full_report) for result in results]
+        count = len(job["launches"])
+        with ProcessPoolExecutor(max(1, min(count, os.cpu_count() or 1))) as pool:
+            done = pool.map(
+                _compile_one,
+                job["launches"],
+                [job["full_report"]] * count,
+                [job["target"]] * count,
+                [job.get("designs")] * count,
+            )
+            results = [result for results in done for result in results]
         json.dump({"triton": triton.__version__, "results": results}, sys.stdout)
         return
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.hopper_compile",
+        prog="python -m benchmarks.gpu_compile",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90a", help="the GPU architecture")
     parser.add_argument("--out", help="also write the markdown table here")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument(
@@ -466,8 +542,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    results = compile_launches(record_launches(moe_workload()), triton_dir=args.triton)
-    text = f"{summary(results)}\n\n{table(results)}\n"
+    from moe_kernels.fp8 import FP8_CAPABILITY  # after the interpreter is chosen: moe_kernels reads it
+
+    launches = record_launches(moe_workload())
+    note = ""
+    if divmod(TARGETS[args.target][0], 10) < FP8_CAPABILITY:  # the launcher refuses FP8 there in one line
+        launches = [launch for launch in launches if "fp8" not in launch["kernel"]]
+        note = f"\n- The FP8 kernel's launches are left out: {args.target} has no e4m3 tensor cores (a launch says so)."
+    results = compile_launches(launches, triton_dir=args.triton, target=args.target)
+    text = f"{summary(results)}{note}\n\n{table(results)}\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,0 +1,137 @@
+"""The GEMM kernels' TMA design (``tuning.DESIGNS``: the row kernel persistent, both kernels
+reading by TMA the operands contiguous per group) against the references: the same cases as the
+tiled design's tests, with only the TMA configs in play. Under the interpreter three programs
+walk the row kernel's tile schedule, so every program takes several tiles."""
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import reference, tuning
+from moe_kernels.grouped_mm import grouped_mm_triton
+from tests.moe_kernels import test_ffn, test_grouped_mm
+from tests.moe_kernels.helpers import DEVICE, DTYPES, assert_close_to_reference, grads
+
+pytestmark = pytest.mark.skipif("triton" not in mk.backend.IMPLEMENTATIONS, reason="a Triton kernel")
+
+
+def _designs_used(tma: bool | None = None, kernel: str = "grouped_mm") -> set[str]:
+    """The designs of ``kernel``'s launches so far (those with an operand TMA can read or not, if given)."""
+    tuned = tuning.TUNED_KERNELS[kernel]
+    at = [list(tuned.keys).index(name) for name in ("A_TMA", "B_TMA") if name in tuned.keys]
+    readable = (lambda key: key[at[-1]]) if kernel == "grouped_mm" else (lambda key: any(key[i] for i in at))
+    return {tuning.design_of(c) for key, c in tuned.cache.items() if tma is None or readable(key) == tma}
+
+
+@pytest.fixture
+def tma():
+    """Only the TMA design for the test; asserts afterwards that every GEMM launch with an
+    operand TMA can read ran it (the row kernel needs b: its weights), and the others the tiled
+    design."""
+    with tuning.use_design("tma"):
+        yield
+        for kernel in tuning.DESIGNED_KERNELS:
+            assert _designs_used(True, kernel) <= {"tma"} and _designs_used(False, kernel) <= {"tiled"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes,K,N", test_grouped_mm.CASES)
+def test_grouped_mm_and_its_gradients(tma, dtype, sizes, K, N):
+    """Forward on expert-major rows (a and b by TMA), the input gradient on the transposed
+    weights (b read K-contiguous), empty groups, one row, sizes off the block (rows of 17 fp32,
+    68 bytes, which TMA cannot read: the tiled design)."""
+    test_grouped_mm.test_grouped_mm_matches_reference("triton", dtype, sizes, K, N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu2"])
+@pytest.mark.parametrize("T,D,H,E,k,routing", test_ffn.CASES)
+def test_moe_ffn(tma, dtype, activation, T, D, H, E, k, routing):
+    """Gathered rows (pointer loads beside the TMA weights), the fused activation and its
+    gradient, the scatter and the routing-weight scale in the epilogue; k=1, k=E, T=1, one
+    expert for all, empty experts."""
+    test_ffn.test_moe_ffn_matches_reference("triton", dtype, activation, T, D, H, E, k, routing)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
+@pytest.mark.parametrize("T,D,H,E,k,routing", test_ffn.CASES[:2])
+def test_expert_biases_and_prescaled_backward(tma, monkeypatch, activation, T, D, H, E, k, routing):
+    test_ffn.test_expert_biases_match_reference("triton", torch.float32, activation, T, D, H, E, k, routing)
+    monkeypatch.setattr(tuning, "PRESCALED_BACKWARD", True)
+    test_ffn.test_expert_biases_match_reference("triton", torch.float32, activation, T, D, H, E, k, routing)
+
+
+def test_swiglu_with_every_option(tma):
+    test_ffn.test_more_activations_match_reference("triton", test_ffn.OPTIONS[1], torch.float32, *test_ffn.CASES[0])
+
+
+def test_expert_choice_layer(tma):
+    """Expert choice: a token with 0..E experts, the combine with per-token slot counts."""
+    layer = mk.MoE(16, 24, 4, 2, num_shared_experts=0, router="expert-choice", group_size=8, backend="triton")
+    layer = layer.to(DEVICE)
+    x = torch.randn(3, 8, 16, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    tokens = x.reshape(-1, 16)
+    capacity = layer.router.capacity(8)
+    weights, chosen, _ = reference.expert_choice_gating(layer.router(tokens), capacity, 8)
+    want = reference.expert_choice_ffn(tokens, weights, chosen, layer.w_in, layer.w_out, layer.activation)
+    torch.testing.assert_close(y.reshape(-1, 16), want, atol=1e-5, rtol=1e-5)
+    params = [x, *layer.parameters()]
+    grad_y = torch.randn_like(y)
+    got = torch.autograd.grad((y * grad_y).sum(), params)
+    expected = torch.autograd.grad((want * grad_y.reshape(-1, 16)).sum(), params)
+    for g, w in zip(got, expected):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_tma_cannot_read_take_pointer_loads(tma):
+    """a whose row stride is not 16-byte aligned (and a gather of such rows) is read by pointer
+    loads inside the persistent kernel; b stays on TMA."""
+    x = torch.randn(40, 13, device=DEVICE)[:, :12]  # rows 52 bytes apart
+    w = torch.randn(3, 12, 32, device=DEVICE)
+    offsets = torch.tensor([7, 7, 40], device=DEVICE, dtype=torch.int32)
+    want = reference.grouped_mm(x.double(), w.double(), offsets)
+    assert_close_to_reference(grouped_mm_triton(x, w, offsets), want, torch.float32, "y")
+    rows = torch.randperm(40, device=DEVICE, dtype=torch.int32)
+    gathered = grouped_mm_triton(x, w, offsets, a_rows=rows)
+    assert_close_to_reference(
+        gathered, reference.grouped_mm(x[rows.long()].double(), w.double(), offsets), torch.float32
+    )
+
+
+def test_weights_tma_cannot_read_fall_back_to_the_tiled_design():
+    """b with a stride TMA cannot use (here 13 elements, 52 bytes) runs the tiled design,
+    whatever the design asked for; so does every launch on a GPU without TMA."""
+    x = torch.randn(20, 12, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 12, 13, device=DEVICE)[:, :, :12].requires_grad_()
+    offsets = torch.tensor([9, 20], device=DEVICE, dtype=torch.int32)
+    with tuning.use_design("tma"):
+        y = mk.grouped_mm(x, w, offsets, backend="triton")
+        assert _designs_used(False) == {"tiled"}
+    ref = reference.grouped_mm(x.double(), w.double(), offsets)
+    assert_close_to_reference(y, ref, torch.float32, "y")
+    grad_y = torch.randn_like(ref)
+    for name, got, want in zip(("dx", "dw"), grads(y, [x, w], grad_y), grads(ref, [x, w], grad_y)):
+        assert_close_to_reference(got, want, torch.float32, name)
+    configs = [tuning.designed(tuning.config(32, 32, 32, 4, 1), design) for design in tuning.DESIGNS]
+    with tuning.use_design("tma"):
+        assert [tuning.design_of(c) for c in tuning.by_design(configs, tma=False)] == ["tiled"]
+        assert [tuning.design_of(c) for c in tuning.by_design(configs, tma=True)] == ["tma"]
+
+
+def test_use_design_restores_the_autotuners_choices():
+    kernel = tuning.TUNED_KERNELS["grouped_mm"]
+    x, w = torch.randn(8, 16, device=DEVICE), torch.randn(2, 16, 16, device=DEVICE)
+    offsets = torch.tensor([3, 8], device=DEVICE, dtype=torch.int32)
+    grouped_mm_triton(x, w, offsets)
+    before = dict(kernel.cache)
+    with tuning.use_design("tma"):
+        grouped_mm_triton(x, w, offsets)
+        assert _designs_used(True) == {"tma"}
+        inside = dict(kernel.cache)
+    assert kernel.cache == before
+    with tuning.use_design("tma"):
+        assert kernel.cache == inside  # nothing to tune again
+    with pytest.raises(ValueError, match="design must be one of"):
+        with tuning.use_design("warp-specialized"):
+            pass
