@@ -87,7 +87,7 @@ def export(model: DiT, out: Path, batch: int, cfg: bool) -> Path:
     if not ROUTERS[config.router].static_shapes:
         # Its inference dispatch has a data-dependent row count, which AOTInductor cannot size.
         raise ValueError(
-            f"dit.export cannot package a {config.router} model: its experts' token counts are data-dependent"
+            f"dit.export cannot package a model routed by {config.router}: its experts' token counts are data-dependent"
         )
     example = (
         torch.randn(batch, config.in_channels, config.input_size, config.input_size, device=device),

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_kernels import ACTIVATIONS, ROUTERS, MoE
-from moe_kernels.rules import COEFFICIENT, NONNEGATIVE_INT, OFFSET, POSITIVE, POSITIVE_INT, Rule, check_k
+from moe_kernels.rules import COEFFICIENT, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, check_k
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -202,10 +202,14 @@ class DiTConfig:
     normalize_weights: bool = False
     # The MoE layers' router, by the layer's names (moe_kernels.ROUTERS): "token-choice"
     # (DiT-MoE's top-k), "expert-choice" (EC-DiT: each expert takes the best top_k * tokens /
-    # num_experts tokens of each image, so no image depends on its batch) or "diffmoe" (DiffMoE:
+    # num_experts tokens of each image, so no image depends on its batch), "diffmoe" (DiffMoE:
     # expert choice over the whole batch in training, and a capacity predictor that routes each
-    # token on its own at inference; experimental).
+    # token on its own at inference; experimental) or "expert-race" (Race-DiT: the best
+    # tokens x top_k (token, expert) pairs of the batch win in training, a learned threshold
+    # on the router logit routes each token on its own at inference; experimental).
     router: str = "token-choice"
+    # expert-race: the weight of its router similarity loss (moe_kernels.ExpertRace).
+    similarity_coef: float = 0.01
     qk_norm: bool = False
     name: str = ""
     # How the model's inputs and outputs are read: the training objective ("diffusion" or
@@ -230,6 +234,7 @@ class DiTConfig:
             check_k(self.top_k, self.num_experts, "top_k", "num_experts")
         DROPOUT.check("class_dropout_prob", self.class_dropout_prob)
         COEFFICIENT.check("balance_loss_alpha", self.balance_loss_alpha)
+        COEFFICIENT.check("similarity_coef", self.similarity_coef)
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {self.router!r}")
         if self.expert_activation not in ACTIVATIONS:
@@ -240,12 +245,14 @@ class DiTConfig:
 
 def router_options(config: DiTConfig) -> dict:
     """The options of ``config.router`` that the config sets: token choice's balance loss and
-    weights; expert choice's groups, one image each (so no image depends on its batch). Any other
-    router of ``moe_kernels.ROUTERS`` takes its defaults."""
+    weights; expert choice's groups, one image each (so no image depends on its batch); expert
+    race's similarity loss. Any other router of ``moe_kernels.ROUTERS`` takes its defaults."""
     if config.router == "token-choice":
         return dict(normalize_weights=config.normalize_weights, balance_loss_alpha=config.balance_loss_alpha)
     if config.router == "expert-choice":
         return dict(group_size=(config.input_size // config.patch_size) ** 2)
+    if config.router == "expert-race":
+        return dict(similarity_coef=config.similarity_coef)
     return {}
 
 
@@ -327,23 +334,23 @@ class DiT(nn.Module):
 
     def set_expert_compute(self, capacity_factor: float | None = None, capacity_offset: float | None = None) -> None:
         """The compute dial at inference, without retraining: an expert-choice model's
-        ``capacity_factor`` (average experts per token; training's is ``top_k``), a diffmoe
-        model's ``capacity_offset`` (added to every capacity threshold: positive spends less
-        compute, negative more). ``ValueError`` for a dial the model's router does not have."""
+        ``capacity_factor`` (average experts per token; training's is ``top_k``), a diffmoe or
+        expert-race model's ``capacity_offset`` (added to every threshold: positive spends less
+        compute, negative more). ``ValueError`` for a dial the model's router does not use (a
+        diffmoe router holds a ``capacity_factor`` for its training, which sampling ignores), or
+        a value the dial's rule refuses."""
         router = self.config.router
-        for name, value, owner in (
-            ("capacity_factor", capacity_factor, "expert-choice"),
-            ("capacity_offset", capacity_offset, "diffmoe"),
+        for name, value, owners in (
+            ("capacity_factor", capacity_factor, ("expert-choice",)),
+            ("capacity_offset", capacity_offset, ("diffmoe", "expert-race")),
         ):
             if value is None:
                 continue
-            if router != owner:
-                raise ValueError(f"{name} sets the compute of {owner} models; this one routes by {router}")
-            if name == "capacity_offset":
-                value = OFFSET.check(name, value)
-            for moe in self.moe_layers():
-                if name == "capacity_factor":
-                    moe.router.capacity(moe.router.group_size, value)  # a factor beyond E, or rounding to 0, raises
+            if router not in owners:
+                raise ValueError(
+                    f"{name} sets the compute of {' and '.join(owners)} models; this one routes by {router}"
+                )
+            for moe in self.moe_layers():  # the router's setting checks the value (the same for every layer)
                 setattr(moe.router, name, value)
 
     @property

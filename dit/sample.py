@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--capacity-offset",
         type=offset,
         default=None,
-        help="diffmoe models: added to every capacity threshold (positive: less compute, negative: more)",
+        help="diffmoe and expert-race models: added to every routing threshold (positive: less compute, negative: more)",
     )
     p.add_argument("--out", default="samples.npz", help="output .npz (the suffix is added if missing)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the samples (.png is added if missing)")

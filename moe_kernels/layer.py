@@ -59,7 +59,7 @@ class MoE(nn.Module):
     ``router`` is a ``Router`` or the name of one (``moe_kernels.routers.ROUTERS``):
     ``"token-choice"`` (default; ``TokenChoice``: top-k gating and DiT-MoE's balance loss, and the
     options of Mixtral, OLMoE, Qwen and DeepSeek-V3), ``"expert-choice"`` (``ExpertChoice``,
-    EC-DiT) or ``"diffmoe"`` (``DiffMoE``). A name builds the router with ``dim``, ``num_experts``,
+    EC-DiT), ``"diffmoe"`` (``DiffMoE``) or ``"expert-race"`` (``ExpertRace``, Race-DiT). A name builds the router with ``dim``, ``num_experts``,
     ``top_k`` and the remaining keyword arguments, its options (``normalize_weights``,
     ``balance_loss_alpha``, ``group_size``, ``capacity_factor``, ...; see each router).
 

@@ -223,3 +223,13 @@ def expert_choice_ffn(
         out = expert_mlp(x[token], e, w_in, w_out, activation, b_in, b_out)
         y = y.index_add(0, token, weights[:, e].reshape(-1, 1).float() * out.float())
     return y.to(x.dtype)
+
+
+def expert_race(logits: torch.Tensor, winners: int) -> torch.Tensor:
+    """``[T, E]`` bool: the ``winners`` best (token, expert) pairs of ``logits``, one pair at a
+    time (ties to the lower token, then the lower expert; a NaN logit above every number)."""
+    flat = logits.detach().float().flatten()
+    rank = torch.where(flat.isnan(), torch.inf, flat)
+    chosen = torch.zeros(flat.shape, dtype=torch.bool, device=logits.device)
+    chosen[_argmax_rounds(rank, winners)] = True
+    return chosen.view(logits.shape)

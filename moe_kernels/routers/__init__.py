@@ -18,9 +18,15 @@ import inspect
 from .base import Routed, Router, router_settings
 from .diffmoe import CapacityPredictor, DiffMoE
 from .expert_choice import ExpertChoice
+from .race import ExpertRace
 from .token_choice import TokenChoice
 
-ROUTERS: dict[str, type[Router]] = {"token-choice": TokenChoice, "expert-choice": ExpertChoice, "diffmoe": DiffMoE}
+ROUTERS: dict[str, type[Router]] = {
+    "token-choice": TokenChoice,
+    "expert-choice": ExpertChoice,
+    "diffmoe": DiffMoE,
+    "expert-race": ExpertRace,
+}
 
 
 def make_router(name: str, dim: int, num_experts: int, top_k: int, **options) -> Router:
@@ -56,4 +62,14 @@ def _options(router: type[Router]) -> set[str]:
     return names
 
 
-__all__ = ["ROUTERS", "CapacityPredictor", "DiffMoE", "ExpertChoice", "Routed", "Router", "TokenChoice", "make_router"]
+__all__ = [
+    "ROUTERS",
+    "CapacityPredictor",
+    "DiffMoE",
+    "ExpertChoice",
+    "ExpertRace",
+    "Routed",
+    "Router",
+    "TokenChoice",
+    "make_router",
+]

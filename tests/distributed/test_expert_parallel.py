@@ -129,6 +129,34 @@ def _check_expert_choice(rank: int, world_size: int, backend: str) -> None:
         torch.testing.assert_close(total, reference.router.weight.grad, **TOL)
 
 
+def _check_expert_race(rank: int, world_size: int, backend: str) -> None:
+    """Expert Race races each rank's own tokens: each rank's outputs are the unsharded layer's on
+    its tokens alone, and the gradients summed over ranks those of the per-rank races summed."""
+    mesh = init_device_mesh("cpu", (world_size,))
+    torch.manual_seed(0)
+    layer = mk.MoE(8, 12, 4, 2, num_shared_experts=1, router="expert-race", backend=backend)
+    reference = copy.deepcopy(layer)
+    expert_parallel(layer, mesh)
+    xs, gs = _tokens(world_size, [9, 4, 7, 5], 11)
+    x = xs[rank].clone().requires_grad_()
+    y = layer(x)
+    (y * gs[rank]).sum().backward()
+    x_refs = [xi.clone().requires_grad_() for xi in xs]
+    y_refs = [reference(xi) for xi in x_refs]  # one race per rank's tokens
+    sum((yi * gi).sum() for yi, gi in zip(y_refs, gs)).backward()
+    torch.testing.assert_close(y, y_refs[rank], **TOL)
+    torch.testing.assert_close(x.grad, x_refs[rank].grad, **TOL)
+    experts = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
+    for name in EXPERT_PARAMETERS:
+        if getattr(layer, name) is not None:
+            torch.testing.assert_close(
+                getattr(layer, name).grad.to_local(), getattr(reference, name).grad[experts], **TOL
+            )
+    total = layer.router.weight.grad.clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, reference.router.weight.grad, **TOL)
+
+
 class _no_host_reads:
     """Fail on ``Tensor.item`` and ``Tensor.tolist`` (the host syncs a CUDA graph cannot hold)."""
 
@@ -147,6 +175,7 @@ class _no_host_reads:
 def _check_against_unsharded_and_errors(rank: int, world_size: int, backend: str) -> None:
     _check_against_unsharded(rank, world_size, backend)
     _check_expert_choice(rank, world_size, backend)
+    _check_expert_race(rank, world_size, backend)
     if world_size == 2:
         _check_errors(rank, world_size)
 

@@ -58,5 +58,5 @@ def test_a_diffmoe_model_is_refused(tmp_path):
 
     model = _model(router="diffmoe")
     save_weights(model.state_dict(), tmp_path / "m.safetensors", model.config)
-    with pytest.raises(SystemExit, match="cannot package a diffmoe model"):
+    with pytest.raises(SystemExit, match="cannot package a model routed by diffmoe"):
         main(["--ckpt", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "model.pt2"), "--device", "cpu"])

@@ -141,7 +141,7 @@ def test_compute_dials_belong_to_their_router():
     with pytest.raises(ValueError, match="cannot exceed num_experts"):
         model.set_expert_compute(capacity_factor=9.0)
     assert all(moe.router.capacity_factor == 1.0 for moe in model.moe_layers())  # a refused dial changes nothing
-    with pytest.raises(ValueError, match="capacity_offset sets the compute of diffmoe models"):
+    with pytest.raises(ValueError, match="capacity_offset sets the compute of diffmoe and expert-race models"):
         model.set_expert_compute(capacity_offset=0.5)
     with pytest.raises(ValueError, match="capacity_factor sets the compute of expert-choice models"):
         build("token-choice").set_expert_compute(capacity_factor=1.0)

@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from dit import checkpoint as ckpt
+from dit.analyze import main as analyze_main
+from dit.export import main as export_main
 from dit.files import is_checkpoint
 from dit.precision import use_precision
 from dit.sample import main as sample_main
@@ -290,6 +292,34 @@ def test_diffmoe_trains_its_predictor_and_samples_with_the_compute_dial(tmp_path
         sample_main(["--ckpt", str(checkpoint), "--capacity-factor", "1", "--out", str(tmp_path / "x.npz")])
     with pytest.raises(SystemExit, match="--compile and --cuda-graphs cannot take it"):
         sample_main(["--ckpt", str(checkpoint), "--compile", "--out", str(tmp_path / "x.npz")])
+
+
+def test_expert_race_trains_its_threshold_samples_with_the_dial_and_is_analysed(tmp_path, capsys):
+    """router=expert-race: the batch's best (token, expert) pairs win in training, the threshold
+    averaged into the EMA as the weights are; sampling routes each token by it, --capacity-offset
+    moves the compute; dit.analyze draws its experts per token; dit.export refuses it in one line."""
+    run_dir = run(tmp_path, "--steps", "3", "--set", "router=expert-race")
+    assert "balance" in (run_dir / "log.txt").read_text()  # the similarity loss's column
+    checkpoint = run_dir / "checkpoints" / "0000003"
+    ema = ckpt.build_from_checkpoint(str(checkpoint), "ema")
+    assert all(float(moe.router.threshold) != 0.0 for moe in ema.moe_layers())
+    counts = {}
+    for offset in ("-2", "0", "2"):
+        out = tmp_path / f"s{offset}.npz"
+        sample_main(["--ckpt", str(checkpoint), "--num-samples", "2", "--steps", "2", "--capacity-offset", offset]
+                    + ["--out", str(out)])  # fmt: skip
+        assert np.load(out)["arr_0"].shape == (2, 8, 8, 1)
+        ema.set_expert_compute(capacity_offset=float(offset))
+        with torch.no_grad():
+            ema.eval()(torch.randn(2, 1, 8, 8), torch.tensor([5, 500]), torch.tensor([1, 2]))
+        counts[offset] = sum(int(moe.expert_counts.sum()) for moe in ema.moe_layers())
+    assert counts["-2"] >= counts["0"] >= counts["2"]
+    analyze_main(["--ckpt", str(checkpoint), "--samples-per-class", "1", "--classes", "2", "--steps", "2"]
+                 + ["--out", str(tmp_path / "routing")])  # fmt: skip
+    assert (tmp_path / "routing" / "experts_per_token_by_step.png").is_file()
+    assert "mean experts per token" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot package a model routed by expert-race"):
+        export_main(["--ckpt", str(checkpoint), "--out", str(tmp_path / "race.pt2")])
 
 
 def test_training_and_sampling_with_fp8_experts(tmp_path):
