@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moe_kernels import ROUTERS
+
 from .checkpoint import build_from_checkpoint
 from .cli import add_moe_backend_argument, coefficient, nonnegative_int, positive_int, seed
 from .files import check_writable_dir
@@ -46,7 +48,7 @@ class RoutingRecorder:
         if not layers:
             raise ValueError("the model has no MoE layers to analyse")
         L, E, P = len(layers), layers[0].num_experts, model.grid_size**2
-        self.expert_choice = model.config.router != "token-choice"
+        self.expert_choice = not ROUTERS[model.config.router].top_k_per_token
         self.by_class = torch.zeros(L, model.config.num_classes, E, dtype=torch.long)
         self.by_position = torch.zeros(L, P, E, dtype=torch.long)
         self.by_step = torch.zeros(L, num_steps, E, dtype=torch.long)

@@ -84,6 +84,11 @@ def export(model: DiT, out: Path, batch: int, cfg: bool) -> Path:
     """Export ``model`` (eval mode, on its device) as an AOTInductor package at ``out``."""
     device = next(model.parameters()).device
     config = model.config
+    if ROUTERS[config.router].route_inputs:
+        raise ValueError(
+            f"dit.export cannot package a model routed by {config.router}: its routing reads the class labels, "
+            "which the package's ops do not pass to it"
+        )
     if not ROUTERS[config.router].static_shapes:
         # Its inference dispatch has a data-dependent row count, which AOTInductor cannot size.
         raise ValueError(

@@ -74,13 +74,17 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
-    def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """``drop`` (bool ``[N]``), in training, says which labels become the null class; by
-        default each does with probability ``dropout_prob``."""
+    def dropped(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The labels with, in training, the ``drop`` ones (bool ``[N]``; by default each with
+        probability ``dropout_prob``) made the null class (``num_classes``)."""
         if self.training and self.dropout_prob > 0:
             if drop is None:
                 drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, self.num_classes, labels)
+        return labels
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """The embeddings of ``labels`` as they are (``dropped`` first to drop some)."""
         return self.embedding_table(labels)
 
 
@@ -148,10 +152,15 @@ class DiTBlock(nn.Module):
         self.ffn = ffn
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, route_inputs: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``route_inputs``: what the MoE's router reads besides the tokens (``Router.route_inputs``)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp.unsqueeze(1) * self.ffn(
+            modulate(self.norm2(x), shift_mlp, scale_mlp), **(route_inputs or {})
+        )
 
 
 class FinalLayer(nn.Module):
@@ -208,8 +217,13 @@ class DiTConfig:
     # tokens x top_k (token, expert) pairs of the batch win in training, a learned threshold
     # on the router logit routes each token on its own at inference; experimental).
     router: str = "token-choice"
-    # expert-race: the weight of its router similarity loss (moe_kernels.ExpertRace).
+    # expert-race: the weight of its router similarity loss (moe_kernels.ExpertRace). promoe
+    # (ProMoE: the null-label tokens to their own unconditional_experts, the others to the rest,
+    # each by cosine similarity to learnable prototypes; experimental): the weight of its routing
+    # contrastive loss (its balance loss is balance_loss_alpha).
     similarity_coef: float = 0.01
+    unconditional_experts: int = 0  # 0: top_k, the fewest that give those tokens top_k experts
+    contrastive_coef: float = 0.01
     qk_norm: bool = False
     name: str = ""
     # How the model's inputs and outputs are read: the training objective ("diffusion" or
@@ -235,8 +249,22 @@ class DiTConfig:
         DROPOUT.check("class_dropout_prob", self.class_dropout_prob)
         COEFFICIENT.check("balance_loss_alpha", self.balance_loss_alpha)
         COEFFICIENT.check("similarity_coef", self.similarity_coef)
+        COEFFICIENT.check("contrastive_coef", self.contrastive_coef)
+        NONNEGATIVE_INT.check("unconditional_experts", self.unconditional_experts)
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {self.router!r}")
+        if self.router == "promoe" and self.num_experts:
+            unconditional = self.unconditional_experts or self.top_k
+            if not self.top_k <= unconditional <= self.num_experts - self.top_k:
+                raise ValueError(
+                    f"unconditional_experts must leave top_k ({self.top_k}) experts on each side of promoe's "
+                    f"guidance split: from {self.top_k} to {self.num_experts - self.top_k}, got {unconditional}"
+                )
+            if not self.class_dropout_prob:
+                raise ValueError(
+                    "promoe trains its unconditional experts on the dropped labels' tokens: class_dropout_prob "
+                    "must be > 0"
+                )
         if self.expert_activation not in ACTIVATIONS:
             raise ValueError(f"expert_activation must be one of {ACTIVATIONS}, got {self.expert_activation!r}")
         if self.objective not in OBJECTIVES:
@@ -246,13 +274,20 @@ class DiTConfig:
 def router_options(config: DiTConfig) -> dict:
     """The options of ``config.router`` that the config sets: token choice's balance loss and
     weights; expert choice's groups, one image each (so no image depends on its batch); expert
-    race's similarity loss. Any other router of ``moe_kernels.ROUTERS`` takes its defaults."""
+    race's similarity loss; ProMoE's split and losses. Any other router of ``moe_kernels.ROUTERS``
+    takes its defaults."""
     if config.router == "token-choice":
         return dict(normalize_weights=config.normalize_weights, balance_loss_alpha=config.balance_loss_alpha)
     if config.router == "expert-choice":
         return dict(group_size=(config.input_size // config.patch_size) ** 2)
     if config.router == "expert-race":
         return dict(similarity_coef=config.similarity_coef)
+    if config.router == "promoe":
+        return dict(
+            unconditional_experts=config.unconditional_experts or config.top_k,
+            contrastive_coef=config.contrastive_coef,
+            balance_loss_alpha=config.balance_loss_alpha,
+        )
     return {}
 
 
@@ -369,13 +404,23 @@ class DiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, drop_labels)
+        labels = self.y_embedder.dropped(y, drop_labels)
+        c = self.t_embedder(t) + self.y_embedder(labels)
+        route_inputs = self.route_inputs(labels, x.shape[1])
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, c, route_inputs, use_reentrant=False)
             else:
-                x = block(x, c)
+                x = block(x, c, route_inputs)
         return self.unpatchify(self.final_layer(x, c))
+
+    def route_inputs(self, labels: torch.Tensor, tokens: int) -> dict[str, torch.Tensor]:
+        """What the MoE layers' router reads besides the tokens, per token of the ``[N, tokens]``
+        batch: ``unconditional``, the tokens of null-label images (the unguided pass of
+        classifier-free guidance, and the dropped labels in training), for ProMoE."""
+        if self.config.num_experts == 0 or "unconditional" not in ROUTERS[self.config.router].route_inputs:
+            return {}
+        return {"unconditional": (labels == self.config.num_classes)[:, None].expand(-1, tokens)}
 
 
 def _xavier_by_blocks(weight: torch.Tensor, block_width: int) -> None:

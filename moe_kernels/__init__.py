@@ -2,8 +2,8 @@
 
 ``topk_gating``, ``expert_choice_gating``, ``balance_loss``, ``grouped_mm``, ``moe_ffn`` and
 ``expert_choice_ffn`` are differentiable ops; ``MoE`` is a drop-in layer whose router
-(``Router``: ``TokenChoice``, ``ExpertChoice``, ``DiffMoE``, ``ExpertRace``, or your own) decides which experts
-compute which tokens, as a ``Dispatch`` that one experts op runs. Every op takes
+(``Router``: ``TokenChoice``, ``ExpertChoice``, ``DiffMoE``, ``ExpertRace``, ``ProMoE``, or your
+own) decides which experts compute which tokens, as a ``Dispatch`` that one experts op runs. Every op takes
 ``backend=None|"auto"|"triton"|"torch"``: ``auto`` means Triton on CUDA tensors and PyTorch
 elsewhere, and ``MOE_KERNELS_BACKEND`` overrides it. Underneath, each op is a custom op in
 ``torch.ops.moe_kernels`` (see ``moe_kernels.library``), so ``torch.compile``, ``torch.export``
@@ -23,7 +23,7 @@ from .ffn import expert_choice_ffn, moe_ffn
 from .fp8 import dequantize_fp8, quantize_fp8
 from .grouped_mm import grouped_mm, grouped_mm_fp8
 from .layer import MoE
-from .routers import ROUTERS, DiffMoE, ExpertChoice, ExpertRace, Routed, Router, TokenChoice
+from .routers import ROUTERS, DiffMoE, ExpertChoice, ExpertRace, ProMoE, Routed, Router, TokenChoice
 from .topk_gating import topk_gating
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Dispatch",
     "ExpertChoice",
     "ExpertRace",
+    "ProMoE",
     "MoE",
     "Routed",
     "Router",

@@ -48,7 +48,9 @@ class SharedExpert(nn.Module):
 class MoE(nn.Module):
     """Sparse mixture of experts: router -> routed experts -> shared experts.
 
-    ``forward(x [..., dim]) -> y [..., dim]``. The router (``moe.router``, a ``Router``: a
+    ``forward(x [..., dim], **route_inputs) -> y [..., dim]``; ``route_inputs`` are what the
+    router reads besides the tokens (``Router.route_inputs``: ProMoE's ``unconditional``), each
+    one value per token (shape ``x.shape[:-1]``). The router (``moe.router``, a ``Router``: a
     bias-free ``Linear(dim, E)`` by default and a routing rule) decides which experts compute
     which tokens; the routed experts are stored stacked, ``w_in [E, dim, 2 * hidden_dim]`` for
     ``"swiglu"`` (else ``[E, dim, hidden_dim]``) and ``w_out [E, hidden_dim, dim]``, and run on the
@@ -59,7 +61,7 @@ class MoE(nn.Module):
     ``router`` is a ``Router`` or the name of one (``moe_kernels.routers.ROUTERS``):
     ``"token-choice"`` (default; ``TokenChoice``: top-k gating and DiT-MoE's balance loss, and the
     options of Mixtral, OLMoE, Qwen and DeepSeek-V3), ``"expert-choice"`` (``ExpertChoice``,
-    EC-DiT), ``"diffmoe"`` (``DiffMoE``) or ``"expert-race"`` (``ExpertRace``, Race-DiT). A name builds the router with ``dim``, ``num_experts``,
+    EC-DiT), ``"diffmoe"`` (``DiffMoE``), ``"expert-race"`` (``ExpertRace``, Race-DiT) or ``"promoe"`` (``ProMoE``). A name builds the router with ``dim``, ``num_experts``,
     ``top_k`` and the remaining keyword arguments, its options (``normalize_weights``,
     ``balance_loss_alpha``, ``group_size``, ``capacity_factor``, ...; see each router).
 
@@ -184,7 +186,7 @@ class MoE(nn.Module):
                 if tensor is not None:
                     nn.init.uniform_(tensor, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **route_inputs: torch.Tensor | None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in FLOAT_DTYPES:
@@ -200,7 +202,7 @@ class MoE(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         tokens = x.reshape(-1, self.dim)
         logits = self.router(tokens)
-        routed = self.router.route(tokens, logits, backend)
+        routed = self.router.route(tokens, logits, backend, **self._route_inputs(x, route_inputs))
         if self.on_route is not None and routed.record is not None:
             self.on_route(*routed.record())
         y = self._experts(tokens.to(dtype), routed.dispatch, dtype, backend)
@@ -211,6 +213,32 @@ class MoE(nn.Module):
         self.expert_counts = routed.dispatch.counts if routed.counts is None else routed.counts
         self.aux_loss = self.router.aux_loss(routed, logits) if self.training else None
         return y.reshape(x.shape)
+
+    def _route_inputs(self, x: torch.Tensor, inputs: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """The router's inputs (``Router.route_inputs``) given to ``forward``, each one value per
+        token of ``x`` (shape ``x.shape[:-1]``), flattened; ``None`` ones left out."""
+        wanted = self.router.route_inputs
+        unknown = sorted(set(inputs) - set(wanted))
+        if unknown:
+            raise TypeError(
+                f"the {type(self.router).__name__} router takes no input {', '.join(unknown)} "
+                f"(its inputs: {', '.join(wanted) or 'none'})"
+            )
+        flat = {}
+        for name, value in inputs.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.shape != x.shape[:-1] or value.device != x.device:
+                shown = (
+                    f"{tuple(value.shape)} on {value.device}"
+                    if isinstance(value, torch.Tensor)
+                    else type(value).__name__
+                )
+                raise ValueError(
+                    f"{name} must hold one value per token of x: shape {tuple(x.shape[:-1])} on {x.device}, got {shown}"
+                )
+            flat[name] = value.reshape(-1)
+        return flat
 
     def _experts(self, tokens: torch.Tensor, dispatch: Dispatch, dtype: torch.dtype, backend: str) -> torch.Tensor:
         """The routed experts on ``dispatch``: here, sharded over ``expert_mesh``, or stored in FP8."""

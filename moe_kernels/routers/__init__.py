@@ -18,6 +18,7 @@ import inspect
 from .base import Routed, Router, router_settings
 from .diffmoe import CapacityPredictor, DiffMoE
 from .expert_choice import ExpertChoice
+from .promoe import ProMoE
 from .race import ExpertRace
 from .token_choice import TokenChoice
 
@@ -26,6 +27,7 @@ ROUTERS: dict[str, type[Router]] = {
     "expert-choice": ExpertChoice,
     "diffmoe": DiffMoE,
     "expert-race": ExpertRace,
+    "promoe": ProMoE,
 }
 
 
@@ -68,6 +70,7 @@ __all__ = [
     "DiffMoE",
     "ExpertChoice",
     "ExpertRace",
+    "ProMoE",
     "Routed",
     "Router",
     "TokenChoice",

@@ -44,9 +44,14 @@ class Router(nn.Linear):
     logits mean in ``route(tokens, logits, backend) -> Routed``; the layer runs the experts on the
     dispatch it returns, whatever the routing.
 
-    ``static_shapes`` (a class attribute) says whether the dispatch's sizes in eval mode follow
+    Class attributes: ``static_shapes`` says whether the dispatch's sizes in eval mode follow
     from the input's shape alone, with no value read on the host: what CUDA graphs, ``torch.compile``
-    without graph breaks and ``torch.export`` need.
+    without graph breaks and ``torch.export`` need. ``top_k_per_token`` says whether every token
+    gets exactly ``top_k`` experts, and then ``Routed.record`` gives ``(experts [T, k], weights
+    [T, k])``; else a token gets 0 to ``E`` and it gives ``(chosen [T, E] bool, scores [T, E])``.
+    ``route_inputs`` names what the router reads besides the tokens, one value per token, which
+    the caller passes to the layer by name (``moe(x, unconditional=mask)``) and ``route`` receives
+    flattened to ``[T]`` (as keywords; an input not passed is not given).
 
     Args:
         dim: ``D``; num_experts: ``E``.
@@ -58,6 +63,8 @@ class Router(nn.Linear):
     """
 
     static_shapes: ClassVar[bool] = True
+    top_k_per_token: ClassVar[bool] = True
+    route_inputs: ClassVar[tuple[str, ...]] = ()
     z_loss_coef = Setting(COEFFICIENT)
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, router_bias: bool = False, z_loss_coef: float = 0.0):
@@ -86,9 +93,10 @@ class Router(nn.Linear):
     def num_experts(self) -> int:
         return self.out_features
 
-    def route(self, tokens: Tensor, logits: Tensor, backend: str) -> Routed:
+    def route(self, tokens: Tensor, logits: Tensor, backend: str, **inputs: Tensor) -> Routed:
         """The decision for ``tokens [T, D]`` from their ``logits [T, E]`` (``self(tokens)``, with
-        their graph), on ``backend`` (``"triton"`` or ``"torch"``, already resolved)."""
+        their graph), on ``backend`` (``"triton"`` or ``"torch"``, already resolved), and the
+        ``route_inputs`` the caller gave (``[T]`` each)."""
         raise NotImplementedError(f"{type(self).__name__} must define route(tokens, logits, backend)")
 
     def aux_loss(self, routed: Routed, logits: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ class ExpertChoice(Router):
         capacity_factor: the average experts per token, default ``top_k``.
     """
 
+    top_k_per_token = False
     # Checked when set: a factor beyond E, or one that rounds to no token per group, is refused then.
     group_size = Setting(POSITIVE_INT, lambda router, size: router._check_capacity(size, None), optional=True)
     capacity_factor = Setting(SCALE, lambda router, factor: router._check_capacity(None, factor))

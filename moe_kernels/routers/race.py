@@ -81,6 +81,7 @@ class ExpertRace(Router):
     """
 
     static_shapes = False  # eval mode's rows per expert are data (nonzero)
+    top_k_per_token = False
     capacity_offset = Setting(OFFSET)
     similarity_coef = Setting(COEFFICIENT)
     momentum = Setting(PROBABILITY)

@@ -31,7 +31,7 @@ def _layer(backend: str, num_experts: int, top_k: int, unused: int, options: dic
     tokens are positive, so a strongly negative router row is never among the top k."""
     torch.manual_seed(0)
     layer = mk.MoE(8, 12, num_experts, top_k, num_shared_experts=1, backend=backend, **options)
-    if layer.router.expert_bias is not None:
+    if getattr(layer.router, "expert_bias", None) is not None:
         layer.router.expert_bias.normal_(0, 0.1)
     with torch.no_grad():
         layer.router.weight[0] += 0.5
@@ -54,6 +54,7 @@ def _check_against_unsharded(rank: int, world_size: int, backend: str) -> None:
         (4, 1, [6, 9, 1, 4], dict(expert_biases=True, activation="gelu_tanh")),
         (4, 4, [3, 5, 2, 6], {}),
         (8, 3, [4, 6, 0, 5], DEEPSEEK),
+        (8, 2, [5, 7, 3, 0], dict(router="promoe", unconditional_experts=3)),  # cosine routing, one side
     ):
         if num_experts % world_size:
             continue

@@ -322,6 +322,36 @@ def test_expert_race_trains_its_threshold_samples_with_the_dial_and_is_analysed(
         export_main(["--ckpt", str(checkpoint), "--out", str(tmp_path / "race.pt2")])
 
 
+def test_promoe_sends_the_null_labels_to_their_experts_in_training_and_guided_sampling(tmp_path):
+    """router=promoe: the dropped labels' tokens (training) and the unguided half of a guided
+    batch (sampling) go to the unconditional experts alone, the others never do; dit.analyze
+    reads it as token choice; dit.export refuses it in one line."""
+    run_dir = run(tmp_path, "--steps", "2", "--set", "router=promoe")  # 4 experts, top-2: 2 unconditional
+    checkpoint = run_dir / "checkpoints" / "0000002"
+    model = ckpt.build_from_checkpoint(str(checkpoint), "ema").eval()
+    seen = []
+    for moe in model.moe_layers():
+        moe.on_route = lambda experts, weights: seen.append(experts)
+    labels = torch.tensor([3, 7, 10, 10])  # a guided batch: two images, then their null-label pass
+    with torch.no_grad():
+        model(torch.randn(4, 1, 8, 8), torch.tensor([500, 500, 500, 500]), labels)
+    tokens = model.grid_size**2
+    for experts in seen:
+        unconditional = (experts >= 2).view(4, tokens, -1)
+        assert not unconditional[:2].any() and unconditional[2:].all()
+    out = tmp_path / "guided.npz"
+    sample_main(
+        ["--ckpt", str(checkpoint), "--num-samples", "2", "--steps", "2", "--cfg-scale", "3", "--out", str(out)]
+    )
+    assert np.load(out)["arr_0"].shape == (2, 8, 8, 1)
+    analyze_main(["--ckpt", str(checkpoint), "--samples-per-class", "1", "--classes", "2", "--steps", "2"]
+                 + ["--out", str(tmp_path / "routing")])  # fmt: skip
+    with pytest.raises(SystemExit, match="its routing reads the class labels"):
+        export_main(["--ckpt", str(checkpoint), "--out", str(tmp_path / "promoe.pt2")])
+    with pytest.raises(SystemExit, match="unconditional_experts must leave top_k"):
+        run(tmp_path / "bad", "--steps", "1", "--set", "router=promoe", "--set", "unconditional_experts=3")
+
+
 def test_training_and_sampling_with_fp8_experts(tmp_path):
     """--precision fp8: training runs every MoE layer's routed experts in FP8 from fp32 weights
     (the checkpoint holds fp32 weights, as any run's); sampling stores them in FP8."""
