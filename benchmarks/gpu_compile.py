@@ -277,14 +277,15 @@ def compile_launches(
     launches: list[dict],
     full_report: bool = True,
     triton_dir: str | None = None,
-    timeout: float = 1800,
+    timeout: float | None = 1800,
     target: str = "sm_90a",
     designs: list[str] | None = None,
 ) -> list[dict]:
     """Compile ``launches`` (from ``record_launches``) for ``target`` (a key of ``TARGETS``) in a
     fresh process without the interpreter; one result per launch and config compiled (see
-    ``_compile_one``; ``designs``: only the row kernel's configs of these designs), in order.
-    ``triton_dir``: a directory holding another Triton to compile with."""
+    ``_compile_one``; ``designs``: only the GEMM kernels' configs of these designs), in order.
+    ``triton_dir``: a directory holding another Triton to compile with; ``timeout``: seconds
+    for all of it (None: no limit)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, root, os.environ.get("PYTHONPATH")) if p)
@@ -549,7 +550,8 @@ def main() -> None:
     if divmod(TARGETS[args.target][0], 10) < FP8_CAPABILITY:  # the launcher refuses FP8 there in one line
         launches = [launch for launch in launches if "fp8" not in launch["kernel"]]
         note = f"\n- The FP8 kernel's launches are left out: {args.target} has no e4m3 tensor cores (a launch says so)."
-    results = compile_launches(launches, triton_dir=args.triton, target=args.target)
+    # Every config of every launch: about half an hour on two cores, so no time limit here.
+    results = compile_launches(launches, triton_dir=args.triton, target=args.target, timeout=None)
     text = f"{summary(results)}{note}\n\n{table(results)}\n"
     print(text)
     if args.out:
