@@ -268,15 +268,8 @@ def test_init_starts_a_new_run_from_upcycled_weights(tmp_path, capsys):
     assert "give one of them" in capsys.readouterr().err
 
 
-def test_diffmoe_trains_its_predictor_and_samples_with_the_compute_dial(tmp_path):
-    """router=diffmoe: expert choice over the whole batch in training, the capacity thresholds
-    averaged into the EMA as the weights are, then per-token routing when sampling, where
-    --capacity-offset moves the compute."""
-    run_dir = run(tmp_path, "--steps", "3", "--set", "router=diffmoe")
-    checkpoint = run_dir / "checkpoints" / "0000003"
-    ema = ckpt.build_from_checkpoint(str(checkpoint), "ema")
-    for moe in ema.moe_layers():
-        assert moe.router.group_size is None and (moe.router.capacity_predictor.thresholds != 0).all()
+def _check_the_capacity_offset(tmp_path: Path, checkpoint: Path, ema) -> None:
+    """dit.sample takes --capacity-offset, and the model's experts per token fall as it rises."""
     counts = {}
     for offset in ("-2", "0", "2"):
         out = tmp_path / f"s{offset}.npz"
@@ -288,6 +281,18 @@ def test_diffmoe_trains_its_predictor_and_samples_with_the_compute_dial(tmp_path
             ema.eval()(torch.randn(2, 1, 8, 8), torch.tensor([5, 500]), torch.tensor([1, 2]))
         counts[offset] = sum(int(moe.expert_counts.sum()) for moe in ema.moe_layers())
     assert counts["-2"] >= counts["0"] >= counts["2"]
+
+
+def test_diffmoe_trains_its_predictor_and_samples_with_the_compute_dial(tmp_path):
+    """router=diffmoe: expert choice over the whole batch in training, the capacity thresholds
+    averaged into the EMA as the weights are, then per-token routing when sampling, where
+    --capacity-offset moves the compute."""
+    run_dir = run(tmp_path, "--steps", "3", "--set", "router=diffmoe")
+    checkpoint = run_dir / "checkpoints" / "0000003"
+    ema = ckpt.build_from_checkpoint(str(checkpoint), "ema")
+    for moe in ema.moe_layers():
+        assert moe.router.group_size is None and (moe.router.capacity_predictor.thresholds != 0).all()
+    _check_the_capacity_offset(tmp_path, checkpoint, ema)
     with pytest.raises(SystemExit, match="capacity_factor sets the compute of expert-choice models"):
         sample_main(["--ckpt", str(checkpoint), "--capacity-factor", "1", "--out", str(tmp_path / "x.npz")])
     with pytest.raises(SystemExit, match="--compile and --cuda-graphs cannot take it"):
@@ -303,17 +308,7 @@ def test_expert_race_trains_its_threshold_samples_with_the_dial_and_is_analysed(
     checkpoint = run_dir / "checkpoints" / "0000003"
     ema = ckpt.build_from_checkpoint(str(checkpoint), "ema")
     assert all(float(moe.router.threshold) != 0.0 for moe in ema.moe_layers())
-    counts = {}
-    for offset in ("-2", "0", "2"):
-        out = tmp_path / f"s{offset}.npz"
-        sample_main(["--ckpt", str(checkpoint), "--num-samples", "2", "--steps", "2", "--capacity-offset", offset]
-                    + ["--out", str(out)])  # fmt: skip
-        assert np.load(out)["arr_0"].shape == (2, 8, 8, 1)
-        ema.set_expert_compute(capacity_offset=float(offset))
-        with torch.no_grad():
-            ema.eval()(torch.randn(2, 1, 8, 8), torch.tensor([5, 500]), torch.tensor([1, 2]))
-        counts[offset] = sum(int(moe.expert_counts.sum()) for moe in ema.moe_layers())
-    assert counts["-2"] >= counts["0"] >= counts["2"]
+    _check_the_capacity_offset(tmp_path, checkpoint, ema)
     analyze_main(["--ckpt", str(checkpoint), "--samples-per-class", "1", "--classes", "2", "--steps", "2"]
                  + ["--out", str(tmp_path / "routing")])  # fmt: skip
     assert (tmp_path / "routing" / "experts_per_token_by_step.png").is_file()

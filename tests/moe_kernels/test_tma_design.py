@@ -9,7 +9,7 @@ import torch
 import moe_kernels as mk
 from moe_kernels import reference, tuning
 from moe_kernels.grouped_mm import grouped_mm_triton
-from tests.moe_kernels import test_ffn, test_grouped_mm
+from tests.moe_kernels import test_expert_choice, test_ffn, test_grouped_mm
 from tests.moe_kernels.helpers import DEVICE, DTYPES, assert_close_to_reference, grads
 
 pytestmark = pytest.mark.skipif("triton" not in mk.backend.IMPLEMENTATIONS, reason="a Triton kernel")
@@ -65,23 +65,10 @@ def test_swiglu_with_every_option(tma):
     test_ffn.test_more_activations_match_reference("triton", test_ffn.OPTIONS[1], torch.float32, *test_ffn.CASES[0])
 
 
-def test_expert_choice_layer(tma):
+@pytest.mark.parametrize("kwargs", [dict(group_size=8), dict(group_size=4, top_k=1)])
+def test_expert_choice_layer(tma, kwargs):
     """Expert choice: a token with 0..E experts, the combine with per-token slot counts."""
-    layer = mk.MoE(16, 24, 4, 2, num_shared_experts=0, router="expert-choice", group_size=8, backend="triton")
-    layer = layer.to(DEVICE)
-    x = torch.randn(3, 8, 16, device=DEVICE, requires_grad=True)
-    y = layer(x)
-    tokens = x.reshape(-1, 16)
-    capacity = layer.router.capacity(8)
-    weights, chosen, _ = reference.expert_choice_gating(layer.router(tokens), capacity, 8)
-    want = reference.expert_choice_ffn(tokens, weights, chosen, layer.w_in, layer.w_out, layer.activation)
-    torch.testing.assert_close(y.reshape(-1, 16), want, atol=1e-5, rtol=1e-5)
-    params = [x, *layer.parameters()]
-    grad_y = torch.randn_like(y)
-    got = torch.autograd.grad((y * grad_y).sum(), params)
-    expected = torch.autograd.grad((want * grad_y.reshape(-1, 16)).sum(), params)
-    for g, w in zip(got, expected):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    test_expert_choice.test_layer_forward_backward_match_reference("triton", kwargs)
 
 
 def test_rows_tma_cannot_read_take_pointer_loads(tma):
