@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,3 +59,12 @@ def test_cli_prints_the_table(capsys):
     assert "690.94" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--image-size", "100"])
+
+
+@pytest.mark.parametrize("router", ["expert-choice", "expert-race", "promoe"])
+def test_routers_of_k_experts_per_token_on_average_count_as_token_choice(router):
+    """Expert choice and Expert Race give a token k experts on average, ProMoE exactly k: the same
+    parameters, activated parameters and compute as token choice (their routers hold nothing
+    beyond the Linear(D, E); DiffMoE's predictor is counted apart)."""
+    config = create_model("DiT-MoE-S/2-8E2A").config
+    assert count(dataclasses.replace(config, router=router)) == count(config)
