@@ -623,6 +623,58 @@ def time_first_step(smoke: bool, table: Path, report: dict, timeout_s: float = 2
         rows["with table"]["/ autotuned"] = rows["with table"]["seconds"] / rows["autotuned"]["seconds"]
 
 
+class DesignTimings:
+    """Every design's best time at every launch key the GEMM autotuners benchmark while
+    ``recording`` (Triton keeps the timings of the last key only): ``rows[kernel][key] =
+    {design: ms}``, the side-by-side comparison of the designs launch by launch."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, dict[str, float]]] = {}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        kernels = {name: TUNED_KERNELS[name] for name in tuning.DESIGNED_KERNELS}
+        for name, kernel in kernels.items():
+            kernel.run = self._recorded(name, kernel, kernel.run)
+        try:
+            yield
+        finally:
+            for kernel in kernels.values():
+                del kernel.run  # the class's own again
+
+    def _recorded(self, name: str, kernel: triton.runtime.Autotuner, run: Callable) -> Callable:
+        def recorded(*args, **kwargs):
+            before = set(kernel.cache)
+            out = run(*args, **kwargs)
+            timings = getattr(kernel, "configs_timings", None) or {}
+            for key in set(kernel.cache) - before:
+                best = {}
+                for config, times in timings.items():
+                    ms = times[0] if isinstance(times, (list, tuple)) else times
+                    design = tuning.design_of(config)
+                    best[design] = min(best.get(design, float("inf")), float(ms))
+                if best:
+                    self.rows.setdefault(name, {})[tuning.cache_key_text(kernel, key)] = best
+            return out
+
+        return recorded
+
+    def summary(self) -> dict[str, dict[str, float | int]]:
+        """Per kernel: the launches timed with both designs, those where ``tma`` won, and the
+        median of tiled / tma (above 1: tma faster)."""
+        result = {}
+        for name, rows in self.rows.items():
+            both = [row for row in rows.values() if {"tiled", "tma"} <= set(row)]
+            if both:
+                ratios = sorted(row["tiled"] / row["tma"] for row in both)
+                result[name] = {
+                    "launches": len(both),
+                    "tma won": sum(ratio > 1 for ratio in ratios),
+                    "median tiled / tma": ratios[len(ratios) // 2],
+                }
+        return result
+
+
 def autotuned() -> dict[str, dict[str, dict[str, int]]]:
     """The config the autotuner chose for each key it tuned, per GEMM kernel: which tiles won, and
     where the wgrad kernel's candidates all lose, what to try next."""
@@ -644,9 +696,11 @@ def summary(report: dict) -> str:
                 if f"{part} / torch" in row
             )
             lines.append(f"{key:36s} {ratios or row.get('error', '')}")
-    chosen = [fields.get("TMA") for fields in report.get("autotuned", {}).get("grouped_mm", {}).values()]
-    if chosen:
-        lines.append(f"row GEMM launches tuned: {sum(map(bool, chosen))} of {len(chosen)} chose the persistent design")
+    for kernel, row in report.get("designs", {}).items():
+        lines.append(
+            f"designs {kernel}: tma won {row['tma won']} of {row['launches']} launches timed with both "
+            f"(median tiled / tma {row['median tiled / tma']:.2f}x)"
+        )
     for key, profile in report.get("profile", {}).items():
         for gemm, row in profile.get("gemms", {}).items():
             peak = f" {row['of peak']:.0%} of peak" if "of peak" in row else ""
@@ -713,12 +767,13 @@ def main(argv: list[str] | None = None) -> Path:
         "sampling": {},
     }
     table = Path(args.tables or Path(args.out) / "configs") / f"{device_slug(card)}.json"
+    designs = DesignTimings()
     bench = _time_once if args.smoke else cuda_time_ms
     for part in parts:
         say(f"part {part}")
         if part == "checks":
             # The interpreter's bf16 tl.dot is wrong, so the smoke run checks fp32 only.
-            # Each design of the row kernel alone: the autotuner (or MOE_KERNELS_AUTOTUNE=0) picks one otherwise.
+            # Each design of the GEMM kernels alone: the autotuner (or MOE_KERNELS_AUTOTUNE=0) picks one otherwise.
             for dtype_label in ("fp32",) if args.smoke else checks:
                 for design in tuning.DESIGNS:
                     label = dtype_label if design == "tiled" else f"{dtype_label} {design}"
@@ -732,7 +787,9 @@ def main(argv: list[str] | None = None) -> Path:
                         f"{max(errors.values()):.1e}, in {max(errors, key=errors.get)})"
                     )
         elif part == "layers":
-            time_layers(args.smoke, dev, bench, report)
+            with designs.recording():
+                time_layers(args.smoke, dev, bench, report)
+            report["design timings"], report["designs"] = designs.rows, designs.summary()
         elif part == "profile":
             profile_layers(args.smoke, dev, report)
         elif part == "training":

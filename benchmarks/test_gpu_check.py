@@ -2,10 +2,12 @@
 GPU lease is never spent on its bugs."""
 
 import json
+import types
 
 import pytest
 
 from benchmarks import gpu_check
+from moe_kernels import tuning
 from moe_kernels.backend import INTERPRET
 
 
@@ -80,3 +82,27 @@ def test_a_forward_that_cannot_be_captured_keeps_its_row():
         pytest.skip("a GPU is present")
     result = gpu_check.graphed_ms(lambda: None, gpu_check._time_once)
     assert isinstance(result, str) and result  # the capture's error, recorded in place of a time
+
+
+def test_design_timings_compare_the_designs_launch_by_launch():
+    """The autotuner keeps only the last key's timings: the recorder takes each newly tuned key's
+    best time per design, and says where the TMA design won."""
+    tiled, tma = (tuning.designed(tuning.config(64, 64, 64, 4, 4), design) for design in tuning.DESIGNS)
+    kernel = types.SimpleNamespace(keys=["N"], cache={}, configs_timings=None)
+
+    def run(n, ms):
+        kernel.cache.setdefault((n, "torch.bfloat16"), tiled)
+        kernel.configs_timings = {tiled: [ms[0], 0.0, 0.0], tma: [ms[1], 0.0, 0.0]}
+
+    timings = gpu_check.DesignTimings()
+    recorded = timings._recorded("grouped_mm", kernel, run)
+    recorded(64, (2.0, 1.0))
+    recorded(64, (9.0, 9.0))  # a key tuned already: not timed again, not recorded
+    recorded(128, (1.0, 2.0))
+    assert timings.rows == {
+        "grouped_mm": {
+            "N=64,dtypes=torch.bfloat16": {"tiled": 2.0, "tma": 1.0},
+            "N=128,dtypes=torch.bfloat16": {"tiled": 1.0, "tma": 2.0},
+        }
+    }
+    assert timings.summary() == {"grouped_mm": {"launches": 2, "tma won": 1, "median tiled / tma": 2.0}}

@@ -90,8 +90,7 @@ def config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) ->
 
 
 def designed(config: triton.Config, design: str) -> triton.Config:
-    """``config`` as a GEMM kernel config of ``design`` (one of ``DESIGNS``): the row kernel
-    reads it as PERSISTENT, the weight-gradient kernel as TMA."""
+    """``config`` as a GEMM kernel config of ``design`` (one of ``DESIGNS``), its ``TMA`` field."""
     config.kwargs["TMA"] = design == "tma"
     return config
 
@@ -376,13 +375,15 @@ def tuned_table(kernels: dict[str, triton.runtime.Autotuner]) -> dict[str, dict[
     Triton's key is the ``key`` arguments' values followed by the tensor arguments' dtypes."""
     table = {}
     for kernel_name, kernel in kernels.items():
-        keys = list(kernel.keys)
-        entries = {
-            _key_text(list(zip(keys, key)), list(key[len(keys) :])): _config_fields(config)
-            for key, config in kernel.cache.items()
-        }
+        entries = {cache_key_text(kernel, key): _config_fields(config) for key, config in kernel.cache.items()}
         table[kernel_name] = dict(sorted(entries.items()))
     return table
+
+
+def cache_key_text(kernel: triton.runtime.Autotuner, key: tuple) -> str:
+    """A key of ``kernel``'s autotuner cache as text (``launch_key``'s form)."""
+    keys = list(kernel.keys)
+    return _key_text(list(zip(keys, key)), list(key[len(keys) :]))
 
 
 def write_table(path: Path, kernels: dict[str, triton.runtime.Autotuner], device: str) -> Path:
