@@ -44,6 +44,7 @@ import torch
 # features, wgmma and TMA on Hopper, tcgen05 on Blackwell): compute capability and the shared
 # memory one block may use (A100 163 KiB, Hopper and Blackwell 227 KiB).
 TARGETS = {"sm_80": (80, 166912), "sm_90a": (90, 232448), "sm_100a": (100, 232448)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _specialize(value) -> tuple[str, str | None]:
@@ -140,9 +141,10 @@ def _machine_code(cubin: bytes, target: str) -> dict:
     without nvdisasm."""
     sass = disassemble(cubin, target)
     if sass is None:
-        return {"loop_spills": None, "tma_loads": None, "k_step": None}
+        return {"loop_spills": None, "k_loop_spills": None, "tma_loads": None, "k_step": None}
     return {
         "loop_spills": count_loop_spills(sass),
+        "k_loop_spills": count_k_loop_spills(sass),
         "tma_loads": len(re.findall(r"\bUTMALDG\b", sass)),
         "k_step": sum(k_loop_opcodes(sass).values()) or None,
     }
@@ -189,16 +191,27 @@ def longest_loop_opcodes(sass: str) -> dict[str, int]:
     return _opcodes(instructions, *max(loops, key=lambda loop: loop[1] - loop[0]))
 
 
-def k_loop_opcodes(sass: str) -> dict[str, int]:
-    """The opcodes of the innermost loop of ``sass`` that holds a tensor-core instruction
-    (``HMMA``, ``HGMMA``, Blackwell's ``UTC*MMA``): a GEMM's K step, also inside a persistent
-    kernel's loop over tiles. Empty where no loop multiplies."""
+def _k_loop(sass: str) -> tuple[list[tuple[int, str]], tuple[int, int] | None]:
+    """``sass``'s instructions and its K loop: the innermost loop that holds a tensor-core
+    instruction (``HMMA``, ``HGMMA``, Blackwell's ``UTC*MMA``), also inside a persistent kernel's
+    loop over tiles; None where no loop multiplies."""
     instructions, loops = _instructions_and_loops(sass)
     multiplies = [a for a, text in instructions if re.search(r"MMA\b|MMA\.", text.split()[0] if text else "")]
     with_mma = [(s, e) for s, e in loops if any(s <= a <= e for a in multiplies)]
-    if not with_mma:
-        return {}
-    return _opcodes(instructions, *min(with_mma, key=lambda loop: loop[1] - loop[0]))
+    return instructions, min(with_mma, key=lambda loop: loop[1] - loop[0]) if with_mma else None
+
+
+def k_loop_opcodes(sass: str) -> dict[str, int]:
+    """The opcodes of the K loop of ``sass`` (``_k_loop``): a GEMM's K step. Empty where no loop multiplies."""
+    instructions, loop = _k_loop(sass)
+    return {} if loop is None else _opcodes(instructions, *loop)
+
+
+def count_k_loop_spills(sass: str) -> int:
+    """The ``STL``/``LDL`` instructions inside the K loop of ``sass``: spills paid on every K step
+    (a persistent kernel's epilogue spills sit in its loop over tiles, once per tile)."""
+    opcodes = k_loop_opcodes(sass)
+    return opcodes.get("STL", 0) + opcodes.get("LDL", 0)
 
 
 def _mma_kind(ptx: str) -> str:
@@ -415,8 +428,8 @@ def table(results: list[dict]) -> str:
     """A markdown table of ``compile_launches`` results; fits the target's limits or says why not."""
     lines = [
         "kernel | dtype | variant | aligned | config | compiles | tensor cores | registers | spill bytes | spills in loops"
-        " | TMA loads | K step | shared KiB",
-        "---|---|---|---|---|---|---|---|---|---|---|---|---",
+        " | K-loop spills | TMA loads | K step | shared KiB",
+        "---|---|---|---|---|---|---|---|---|---|---|---|---|---",
     ]
     for r in results:
         variant = " ".join(
@@ -425,21 +438,24 @@ def table(results: list[dict]) -> str:
         config = " ".join(f"{k}={v}" for k, v in r["config"].items())
         head = f"{r['kernel']} | {r['dtype']} | {variant} | {'yes' if r['aligned'] else 'no'} | {config}"
         if not r["ok"]:
-            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | | | | |")
+            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | | | | | |")
             continue
         shared = f"{r['shared_bytes'] / 1024:.0f}" + (
             " (over the limit)" if r["shared_bytes"] > TARGETS[r["target"]][1] else ""
         )
-        code = " | ".join("?" if r[key] is None else str(r[key]) for key in ("loop_spills", "tma_loads", "k_step"))
+        code = " | ".join(
+            "?" if r.get(key) is None else str(r[key])
+            for key in ("loop_spills", "k_loop_spills", "tma_loads", "k_step")
+        )
         lines.append(f"{head} | yes | {r['mma']} | {r['registers']} | {r['spill_bytes']} | {code} | {shared}")
     return "\n".join(lines)
 
 
 def _persistent_line(persistent: list[dict], results: list[dict], mma: str, target: str) -> str:
-    """The persistent design in one line: TMA, spills, and its K step beside the tiled design's
+    """The TMA design in one line: TMA loads, spills, and its K step beside the tiled design's
     at the same launch and tiles (the median of the ratios)."""
     if not persistent:
-        return f"- The persistent design is left out on {target}, as the GPU's pruning leaves it out: no TMA."
+        return f"- The TMA design is left out on {target}, as the GPU's pruning leaves it out: no TMA."
     tiled = {
         (r["kernel"], json.dumps(r["constants"], sort_keys=True), json.dumps({**r["config"], "TMA": True})): r
         for r in results
@@ -452,9 +468,11 @@ def _persistent_line(persistent: list[dict], results: list[dict], mma: str, targ
             ratios.append(r["k_step"] / twin["k_step"])
     ratio = f"{sorted(ratios)[len(ratios) // 2]:.2f}x" if ratios else "?"
     return (
-        f"- The persistent design (TMA=True): {len(persistent)} aligned {mma} pairs that fit; "
+        f"- The TMA design (TMA=True; the row kernel persistent): {len(persistent)} aligned {mma} pairs that fit; "
         f"{sum(bool(r['tma_loads']) for r in persistent)} load by TMA (`UTMALDG` in the SASS), "
-        f"{sum(bool(r['loop_spills']) for r in persistent)} spill inside a loop; its K step (*K step*: the "
+        f"{sum(bool(r.get('k_loop_spills')) for r in persistent)} spill inside the K loop (*K-loop spills*; those in "
+        f"its loop over tiles, {sum(bool(r['loop_spills']) for r in persistent)}, are the epilogue's, once per tile); "
+        "its K step (*K step*: the "
         f"instructions of the innermost loop holding the MMA) is {ratio} the tiled design's at the same launch "
         f"and tiles (median of {len(ratios)} pairs)."
     )
@@ -474,9 +492,10 @@ def summary(results: list[dict]) -> str:
         for r in compiled
         if r["aligned"] and "grouped" in r["kernel"] and r["mma"] == mma and r["shared_bytes"] <= limit
     ]
-    loop_spilling = [r for r in tensor_core if r["loop_spills"]]
-    fastest = [r for r in half if r["mma"] == mma]
     persistent = [r for r in tensor_core if r["config"].get("TMA")]
+    tiled = [r for r in tensor_core if not r["config"].get("TMA")]
+    loop_spilling = [r for r in tiled if r["loop_spills"]]
+    fastest = [r for r in half if r["mma"] == mma]
     return "\n".join(
         [
             (
@@ -495,10 +514,10 @@ def summary(results: list[dict]) -> str:
                 "(spill bytes per thread, from ptxas)."
             ),
             (
-                f"- {len(loop_spilling)} of the {len(tensor_core)} aligned {mma} GEMM pairs (bf16, fp16, TF32) that fit in "
-                "shared memory spill inside a loop. *spills in loops* counts the spill instructions (`STL`/`LDL` in "
-                "the SASS, from `nvdisasm`) between a backward branch and its target: those run on every K step; "
-                "the others, after the loop, once per tile."
+                f"- {len(loop_spilling)} of the {len(tiled)} aligned {mma} GEMM pairs (bf16, fp16, TF32) of the tiled "
+                "design that fit in shared memory spill inside a loop. *spills in loops* counts the spill instructions "
+                "(`STL`/`LDL` in the SASS, from `nvdisasm`) between a backward branch and its target: in the tiled "
+                "design those run on every K step; the others, after the loop, once per tile."
             ),
             _persistent_line(persistent, results, mma, target),
             (
@@ -536,6 +555,14 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90a", help="the GPU architecture")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(DTYPES),
+        default=sorted(DTYPES),
+        help="the workload's dtypes (fp32 runs with IEEE and TF32 products); bf16 alone, the GPUs' training "
+        "dtype, takes about a quarter of the time",
+    )
     parser.add_argument("--out", help="also write the markdown table here")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument(
@@ -545,13 +572,16 @@ def main() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from moe_kernels.fp8 import FP8_CAPABILITY  # after the interpreter is chosen: moe_kernels reads it
 
-    launches = record_launches(moe_workload())
+    dtypes = tuple(DTYPES[name] for name in args.dtypes)
+    launches = record_launches(moe_workload(dtypes, tf32="fp32" in args.dtypes))
     note = ""
     if divmod(TARGETS[args.target][0], 10) < FP8_CAPABILITY:  # the launcher refuses FP8 there in one line
         launches = [launch for launch in launches if "fp8" not in launch["kernel"]]
         note = f"\n- The FP8 kernel's launches are left out: {args.target} has no e4m3 tensor cores (a launch says so)."
-    # Every config of every launch: about half an hour on two cores, so no time limit here.
+    # Every config of every launch: about 45 minutes on two cores for every dtype, so no time limit here.
     results = compile_launches(launches, triton_dir=args.triton, target=args.target, timeout=None)
+    if sorted(args.dtypes) != sorted(DTYPES):
+        note += f"\n- Only the {', '.join(args.dtypes)} launches (`--dtypes {' '.join(args.dtypes)}`)."
     text = f"{summary(results)}{note}\n\n{table(results)}\n"
     print(text)
     if args.out:
