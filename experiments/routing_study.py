@@ -15,7 +15,9 @@ token gets, by sampling step and by patch position.
 Writes to ``--results-dir``: ``routing_study.md`` (the table: mean and spread over seeds of the
 final loss, the steps to reach the dense model's final loss, accuracy, Fréchet distance, and
 experts per token), ``routing_study.png`` (loss curves; experts per token by sampling step and by
-position) and ``routing_study.json`` (every number).
+position) and ``routing_study.json`` (every number). Each run saves its result beside its checkpoints;
+a later study with the same settings reads it instead of training again, so the study can be run
+in parts (``--routings``) and goes on where a stopped one was.
 """
 
 from __future__ import annotations
@@ -84,6 +86,27 @@ def evaluate(checkpoint: Path, per_class: int, sample_steps: int) -> dict:
         per_position = recorder.by_position.sum(dim=(0, 2)).double() / (layers * len(labels) * sample_steps)
         result.update(experts_by_step=per_step.tolist(), experts_by_position=per_position.tolist())
     return {key: value for key, value in result.items() if key != "accuracy_per_class"}
+
+
+def study_run(key: str, seed: int, args: argparse.Namespace) -> dict:
+    """Train and evaluate one routing at one seed, or read the result an earlier study saved with the same
+    settings (a study stopped midway, or run in parts, goes on where it was)."""
+    out = args.results_dir / key / f"seed{seed}"
+    settings = {"flags": ROUTINGS[key][1], "steps": args.steps, "log_every": args.log_every,
+                "samples_per_class": args.samples_per_class, "sample_steps": args.sample_steps}  # fmt: skip
+    saved = out / "result.json"
+    if saved.is_file():
+        stored = json.loads(saved.read_text())
+        if stored.get("settings") == settings:
+            return stored["result"]
+    train_main([*ROUTINGS[key][1], "--steps", str(args.steps), "--seed", str(seed), "--results-dir", str(out),
+                "--log-every", str(args.log_every), "--sample-steps", "2"])  # fmt: skip
+    run = sorted(out.glob("[0-9][0-9][0-9]-*"))[-1]
+    curve = loss_curve(run)
+    result = evaluate(latest_checkpoint(run / "checkpoints"), args.samples_per_class, args.sample_steps)
+    result.update(curve=curve, final_loss=smoothed(curve)[-1][1])
+    saved.write_text(json.dumps({"settings": settings, "result": result}))
+    return result
 
 
 def _spread(values: list[float], digits: int) -> str:
@@ -162,14 +185,7 @@ def main(argv: list[str] | None = None) -> str:
     runs: dict[str, dict[int, dict]] = {}
     for key in args.routings:
         for seed in args.seeds:
-            out = args.results_dir / key / f"seed{seed}"
-            train_main([*ROUTINGS[key][1], "--steps", str(args.steps), "--seed", str(seed), "--results-dir", str(out),
-                        "--log-every", str(args.log_every), "--sample-steps", "2"])  # fmt: skip
-            run = sorted(out.glob("[0-9][0-9][0-9]-*"))[-1]
-            curve = loss_curve(run)
-            result = evaluate(latest_checkpoint(run / "checkpoints"), args.samples_per_class, args.sample_steps)
-            result.update(curve=curve, final_loss=smoothed(curve)[-1][1])
-            runs.setdefault(key, {})[seed] = result
+            runs.setdefault(key, {})[seed] = result = study_run(key, seed, args)
             print(ROUTINGS[key][0], f"seed {seed}", json.dumps({k: v for k, v in result.items() if k != "curve"}))
     text = table(runs, args.steps, args.seeds)
     args.results_dir.mkdir(parents=True, exist_ok=True)

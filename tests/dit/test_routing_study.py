@@ -5,9 +5,12 @@ from experiments.routing_study import main, steps_to, table
 
 def test_routing_study_runs_end_to_end(tmp_path):
     """Two steps, one seed, a router whose experts per token vary: the table, the figure and the
-    numbers are written."""
-    text = main(["--steps", "2", "--log-every", "1", "--seeds", "0", "--routings", "race",
-                 "--samples-per-class", "1", "--sample-steps", "2", "--results-dir", str(tmp_path)])  # fmt: skip
+    numbers are written; a second study with the same settings reads the run's saved result."""
+    argv = ["--steps", "2", "--log-every", "1", "--seeds", "0", "--routings", "race",
+            "--samples-per-class", "1", "--sample-steps", "2", "--results-dir", str(tmp_path)]  # fmt: skip
+    text = main(argv)
+    assert main(argv) == text
+    assert len(list((tmp_path / "race" / "seed0").glob("[0-9][0-9][0-9]-*"))) == 1
     assert (tmp_path / "routing_study.md").read_text().strip() == text
     assert (tmp_path / "routing_study.png").stat().st_size > 0
     assert [row.split(" | ")[0] for row in text.splitlines()[4:]] == ["| Expert Race"]
