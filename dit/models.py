@@ -224,6 +224,12 @@ class DiTConfig:
     similarity_coef: float = 0.01
     unconditional_experts: int = 0  # 0: top_k, the fewest that give those tokens top_k experts
     contrastive_coef: float = 0.01
+    # Race-DiT's per-layer regularization, for any model (0: off): in training, every block but
+    # the last predicts the objective's target through a head of its own (the final layer's
+    # shape) and this weight times the mean of their squared errors joins the loss; it gives the
+    # shallow blocks, whose adaLN-gated outputs the residual stream drowns, a direct signal. The
+    # heads never run at inference.
+    layer_regularization_coef: float = 0.0
     qk_norm: bool = False
     name: str = ""
     # How the model's inputs and outputs are read: the training objective ("diffusion" or
@@ -250,6 +256,7 @@ class DiTConfig:
         COEFFICIENT.check("balance_loss_alpha", self.balance_loss_alpha)
         COEFFICIENT.check("similarity_coef", self.similarity_coef)
         COEFFICIENT.check("contrastive_coef", self.contrastive_coef)
+        COEFFICIENT.check("layer_regularization_coef", self.layer_regularization_coef)
         NONNEGATIVE_INT.check("unconditional_experts", self.unconditional_experts)
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {self.router!r}")
@@ -296,7 +303,8 @@ class DiT(nn.Module):
 
     After a training-mode forward of DiT-MoE, ``aux_loss`` holds the sum over MoE layers of the
     balance loss, and ``moe_layers()`` yields the layers (each with its own ``aux_loss`` and
-    ``expert_counts``).
+    ``expert_counts``); with ``layer_regularization_coef``, ``layer_regularization(target)`` is
+    that forward's per-layer loss.
     """
 
     def __init__(self, config: DiTConfig, moe_backend: str | None = "auto"):
@@ -319,6 +327,12 @@ class DiT(nn.Module):
             for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
+        self.layer_heads = (
+            nn.ModuleList(FinalLayer(D, config.patch_size, config.in_channels) for _ in range(config.depth - 1))
+            if config.layer_regularization_coef
+            else None
+        )
+        self.layer_predictions: list[torch.Tensor] = []
         self.initialize_weights()
 
     @staticmethod
@@ -358,8 +372,11 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for layer in [
             *(block.adaLN_modulation[-1] for block in self.blocks),
-            self.final_layer.adaLN_modulation[-1],
-            self.final_layer.linear,
+            *(
+                head
+                for final in [self.final_layer, *(self.layer_heads or [])]
+                for head in (final.adaLN_modulation[-1], final.linear)
+            ),
         ]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -394,9 +411,19 @@ class DiT(nn.Module):
         losses = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
+    def layer_regularization(self, target: torch.Tensor) -> torch.Tensor | None:
+        """The last training-mode forward's per-layer regularization against ``target`` ``[N, C, H, W]``
+        (what the model's first ``C`` output channels regress): ``layer_regularization_coef`` times
+        the mean over the heads of their mean squared error; ``None`` when the model has no heads."""
+        if not self.layer_predictions:
+            return None
+        errors = torch.stack([((p.float() - target) ** 2).mean() for p in self.layer_predictions])
+        return self.config.layer_regularization_coef * errors.mean()
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, T, p*p*C] -> [N, C, H, W]``."""
-        p, g, c = self.patch_size, self.grid_size, self.out_channels
+        p, g = self.patch_size, self.grid_size
+        c = x.shape[-1] // (p * p)
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
@@ -407,11 +434,16 @@ class DiT(nn.Module):
         labels = self.y_embedder.dropped(y, drop_labels)
         c = self.t_embedder(t) + self.y_embedder(labels)
         route_inputs = self.route_inputs(labels, x.shape[1])
-        for block in self.blocks:
+        heads = self.layer_heads if self.training and self.layer_heads is not None else []
+        predictions = []
+        for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, c, route_inputs, use_reentrant=False)
             else:
                 x = block(x, c, route_inputs)
+            if i < len(heads):
+                predictions.append(self.unpatchify(heads[i](x, c)))
+        self.layer_predictions = predictions
         return self.unpatchify(self.final_layer(x, c))
 
     def route_inputs(self, labels: torch.Tensor, tokens: int) -> dict[str, torch.Tensor]:

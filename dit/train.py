@@ -245,11 +245,11 @@ class LossWindow:
         images_per_s = self.steps * global_batch / elapsed
         load = expert_load(model)
         if env.main:
-            bar.set_postfix(loss=f"{mean_loss:.4f}", balance=f"{mean_aux:.4f}", img_s=f"{images_per_s:.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", aux=f"{mean_aux:.4f}", img_s=f"{images_per_s:.0f}")
             load_text = " ".join(f"L{i}:{s['min']}/{s['max']}/cv{s['cv']:.2f}" for i, s in enumerate(load))
             log(
                 log_file,
-                f"step {done:7d} | loss {mean_loss:.6f} | balance {mean_aux:.6f} | {images_per_s:.1f} img/s"
+                f"step {done:7d} | loss {mean_loss:.6f} | aux {mean_aux:.6f} | {images_per_s:.1f} img/s"
                 + (f" | expert load min/max/cv {load_text}" if load else ""),
                 echo=False,
             )
@@ -367,11 +367,12 @@ def _train(args: argparse.Namespace, env: Distributed, lock: RunLock) -> Path:
 
     # The losses of one batch, and the optimizer step, compiled if asked:
     def compute_loss(x, y, t, noise, drop) -> tuple[torch.Tensor, torch.Tensor]:
-        """The diffusion loss and the summed balance loss of one batch."""
+        """The diffusion loss of one batch, and its auxiliary losses summed: the MoE layers' (balance,
+        router similarity, contrastive) and the per-layer regularization."""
         with autocast(args.precision, device):
-            loss = objective.training_losses(ddp, x, {"y": y, "drop_labels": drop}, noise=noise, t=t)["loss"].mean()
-        aux = model.aux_loss  # a property that sums the layers' losses: read it once
-        return loss, aux if aux is not None else torch.zeros((), device=device)
+            terms = objective.training_losses(ddp, x, {"y": y, "drop_labels": drop}, noise=noise, t=t)
+        aux = [loss for loss in (model.aux_loss, model.layer_regularization(terms["target"])) if loss is not None]
+        return terms["loss"].mean(), sum(aux) if aux else torch.zeros((), device=device)
 
     optimizer_step = optimizer.step
     if args.compile:

@@ -1,13 +1,13 @@
 """The routing study on the digits: every router of the layer and the dense model, several seeds.
 
-    python experiments/routing_study.py [--steps 1500] [--seeds 0 1 2] [--routings dense tc ec diffmoe race promoe]
+    python experiments/routing_study.py [--steps 1500] [--seeds 0 1 2] [--routings dense tc ec diffmoe race race-plr promoe]
 
 At equal activated parameters and equal training FLOPs per token (30 D^2 in each feed-forward,
 D=96, as in ``ablate_digits.py``): the dense DiT-Ti/2 with a GELU MLP of ratio 15, and
 DiT-MoE-Ti/2-8E2A (top-2 SwiGLU experts of 4D and a shared expert of 2D) routed by token choice,
-expert choice per image, DiffMoE's batch pool, Expert Race and ProMoE (each averaging 2 experts
-per token in training). Each is trained with the digits preset for the same steps, once per
-seed; its final EMA draws ``--samples-per-class`` samples per class with guidance 4 (DDPM,
+expert choice per image, DiffMoE's batch pool, Expert Race (without and with Race-DiT's
+per-layer regularization, weight 0.1) and ProMoE (each averaging 2 experts per token in
+training). Each is trained with the digits preset for the same steps, once per seed; its final EMA draws ``--samples-per-class`` samples per class with guidance 4 (DDPM,
 ``--sample-steps``), scored by ``dit.evaluate``'s digits report (classifier accuracy and Fréchet
 distance in the classifier's features), while ``dit.analyze``'s recorder counts the experts each
 token gets, by sampling step and by patch position.
@@ -43,6 +43,10 @@ ROUTINGS = {
     "ec": ("expert choice (per image)", [*MOE, "--set", "router=expert-choice"]),
     "diffmoe": ("DiffMoE (batch pool)", [*MOE, "--set", "router=diffmoe"]),
     "race": ("Expert Race", [*MOE, "--set", "router=expert-race"]),
+    "race-plr": (
+        "Expert Race + per-layer reg.",
+        [*MOE, "--set", "router=expert-race", "--set", "layer_regularization_coef=0.1"],
+    ),
     "promoe": ("ProMoE", [*MOE, "--set", "router=promoe"]),
 }
 # Losses are noisy step to step: curves and the steps-to-target compare running means of this many logged losses.

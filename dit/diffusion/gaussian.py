@@ -111,13 +111,14 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
     ) -> dict:
-        """Per-sample losses at uniformly drawn steps (or at ``t``): ``loss = mse (+ vb when sigma is learned)``."""
+        """Per-sample losses at uniformly drawn steps (or at ``t``): ``loss = mse (+ vb when sigma is
+        learned)``; ``target``, the noise the model's first channels regress."""
         t = self.sample_times(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         out = model(xt, self.model_timesteps(t), **model_kwargs).float()
         channels = x0.shape[1]
-        terms = {"mse": mean_flat((noise - out[:, :channels]) ** 2)}
+        terms = {"mse": mean_flat((noise - out[:, :channels]) ** 2), "target": noise}
         terms["loss"] = terms["mse"]
         if self.learn_sigma:
             frozen = torch.cat([out[:, :channels].detach(), out[:, channels:]], dim=1)

@@ -31,14 +31,15 @@ class RectifiedFlow:
         noise: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
     ) -> dict:
-        """Per-sample velocity losses at drawn times (or at ``t``)."""
+        """Per-sample velocity losses at drawn times (or at ``t``); ``target``, the velocity ``noise - x0``."""
         t = self.sample_times(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         t_ = t.reshape(-1, *([1] * (x0.dim() - 1)))
         zt = (1 - t_) * x0 + t_ * noise
         velocity = model(zt, t * TIME_SCALE, **model_kwargs).float()[:, : x0.shape[1]]
-        mse = mean_flat((velocity - (noise - x0)) ** 2)
-        return {"loss": mse, "mse": mse}
+        target = noise - x0
+        mse = mean_flat((velocity - target) ** 2)
+        return {"loss": mse, "mse": mse, "target": target}
 
     @torch.no_grad()
     def sample(

@@ -106,6 +106,29 @@ def test_triton_and_torch_backends_agree_in_the_model():
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
 
 
+def test_per_layer_regularization_supervises_every_block_but_the_last_in_training_only():
+    """Race-DiT's per-layer regularization: one head per block but the last, each predicting the
+    objective's target [N, C, H, W] from its block's output; coef times the mean of their mean
+    squared errors; no head runs at inference, and a model without the option has none."""
+    assert tiny(depth=3).layer_heads is None and tiny(depth=3).layer_regularization(torch.zeros(1)) is None
+    model = _randomize(tiny(depth=3, learn_sigma=True, layer_regularization_coef=0.5))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([4, 5])
+    target = torch.randn(2, 1, 8, 8)
+    model(x, t, y)
+    assert len(model.layer_heads) == 2 and [p.shape for p in model.layer_predictions] == [(2, 1, 8, 8)] * 2
+    expected = 0.5 * torch.stack([((p - target) ** 2).mean() for p in model.layer_predictions]).mean()
+    loss = model.layer_regularization(target)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # the shallow block gets its direct signal
+    assert model.blocks[2].attn.qkv.weight.grad is None and model.final_layer.linear.weight.grad is None
+    model.eval()
+    model(x, t, y)
+    assert model.layer_predictions == [] and model.layer_regularization(target) is None
+    with pytest.raises(ValueError, match="layer_regularization_coef"):
+        tiny(layer_regularization_coef=-1.0)
+
+
 def test_qk_norm_adds_per_head_layernorms():
     model = tiny(qk_norm=True)
     assert model.blocks[0].attn.q_norm.weight.shape == (16,)

@@ -31,7 +31,7 @@ def test_train_writes_checkpoint_log_and_samples(tmp_path):
     run_dir = run(tmp_path, "--steps", "3")
     assert (run_dir / "samples.png").is_file()
     log = (run_dir / "log.txt").read_text()
-    assert "balance" in log and "expert load" in log
+    assert "| aux " in log and "expert load" in log
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert latest.name == "0000003" and is_checkpoint(latest)
     state = ckpt.load_state(latest)
@@ -300,11 +300,11 @@ def test_diffmoe_trains_its_predictor_and_samples_with_the_compute_dial(tmp_path
 
 
 def test_expert_race_trains_its_threshold_samples_with_the_dial_and_is_analysed(tmp_path, capsys):
-    """router=expert-race: the batch's best (token, expert) pairs win in training, the threshold
+    """router=expert-race (with the per-layer regularization): the batch's best (token, expert) pairs win in training, the threshold
     averaged into the EMA as the weights are; sampling routes each token by it, --capacity-offset
     moves the compute; dit.analyze draws its experts per token; dit.export refuses it in one line."""
-    run_dir = run(tmp_path, "--steps", "3", "--set", "router=expert-race")
-    assert "balance" in (run_dir / "log.txt").read_text()  # the similarity loss's column
+    run_dir = run(tmp_path, "--steps", "3", "--set", "router=expert-race", "--set", "layer_regularization_coef=0.5")
+    assert "| aux " in (run_dir / "log.txt").read_text()  # the similarity loss joins the auxiliary losses
     checkpoint = run_dir / "checkpoints" / "0000003"
     ema = ckpt.build_from_checkpoint(str(checkpoint), "ema")
     assert all(float(moe.router.threshold) != 0.0 for moe in ema.moe_layers())
