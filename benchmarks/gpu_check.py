@@ -20,8 +20,10 @@ Each part can run alone (``--parts``), in order:
   ratio to ``triton``'s; ``triton-tiled``, the Triton layer with the row GEMMs' tiled design alone
   (``triton`` autotunes among every design, each launch picking its own: the table written
   says which won per launch), also as a ratio to ``triton``'s; at XL/2-8E2A and S/2-16E2A ``triton-prescaled``, the Triton layer with
-  the backward's dL/dy weighted once for its two GEMMs (``tuning.PRESCALED_BACKWARD``), also as a
-  ratio to ``triton``'s.
+  the backward's dL/dy weighted once for its two GEMMs (``tuning.PRESCALED_BACKWARD``), and
+  ``triton-saved-out``, the routing weights' gradient from a pass over the forward's saved
+  per-slot outputs instead of the input-gradient GEMM's epilogue (``tuning.WEIGHT_GRAD_IN_EPILOGUE``
+  off), each also as a ratio to ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
   down kernel by kernel with ``torch.profiler`` (at the first, ``triton-prescaled`` and
   ``fp8-train`` too), and each grouped GEMM launch (the forward's two,
@@ -196,20 +198,22 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
         for name, a, b in zip(("y", "dx", "dweights", "dw_in", "dw_out"), *results):
             compare(f"moe_ffn fp8 {name} vs emulation", a, b)
 
-    # Every activation, the biased experts of an upcycled DiT (GELU-tanh) and of SwiGLU, and the
-    # latter with the backward's dL/dy weighted once (tuning.PRESCALED_BACKWARD).
-    variants = [(a, False, False) for a in ACTIVATIONS] + [("gelu_tanh", True, False), ("swiglu", True, False)]
-    for activation, biased, prescaled in [*variants, ("swiglu", True, True)]:
+    # Every activation, the biased experts of an upcycled DiT (GELU-tanh) and of SwiGLU, the latter
+    # with the backward's dL/dy weighted once (tuning.PRESCALED_BACKWARD), and SwiGLU with the
+    # weights' gradient from the saved outputs (tuning.WEIGHT_GRAD_IN_EPILOGUE off).
+    variants = [(a, False, None) for a in ACTIVATIONS] + [("gelu_tanh", True, None), ("swiglu", True, None)]
+    for activation, biased, variant in [*variants, ("swiglu", True, "prescaled"), ("swiglu", False, "saved-out")]:
         width = projection_width(activation, H)
-        op = f"moe_ffn {activation}{' biased' if biased else ''}{' prescaled' if prescaled else ''}"
+        op = f"moe_ffn {activation}{' biased' if biased else ''}{f' {variant}' if variant else ''}"
         x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=True)
         weights = torch.rand(T, k, device=dev, requires_grad=True)
         w_in = (torch.randn(E, D, width, device=dev) / D**0.5).to(dtype).requires_grad_()
         w_out = (torch.randn(E, H, D, device=dev) / H**0.5).to(dtype).requires_grad_()
         biases = [torch.randn(E, n, device=dev).to(dtype).requires_grad_() for n in (width, D)] if biased else []
-        y = mk.moe_ffn(
-            x, weights, experts, w_in, w_out, activation, backend="triton", **dict(zip(("b_in", "b_out"), biases))
-        )
+        with switched(variant):  # the forward chooses what the backward reads
+            y = mk.moe_ffn(
+                x, weights, experts, w_in, w_out, activation, backend="triton", **dict(zip(("b_in", "b_out"), biases))
+            )
         ref = reference.moe_ffn(
             x.double(),
             weights.double(),
@@ -222,7 +226,7 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
         compare(op, y, ref)
         dy = torch.randn_like(ref)
         params = [x, weights, w_in, w_out, *biases]
-        with prescaled_backward(prescaled):
+        with switched(variant):
             got = torch.autograd.grad((y.double() * dy).sum(), params)
         for name, a, b in zip(
             ("dx", "dweights", "dw_in", "dw_out", "db_in", "db_out"), got, torch.autograd.grad((ref * dy).sum(), params)
@@ -231,14 +235,24 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
     return failures, errors
 
 
+# Candidates of the Triton backward, as the ``tuning`` switch each sets.
+SWITCHES = {"prescaled": ("PRESCALED_BACKWARD", True), "saved-out": ("WEIGHT_GRAD_IN_EPILOGUE", False)}
+
+
 @contextlib.contextmanager
-def prescaled_backward(on: bool = True) -> Iterator[None]:
-    """The Triton backward with ``tuning.PRESCALED_BACKWARD`` set to ``on`` for the duration."""
-    saved, tuning.PRESCALED_BACKWARD = tuning.PRESCALED_BACKWARD, on
+def switched(variant: str | None) -> Iterator[None]:
+    """The Triton layer as the candidate ``variant`` (a key of ``SWITCHES``; ``None``: as it is)
+    for the duration."""
+    if variant is None:
+        yield
+        return
+    name, value = SWITCHES[variant]
+    saved = getattr(tuning, name)
+    setattr(tuning, name, value)
     try:
         yield
     finally:
-        tuning.PRESCALED_BACKWARD = saved
+        setattr(tuning, name, saved)
 
 
 # The layer variants beyond the backends, and the backend each runs on.
@@ -248,6 +262,7 @@ BACKEND_OF = {
     "fp8-nmajor": "triton",
     "fp8-train": "triton",
     "triton-prescaled": "triton",
+    "triton-saved-out": "triton",
     "triton-tiled": "triton",
 }
 
@@ -282,13 +297,13 @@ def layer_fn(backend: str, case: dict, backward: bool, dev: str = "cuda", dtype=
             fn.w_in, fn.w_out = fn.w_in.contiguous(), fn.w_out.contiguous()
         fn.requires_grad_(backward)
     call = (lambda: fn(x).backward(grad)) if backward else (lambda: fn(x))
-    if backend == "triton-prescaled" and backward:
+    if backend.removeprefix("triton-") in SWITCHES:
 
-        def prescaled():
-            with prescaled_backward():
+        def candidate():
+            with switched(backend.removeprefix("triton-")):
                 call()
 
-        return prescaled
+        return candidate
     if backend == "triton-tiled":
 
         def tiled():
@@ -456,12 +471,13 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, case in (SMOKE_CASES if smoke else PAPER_CASES).items():
         # Candidates beside the defaults at the shapes of their goals: FP8 weights N-major (quantize_fp8
-        # lays them out K-major) and the backward with dL/dy weighted once (tuning.PRESCALED_BACKWARD).
+        # lays them out K-major) and the backward's (SWITCHES).
         layouts = ("fp8-nmajor",) if smoke or name.startswith("XL/2-8E2A") else ()
-        prescaled = ("triton-prescaled",) if smoke or name.startswith(("XL/2-8E2A", "S/2-16E2A")) else ()
+        at_goal = smoke or name.startswith(("XL/2-8E2A", "S/2-16E2A"))
+        backward_candidates = tuple(f"triton-{variant}" for variant in SWITCHES) if at_goal else ()
         designs = ("triton-tiled",)  # "triton" autotunes among every design: each GEMM launch picks its own
         for backend in (
-            "triton", *designs, *prescaled, "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"
+            "triton", *designs, *backward_candidates, "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"
         ):  # fmt: skip
 
             def measure():
@@ -481,8 +497,11 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
 
             guarded(report["timings"], f"{name} | {backend}", measure, dev)
         for base_name, compared in (
-            ("torch", ("triton", *designs, *prescaled, "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train")),
-            ("triton", (*designs, *prescaled, "fp8", *layouts, "fp8-train")),
+            (
+                "torch",
+                ("triton", *designs, *backward_candidates, "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"),
+            ),
+            ("triton", (*designs, *backward_candidates, "fp8", *layouts, "fp8-train")),
         ):
             base = report["timings"][f"{name} | {base_name}"]
             for backend in compared:
@@ -689,7 +708,7 @@ def summary(report: dict) -> str:
         for label, result in report["checks"].items()
     ]
     for key, row in report["timings"].items():
-        if key.endswith(("triton", "triton-tiled", "triton-prescaled", "dense-eq")):
+        if key.endswith(("triton", "triton-tiled", "triton-prescaled", "triton-saved-out", "dense-eq")):
             ratios = " ".join(
                 f"{part} {row[f'{part} / torch']:.2f}x"
                 for part in ("fwd", "fwd graph", "fwd+bwd")

@@ -8,9 +8,11 @@ Triton path, forward (``S`` slots, ``rows`` = the slots in expert-major order):
     second GEMM  h @ w_out               -> out [S, D]   scattered back to slot order
     combine      sum of each token's weighted slots -> y [T, D]   deterministic reduce
 
-Backward: ``d weights`` from ``<dy, out>``; the pre-activation gradient from one GEMM over the
-gathered, weight-scaled ``dy`` with the activation's derivative in its epilogue; both weight
-gradients as varlen-K grouped GEMMs; ``dx`` from a GEMM scattered to slot order and summed.
+Backward: the pre-activation gradient from one GEMM over the gathered, weight-scaled ``dy`` with
+the activation's derivative in its epilogue, which also gives ``d weights`` (each row's unscaled
+``dy @ w_out^T`` against h recomputed from the pre-activation, so the forward keeps no ``out``;
+or, where ``weights_grad_from_epilogue`` says no, ``<dy, out>`` from the saved ``out``); both
+weight gradients as varlen-K grouped GEMMs; ``dx`` from a GEMM scattered to slot order and summed.
 The PyTorch path takes the same steps with ``torch._grouped_mm`` and indexing.
 
 FP8: with ``w_in_scale``/``w_out_scale`` the weights are stored in FP8 (``quantize_fp8``) and the
@@ -159,12 +161,15 @@ def _backward_triton(grad_y, x, d: Dispatch, w_in, w_out, preact, h, out, slots,
     # Per-slot factors, indexed by slot_of_row inside the kernels.
     scale = d.weights.float().contiguous()
     grad_x = grad_weights = grad_w_in = grad_w_out = grad_b_in = grad_b_out = None
-    if needs_weights:
+    # Without the saved per-slot outputs, the weights' gradient comes from the dh GEMM's epilogue.
+    weights_in_epilogue = needs_weights and out.shape[0] != d.weights.shape[0]
+    if needs_weights and not weights_in_epilogue:
         grad_weights = combine_weight_grad(grad_y, out, slots).to(d.weights.dtype)
-    needs_dh = needs_x or needs_w_in or needs_b_in
+    needs_dh = needs_x or needs_w_in or needs_b_in or weights_in_epilogue
     # The rows of dL/dy each expert-major row reads, and their routing weights.
     dy_rows, dy_scale, dy_scale_rows = d.token_of_row, scale, d.slot_of_row
-    if tuning.PRESCALED_BACKWARD and (needs_w_out or needs_b_out or needs_dh):
+    prescaled = tuning.PRESCALED_BACKWARD and not weights_in_epilogue
+    if prescaled and (needs_w_out or needs_b_out or needs_dh):
         grad_y = weighted_rows(grad_y, d.token_of_row, scale, d.slot_of_row)
         dy_rows = dy_scale = dy_scale_rows = None
     if needs_w_out or needs_b_out:
@@ -177,10 +182,12 @@ def _backward_triton(grad_y, x, d: Dispatch, w_in, w_out, preact, h, out, slots,
         grad_w_out = grad_w_out if needs_w_out else None
     if needs_dh:
         w_out_t, w_out_t_scale = _transposed(w_out, quantize)
-        grad_preact = grouped_mm_act_grad(
+        grad_preact, grad_row_weights = grouped_mm_act_grad(
             grad_y, w_out_t, d.offsets, preact, activation, a_rows=dy_rows, scale=dy_scale, scale_rows=dy_scale_rows,
-            b_scale=w_out_t_scale,
+            b_scale=w_out_t_scale, scale_grad=weights_in_epilogue,
         )  # fmt: skip
+        if weights_in_epilogue:
+            grad_weights = grad_row_weights.index_select(0, row_of_slot(d.slot_of_row)).to(d.weights.dtype)
         if needs_x:
             w_in_t, w_in_t_scale = _transposed(w_in, quantize)
             grad_slots = grouped_mm_triton(grad_preact, w_in_t, d.offsets, c_rows=d.slot_of_row, b_scale=w_in_t_scale)
@@ -304,15 +311,17 @@ class ExpertsInputs(NamedTuple):
 DIFFERENTIABLE = ("x", "weights", "w_in", "w_out", "b_in", "b_out")
 
 
-def _check_saved(weights: Tensor, preact: Tensor, h: Tensor, out: Tensor, needs: tuple) -> None:
+def _check_saved(weights: Tensor, preact: Tensor, h: Tensor, out: Tensor, needs: tuple, in_epilogue: bool) -> None:
     """A caller of ``torch.ops.moe_kernels.experts`` chooses what it saves: refuse a gradient
-    whose inputs it did not keep, rather than read past an empty tensor."""
+    whose inputs it did not keep, rather than read past an empty tensor. ``in_epilogue``: the
+    weights' gradient may come from the pre-activation instead of the outputs."""
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in, _ = needs
     rows = weights.shape[0]
+    weights_saved = out.shape[0] == rows or (in_epilogue and preact.shape[0] == rows)
     for needed, saved, name, flag in (
         (needs_x or needs_w_in or needs_b_in, preact.shape[0] == rows, "x, w_in and b_in", "save_preact"),
         (needs_w_out, h.shape[0] == rows, "w_out", "save_h"),
-        (needs_weights, out.shape[0] == rows, "weights", "save_out"),
+        (needs_weights, weights_saved, "weights", "save_out"),
     ):
         if needed and not saved:
             raise RuntimeError(
@@ -333,6 +342,7 @@ def _setup_context(ctx, inputs, output):
         preact, h, out,
     )  # fmt: skip
     ctx.activation, ctx.backend, ctx.quantize = args.activation, args.backend, args.quantize
+    ctx.in_epilogue = weights_grad_from_epilogue(args.backend, args.b_out, args.quantize)
 
 
 def _backward(ctx, grad_y, *_):
@@ -341,7 +351,7 @@ def _backward(ctx, grad_y, *_):
         return gradients(ExpertsInputs)
     # Unpacked once: activation checkpointing allows no more.
     x, weights, slot_of_row, token_of_row, offsets, starts, w_in, w_out, preact, h, out = ctx.saved_tensors
-    _check_saved(weights, preact, h, out, needs)
+    _check_saved(weights, preact, h, out, needs, ctx.in_epilogue)
     with torch.no_grad():  # first-order only; no_grad also keeps torch.func from tracing the op
         grads = experts_backward_op(
             grad_y, x, weights, slot_of_row, token_of_row, offsets, starts if ctx.has_starts else None, w_in, w_out,
@@ -353,14 +363,27 @@ def _backward(ctx, grad_y, *_):
 experts_apply = differentiable(experts_op, _setup_context, _backward)
 
 
-def saves(x, weights, w_in, w_out, b_in) -> tuple[bool, bool, bool]:
+def weights_grad_from_epilogue(backend: str, b_out: Tensor | None, quantize: bool) -> bool:
+    """Whether the weights' gradient can come from the input-gradient GEMM's epilogue: on the
+    Triton path, without an output bias (whose part of the gradient is not in that GEMM), outside
+    FP8 training (whose GEMM sees quantized operands)."""
+    return backend == "triton" and b_out is None and not quantize
+
+
+def saves(x, weights, w_in, w_out, b_in, b_out, backend: str, quantize: bool) -> tuple[bool, bool, bool]:
     """``save_preact, save_h, save_out``: what the gradients autograd will ask for read. The
-    pre-activation serves x, w_in and b_in, h serves w_out, the per-slot outputs the weights
-    (b_out's needs only the dispatch)."""
+    pre-activation serves x, w_in and b_in, h serves w_out, the per-slot outputs the weights, or
+    the pre-activation does (``tuning.WEIGHT_GRAD_IN_EPILOGUE``); b_out's needs only the dispatch."""
     needs_x, needs_weights, needs_w_in, needs_w_out, needs_b_in = (
         torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weights, w_in, w_out, b_in)
     )
-    return needs_x or needs_w_in or needs_b_in, needs_w_out, needs_weights
+    in_epilogue = (
+        needs_weights
+        and tuning.WEIGHT_GRAD_IN_EPILOGUE
+        and not tuning.PRESCALED_BACKWARD
+        and weights_grad_from_epilogue(backend, b_out, quantize)
+    )
+    return needs_x or needs_w_in or needs_b_in or in_epilogue, needs_w_out, needs_weights and not in_epilogue
 
 
 def run_experts(
@@ -382,7 +405,7 @@ def run_experts(
     w_in_scale, w_out_scale = (None, None) if scales is None else scales
     args = ExpertsInputs(
         x, *dispatch[:5], w_in, w_out, b_in, b_out, w_in_scale, w_out_scale, activation, backend,
-        *saves(x, dispatch.weights, w_in, w_out, b_in), quantize,
+        *saves(x, dispatch.weights, w_in, w_out, b_in, b_out, backend, quantize), quantize,
     )  # fmt: skip
     return experts_apply(*args)[0]
 

@@ -24,7 +24,7 @@ from .backend import INTERPRET, resolve_backend
 from .fp8 import BLOCK, FP8, check_fp8_tensor_cores, check_quantized, dequantize_fp8, quantize_rows_fp8
 from .grouped_mm_kernels import grouped_mm_fp8_kernel, grouped_mm_kernel, grouped_wgrad_kernel
 from .library import custom_op, differentiable
-from .tuning import has_tma, persistent_programs, tma_ready
+from .tuning import NARROWEST_BLOCK_N, has_tma, persistent_programs, tma_ready
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
 
@@ -81,6 +81,7 @@ def _launch_rows(
     scale_rows=None,
     bias=None,
     b_scale=None,
+    scale_grad=None,
 ):
     E, K = b.shape[0], b.shape[1]
     if num_rows == 0 or num_cols == 0:
@@ -93,12 +94,12 @@ def _launch_rows(
     pointers = (
         a, b, c, offsets, unused if a_rows is None else a_rows, unused if c_rows is None else c_rows,
         c if scale is None else scale, unused if scale_rows is None else scale_rows, preact,
-        unused if bias is None else bias,
+        unused if bias is None else bias, c if scale_grad is None else scale_grad,
     )  # fmt: skip
     sizes = (triton.next_power_of_2(num_rows), num_cols, K, E)
     strides = (
         a.stride(0), a.stride(1), *b.stride(), c.stride(0), c.stride(1), preact.stride(0), preact.stride(1),
-        *((0, 0) if bias is None else bias.stride()),
+        *((0, 0) if bias is None else bias.stride()), 0 if scale_grad is None else scale_grad.stride(0),
     )  # fmt: skip
     options = dict(
         EPILOGUE=epilogue, ACTIVATION=activation, GLU=gate is not None, STORE_PREACT=store_preact,
@@ -107,6 +108,7 @@ def _launch_rows(
         GATE_CAP=float((gate and gate.gate_softcap) or 0.0), UP_CAP=float((gate and gate.up_softcap) or 0.0),
         GATHER_A=a_rows is not None,
         SCATTER_C=c_rows is not None, SCALE=scale is not None, BIAS=bias is not None,
+        SCALE_GRAD=scale_grad is not None,
         BLOCK_E=triton.next_power_of_2(E),
     )  # fmt: skip
 
@@ -220,19 +222,29 @@ def grouped_mm_act_grad(
     scale: torch.Tensor | None = None,
     scale_rows: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Gradient of the pre-activation from ``dh = scale * grad[a_rows] @ b[group]``.
+    scale_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradient of the pre-activation from ``dh = scale * grad[a_rows] @ b[group]``, and with
+    ``scale_grad`` the gradient of each row's scale, ``<grad[a_rows] @ b[group], act(preact)>``,
+    from the same tiles.
 
     Args:
         grad: ``[*, K]``; b: ``[E, K, H]`` (the transposed second-GEMM weights);
         preact: ``[M, 2H]`` for swiglu, else ``[M, H]``; scale: flat per-slot factors indexed by ``scale_rows``.
         b_scale: block scales of an e4m3 ``b`` (see ``grouped_mm_triton``).
     Returns:
-        ``[M, 2H]`` (swiglu) or ``[M, H]``, in ``preact.dtype``.
+        ``[M, 2H]`` (swiglu) or ``[M, H]``, in ``preact.dtype``; the scales' gradient ``[M]`` in
+        fp32 (``None`` without ``scale_grad``).
     """
     name, gate = split_activation(activation)
     num_rows = preact.shape[0]
     out = torch.empty_like(preact)
+    # One plane per column tile; the autotuner picks the tile, so there are room and zeros for the narrowest.
+    planes = (
+        torch.zeros(triton.cdiv(b.shape[2], NARROWEST_BLOCK_N), num_rows, device=grad.device, dtype=torch.float32)
+        if scale_grad
+        else None
+    )
     _launch_rows(
         grad,
         b,
@@ -248,8 +260,9 @@ def grouped_mm_act_grad(
         scale=scale,
         scale_rows=scale_rows,
         b_scale=b_scale,
+        scale_grad=planes,
     )
-    return out
+    return out, None if planes is None else planes.sum(0)
 
 
 def grouped_mm_wgrad(

@@ -86,13 +86,30 @@ def _row_tile(offsets_ptr, a_rows_ptr, N, E, GATHER_A: tl.constexpr, BLOCK_M: tl
 @triton.jit
 def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
               preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
+              scale_grad_ptr, stride_sg,
               EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, CLAMP: tl.constexpr,
               LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr, GATE_CAP: tl.constexpr,
               UP_CAP: tl.constexpr, STORE_PREACT: tl.constexpr,
-              SCATTER_C: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr):  # fmt: skip
+              SCATTER_C: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, SCALE_GRAD: tl.constexpr):  # fmt: skip
     """A row tile's fp32 product (``acc``, and ``acc_up`` for a GLU's up projection) through the
     bias, the row scale and the epilogue of ``grouped_mm_kernel``, stored: shared by its bf16 and
     FP8 forms, which differ only in their K loops."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    preact_ptrs = preact_ptr + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :] * stride_pn
+    if EPILOGUE == "act_grad":
+        pre = tl.load(preact_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if GLU:
+            up = tl.load(preact_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        if SCALE_GRAD:
+            # The routing weight's gradient, from this tile before the weight scales it: the row's
+            # dL/d(act output) against the act output, recomputed from the pre-activation
+            # (SonicMoE's dS = <dA', A>), over this tile's columns; a plane per column tile.
+            if GLU:
+                h = glu(pre, up, ACTIVATION, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP)
+            else:
+                h = act(pre, ACTIVATION)
+            plane = tl.min(rn, axis=0) // acc.shape[1]
+            tl.store(scale_grad_ptr + plane.to(tl.int64) * stride_sg + rm, tl.sum(acc * h, axis=1), mask=row_ok)
     if BIAS:
         bias_ptrs = bias_ptr + group.to(tl.int64) * stride_bias_e + rn * stride_bias_n
         acc += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -102,9 +119,7 @@ def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, 
         slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
         acc *= tl.load(scale_ptr + slots, mask=row_ok, other=0.0)[:, None]
     c_rows = _rows(c_rows_ptr, rm, row_ok, SCATTER_C)
-    mask = row_ok[:, None] & col_ok[None, :]
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + rn[None, :] * stride_cn
-    preact_ptrs = preact_ptr + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :] * stride_pn
     if EPILOGUE == "act":
         if STORE_PREACT:
             tl.store(preact_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=mask)
@@ -116,9 +131,7 @@ def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, 
             out = act(acc, ACTIVATION)
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == "act_grad":
-        pre = tl.load(preact_ptrs, mask=mask, other=0.0).to(tl.float32)
         if GLU:
-            up = tl.load(preact_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
             d_gate, d_up = glu_grad(acc, pre, up, ACTIVATION, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP)
             tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
             tl.store(c_ptrs + N * stride_cn, d_up.to(c_ptr.dtype.element_ty), mask=mask)
@@ -152,6 +165,7 @@ def grouped_mm_kernel(
     scale_rows_ptr,
     preact_ptr,
     bias_ptr,
+    scale_grad_ptr,
     # Sizes (rows come from offsets; M_BUCKET only keys the autotuner)
     M_BUCKET,
     N,
@@ -169,6 +183,7 @@ def grouped_mm_kernel(
     stride_pn,
     stride_bias_e,
     stride_bias_n,
+    stride_sg,
     A_ROWS,
     # Options
     EPILOGUE: tl.constexpr,
@@ -185,6 +200,7 @@ def grouped_mm_kernel(
     SCATTER_C: tl.constexpr,
     SCALE: tl.constexpr,
     BIAS: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
     PRECISION: tl.constexpr,
     A_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
@@ -204,7 +220,10 @@ def grouped_mm_kernel(
     LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP; see ``activations``), where acc_up multiplies b's columns N:2N; with
     STORE_PREACT the pre-activation (both halves) is written to preact.
     EPILOGUE "act_grad": acc is dL/d(act output) (times the row scale); preact holds the saved
-    pre-activation; c = dL/d(pre-activation), 2N columns wide with GLU.
+    pre-activation; c = dL/d(pre-activation), 2N columns wide with GLU. With SCALE_GRAD, each row's
+    unscaled acc dotted with the act output over the tile's columns is stored to scale_grad, the
+    plane of the tile's column index (planes ``stride_sg`` apart): their sum over planes is the
+    gradient of the row's scale.
 
     Two designs, a config's choice (``tuning``), so that the autotuner times them side by side:
     one program per tile of the host-known bound, with pointer loads; or TMA: one program
@@ -260,8 +279,8 @@ def grouped_mm_kernel(
                     acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
             _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
                       preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e,
-                      stride_bias_n, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP,
-                      STORE_PREACT, SCATTER_C, SCALE, BIAS)  # fmt: skip
+                      stride_bias_n, scale_grad_ptr, stride_sg, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA,
+                      UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD)  # fmt: skip
     else:
         group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
             offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
@@ -286,8 +305,8 @@ def grouped_mm_kernel(
 
         _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
                   preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
-                  EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT,
-                  SCATTER_C, SCALE, BIAS)  # fmt: skip
+                  scale_grad_ptr, stride_sg, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP,
+                  UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD)  # fmt: skip
 
 
 @autotuned("grouped_mm_fp8", FP8_CONFIGS, FP8_KEYS, fp8_candidates)
@@ -303,6 +322,7 @@ def grouped_mm_fp8_kernel(
     scale_rows_ptr,
     preact_ptr,
     bias_ptr,
+    scale_grad_ptr,
     b_scale_ptr,
     M_BUCKET,
     N,
@@ -319,6 +339,7 @@ def grouped_mm_fp8_kernel(
     stride_pn,
     stride_bias_e,
     stride_bias_n,
+    stride_sg,
     stride_se,
     stride_sk,
     stride_sn,
@@ -336,6 +357,7 @@ def grouped_mm_fp8_kernel(
     SCATTER_C: tl.constexpr,
     SCALE: tl.constexpr,
     BIAS: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
     EXACT_CAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -378,8 +400,8 @@ def grouped_mm_fp8_kernel(
 
     _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
               preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
-              EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT,
-              SCATTER_C, SCALE, BIAS)  # fmt: skip
+              scale_grad_ptr, stride_sg, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP,
+              STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD)  # fmt: skip
 
 
 @triton.jit

@@ -41,6 +41,15 @@ from .backend import INTERPRET
 # times both.
 PRESCALED_BACKWARD = False
 
+# Where the routing weights' gradient comes from: True, the input-gradient GEMM's epilogue (each
+# row's dL/dh tile before the weight scales it, dotted with h recomputed from the pre-activation:
+# SonicMoE's dS = <dA', A>, one plane per column tile, summed after), so the forward saves no
+# per-slot outputs (an [S, D] tensor per layer) and the backward makes no pass over them and
+# dL/dy; False, that pass (``combine.combine_weight_grad``). It serves the Triton path of experts
+# without an output bias, outside FP8 training, with dL/dy not prescaled (``PRESCALED_BACKWARD``
+# scales it before the GEMM). ``benchmarks/gpu_check.py`` times both.
+WEIGHT_GRAD_IN_EPILOGUE = True
+
 # ``MOE_KERNELS_AUTOTUNE=0`` keeps one config per kernel on the GPU, the smallest: correctness
 # runs then compile each kernel once instead of once per candidate.
 AUTOTUNE = os.environ.get("MOE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -212,6 +221,9 @@ FP8_GPU_CONFIGS = [
 ROW_CONFIGS = autotune_configs(ROW_GPU_CONFIGS, [designed(config(32, 32, 32, 4, 1), design) for design in DESIGNS])
 FP8_CONFIGS = autotune_configs(FP8_GPU_CONFIGS, [config(32, 32, 128, 4, 1)])
 WGRAD_CONFIGS = autotune_configs(WGRAD_GPU_CONFIGS, [designed(config(32, 32, 32, 4, 1), design) for design in DESIGNS])
+# The narrowest column tile of the row kernels: the routing weights' gradient of the input-gradient
+# GEMM (``WEIGHT_GRAD_IN_EPILOGUE``) gets one plane per column tile, so at most cdiv(N, this).
+NARROWEST_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in [*ROW_CONFIGS, *FP8_CONFIGS])
 
 
 def _candidates(

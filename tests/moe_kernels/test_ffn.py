@@ -103,6 +103,30 @@ def test_prescaled_backward_matches_reference(monkeypatch, dtype, T, D, H, E, k,
     _check_with_biases("triton", dtype, "swiglu", T, D, H, E, k, routing)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="a choice of the Triton backward")
+@pytest.mark.parametrize("in_epilogue", [True, False])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
+@pytest.mark.parametrize("T,D,H,E,k,routing", CASES)
+def test_routing_weights_gradient_from_either_source(monkeypatch, in_epilogue, activation, T, D, H, E, k, routing):
+    """``WEIGHT_GRAD_IN_EPILOGUE``: the weights' gradient from the input-gradient GEMM's epilogue
+    (the forward keeps no per-slot outputs) or from a pass over the saved outputs; the same
+    gradients either way, fp16 and fp32, k=1, k=E, T=1, empty experts."""
+    monkeypatch.setattr(tuning, "WEIGHT_GRAD_IN_EPILOGUE", in_epilogue)
+    x, weights, experts, w_in, w_out = _inputs(T, D, H, E, k, routing, activation, torch.float32)
+    # Only the weights need a gradient: the pre-activation serves them, or the outputs do.
+    saved = mk.experts.saves(x.detach(), weights, None, None, None, None, "triton", False)
+    assert saved == (in_epilogue, False, not in_epilogue)
+    frozen = [t.detach() for t in (x, w_in, w_out)]
+    y = mk.moe_ffn(frozen[0], weights, experts, *frozen[1:], activation, backend="triton")
+    ref = reference.moe_ffn(
+        frozen[0].double(), weights.double(), experts, *(t.double() for t in frozen[1:]), activation
+    )
+    grad_y = torch.randn_like(ref)
+    assert_close_to_reference(*grads(y, [weights], grad_y), *grads(ref, [weights], grad_y), torch.float32, "dweights")
+    for dtype in DTYPES:
+        _check_against_reference("triton", dtype, activation, T, D, H, E, k, routing)
+
+
 def _check_with_biases(backend, dtype, activation, T, D, H, E, k, routing):
     x, weights, experts, w_in, w_out = _inputs(T, D, H, E, k, routing, activation, dtype)
     b_in, b_out = _biases(E, D, w_in, dtype)

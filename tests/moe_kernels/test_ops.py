@@ -155,6 +155,18 @@ def test_a_gradient_whose_inputs_were_not_saved_is_refused(backend):
     y = experts_op(*args)[0]
     with pytest.raises(RuntimeError, match="gradient of w_out needs what save_h=True keeps"):
         y.sum().backward()
+    # The weights' gradient without the outputs: from the pre-activation on the Triton path, but
+    # not with an output bias, whose part of that gradient only the outputs hold.
+    b_out = torch.randn(E, D, device=DEVICE)
+    for bias, refused in ((None, backend == "torch"), (b_out, True)):
+        args = list(_experts_args(by_token(chosen, weights, E, backend), x, w_in, w_out, None, bias, "swiglu", backend))
+        args[16] = False  # save_out
+        y = experts_op(*args)[0]
+        if refused:
+            with pytest.raises(RuntimeError, match="gradient of weights needs what save_out=True keeps"):
+                torch.autograd.grad(y.sum(), weights)
+        else:
+            torch.autograd.grad(y.sum(), weights)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
