@@ -120,19 +120,20 @@ def _launch_rows(
         check_fp8_tensor_cores(a.device)
     products = 2 if gate is not None and epilogue == "act" else 1  # a GLU's gate and up projections
     kernel = f"grouped_mm{'_fp8' if b_scale is not None else ''}[{epilogue}]"
+    # Which operands the TMA design may read by TMA. A TMA box starts 16-byte aligned along the
+    # contiguous dim: a GLU's up half, at column N, too.
+    up_aligned = products == 1 or num_cols * b.element_size() % 16 == 0
+    options |= dict(
+        A_TMA=a_rows is None and _rows_tma_ready(a),
+        B_TMA=tma_ready(b) and has_tma(b.device) and up_aligned, B_TRANSPOSED=b.stride(2) != 1,
+    )  # fmt: skip
+    _allow_descriptors()
     with _annotated(kernel, 2 * num_rows * num_cols * K * products, rows=num_rows, N=num_cols * products, K=K):
         if b_scale is None:
-            _allow_descriptors()
-            # A TMA box starts 16-byte aligned along the contiguous dim: a GLU's up half, at column N, too.
-            up_aligned = products == 1 or num_cols * b.element_size() % 16 == 0
-            grouped_mm_kernel[grid](
-                *pointers, *sizes, *strides, a.shape[0], **options, PRECISION=_precision(a.dtype),
-                A_TMA=a_rows is None and _rows_tma_ready(a),
-                B_TMA=tma_ready(b) and has_tma(b.device) and up_aligned, B_TRANSPOSED=b.stride(2) != 1,
-            )  # fmt: skip
+            grouped_mm_kernel[grid](*pointers, *sizes, *strides, a.shape[0], **options, PRECISION=_precision(a.dtype))
         else:
             grouped_mm_fp8_kernel[grid](
-                *pointers, b_scale, *sizes, *strides, *b_scale.stride(), **options, EXACT_CAST=INTERPRET
+                *pointers, b_scale, *sizes, *strides, *b_scale.stride(), a.shape[0], **options, EXACT_CAST=INTERPRET
             )
     return c
 

@@ -10,8 +10,8 @@
   its input for the backward pass) or the activation's gradient in the epilogue, and a row
   scatter in the store.
 * ``grouped_mm_fp8_kernel`` is its FP8 form (e4m3 weights with block scales, the activations
-  quantized per row as they are loaded, by ``fp8.quantize_tile``): the same tiles, epilogue and
-  options, another K loop.
+  quantized per row as they are loaded, by ``fp8.quantize_tile``): the same tiles, designs,
+  epilogue and options, another K loop.
 * ``grouped_wgrad_kernel`` computes ``dw[e] = a[rows of e]^T @ b[rows of e]``: a grouped GEMM
   whose reduction length varies per group, with the same gather and scale options.
 
@@ -142,6 +142,33 @@ def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, 
 
 
 @triton.jit
+def _persistent_tile(tile, num_n, N, starts, ends, tile_ends, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_E: tl.constexpr):  # fmt: skip
+    """Output tile ``tile`` of the schedule, for a persistent program: its group, first row, rows,
+    columns and their masks."""
+    group, row_start, row_end = _locate_tile(tile // num_n, starts, ends, tile_ends, BLOCK_M, BLOCK_E)
+    rm = row_start + tl.arange(0, BLOCK_M)
+    rn = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return group, row_start, rm, rn, rm < row_end, rn < N
+
+
+@triton.jit
+def _b_descriptor(b_ptr, E, K, width, stride_be, stride_bk, stride_bn, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, B_TRANSPOSED: tl.constexpr):  # fmt: skip
+    """A TMA descriptor over ``b [E, K, width]``, or with B_TRANSPOSED over its K-contiguous
+    ``[E, width, K]`` view; its bounds zero what lies past K and past the width."""
+    if B_TRANSPOSED:
+        desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[E, width, K], strides=[stride_be, stride_bn, 1], block_shape=[1, BLOCK_N, BLOCK_K]
+        )
+    else:
+        desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[E, K, width], strides=[stride_be, stride_bk, 1], block_shape=[1, BLOCK_K, BLOCK_N]
+        )
+    return desc
+
+
+@triton.jit
 def _load_b(b_desc, group, k0, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, B_TRANSPOSED: tl.constexpr):
     """The ``BLOCK_K x BLOCK_N`` tile of ``b[group]`` at ``(k0, n0)`` through its TMA descriptor;
     a K-contiguous b (the transposed weights of the input gradient) is loaded as its
@@ -243,26 +270,17 @@ def grouped_mm_kernel(
         num_n = tl.cdiv(N, BLOCK_N)
         num_tiles = tl.max(tile_ends, axis=0) * num_n
         width = N * 2 if GLU and EPILOGUE == "act" else N
-        if B_TRANSPOSED:
-            b_desc = tl.make_tensor_descriptor(
-                b_ptr, shape=[E, width, K], strides=[stride_be, stride_bn, 1], block_shape=[1, BLOCK_N, BLOCK_K]
-            )
-        else:
-            b_desc = tl.make_tensor_descriptor(
-                b_ptr, shape=[E, K, width], strides=[stride_be, stride_bk, 1], block_shape=[1, BLOCK_K, BLOCK_N]
-            )
+        b_desc = _b_descriptor(b_ptr, E, K, width, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_TRANSPOSED)
         if A_TMA:
             a_desc = tl.make_tensor_descriptor(
                 a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
             )
         rk = tl.arange(0, BLOCK_K)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            group, row_start, row_end = _locate_tile(tile // num_n, starts, ends, tile_ends, BLOCK_M, BLOCK_E)
+            group, row_start, rm, rn, row_ok, col_ok = _persistent_tile(
+                tile, num_n, N, starts, ends, tile_ends, BLOCK_M, BLOCK_N, BLOCK_E
+            )
             n0 = (tile % num_n) * BLOCK_N
-            rm = row_start + tl.arange(0, BLOCK_M)
-            rn = n0 + tl.arange(0, BLOCK_N)
-            row_ok = rm < row_end
-            col_ok = rn < N
             a_ptrs = a_ptr + _rows(a_rows_ptr, rm, row_ok, GATHER_A)[:, None] * stride_am + rk[None, :] * stride_ak
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -309,6 +327,55 @@ def grouped_mm_kernel(
                   UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD)  # fmt: skip
 
 
+@triton.jit
+def _fp8_k_loop(a_src, b_src, b_scale_ptr, a_rows, group, row_start, rn, row_ok, col_ok, N, K, stride_am, stride_ak,
+                stride_be, stride_bk, stride_bn, stride_se, stride_sk, stride_sn, EPILOGUE: tl.constexpr,
+                GLU: tl.constexpr, EXACT_CAST: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+                B_TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):  # fmt: skip
+    """One output tile's K loop of ``grouped_mm_fp8_kernel``: ``acc`` (and a GLU forward's
+    ``acc_up``) in fp32. a's ``a_rows`` (by pointers, or with A_TMA through the descriptor
+    ``a_src``, from ``row_start``) are quantized per row as they are loaded; b is read by pointers
+    or, with B_TMA, through the descriptor ``b_src``."""
+    rk = tl.arange(0, BLOCK_K)
+    if not A_TMA:
+        a_ptrs = a_src + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
+    if not B_TMA:
+        b_ptrs = b_src + group.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    n0 = tl.min(rn, axis=0)
+    # Each column's scale block; a tile may straddle two (the up half of a GLU starts mid-block).
+    s_ptrs = b_scale_ptr + group.to(tl.int64) * stride_se + (rn // BLOCK_K) * stride_sn
+    s_up_ptrs = b_scale_ptr + group.to(tl.int64) * stride_se + ((rn + N) // BLOCK_K) * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        if A_TMA:
+            a = a_src.load([row_start, k0]).to(tl.float32)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            a_ptrs += BLOCK_K * stride_ak
+        a_q, a_scale = quantize_tile(a, EXACT_CAST)
+        if B_TMA:
+            b = _load_b(b_src, group, k0, n0, BLOCK_K, BLOCK_N, B_TRANSPOSED)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            b_up_ptrs = b_ptrs + N * stride_bn
+            b_ptrs += BLOCK_K * stride_bk
+        b_scale = tl.load(s_ptrs, mask=col_ok, other=0.0)
+        acc += tl.dot(a_q, b) * (a_scale[:, None] * b_scale[None, :])
+        if GLU and EPILOGUE == "act":
+            if B_TMA:
+                b_up = _load_b(b_src, group, k0, n0 + N, BLOCK_K, BLOCK_N, B_TRANSPOSED)
+            else:
+                b_up = tl.load(b_up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            b_up_scale = tl.load(s_up_ptrs, mask=col_ok, other=0.0)
+            acc_up += tl.dot(a_q, b_up) * (a_scale[:, None] * b_up_scale[None, :])
+        s_ptrs += stride_sk
+        s_up_ptrs += stride_sk
+    return acc, acc_up
+
+
 @autotuned("grouped_mm_fp8", FP8_CONFIGS, FP8_KEYS, fp8_candidates)
 @triton.jit
 def grouped_mm_fp8_kernel(
@@ -343,6 +410,7 @@ def grouped_mm_fp8_kernel(
     stride_se,
     stride_sk,
     stride_sn,
+    A_ROWS,
     EPILOGUE: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GLU: tl.constexpr,
@@ -359,45 +427,59 @@ def grouped_mm_fp8_kernel(
     BIAS: tl.constexpr,
     SCALE_GRAD: tl.constexpr,
     EXACT_CAST: tl.constexpr,
+    A_TMA: tl.constexpr,
+    B_TMA: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """``grouped_mm_kernel`` with b in e4m3 (``float8_e4m3fn``, one fp32 scale per 128x128
     block, ``b_scale [E, K/128, N/128]``, any strides) and a quantized per row as it is loaded,
     in groups of 128 along K (``BLOCK_K`` = 128 in every config): each K step multiplies two e4m3
     tiles on FP8 tensor cores and adds the product times its row and column scales to an fp32
-    accumulator. With EXACT_CAST (the interpreter) the e4m3 rounding is done in fp32 first."""
+    accumulator. With EXACT_CAST (the interpreter) the e4m3 rounding is done in fp32 first.
+
+    Its TMA design is ``grouped_mm_kernel``'s: one program per SM walking the tile schedule, b (and
+    a, with A_TMA) read by TMA; the scales keep pointer loads."""
+    if TMA:
+        tl.static_assert(B_TMA, "the TMA design reads b by TMA: its pruning keeps it from other launches")
+        starts, ends, tile_ends = _tile_schedule(offsets_ptr, E, BLOCK_M, BLOCK_E)
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = tl.max(tile_ends, axis=0) * num_n
+        width = N * 2 if GLU and EPILOGUE == "act" else N
+        b_src = _b_descriptor(b_ptr, E, K, width, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_TRANSPOSED)
+        a_src = a_ptr
+        if A_TMA:
+            a_src = tl.make_tensor_descriptor(
+                a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
+            )
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            group, row_start, rm, rn, row_ok, col_ok = _persistent_tile(
+                tile, num_n, N, starts, ends, tile_ends, BLOCK_M, BLOCK_N, BLOCK_E
+            )
+            acc, acc_up = _fp8_k_loop(
+                a_src, b_src, b_scale_ptr, _rows(a_rows_ptr, rm, row_ok, GATHER_A), group, row_start, rn, row_ok,
+                col_ok, N, K, stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_se, stride_sk, stride_sn,
+                EPILOGUE, GLU, EXACT_CAST, A_TMA, True, B_TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
+                      preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e,
+                      stride_bias_n, scale_grad_ptr, stride_sg, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA,
+                      UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD)  # fmt: skip
+        return
     group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
         offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
     )
     if group >= E:
         return
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + group.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-    # Each column's scale block; a tile may straddle two (the up half of a GLU starts mid-block).
-    s_ptrs = b_scale_ptr + group.to(tl.int64) * stride_se + (rn // BLOCK_K) * stride_sn
-    s_up_ptrs = b_scale_ptr + group.to(tl.int64) * stride_se + ((rn + N) // BLOCK_K) * stride_sn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = rk < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        a_q, a_scale = quantize_tile(a, EXACT_CAST)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        b_scale = tl.load(s_ptrs, mask=col_ok, other=0.0)
-        acc += tl.dot(a_q, b) * (a_scale[:, None] * b_scale[None, :])
-        if GLU and EPILOGUE == "act":
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            b_up_scale = tl.load(s_up_ptrs, mask=col_ok, other=0.0)
-            acc_up += tl.dot(a_q, b_up) * (a_scale[:, None] * b_up_scale[None, :])
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-        s_ptrs += stride_sk
-        s_up_ptrs += stride_sk
-
+    acc, acc_up = _fp8_k_loop(
+        a_ptr, b_ptr, b_scale_ptr, a_rows, group, 0, rn, row_ok, col_ok, N, K, stride_am, stride_ak, stride_be,
+        stride_bk, stride_bn, stride_se, stride_sk, stride_sn, EPILOGUE, GLU, EXACT_CAST, False, False, B_TRANSPOSED,
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
     _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
               preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
               scale_grad_ptr, stride_sg, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP,

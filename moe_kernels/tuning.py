@@ -120,7 +120,7 @@ DESIGNS = ("tiled", "tma")
 DESIGN = os.environ.get("MOE_KERNELS_DESIGN", "").strip().lower() or None
 if DESIGN not in (None, *DESIGNS):
     raise ValueError(f"MOE_KERNELS_DESIGN={DESIGN!r}: expected one of {DESIGNS}, or unset (the autotuner picks)")
-DESIGNED_KERNELS = ("grouped_mm", "grouped_wgrad")
+DESIGNED_KERNELS = ("grouped_mm", "grouped_mm_fp8", "grouped_wgrad")
 
 
 def by_design(configs: list[triton.Config], tma: bool) -> list[triton.Config]:
@@ -215,11 +215,13 @@ WGRAD_GPU_CONFIGS = [
 # Its SwiGLU form holds two accumulators, the step's product and the fp32 A tile being quantized:
 # at 128x128 (8 warps), or 64x128 and 128x64 with 4 warps, ptxas spills inside the K loop; these
 # do not but 128x128, which ``fp8_candidates`` keeps for the single-projection forms of 2-byte inputs.
+# Its TMA design is tried at the three larger tiles.
 FP8_GPU_CONFIGS = [
-    config(*c) for c in [(128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 64, 128, 4, 4)]
-]
+    designed(config(*c), "tiled")
+    for c in [(128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 64, 128, 4, 4)]
+] + [designed(config(*c), "tma") for c in [(128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3)]]
 ROW_CONFIGS = autotune_configs(ROW_GPU_CONFIGS, [designed(config(32, 32, 32, 4, 1), design) for design in DESIGNS])
-FP8_CONFIGS = autotune_configs(FP8_GPU_CONFIGS, [config(32, 32, 128, 4, 1)])
+FP8_CONFIGS = autotune_configs(FP8_GPU_CONFIGS, [designed(config(32, 32, 128, 4, 1), design) for design in DESIGNS])
 WGRAD_CONFIGS = autotune_configs(WGRAD_GPU_CONFIGS, [designed(config(32, 32, 32, 4, 1), design) for design in DESIGNS])
 # The narrowest column tile of the row kernels: the routing weights' gradient of the input-gradient
 # GEMM (``WEIGHT_GRAD_IN_EPILOGUE``) gets one plane per column tile, so at most cdiv(N, this).
@@ -244,12 +246,16 @@ def _candidates(
 
 def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The row kernel's candidates (``early_config_prune``): the GLU forward loads two B tiles per
-    K step, and a K step narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps; the
-    designs in play are ``by_design``'s."""
+    K step, a K step narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps, the GLU
+    gradient's epilogue leaves no registers for 128x256; the designs in play are ``by_design``'s."""
     size = named_args["a_ptr"].element_size()
     configs = by_design(configs, kwargs["B_TMA"])
     b_tiles = 2 if kwargs["GLU"] and kwargs["EPILOGUE"] == "act" else 1
     configs = [c for c in configs if c.kwargs["BLOCK_K"] * size >= 128] or configs
+    if kwargs["GLU"] and kwargs["EPILOGUE"] == "act_grad":
+        # The GLU gradient's epilogue holds three fp32 tiles (dh and both pre-activation halves): at
+        # 128x256 the persistent loop spills inside its K loop (sm_90a), smaller tiles do not.
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or configs
 
     def pipeline(c: triton.Config) -> int:
         return c.num_stages * (c.kwargs["BLOCK_M"] + b_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
@@ -262,9 +268,11 @@ def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 def fp8_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The FP8 kernel's candidates (``early_config_prune``): its 128x128 tile spills inside the K
     loop (about 200 spill instructions per step, from the sm_90a compile tables) where it holds
-    two accumulators (the GLU forward) or quantizes a 4-byte A tile (fp32 inputs); the smaller
-    tiles do not."""
-    heavy = (kwargs["GLU"] and kwargs["EPILOGUE"] == "act") or named_args["a_ptr"].element_size() == 4
+    two accumulators (the GLU forward) or quantizes a 4-byte A tile (fp32 inputs), and in its TMA
+    design where it keeps a GLU's pre-activation for the gradient's epilogue (about 50); the
+    smaller tiles do not. The designs in play are ``by_design``'s."""
+    configs = by_design(configs, kwargs["B_TMA"])
+    heavy = kwargs["GLU"] or named_args["a_ptr"].element_size() == 4
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128]
     return small if heavy and small else configs
 
@@ -288,8 +296,8 @@ def wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -
 # instead of benchmarking every config again. PRECISION is a key: TF32 and IEEE products differ
 # in which tile is fastest (Triton adds the dtypes itself).
 ROW_KEYS = ["M_BUCKET", "N", "K", "EPILOGUE", "GLU", "GATHER_A", "SCATTER_C", "PRECISION", "B_TMA"]
-# The FP8 kernel's products are e4m3 whatever the dtype of a: no PRECISION; it has one design.
-FP8_KEYS = [key for key in ROW_KEYS if key not in ("PRECISION", "B_TMA")]
+# The FP8 kernel's products are e4m3 whatever the dtype of a: no PRECISION.
+FP8_KEYS = [key for key in ROW_KEYS if key != "PRECISION"]
 WGRAD_KEYS = ["M_BUCKET", "N", "K", "GATHER_A", "GATHER_B", "SCALE", "PRECISION", "A_TMA", "B_TMA"]
 
 

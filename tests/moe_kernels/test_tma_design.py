@@ -9,7 +9,7 @@ import torch
 import moe_kernels as mk
 from moe_kernels import reference, tuning
 from moe_kernels.grouped_mm import grouped_mm_triton
-from tests.moe_kernels import test_expert_choice, test_ffn, test_grouped_mm
+from tests.moe_kernels import test_expert_choice, test_ffn, test_fp8, test_grouped_mm
 from tests.moe_kernels.helpers import DEVICE, DTYPES, assert_close_to_reference, grads
 
 pytestmark = pytest.mark.skipif("triton" not in mk.backend.IMPLEMENTATIONS, reason="a Triton kernel")
@@ -59,6 +59,25 @@ def test_expert_biases_and_prescaled_backward(tma, monkeypatch, activation, T, D
     test_ffn.test_expert_biases_match_reference("triton", torch.float32, activation, T, D, H, E, k, routing)
     monkeypatch.setattr(tuning, "PRESCALED_BACKWARD", True)
     test_ffn.test_expert_biases_match_reference("triton", torch.float32, activation, T, D, H, E, k, routing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M, K, N, offsets", [(40, 200, 72, [7, 7, 30, 40]), (1, 64, 16, [1])])
+def test_fp8_grouped_mm(tma, dtype, M, K, N, offsets):
+    """The FP8 kernel's TMA design: e4m3 weights by TMA, K-major (read transposed) and N-major,
+    the activations (16-byte rows: by TMA too) quantized per row as they are loaded; an empty
+    group, one row, K over two scale blocks with a partial one."""
+    test_fp8.test_grouped_mm_fp8_equals_the_emulation("triton", dtype, M, K, N, offsets)
+    if K % 16 == 0:  # rows of 200 e4m3 weights are not 16-byte aligned: that case stays tiled
+        assert "tma" in _designs_used(True, "grouped_mm_fp8")
+
+
+def test_fp8_kernel_options_and_training(tma):
+    """Gathered rows beside TMA weights, a GLU whose up half starts mid-block, a bias, scattered
+    rows; FP8 training's forward and input-gradient GEMMs (the transposed K-major weights)."""
+    test_fp8.test_kernel_options_equal_the_emulation()
+    test_fp8.test_fp8_training_kernels_equal_the_emulation(torch.float16, 19, 48, 40, 4, 2, "swiglu", False)
+    assert "tma" in _designs_used(True, "grouped_mm_fp8")
 
 
 def test_swiglu_with_every_option(tma):

@@ -135,3 +135,22 @@ def test_a_second_write_adds_to_the_table(tmp_path, monkeypatch):
     written = json.loads(write_table(path, {"grouped_mm": kernel}, "test").read_text())["kernels"]["grouped_mm"]
     tiles = sorted((key.split(",")[0], entry["BLOCK_M"]) for key, entry in written.items())
     assert tiles == [(f"{kernel.keys[0]}=key0", 16), (f"{kernel.keys[0]}=key1", 32), (f"{kernel.keys[0]}=key2", 32)]
+
+
+@pytest.mark.parametrize("design", tuning.DESIGNS)
+def test_the_gpu_candidates_that_spill_in_their_k_loop_are_pruned(design):
+    """From the sm_90a compile tables: the GLU gradient's epilogue at 128x256 (row kernel) and the
+    FP8 kernel's GLU forms at 128x128 spill inside the K loop; the other tiles stay candidates."""
+    named = {"a_ptr": torch.randn(4, 4, dtype=torch.bfloat16)}
+    options = dict(B_TMA=True, PRECISION="tf32")
+    tiles = lambda configs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs}  # noqa: E731
+    with tuning.use_design(design):
+        rows = tuning.row_candidates(tuning.ROW_GPU_CONFIGS, named, GLU=True, EPILOGUE="act_grad", **options)
+        assert (128, 256) not in tiles(rows) and (128, 128) in tiles(rows)
+        plain = tuning.row_candidates(tuning.ROW_GPU_CONFIGS, named, GLU=False, EPILOGUE="act_grad", **options)
+        assert (128, 256) in tiles(plain)
+        for epilogue in ("act", "act_grad"):
+            fp8 = tuning.fp8_candidates(tuning.FP8_GPU_CONFIGS, named, GLU=True, EPILOGUE=epilogue, B_TMA=True)
+            assert (128, 128) not in tiles(fp8) and tiles(fp8) and {tuning.design_of(c) for c in fp8} == {design}
+        fp8 = tuning.fp8_candidates(tuning.FP8_GPU_CONFIGS, named, GLU=False, EPILOGUE="none", B_TMA=True)
+        assert (128, 128) in tiles(fp8)
