@@ -153,6 +153,26 @@ def _persistent_tile(tile, num_n, N, starts, ends, tile_ends, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _persistent_schedule(offsets_ptr, a_ptr, b_ptr, E, N, K, A_ROWS, stride_am, stride_be, stride_bk, stride_bn,
+                         EPILOGUE: tl.constexpr, GLU: tl.constexpr, A_TMA: tl.constexpr, B_TRANSPOSED: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_E: tl.constexpr):  # fmt: skip
+    """What a persistent program of a row kernel's TMA design sets up once: the tile schedule
+    (each group's starts, ends and tile ends), the column tiles and tiles in all, b's descriptor,
+    and a's (with A_TMA; else ``a_ptr`` itself)."""
+    starts, ends, tile_ends = _tile_schedule(offsets_ptr, E, BLOCK_M, BLOCK_E)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = N * 2 if GLU and EPILOGUE == "act" else N
+    b_desc = _b_descriptor(b_ptr, E, K, width, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_TRANSPOSED)
+    a_src = a_ptr
+    if A_TMA:
+        a_src = tl.make_tensor_descriptor(
+            a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
+    return starts, ends, tile_ends, num_n, tl.max(tile_ends, axis=0) * num_n, a_src, b_desc
+
+
+@triton.jit
 def _b_descriptor(b_ptr, E, K, width, stride_be, stride_bk, stride_bn, BLOCK_K: tl.constexpr,
                   BLOCK_N: tl.constexpr, B_TRANSPOSED: tl.constexpr):  # fmt: skip
     """A TMA descriptor over ``b [E, K, width]``, or with B_TRANSPOSED over its K-contiguous
@@ -266,15 +286,10 @@ def grouped_mm_kernel(
     """
     if TMA:
         tl.static_assert(B_TMA, "the TMA design reads b by TMA: its pruning keeps it from other launches")
-        starts, ends, tile_ends = _tile_schedule(offsets_ptr, E, BLOCK_M, BLOCK_E)
-        num_n = tl.cdiv(N, BLOCK_N)
-        num_tiles = tl.max(tile_ends, axis=0) * num_n
-        width = N * 2 if GLU and EPILOGUE == "act" else N
-        b_desc = _b_descriptor(b_ptr, E, K, width, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_TRANSPOSED)
-        if A_TMA:
-            a_desc = tl.make_tensor_descriptor(
-                a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
-            )
+        starts, ends, tile_ends, num_n, num_tiles, a_src, b_desc = _persistent_schedule(
+            offsets_ptr, a_ptr, b_ptr, E, N, K, A_ROWS, stride_am, stride_be, stride_bk, stride_bn, EPILOGUE, GLU,
+            A_TMA, B_TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E,
+        )  # fmt: skip
         rk = tl.arange(0, BLOCK_K)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             group, row_start, rm, rn, row_ok, col_ok = _persistent_tile(
@@ -286,7 +301,7 @@ def grouped_mm_kernel(
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 if A_TMA:
-                    a = a_desc.load([row_start, k0])
+                    a = a_src.load([row_start, k0])
                 else:
                     a = tl.load(a_ptrs, mask=row_ok[:, None] & (rk < K - k0)[None, :], other=0.0)
                     a_ptrs += BLOCK_K * stride_ak
@@ -446,16 +461,10 @@ def grouped_mm_fp8_kernel(
     a, with A_TMA) read by TMA; the scales keep pointer loads."""
     if TMA:
         tl.static_assert(B_TMA, "the TMA design reads b by TMA: its pruning keeps it from other launches")
-        starts, ends, tile_ends = _tile_schedule(offsets_ptr, E, BLOCK_M, BLOCK_E)
-        num_n = tl.cdiv(N, BLOCK_N)
-        num_tiles = tl.max(tile_ends, axis=0) * num_n
-        width = N * 2 if GLU and EPILOGUE == "act" else N
-        b_src = _b_descriptor(b_ptr, E, K, width, stride_be, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_TRANSPOSED)
-        a_src = a_ptr
-        if A_TMA:
-            a_src = tl.make_tensor_descriptor(
-                a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
-            )
+        starts, ends, tile_ends, num_n, num_tiles, a_src, b_src = _persistent_schedule(
+            offsets_ptr, a_ptr, b_ptr, E, N, K, A_ROWS, stride_am, stride_be, stride_bk, stride_bn, EPILOGUE, GLU,
+            A_TMA, B_TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E,
+        )  # fmt: skip
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             group, row_start, rm, rn, row_ok, col_ok = _persistent_tile(
                 tile, num_n, N, starts, ends, tile_ends, BLOCK_M, BLOCK_N, BLOCK_E
