@@ -156,15 +156,16 @@ def figure(runs: dict, path: Path) -> None:
 
     fig, (losses, by_step, by_position) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     for key, by_seed in runs.items():
-        name = ROUTINGS[key][0]
+        # One colour per routing in every panel (the dense model has no experts-per-token lines).
+        style = dict(label=ROUTINGS[key][0], color=f"C{list(ROUTINGS).index(key)}")
         curves = [smoothed(r["curve"]) for r in by_seed.values()]
         steps = [step for step, _ in curves[0]]
-        losses.plot(steps, [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))], label=name)
+        losses.plot(steps, [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))], **style)
         results = [r for r in by_seed.values() if "experts_by_step" in r]
         for axis, field in ((by_step, "experts_by_step"), (by_position, "experts_by_position")):
             if results:
                 values = torch.tensor([r[field] for r in results]).mean(dim=0)
-                axis.plot(range(len(values)), values.tolist(), label=name)
+                axis.plot(range(len(values)), values.tolist(), **style)
     losses.set(xlabel="training step", ylabel=f"loss (running mean of {WINDOW} logs)", yscale="log")
     by_step.set(xlabel="sampling step (noisy -> clean)", ylabel="experts per token")
     by_position.set(xlabel="patch position (row-major)", ylabel="experts per token")
