@@ -28,7 +28,7 @@ train: $(VENV)/.installed
 	$(BIN)/python -m dit.train $(ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -n $(JOBS) --benchmark-disable $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --benchmark-disable --durations=25 $(ARGS)
 	@tests/cpp/build_and_run.sh "$(abspath $(BIN))/python"
 
 lint: $(VENV)/.installed
