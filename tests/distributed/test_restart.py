@@ -69,11 +69,11 @@ def test_killing_the_agent_alone_loses_nothing(tmp_path):
         finally:
             os.kill(job.pid, signal.SIGKILL)  # the agent only: its workers live on for a moment
             job.wait()
-    last = start(tmp_path, "--resume", "latest", "--steps", "30")
+    last = start(tmp_path, "--resume", "latest", "--steps", "15")
     _, err = last.communicate(timeout=300)
     assert last.returncode == 0, err[-3000:]
     newest = ckpt.latest_checkpoint(checkpoints())
-    assert newest.name == "0000030"
+    assert newest.name == "0000015"
     ckpt.verify(newest)
     assert not [p for p in checkpoints().iterdir() if p.name.startswith(".")]  # no leftovers
     assert (newest.parent.parent / "log.txt").read_text().count("resumed from") >= 1
