@@ -23,7 +23,9 @@ Each part can run alone (``--parts``), in order:
   the backward's dL/dy weighted once for its two GEMMs (``tuning.PRESCALED_BACKWARD``), and
   ``triton-saved-out``, the routing weights' gradient from a pass over the forward's saved
   per-slot outputs instead of the input-gradient GEMM's epilogue (``tuning.WEIGHT_GRAD_IN_EPILOGUE``
-  off), each also as a ratio to ``triton``'s.
+  off), and ``triton-scattered``, the second GEMM and the input-gradient GEMM scattering their
+  rows to slot order instead of each token gathering its rows in the combine
+  (``tuning.GATHER_COMBINE`` off), each also as a ratio to ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
   down kernel by kernel with ``torch.profiler`` (at the first, ``triton-prescaled`` and
   ``fp8-train`` too), and each grouped GEMM launch (the forward's two,
@@ -199,10 +201,12 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
             compare(f"moe_ffn fp8 {name} vs emulation", a, b)
 
     # Every activation, the biased experts of an upcycled DiT (GELU-tanh) and of SwiGLU, the latter
-    # with the backward's dL/dy weighted once (tuning.PRESCALED_BACKWARD), and SwiGLU with the
-    # weights' gradient from the saved outputs (tuning.WEIGHT_GRAD_IN_EPILOGUE off).
+    # with the backward's dL/dy weighted once (tuning.PRESCALED_BACKWARD), SwiGLU with the
+    # weights' gradient from the saved outputs (tuning.WEIGHT_GRAD_IN_EPILOGUE off) and with rows
+    # scattered to slot order by the GEMMs (tuning.GATHER_COMBINE off).
     variants = [(a, False, None) for a in ACTIVATIONS] + [("gelu_tanh", True, None), ("swiglu", True, None)]
-    for activation, biased, variant in [*variants, ("swiglu", True, "prescaled"), ("swiglu", False, "saved-out")]:
+    candidates = [("swiglu", True, "prescaled"), ("swiglu", False, "saved-out"), ("swiglu", False, "scattered")]
+    for activation, biased, variant in [*variants, *candidates]:
         width = projection_width(activation, H)
         op = f"moe_ffn {activation}{' biased' if biased else ''}{f' {variant}' if variant else ''}"
         x = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=True)
@@ -236,7 +240,11 @@ def _check(label, dtype, dev, T, D, H, group_sizes) -> tuple[list[str], dict[str
 
 
 # Candidates of the Triton backward, as the ``tuning`` switch each sets.
-SWITCHES = {"prescaled": ("PRESCALED_BACKWARD", True), "saved-out": ("WEIGHT_GRAD_IN_EPILOGUE", False)}
+SWITCHES = {
+    "prescaled": ("PRESCALED_BACKWARD", True),
+    "saved-out": ("WEIGHT_GRAD_IN_EPILOGUE", False),
+    "scattered": ("GATHER_COMBINE", False),
+}
 
 
 @contextlib.contextmanager
@@ -263,6 +271,7 @@ BACKEND_OF = {
     "fp8-train": "triton",
     "triton-prescaled": "triton",
     "triton-saved-out": "triton",
+    "triton-scattered": "triton",
     "triton-tiled": "triton",
 }
 
@@ -471,13 +480,13 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, case in (SMOKE_CASES if smoke else PAPER_CASES).items():
         # Candidates beside the defaults at the shapes of their goals: FP8 weights N-major (quantize_fp8
-        # lays them out K-major) and the backward's (SWITCHES).
+        # lays them out K-major) and the layer's switches (SWITCHES).
         layouts = ("fp8-nmajor",) if smoke or name.startswith("XL/2-8E2A") else ()
         at_goal = smoke or name.startswith(("XL/2-8E2A", "S/2-16E2A"))
-        backward_candidates = tuple(f"triton-{variant}" for variant in SWITCHES) if at_goal else ()
+        switch_candidates = tuple(f"triton-{variant}" for variant in SWITCHES) if at_goal else ()
         designs = ("triton-tiled",)  # "triton" autotunes among every design: each GEMM launch picks its own
         for backend in (
-            "triton", *designs, *backward_candidates, "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"
+            "triton", *designs, *switch_candidates, "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"
         ):  # fmt: skip
 
             def measure():
@@ -499,9 +508,9 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
         for base_name, compared in (
             (
                 "torch",
-                ("triton", *designs, *backward_candidates, "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"),
+                ("triton", *designs, *switch_candidates, "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"),
             ),
-            ("triton", (*designs, *backward_candidates, "fp8", *layouts, "fp8-train")),
+            ("triton", (*designs, *switch_candidates, "fp8", *layouts, "fp8-train")),
         ):
             base = report["timings"][f"{name} | {base_name}"]
             for backend in compared:

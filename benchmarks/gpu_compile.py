@@ -10,9 +10,10 @@ fail to build on the GPU. This module closes that gap in two steps:
    specialization Triton's JIT would give it on the GPU.
 2. ``compile_launches`` builds each one for a target (``TARGETS``) with Triton's NVIDIA backend and the
    ``ptxas`` it ships, in processes started without the interpreter: with the smallest autotune
-   config (the one the autotuner can always fall back on), or with every config the GPU
-   autotuner would try, reading registers and spills from ``ptxas`` and, from the machine
-   code, whether any spill sits inside a loop.
+   config (the one the autotuner can always fall back on), or with every config the GPU's
+   autotuner would compile for that launch (its candidates after ``early_config_prune``, run as
+   on the target: its shared memory, no table of tuned configs), reading registers and spills
+   from ``ptxas`` and, from the machine code, whether any spill sits inside a loop.
 
     python -m benchmarks.gpu_compile [--target sm_80|sm_90a|sm_100a]   # the table of kernels x configs
 
@@ -45,6 +46,8 @@ import torch
 # memory one block may use (A100 163 KiB, Hopper and Blackwell 227 KiB).
 TARGETS = {"sm_80": (80, 166912), "sm_90a": (90, 232448), "sm_100a": (100, 232448)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Triton's names of the pointer types the pruning reads, as torch dtypes.
+_POINTEES = {**DTYPES, "fp8e4nv": torch.float8_e4m3fn, "i32": torch.int32, "i64": torch.int64}
 
 
 def _specialize(value) -> tuple[str, str | None]:
@@ -226,8 +229,8 @@ def _mma_kind(ptx: str) -> str:
 
 def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str] | None = None) -> list[dict]:
     """Compile one recorded launch with the smallest autotune config of each design or, for
-    ``full_report``, with every config the GPU autotuner would try (of ``designs`` only, if
-    given), adding ptxas's register and spill counts and what the machine code shows (this
+    ``full_report``, with every config the GPU's autotuner compiles for it (``_gpu_candidates``;
+    of ``designs`` only, if given), adding ptxas's register and spill counts and what the machine code shows (this
     process must have imported triton without the interpreter)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -249,8 +252,7 @@ def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str
         # the launcher found b unreadable by TMA (B_TMA).
         tma = launch["constants"].get("B_TMA", False) and TARGETS[target][0] >= 90
         configs = [c for c in configs if (tma or design_of(c) != "tma") and design_of(c) in (designs or DESIGNS)]
-        if not full_report:
-            configs = smallest_of_each_design(configs)
+        configs = _gpu_candidates(kernel, configs, launch, target) if full_report else smallest_of_each_design(configs)
     while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn
     gpu = GPUTarget("cuda", TARGETS[target][0], 32)
@@ -284,6 +286,24 @@ def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str
             result |= {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
         results.append(result)
     return results
+
+
+def _gpu_candidates(kernel, configs: list, launch: dict, target: str) -> list:
+    """The configs ``kernel``'s autotuner compiles for ``launch`` on ``target``: its
+    ``early_config_prune`` given the launch's pointer dtypes (as empty meta tensors), its
+    constexprs and the target's shared memory."""
+    from moe_kernels import tuning
+
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is None:
+        return configs
+    named = {
+        name: torch.empty(0, dtype=_POINTEES[kind[1:]], device="meta")
+        for name, kind in launch["signature"].items()
+        if kind[1:] in _POINTEES and kind.startswith("*")
+    }
+    with mock.patch.object(tuning, "shared_memory_limit", lambda device: TARGETS[target][1]):
+        return prune(configs, named, **launch["constants"])
 
 
 def compile_launches(
@@ -352,10 +372,12 @@ def moe_workload(
             x = torch.randn(24, 32, dtype=dtype, requires_grad=True)
             out = layer(x)
             (out.float().square().mean() + layer.aux_loss).backward()
-        # The backward with dL/dy gathered and weighted once (tuning.PRESCALED_BACKWARD): its plain GEMMs.
-        layer = MoE(32, 32, num_experts=4, top_k=2, backend="triton").to(dtype)
-        with mock.patch.object(tuning, "PRESCALED_BACKWARD", True):
-            layer(torch.randn(24, 32, dtype=dtype, requires_grad=True)).float().square().mean().backward()
+        # The backward with dL/dy gathered and weighted once (tuning.PRESCALED_BACKWARD): its plain
+        # GEMMs; the GEMMs scattering their rows to slot order (tuning.GATHER_COMBINE off).
+        for switch, value in (("PRESCALED_BACKWARD", True), ("GATHER_COMBINE", False)):
+            layer = MoE(32, 32, num_experts=4, top_k=2, backend="triton").to(dtype)
+            with mock.patch.object(tuning, switch, value):
+                layer(torch.randn(24, 32, dtype=dtype, requires_grad=True)).float().square().mean().backward()
         # Expert choice: its selection and scatter kernels, and the combine with per-token counts.
         layer = MoE(32, 32, num_experts=4, top_k=2, router="expert-choice", group_size=12, backend="triton")
         layer.to(dtype)(torch.randn(2, 12, 32, dtype=dtype, requires_grad=True)).float().square().mean().backward()
@@ -500,14 +522,15 @@ def summary(results: list[dict]) -> str:
         [
             (
                 f"Every launch of the public ops' forward and backward (`moe_workload`), compiled for "
-                f"{target} by Triton {results[0]['triton']} with each autotune config: "
+                f"{target} by Triton {results[0]['triton']} with each config its autotuner compiles there (the "
+                "candidates its pruning keeps at the target's shared memory): "
                 f"`python -m benchmarks.gpu_compile --target {target}`."
             ),
             "",
             f"- {len(compiled)} of {len(results)} launch x config pairs compile.",
             (
-                f"- {len(too_big)} need more shared memory than the target's {limit // 1024} KiB; "
-                "the autotuner skips those configs on the GPU."
+                f"- {len(too_big)} need more shared memory than the target's {limit // 1024} KiB (a launch "
+                "whose every candidate is too big keeps its smallest)."
             ),
             (
                 f"- {len(fastest)} of the {len(half)} aligned bf16/fp16 GEMM pairs use {mma}; {len(spilling)} spill registers "

@@ -19,8 +19,8 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     assert report["checks"] == {"fp32": "ok", "fp32 tma": "ok"}
     backends = {key.split(" | ")[1] for key in report["timings"]}
     assert backends == {
-        "triton", "triton-tiled", "triton-prescaled", "triton-saved-out", "torch", "dense-eq", "expert-choice", "fp8",
-        "fp8-nmajor", "fp8-train",
+        "triton", "triton-tiled", "triton-prescaled", "triton-saved-out", "triton-scattered", "torch", "dense-eq",
+        "expert-choice", "fp8", "fp8-nmajor", "fp8-train",
     }  # fmt: skip
     trained = {
         key: row for key, row in report["timings"].items() if not key.endswith(("fp8", "nmajor"))
@@ -31,11 +31,12 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     assert all(
         row["fwd+bwd / triton"] > 0
         for key, row in report["timings"].items()
-        if key.endswith(("fp8-train", "tiled", "prescaled", "saved-out"))
+        if key.endswith(("fp8-train", "tiled", "prescaled", "saved-out", "scattered"))
     )
     assert report["check errors"]["fp32"]["moe_ffn swiglu dw_in"] < 1e-5
     assert report["check errors"]["fp32"]["moe_ffn swiglu biased prescaled dw_out"] < 1e-5
     assert report["check errors"]["fp32"]["moe_ffn swiglu saved-out dweights"] < 1e-5
+    assert report["check errors"]["fp32"]["moe_ffn swiglu scattered dx"] < 1e-5
     assert all(row["host fwd+bwd ms"] > 0 for row in trained.values())
     assert {name.split(" | ")[1] for name in report["profile"]} == {"triton fwd+bwd"}  # fp8-train: on the GPU
     for profile in report["profile"].values():

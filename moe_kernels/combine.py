@@ -1,10 +1,12 @@
 """The combine: ``y[t] = sum over token t's slots s of weights[s] * src[s]``, and its weight gradient.
 
-The second GEMM writes each slot's output to its own row of ``src [S, D]``, in slot order: a
-token's slots are consecutive. Under token choice every token owns ``k`` of them (slot ``t * k +
-j``); under expert choice a token owns as many as the experts that chose it, 0 to ``E``, and
-``starts [T + 1]`` says where each token's slots begin. ``slots`` is ``k`` or ``starts``. Each
-token's sum is read by one program in a fixed order, so the reduce is deterministic: no atomics.
+A token's slots are consecutive. Under token choice every token owns ``k`` of them (slot ``t * k
++ j``); under expert choice a token owns as many as the experts that chose it, 0 to ``E``, and
+``starts [T + 1]`` says where each token's slots begin. ``slots`` is ``k`` or ``starts``. The rows
+of ``src [S, D]`` are in slot order, or in any order with ``rows [S]`` saying where each slot's row
+is: then the GEMM before the combine stores its expert-major rows contiguously and each token
+gathers its own (no scattered store). Each token's sum is read by one program in a fixed order, so
+the reduce is deterministic: no atomics.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ def _combine_kernel(
     src_ptr,
     weights_ptr,
     starts_ptr,
+    src_rows_ptr,
     out_ptr,
     T,
     D,
     K: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    GATHER: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -55,7 +59,11 @@ def _combine_kernel(
     for j in range(most):
         slot_ok = row_ok & (j < count)
         mask = slot_ok[:, None] & (cols < D)[None, :]
-        src = tl.load(src_ptr + (first + j)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        if GATHER:
+            src_row = tl.load(src_rows_ptr + first + j, mask=slot_ok, other=0).to(tl.int64)
+        else:
+            src_row = first + j
+        src = tl.load(src_ptr + src_row[:, None] * D + cols[None, :], mask=mask, other=0.0)
         if HAS_WEIGHTS:
             w = tl.load(weights_ptr + first + j, mask=slot_ok, other=0.0).to(tl.float32)
             acc += w[:, None] * src.to(tl.float32)
@@ -132,10 +140,17 @@ def _layout(slots: Slots, src: torch.Tensor) -> tuple[int, torch.Tensor, bool]:
 
 
 def combine(
-    src: torch.Tensor, weights: torch.Tensor | None, slots: Slots, num_tokens: int, out_dtype: torch.dtype
+    src: torch.Tensor,
+    weights: torch.Tensor | None,
+    slots: Slots,
+    num_tokens: int,
+    out_dtype: torch.dtype,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``src [S, D]`` (contiguous, slot order), ``weights [S]`` (contiguous) or ``None`` (plain
-    sum), ``slots`` (``k`` or ``starts [T + 1]`` int32) -> ``[T, D]``, fp32 accumulation."""
+    """``src [S, D]`` (contiguous), ``weights [S]`` (contiguous) or ``None`` (plain sum),
+    ``slots`` (``k`` or ``starts [T + 1]`` int32), ``rows [S]`` int32 (the row of ``src`` holding
+    each slot, as ``dispatch.row_of_slot`` gives it; ``None``: ``src`` is in slot order) ->
+    ``[T, D]``, fp32 accumulation."""
     D = src.shape[1]
     out = src.new_empty((num_tokens, D), dtype=out_dtype)
     if num_tokens == 0 or D == 0:
@@ -145,12 +160,14 @@ def combine(
         src,
         src if weights is None else weights,
         starts,
+        src if rows is None else rows,
         out,
         num_tokens,
         D,
         K=K,
         VARLEN=varlen,
         HAS_WEIGHTS=weights is not None,
+        GATHER=rows is not None,
         BLOCK_T=_BLOCK_T,
         BLOCK_D=_BLOCK_D,
     )
@@ -201,14 +218,20 @@ def _token_of_slot(starts: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 def combine_torch(
-    src: torch.Tensor, weights: torch.Tensor | None, slots: Slots, num_tokens: int, out_dtype: torch.dtype
+    src: torch.Tensor,
+    weights: torch.Tensor | None,
+    slots: Slots,
+    num_tokens: int,
+    out_dtype: torch.dtype,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``combine`` in PyTorch (differentiable); per-token counts reduce with ``segment_reduce``,
     which sums each segment in order (deterministic, unlike ``index_add``)."""
-    rows = src.float() if weights is None else src.float() * weights.float()[:, None]
+    src = src if rows is None else src.index_select(0, rows)
+    terms = src.float() if weights is None else src.float() * weights.float()[:, None]
     if isinstance(slots, int):
-        return rows.view(num_tokens, slots, src.shape[1]).sum(1).to(out_dtype)
-    return torch.segment_reduce(rows, "sum", offsets=slots.long(), axis=0, unsafe=True).to(out_dtype)
+        return terms.view(num_tokens, slots, src.shape[1]).sum(1).to(out_dtype)
+    return torch.segment_reduce(terms, "sum", offsets=slots.long(), axis=0, unsafe=True).to(out_dtype)
 
 
 def combine_weight_grad_torch(grad: torch.Tensor, src: torch.Tensor, slots: Slots) -> torch.Tensor:

@@ -5,14 +5,17 @@ slots in expert-major row order, the experts' row ends, and where each token's s
 Triton path, forward (``S`` slots, ``rows`` = the slots in expert-major order):
 
     first GEMM   x[token_of_row] @ w_in  -> h [S, H]     gather in the A load, activation fused
-    second GEMM  h @ w_out               -> out [S, D]   scattered back to slot order
-    combine      sum of each token's weighted slots -> y [T, D]   deterministic reduce
+    second GEMM  h @ w_out               -> out [S, D]   expert-major rows, stored contiguously
+    combine      each token gathers and sums its weighted rows -> y [T, D]   deterministic reduce
+
+(``tuning.GATHER_COMBINE`` off, or with the per-slot outputs kept for the backward, the second
+GEMM scatters its rows to slot order and the combine reads them there.)
 
 Backward: the pre-activation gradient from one GEMM over the gathered, weight-scaled ``dy`` with
 the activation's derivative in its epilogue, which also gives ``d weights`` (each row's unscaled
 ``dy @ w_out^T`` against h recomputed from the pre-activation, so the forward keeps no ``out``;
 or, where ``weights_grad_from_epilogue`` says no, ``<dy, out>`` from the saved ``out``); both
-weight gradients as varlen-K grouped GEMMs; ``dx`` from a GEMM scattered to slot order and summed.
+weight gradients as varlen-K grouped GEMMs; ``dx`` from a GEMM whose rows each token gathers and sums.
 The PyTorch path takes the same steps with ``torch._grouped_mm`` and indexing.
 
 FP8: with ``w_in_scale``/``w_out_scale`` the weights are stored in FP8 (``quantize_fp8``) and the
@@ -54,12 +57,14 @@ from .validation import FLOAT_DTYPES, check_dim, check_tensor
 Tensor = torch.Tensor
 
 
-def _forward_triton(x, d: Dispatch, w_in, w_out, b_in, b_out, activation, save_preact, scales):
+def _forward_triton(x, d: Dispatch, w_in, w_out, b_in, b_out, activation, save_preact, scales, slot_order):
+    """The two GEMMs; ``out`` in slot order with ``slot_order``, else expert-major."""
     w_in_scale, w_out_scale = (None, None) if scales is None else scales
     h, preact = grouped_mm_act(
         x, w_in, d.offsets, activation, a_rows=d.token_of_row, save_preact=save_preact, bias=b_in, b_scale=w_in_scale
     )
-    out = grouped_mm_triton(h, w_out, d.offsets, c_rows=d.slot_of_row, bias=b_out, b_scale=w_out_scale)
+    c_rows = d.slot_of_row if slot_order else None
+    out = grouped_mm_triton(h, w_out, d.offsets, c_rows=c_rows, bias=b_out, b_scale=w_out_scale)
     return out, preact, h
 
 
@@ -71,7 +76,7 @@ def _matmul_torch(a: Tensor, w: Tensor, offsets: Tensor, scale: Tensor | None) -
     return grouped_mm_fp8_torch(a, w, scale, offsets, out_dtype=torch.float32)
 
 
-def _forward_torch(x, d: Dispatch, w_in, w_out, b_in, b_out, activation, save_preact, scales):
+def _forward_torch(x, d: Dispatch, w_in, w_out, b_in, b_out, activation, save_preact, scales, slot_order):
     w_in_scale, w_out_scale = (None, None) if scales is None else scales
     groups = group_of_row(d.offsets, d.slot_of_row.shape[0]) if b_in is not None or b_out is not None else None
     preact = _matmul_torch(x.index_select(0, d.token_of_row), w_in, d.offsets, w_in_scale)
@@ -81,8 +86,9 @@ def _forward_torch(x, d: Dispatch, w_in, w_out, b_in, b_out, activation, save_pr
     out = _matmul_torch(h, w_out, d.offsets, w_out_scale)
     if b_out is not None:
         out = out + b_out.index_select(0, groups)
+    out = out.to(x.dtype)
     # Back to slot order with a gather (deterministic, unlike a scatter-add).
-    return out.to(x.dtype).index_select(0, row_of_slot(d.slot_of_row)), preact.to(x.dtype), h
+    return out.index_select(0, row_of_slot(d.slot_of_row)) if slot_order else out, preact.to(x.dtype), h
 
 
 def _quantized(w_in: Tensor, w_out: Tensor, quantize: bool, scales) -> tuple[Tensor, Tensor, tuple | None]:
@@ -122,10 +128,12 @@ def experts_op(
     d = Dispatch(weights, slot_of_row, token_of_row, offsets, starts)
     scales = None if w_in_scale is None else (w_in_scale, w_out_scale)
     w_in, w_out, scales = _quantized(w_in, w_out, quantize, scales)
-    forward = _forward_triton if backend == "triton" else _forward_torch
-    out, preact, h = forward(x, d, w_in, w_out, b_in, b_out, activation, save_preact, scales)
-    reduce = combine if backend == "triton" else combine_torch
-    y = reduce(out, weights.contiguous(), d.slots(x.shape[0]), x.shape[0], x.dtype)
+    forward, reduce = (_forward_triton, combine) if backend == "triton" else (_forward_torch, combine_torch)
+    # Per-slot outputs kept for the weights' gradient are in slot order (combine_weight_grad reads them so).
+    slot_order = save_out or not tuning.GATHER_COMBINE
+    out, preact, h = forward(x, d, w_in, w_out, b_in, b_out, activation, save_preact, scales, slot_order)
+    rows = None if slot_order else row_of_slot(d.slot_of_row)
+    y = reduce(out, weights.contiguous(), d.slots(x.shape[0]), x.shape[0], x.dtype, rows)
     empty = x.new_empty
     return (
         y,
@@ -186,13 +194,19 @@ def _backward_triton(grad_y, x, d: Dispatch, w_in, w_out, preact, h, out, slots,
             grad_y, w_out_t, d.offsets, preact, activation, a_rows=dy_rows, scale=dy_scale, scale_rows=dy_scale_rows,
             b_scale=w_out_t_scale, scale_grad=weights_in_epilogue,
         )  # fmt: skip
+        # One slot per token: slot order is token order, so dx's rows scattered to it are dx itself.
+        one_slot = isinstance(slots, int) and slots == 1
+        gather = needs_x and tuning.GATHER_COMBINE and not one_slot
+        # Where each slot's row is, for what comes out of the GEMMs in expert-major rows.
+        slot_rows = row_of_slot(d.slot_of_row) if weights_in_epilogue or gather else None
         if weights_in_epilogue:
-            grad_weights = grad_row_weights.index_select(0, row_of_slot(d.slot_of_row)).to(d.weights.dtype)
+            grad_weights = grad_row_weights.index_select(0, slot_rows).to(d.weights.dtype)
         if needs_x:
             w_in_t, w_in_t_scale = _transposed(w_in, quantize)
-            grad_slots = grouped_mm_triton(grad_preact, w_in_t, d.offsets, c_rows=d.slot_of_row, b_scale=w_in_t_scale)
+            c_rows = None if gather else d.slot_of_row
+            grad_rows = grouped_mm_triton(grad_preact, w_in_t, d.offsets, c_rows=c_rows, b_scale=w_in_t_scale)
             grad_x = (
-                grad_slots if isinstance(slots, int) and slots == 1 else combine(grad_slots, None, slots, T, x.dtype)
+                grad_rows if one_slot else combine(grad_rows, None, slots, T, x.dtype, slot_rows if gather else None)
             )
         if needs_w_in or needs_b_in:
             grad_w_in, grad_b_in = grouped_mm_wgrad(
@@ -229,7 +243,7 @@ def _backward_torch(grad_y, x, d: Dispatch, w_in, w_out, preact, h, out, slots, 
         if needs_x:
             w_in_t, w_in_t_scale = _transposed(w_in, quantize)
             grad_x_rows = _matmul_torch(grad_preact, w_in_t, d.offsets, w_in_t_scale).to(x.dtype)
-            grad_x = combine_torch(grad_x_rows.index_select(0, row_of_slot(d.slot_of_row)), None, slots, T, x.dtype)
+            grad_x = combine_torch(grad_x_rows, None, slots, T, x.dtype, row_of_slot(d.slot_of_row))
         if needs_w_in:
             grad_w_in = grouped_mm_wgrad_torch(x.index_select(0, d.token_of_row), grad_preact, d.offsets)
     return grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out

@@ -118,8 +118,8 @@ def sharded_experts(
     rows = funcol.all_to_all_single_autograd(x.index_select(0, dispatch.token_of_row), recv, send, group)
     out = _local_experts(rows, received, size, w_in, w_out, b_in, b_out, activation, backend)
     out = funcol.all_to_all_single_autograd(out, send, recv, group)
-    out = out.index_select(0, row_of_slot(dispatch.slot_of_row))
-    return combine_torch(out, dispatch.weights, dispatch.slots(x.shape[0]), x.shape[0], x.dtype)
+    slots = dispatch.slots(x.shape[0])
+    return combine_torch(out, dispatch.weights, slots, x.shape[0], x.dtype, row_of_slot(dispatch.slot_of_row))
 
 
 def _local_experts(

@@ -50,6 +50,16 @@ PRESCALED_BACKWARD = False
 # scales it before the GEMM). ``benchmarks/gpu_check.py`` times both.
 WEIGHT_GRAD_IN_EPILOGUE = True
 
+# How the rows the experts computed reach their tokens, in the forward (y) and the input gradient
+# (dx): True, the GEMM stores its expert-major rows contiguously and the combine gathers each
+# token's rows (``combine(..., rows=row_of_slot)``), the backward's form in the fastest MoE kernels
+# (no scattered store in a GEMM epilogue); False, the GEMM's epilogue scatters each row to its
+# slot and the combine reads a token's slots contiguously. Where the forward keeps the per-slot
+# outputs for the weights' gradient (an output bias, FP8 training, ``WEIGHT_GRAD_IN_EPILOGUE``
+# off) they are stored in slot order either way; with one slot per token the input gradient's
+# scatter lands each row on its token and needs no combine. ``benchmarks/gpu_check.py`` times both.
+GATHER_COMBINE = True
+
 # ``MOE_KERNELS_AUTOTUNE=0`` keeps one config per kernel on the GPU, the smallest: correctness
 # runs then compile each kernel once instead of once per candidate.
 AUTOTUNE = os.environ.get("MOE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")

@@ -178,16 +178,20 @@ def _chosen(T, E, C, group_size, dtype=torch.float32):
     return weights.to(dtype).requires_grad_(), tokens
 
 
-# "triton prescaled": the Triton backward with tuning.PRESCALED_BACKWARD (dL/dy weighted per slot once).
-@pytest.mark.parametrize("backend", [*BACKENDS, *(["triton prescaled"] if "triton" in BACKENDS else [])])
+# The Triton layer with a tuning switch: "triton prescaled", PRESCALED_BACKWARD (dL/dy weighted per
+# slot once); "triton scattered", GATHER_COMBINE off (rows scattered to slot order by the GEMMs).
+SWITCHED = {"triton prescaled": ("PRESCALED_BACKWARD", True), "triton scattered": ("GATHER_COMBINE", False)}
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, *(SWITCHED if "triton" in BACKENDS else [])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "T,E,C,group_size,activation,biases",
     [(24, 4, 5, None, "swiglu", False), (32, 8, 3, 8, "gelu_tanh", True), (12, 3, 4, 4, "relu", True)],
 )
 def test_ffn_forward_backward_match_reference(monkeypatch, backend, dtype, T, E, C, group_size, activation, biases):
-    if backend == "triton prescaled":
-        monkeypatch.setattr(tuning, "PRESCALED_BACKWARD", True)
+    if backend in SWITCHED:
+        monkeypatch.setattr(tuning, *SWITCHED[backend])
         backend = "triton"
     D, H = 24, 20  # neither a multiple of the blocks
     x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=True)

@@ -4,7 +4,7 @@ import torch
 import moe_kernels as mk
 from moe_kernels import reference, tuning
 from moe_kernels.activations import projection_width
-from moe_kernels.combine import weighted_rows, weighted_rows_torch
+from moe_kernels.combine import combine, combine_torch, weighted_rows, weighted_rows_torch
 from tests.moe_kernels.helpers import BACKENDS, DEVICE, DTYPES, assert_close_to_reference, grads, non_contiguous
 
 # (T, D, H, E, k, routing): k=1, k=E, T=1, sizes off the block, empty experts, one expert for all.
@@ -126,6 +126,38 @@ def test_routing_weights_gradient_from_either_source(monkeypatch, in_epilogue, a
     grad_y = torch.randn_like(ref)
     assert_close_to_reference(*grads(y, [weights], grad_y), *grads(ref, [weights], grad_y), torch.float32, "dweights")
     _check_against_reference("triton", DTYPES[-1], activation, T, D, H, E, k, routing)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="a choice of the Triton layer")
+@pytest.mark.parametrize("T,D,H,E,k,routing", CASES)
+def test_rows_scattered_to_slot_order_match_reference(monkeypatch, T, D, H, E, k, routing):
+    """``GATHER_COMBINE`` off: the second GEMM and the input gradient's scatter their rows to slot
+    order for the combine (each token gathering its expert-major rows, the default, runs in every
+    other Triton test); k=1, where dx needs no combine, k=E, T=1, empty experts."""
+    monkeypatch.setattr(tuning, "GATHER_COMBINE", False)
+    _check_against_reference("triton", torch.float32, "swiglu", T, D, H, E, k, routing)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="a Triton kernel")
+@pytest.mark.parametrize("slots", [2, "per token"])
+def test_the_combine_gathers_rows_in_any_order(slots):
+    """``combine`` with ``rows``: each slot's row read where ``rows`` says, the same sums as from
+    rows in slot order; per-token counts 0 to 3; 300 columns span three partial tiles."""
+    T = 13
+    if slots == "per token":
+        counts = torch.randint(0, 4, (T,), device=DEVICE)
+        slots = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+        S = int(slots[-1])
+    else:
+        S = T * slots
+    src = torch.randn(S, 300, device=DEVICE)
+    weights = torch.rand(S, device=DEVICE)
+    rows = torch.randperm(S, device=DEVICE).int()
+    shuffled = torch.empty_like(src).index_copy_(0, rows.long(), src)  # slot s's row at rows[s]
+    for w in (weights, None):
+        want = combine_torch(src, w, slots, T, torch.float32)
+        torch.testing.assert_close(combine(shuffled, w, slots, T, torch.float32, rows), want)
+        torch.testing.assert_close(combine_torch(shuffled, w, slots, T, torch.float32, rows), want)
 
 
 def _check_with_biases(backend, dtype, activation, T, D, H, E, k, routing):
