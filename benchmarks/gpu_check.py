@@ -25,7 +25,9 @@ Each part can run alone (``--parts``), in order:
   per-slot outputs instead of the input-gradient GEMM's epilogue (``tuning.WEIGHT_GRAD_IN_EPILOGUE``
   off), and ``triton-scattered``, the second GEMM and the input-gradient GEMM scattering their
   rows to slot order instead of each token gathering its rows in the combine
-  (``tuning.GATHER_COMBINE`` off), each also as a ratio to ``triton``'s.
+  (``tuning.GATHER_COMBINE`` off), and on a GPU whose TMA gathers rows (Blackwell)
+  ``triton-pointer-gather``, the TMA design reading gathered rows by pointer loads instead
+  (``tuning.TMA_GATHER`` off), each also as a ratio to ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
   down kernel by kernel with ``torch.profiler`` (at the first, ``triton-prescaled`` and
   ``fp8-train`` too), and each grouped GEMM launch (the forward's two,
@@ -85,7 +87,16 @@ from moe_kernels.activations import ACTIVATIONS, projection_width
 from moe_kernels.backend import INTERPRET
 from moe_kernels.fp8 import check_fp8_tensor_cores
 from moe_kernels.grouped_mm import grouped_mm_fp8_torch
-from moe_kernels.tuning import AUTOTUNE, TABLE_ENV, TABLES, TUNED_KERNELS, device_slug, tuned_table, write_table
+from moe_kernels.tuning import (
+    AUTOTUNE,
+    TABLE_ENV,
+    TABLES,
+    TUNED_KERNELS,
+    device_slug,
+    has_tma_gather,
+    tuned_table,
+    write_table,
+)
 
 STARTED = time.time()
 
@@ -244,7 +255,10 @@ SWITCHES = {
     "prescaled": ("PRESCALED_BACKWARD", True),
     "saved-out": ("WEIGHT_GRAD_IN_EPILOGUE", False),
     "scattered": ("GATHER_COMBINE", False),
+    "pointer-gather": ("TMA_GATHER", False),
 }
+# Switches that change nothing on a GPU without the feature they turn off.
+NEEDS = {"pointer-gather": has_tma_gather}
 
 
 @contextlib.contextmanager
@@ -272,6 +286,7 @@ BACKEND_OF = {
     "triton-prescaled": "triton",
     "triton-saved-out": "triton",
     "triton-scattered": "triton",
+    "triton-pointer-gather": "triton",
     "triton-tiled": "triton",
 }
 
@@ -483,7 +498,11 @@ def time_layers(smoke: bool, dev: str, bench: Callable, report: dict) -> None:
         # lays them out K-major) and the layer's switches (SWITCHES).
         layouts = ("fp8-nmajor",) if smoke or name.startswith("XL/2-8E2A") else ()
         at_goal = smoke or name.startswith(("XL/2-8E2A", "S/2-16E2A"))
-        switch_candidates = tuple(f"triton-{variant}" for variant in SWITCHES) if at_goal else ()
+        switch_candidates = tuple(
+            f"triton-{variant}"
+            for variant in SWITCHES
+            if at_goal and NEEDS.get(variant, lambda device: True)(torch.device(dev))
+        )
         designs = ("triton-tiled",)  # "triton" autotunes among every design: each GEMM launch picks its own
         for backend in (
             "triton", *designs, *switch_candidates, "torch", "dense-eq", "expert-choice", "fp8", *layouts, "fp8-train"

@@ -140,15 +140,16 @@ def disassemble(cubin: bytes, target: str = "sm_90a") -> str | None:
 
 def _machine_code(cubin: bytes, target: str) -> dict:
     """From the kernel's SASS: its spill instructions inside loops (``count_loop_spills``), its
-    TMA loads (``UTMALDG``) and the instructions of its K loop (``k_loop_opcodes``); None each
-    without nvdisasm."""
+    TMA loads (``UTMALDG``), those that gather rows (Blackwell's ``UTMALDG.2D.GATHER4``) and the
+    instructions of its K loop (``k_loop_opcodes``); None each without nvdisasm."""
     sass = disassemble(cubin, target)
     if sass is None:
-        return {"loop_spills": None, "k_loop_spills": None, "tma_loads": None, "k_step": None}
+        return {"loop_spills": None, "k_loop_spills": None, "tma_loads": None, "tma_gathers": None, "k_step": None}
     return {
         "loop_spills": count_loop_spills(sass),
         "k_loop_spills": count_k_loop_spills(sass),
         "tma_loads": len(re.findall(r"\bUTMALDG\b", sass)),
+        "tma_gathers": len(re.findall(r"\bUTMALDG\.\w+\.GATHER4\b", sass)),
         "k_step": sum(k_loop_opcodes(sass).values()) or None,
     }
 
@@ -240,6 +241,7 @@ def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str
     from moe_kernels.tuning import DESIGNS, design_of, smallest_of_each_design
 
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    launch = launch | {"constants": _as_launched_on(launch["constants"], target)}
     # Strides Triton cannot prove 16-byte aligned rule out vectorised loads (and TMA).
     aligned = all(
         name in launch["attrs"]
@@ -286,6 +288,14 @@ def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str
             result |= {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
         results.append(result)
     return results
+
+
+def _as_launched_on(constants: dict, target: str) -> dict:
+    """A launch's constexprs (recorded under the interpreter, which has every TMA feature) as the
+    launcher sets them on ``target``: gathered rows read by TMA only where TMA gathers (Blackwell)."""
+    if constants.get("GATHER_A") and constants.get("A_TMA") and TARGETS[target][0] < 100:
+        return constants | {"A_TMA": False}
+    return constants
 
 
 def _gpu_candidates(kernel, configs: list, launch: dict, target: str) -> list:
@@ -492,6 +502,8 @@ def _persistent_line(persistent: list[dict], results: list[dict], mma: str, targ
     return (
         f"- The TMA design (TMA=True; the row kernel persistent): {len(persistent)} aligned {mma} pairs that fit; "
         f"{sum(bool(r['tma_loads']) for r in persistent)} load by TMA (`UTMALDG` in the SASS), "
+        f"{sum(bool(r.get('tma_gathers')) for r in persistent)} of them gathering rows by TMA "
+        "(`UTMALDG.2D.GATHER4`: the gathered launches, on Blackwell only), "
         f"{sum(bool(r.get('k_loop_spills')) for r in persistent)} spill inside the K loop (*K-loop spills*; those in "
         f"its loop over tiles, {sum(bool(r['loop_spills']) for r in persistent)}, are the epilogue's, once per tile); "
         "its K step (*K step*: the "

@@ -19,8 +19,8 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     assert report["checks"] == {"fp32": "ok", "fp32 tma": "ok"}
     backends = {key.split(" | ")[1] for key in report["timings"]}
     assert backends == {
-        "triton", "triton-tiled", "triton-prescaled", "triton-saved-out", "triton-scattered", "torch", "dense-eq",
-        "expert-choice", "fp8", "fp8-nmajor", "fp8-train",
+        "triton", "triton-tiled", "triton-prescaled", "triton-saved-out", "triton-scattered", "triton-pointer-gather",
+        "torch", "dense-eq", "expert-choice", "fp8", "fp8-nmajor", "fp8-train",
     }  # fmt: skip
     trained = {
         key: row for key, row in report["timings"].items() if not key.endswith(("fp8", "nmajor"))
@@ -31,7 +31,7 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     assert all(
         row["fwd+bwd / triton"] > 0
         for key, row in report["timings"].items()
-        if key.endswith(("fp8-train", "tiled", "prescaled", "saved-out", "scattered"))
+        if key.endswith(("fp8-train", "tiled", "prescaled", "saved-out", "scattered", "pointer-gather"))
     )
     assert report["check errors"]["fp32"]["moe_ffn swiglu dw_in"] < 1e-5
     assert report["check errors"]["fp32"]["moe_ffn swiglu biased prescaled dw_out"] < 1e-5

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from . import tuning
 from .activations import Glu, split_activation
 from .backend import INTERPRET, resolve_backend
 from .fp8 import BLOCK, FP8, check_fp8_tensor_cores, check_quantized, dequantize_fp8, quantize_rows_fp8
 from .grouped_mm_kernels import grouped_mm_fp8_kernel, grouped_mm_kernel, grouped_wgrad_kernel
 from .library import custom_op, differentiable
-from .tuning import NARROWEST_BLOCK_N, has_tma, persistent_programs, tma_ready
+from .tuning import NARROWEST_BLOCK_N, has_tma, has_tma_gather, persistent_programs, tma_ready
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_offsets, check_same_device, check_tensor
 
 
@@ -120,11 +121,11 @@ def _launch_rows(
         check_fp8_tensor_cores(a.device)
     products = 2 if gate is not None and epilogue == "act" else 1  # a GLU's gate and up projections
     kernel = f"grouped_mm{'_fp8' if b_scale is not None else ''}[{epilogue}]"
-    # Which operands the TMA design may read by TMA. A TMA box starts 16-byte aligned along the
-    # contiguous dim: a GLU's up half, at column N, too.
+    # Which operands the TMA design may read by TMA (gathered rows by TMA gathers, on Blackwell). A
+    # TMA box starts 16-byte aligned along the contiguous dim: a GLU's up half, at column N, too.
     up_aligned = products == 1 or num_cols * b.element_size() % 16 == 0
     options |= dict(
-        A_TMA=a_rows is None and _rows_tma_ready(a),
+        A_TMA=_rows_tma_ready(a) and (a_rows is None or (tuning.TMA_GATHER and has_tma_gather(a.device))),
         B_TMA=tma_ready(b) and has_tma(b.device) and up_aligned, B_TRANSPOSED=b.stride(2) != 1,
     )  # fmt: skip
     _allow_descriptors()

@@ -154,12 +154,13 @@ def _persistent_tile(tile, num_n, N, starts, ends, tile_ends, BLOCK_M: tl.conste
 
 @triton.jit
 def _persistent_schedule(offsets_ptr, a_ptr, b_ptr, E, N, K, A_ROWS, stride_am, stride_be, stride_bk, stride_bn,
-                         EPILOGUE: tl.constexpr, GLU: tl.constexpr, A_TMA: tl.constexpr, B_TRANSPOSED: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_E: tl.constexpr):  # fmt: skip
+                         EPILOGUE: tl.constexpr, GLU: tl.constexpr, GATHER_A: tl.constexpr, A_TMA: tl.constexpr,
+                         B_TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
     """What a persistent program of a row kernel's TMA design sets up once: the tile schedule
     (each group's starts, ends and tile ends), the column tiles and tiles in all, b's descriptor,
-    and a's (with A_TMA; else ``a_ptr`` itself)."""
+    and a's (with A_TMA: tiles of its rows, or with GATHER_A single rows for TMA gathers; else
+    ``a_ptr`` itself)."""
     starts, ends, tile_ends = _tile_schedule(offsets_ptr, E, BLOCK_M, BLOCK_E)
     num_n = tl.cdiv(N, BLOCK_N)
     width = N * 2 if GLU and EPILOGUE == "act" else N
@@ -167,9 +168,20 @@ def _persistent_schedule(offsets_ptr, a_ptr, b_ptr, E, N, K, A_ROWS, stride_am, 
     a_src = a_ptr
     if A_TMA:
         a_src = tl.make_tensor_descriptor(
-            a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
+            a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[1 if GATHER_A else BLOCK_M, BLOCK_K]
         )
     return starts, ends, tile_ends, num_n, tl.max(tile_ends, axis=0) * num_n, a_src, b_desc
+
+
+@triton.jit
+def _load_a(a_desc, row_start, a_rows, k0, GATHER_A: tl.constexpr):
+    """The A tile at ``k0`` through a's TMA descriptor: the tile of rows from ``row_start`` or,
+    with GATHER_A, the rows ``a_rows`` gathered (Blackwell's TMA gather)."""
+    if GATHER_A:
+        a = a_desc.gather(a_rows.to(tl.int32), k0)
+    else:
+        a = a_desc.load([row_start, k0])
+    return a
 
 
 @triton.jit
@@ -279,16 +291,16 @@ def grouped_mm_kernel(
     through a TMA descriptor over ``[E, K, width]`` (with B_TRANSPOSED, a K-contiguous b such as
     the input gradient's transposed weights, over ``[E, width, K]``, each tile read transposed),
     whose bounds zero what lies past K and past the width. B_TMA says the launcher found b
-    readable by TMA. With A_TMA (not gathered, rows 16-byte aligned) a is read through a
-    descriptor over its ``[A_ROWS, K]`` rows too: a tile's rows past its group are the next
-    group's, and the epilogue's row mask drops them. Gathered rows keep pointer loads (Hopper's
-    TMA has no gather).
+    readable by TMA. With A_TMA (rows 16-byte aligned) a is read through a descriptor over its
+    ``[A_ROWS, K]`` rows too: a tile's rows past its group are the next group's, and the
+    epilogue's row mask drops them; gathered rows (GATHER_A) by TMA gathers, which only Blackwell
+    has (the launcher sets A_TMA for them there alone: elsewhere they keep pointer loads).
     """
     if TMA:
         tl.static_assert(B_TMA, "the TMA design reads b by TMA: its pruning keeps it from other launches")
         starts, ends, tile_ends, num_n, num_tiles, a_src, b_desc = _persistent_schedule(
             offsets_ptr, a_ptr, b_ptr, E, N, K, A_ROWS, stride_am, stride_be, stride_bk, stride_bn, EPILOGUE, GLU,
-            A_TMA, B_TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E,
+            GATHER_A, A_TMA, B_TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E,
         )  # fmt: skip
         rk = tl.arange(0, BLOCK_K)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
@@ -296,12 +308,13 @@ def grouped_mm_kernel(
                 tile, num_n, N, starts, ends, tile_ends, BLOCK_M, BLOCK_N, BLOCK_E
             )
             n0 = (tile % num_n) * BLOCK_N
-            a_ptrs = a_ptr + _rows(a_rows_ptr, rm, row_ok, GATHER_A)[:, None] * stride_am + rk[None, :] * stride_ak
+            a_rows = _rows(a_rows_ptr, rm, row_ok, GATHER_A)
+            a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 if A_TMA:
-                    a = a_src.load([row_start, k0])
+                    a = _load_a(a_src, row_start, a_rows, k0, GATHER_A)
                 else:
                     a = tl.load(a_ptrs, mask=row_ok[:, None] & (rk < K - k0)[None, :], other=0.0)
                     a_ptrs += BLOCK_K * stride_ak
@@ -345,13 +358,13 @@ def grouped_mm_kernel(
 @triton.jit
 def _fp8_k_loop(a_src, b_src, b_scale_ptr, a_rows, group, row_start, rn, row_ok, col_ok, N, K, stride_am, stride_ak,
                 stride_be, stride_bk, stride_bn, stride_se, stride_sk, stride_sn, EPILOGUE: tl.constexpr,
-                GLU: tl.constexpr, EXACT_CAST: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
-                B_TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                GLU: tl.constexpr, EXACT_CAST: tl.constexpr, GATHER_A: tl.constexpr, A_TMA: tl.constexpr,
+                B_TMA: tl.constexpr, B_TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):  # fmt: skip
     """One output tile's K loop of ``grouped_mm_fp8_kernel``: ``acc`` (and a GLU forward's
     ``acc_up``) in fp32. a's ``a_rows`` (by pointers, or with A_TMA through the descriptor
-    ``a_src``, from ``row_start``) are quantized per row as they are loaded; b is read by pointers
-    or, with B_TMA, through the descriptor ``b_src``."""
+    ``a_src``: from ``row_start``, or gathered with GATHER_A) are quantized per row as they are
+    loaded; b is read by pointers or, with B_TMA, through the descriptor ``b_src``."""
     rk = tl.arange(0, BLOCK_K)
     if not A_TMA:
         a_ptrs = a_src + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
@@ -366,7 +379,7 @@ def _fp8_k_loop(a_src, b_src, b_scale_ptr, a_rows, group, row_start, rn, row_ok,
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         if A_TMA:
-            a = a_src.load([row_start, k0]).to(tl.float32)
+            a = _load_a(a_src, row_start, a_rows, k0, GATHER_A).to(tl.float32)
         else:
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             a_ptrs += BLOCK_K * stride_ak
@@ -463,7 +476,7 @@ def grouped_mm_fp8_kernel(
         tl.static_assert(B_TMA, "the TMA design reads b by TMA: its pruning keeps it from other launches")
         starts, ends, tile_ends, num_n, num_tiles, a_src, b_src = _persistent_schedule(
             offsets_ptr, a_ptr, b_ptr, E, N, K, A_ROWS, stride_am, stride_be, stride_bk, stride_bn, EPILOGUE, GLU,
-            A_TMA, B_TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E,
+            GATHER_A, A_TMA, B_TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E,
         )  # fmt: skip
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             group, row_start, rm, rn, row_ok, col_ok = _persistent_tile(
@@ -472,7 +485,7 @@ def grouped_mm_fp8_kernel(
             acc, acc_up = _fp8_k_loop(
                 a_src, b_src, b_scale_ptr, _rows(a_rows_ptr, rm, row_ok, GATHER_A), group, row_start, rn, row_ok,
                 col_ok, N, K, stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_se, stride_sk, stride_sn,
-                EPILOGUE, GLU, EXACT_CAST, A_TMA, True, B_TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_K,
+                EPILOGUE, GLU, EXACT_CAST, GATHER_A, A_TMA, True, B_TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
                       preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e,
@@ -486,7 +499,8 @@ def grouped_mm_fp8_kernel(
         return
     acc, acc_up = _fp8_k_loop(
         a_ptr, b_ptr, b_scale_ptr, a_rows, group, 0, rn, row_ok, col_ok, N, K, stride_am, stride_ak, stride_be,
-        stride_bk, stride_bn, stride_se, stride_sk, stride_sn, EPILOGUE, GLU, EXACT_CAST, False, False, B_TRANSPOSED,
+        stride_bk, stride_bn, stride_se, stride_sk, stride_sn, EPILOGUE, GLU, EXACT_CAST, GATHER_A, False, False,
+        B_TRANSPOSED,
         BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,

@@ -60,6 +60,13 @@ WEIGHT_GRAD_IN_EPILOGUE = True
 # scatter lands each row on its token and needs no combine. ``benchmarks/gpu_check.py`` times both.
 GATHER_COMBINE = True
 
+# Whether the TMA design reads gathered rows (the tokens of the first GEMM, dL/dy of the
+# pre-activation gradient) with TMA gathers where the GPU has them (``has_tma_gather``: Blackwell,
+# ``tensor_descriptor.gather``, one row per box), instead of pointer loads. Hopper's TMA has no
+# gather: there, and with this off, gathered rows keep pointer loads. ``benchmarks/gpu_check.py``
+# times both on a GPU that has it.
+TMA_GATHER = True
+
 # ``MOE_KERNELS_AUTOTUNE=0`` keeps one config per kernel on the GPU, the smallest: correctness
 # runs then compile each kernel once instead of once per candidate.
 AUTOTUNE = os.environ.get("MOE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -177,6 +184,12 @@ _CHOICES: dict[tuple[triton.runtime.Autotuner, str | None], dict] = {}
 def has_tma(device: torch.device) -> bool:
     """Whether ``device`` has TMA (Hopper and newer); the interpreter emulates it."""
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@functools.cache
+def has_tma_gather(device: torch.device) -> bool:
+    """Whether ``device``'s TMA gathers rows (Blackwell and newer); the interpreter emulates it."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (10, 0)
 
 
 def tma_ready(t: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ from benchmarks.gpu_compile import (
 )
 from moe_kernels import grouped_mm
 from moe_kernels.backend import INTERPRET
+from moe_kernels.grouped_mm import grouped_mm_triton
 from moe_kernels.tuning import SHARED_MEMORY_LIMIT
 
 _NO_COMPILER = nvidia_backend_missing()
@@ -142,13 +143,16 @@ def test_the_grouped_gemms_compile_for_the_a100_and_the_b200(target):
 def test_the_persistent_design_loads_by_tma_on_hopper_and_blackwell(target, mma):
     """The persistent row kernel's machine code holds TMA loads (``UTMALDG``) and the target's
     asynchronous MMA, forward (weights N-contiguous) and for the input gradient (the transposed
-    weights, K-contiguous), at each of its tiles, with no spill inside a loop."""
+    weights, K-contiguous), at each of its tiles, with no spill inside a loop; gathered rows by
+    TMA gathers (``UTMALDG.2D.GATHER4``) on Blackwell only."""
 
     def workload():
         x = torch.randn(80, 64, dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(4, 64, 128, dtype=torch.bfloat16, requires_grad=True)
-        y = grouped_mm(x, w, torch.tensor([16, 16, 64, 80], dtype=torch.int32), backend="triton")
+        offsets = torch.tensor([16, 16, 64, 80], dtype=torch.int32)
+        y = grouped_mm(x, w, offsets, backend="triton")
         y.backward(torch.randn_like(y))
+        grouped_mm_triton(x.detach(), w.detach(), offsets, a_rows=torch.randperm(80, dtype=torch.int32))
 
     launches = [launch for launch in record_launches(workload) if launch["kernel"] == "grouped_mm_kernel"]
     assert {launch["constants"]["B_TRANSPOSED"] for launch in launches} == {False, True}
@@ -156,3 +160,5 @@ def test_the_persistent_design_loads_by_tma_on_hopper_and_blackwell(target, mma)
     assert results and all(r["config"]["TMA"] for r in results)
     shown = [(r["ok"], r["mma"], r["tma_loads"] > 0, r["k_loop_spills"]) for r in results]
     assert shown == [(True, mma, True, 0)] * len(results), shown
+    gathers = {r["constants"]["GATHER_A"]: r["tma_gathers"] > 0 for r in results}
+    assert gathers == {False: False, True: target == "sm_100a"}

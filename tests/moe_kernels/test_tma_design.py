@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
+from benchmarks.gpu_compile import record_launches
 from moe_kernels import reference, tuning
 from moe_kernels.grouped_mm import grouped_mm_triton
 from tests.moe_kernels import test_expert_choice, test_ffn, test_fp8, test_grouped_mm
@@ -47,7 +48,7 @@ def test_grouped_mm_and_its_gradients(tma, dtype, sizes, K, N):
 @pytest.mark.parametrize("activation", ["swiglu", "relu2"])  # a GLU's two B tiles, and one
 @pytest.mark.parametrize("T,D,H,E,k,routing", test_ffn.CASES)
 def test_moe_ffn(tma, dtype, activation, T, D, H, E, k, routing):
-    """Gathered rows (pointer loads beside the TMA weights), the fused activation and its
+    """Gathered rows (TMA gathers beside the TMA weights), the fused activation and its
     gradient, the scatter and the routing-weight scale in the epilogue; k=1, k=E, T=1, one
     expert for all, empty experts."""
     test_ffn.test_moe_ffn_matches_reference("triton", dtype, activation, T, D, H, E, k, routing)
@@ -103,6 +104,26 @@ def test_rows_tma_cannot_read_take_pointer_loads(tma):
     assert_close_to_reference(
         gathered, reference.grouped_mm(x[rows.long()].double(), w.double(), offsets), torch.float32
     )
+
+
+def test_gathered_rows_by_tma_gathers_or_by_pointers(tma, monkeypatch):
+    """Where TMA gathers rows (Blackwell; the interpreter emulates it) the TMA design reads the
+    gathered rows (the tokens of the first GEMM, dL/dy of the pre-activation gradient, the FP8
+    kernel's activations) with them; with ``TMA_GATHER`` off, as on Hopper, by pointer loads
+    beside the TMA weights. The same results either way (the gathers run in every other test here)."""
+    launches = record_launches(
+        lambda: test_ffn.test_moe_ffn_matches_reference("triton", torch.float32, "swiglu", *test_ffn.CASES[0])
+    )
+    gathered = [
+        launch["constants"]
+        for launch in launches
+        if launch["kernel"] == "grouped_mm_kernel" and launch["constants"]["GATHER_A"]
+    ]
+    assert {c["EPILOGUE"] for c in gathered} == {"act", "act_grad"} and all(c["A_TMA"] for c in gathered)
+    monkeypatch.setattr(tuning, "TMA_GATHER", False)
+    for case in test_ffn.CASES[:2]:
+        test_ffn.test_moe_ffn_matches_reference("triton", torch.float16, "swiglu", *case)
+    test_fp8.test_kernel_options_equal_the_emulation()
 
 
 def test_weights_tma_cannot_read_fall_back_to_the_tiled_design():
