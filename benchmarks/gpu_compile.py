@@ -17,8 +17,8 @@ fail to build on the GPU. This module closes that gap in two steps:
 
     python -m benchmarks.gpu_compile [--target sm_80|sm_90a|sm_100a]   # the table of kernels x configs
 
-Its public interface: ``record_launches``, ``compile_launches``, ``moe_workload``, ``table``,
-``summary``, and for the machine code ``ptxas_report``, ``disassemble``, ``count_loop_spills``,
+Its public interface: ``record_launches``, ``compile_launches``, ``gpu_candidates``, ``moe_workload``,
+``table``, ``summary``, and for the machine code ``ptxas_report``, ``disassemble``, ``count_loop_spills``,
 ``longest_loop_opcodes`` and ``TARGETS``; ``tests/moe_kernels/test_gpu_compile.py``
 and ``experiments/`` use them.
 """
@@ -230,7 +230,7 @@ def _mma_kind(ptx: str) -> str:
 
 def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str] | None = None) -> list[dict]:
     """Compile one recorded launch with the smallest autotune config of each design or, for
-    ``full_report``, with every config the GPU's autotuner compiles for it (``_gpu_candidates``;
+    ``full_report``, with every config the GPU's autotuner compiles for it (``gpu_candidates``;
     of ``designs`` only, if given), adding ptxas's register and spill counts and what the machine code shows (this
     process must have imported triton without the interpreter)."""
     import triton
@@ -254,7 +254,7 @@ def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str
         # the launcher found b unreadable by TMA (B_TMA).
         tma = launch["constants"].get("B_TMA", False) and TARGETS[target][0] >= 90
         configs = [c for c in configs if (tma or design_of(c) != "tma") and design_of(c) in (designs or DESIGNS)]
-        configs = _gpu_candidates(kernel, configs, launch, target) if full_report else smallest_of_each_design(configs)
+        configs = gpu_candidates(kernel, configs, launch, target) if full_report else smallest_of_each_design(configs)
     while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn
     gpu = GPUTarget("cuda", TARGETS[target][0], 32)
@@ -298,7 +298,7 @@ def _as_launched_on(constants: dict, target: str) -> dict:
     return constants
 
 
-def _gpu_candidates(kernel, configs: list, launch: dict, target: str) -> list:
+def gpu_candidates(kernel, configs: list, launch: dict, target: str) -> list:
     """The configs ``kernel``'s autotuner compiles for ``launch`` on ``target``: its
     ``early_config_prune`` given the launch's pointer dtypes (as empty meta tensors), its
     constexprs and the target's shared memory."""

@@ -6,18 +6,21 @@ import pytest
 import torch
 
 from benchmarks.gpu_compile import (
+    TARGETS,
     compile_launches,
     count_k_loop_spills,
     count_loop_spills,
+    gpu_candidates,
     k_loop_opcodes,
     longest_loop_opcodes,
     moe_workload,
     nvidia_backend_missing,
     record_launches,
 )
-from moe_kernels import grouped_mm
+from moe_kernels import grouped_mm, tuning
 from moe_kernels.backend import INTERPRET
 from moe_kernels.grouped_mm import grouped_mm_triton
+from moe_kernels.grouped_mm_kernels import grouped_mm_kernel
 from moe_kernels.tuning import SHARED_MEMORY_LIMIT
 
 _NO_COMPILER = nvidia_backend_missing()
@@ -121,6 +124,26 @@ def test_the_k_loop_is_the_innermost_loop_that_multiplies():
     assert longest_loop_opcodes(NESTED)["UTMALDG"] == 1
     assert k_loop_opcodes(SASS) == {"LDL": 1, "HGMMA": 1, "BRA": 1}
     assert (count_loop_spills(NESTED), count_k_loop_spills(NESTED), count_k_loop_spills(SASS)) == (1, 0, 1)
+
+
+def test_the_tables_compile_the_configs_the_gpus_pruning_keeps():
+    """An fp32 GEMM with TF32 products (4-byte tiles): the A100's 163 KiB of shared memory keep
+    fewer of the candidates than Hopper's 227 KiB, each fitting its target."""
+    offsets = torch.tensor([10, 24], dtype=torch.int32)
+    saved, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True
+    try:
+        (launch,) = record_launches(lambda: grouped_mm_triton(torch.randn(24, 32), torch.randn(2, 32, 64), offsets))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert launch["constants"]["PRECISION"] == "tf32"
+    kernel = grouped_mm_kernel
+    while not hasattr(kernel, "early_config_prune"):
+        kernel = kernel.fn
+    kept = {target: gpu_candidates(kernel, tuning.ROW_GPU_CONFIGS, launch, target) for target in ("sm_80", "sm_90a")}
+    for target, configs in kept.items():
+        sizes = [c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 4 for c in configs]
+        assert configs and max(sizes) <= TARGETS[target][1], target
+    assert {id(c) for c in kept["sm_80"]} < {id(c) for c in kept["sm_90a"]}
 
 
 @pytest.mark.parametrize("target", ["sm_80", "sm_100a"])
