@@ -541,8 +541,9 @@ def summary(results: list[dict]) -> str:
             "",
             f"- {len(compiled)} of {len(results)} launch x config pairs compile.",
             (
-                f"- {len(too_big)} need more shared memory than the target's {limit // 1024} KiB (a launch "
-                "whose every candidate is too big keeps its smallest)."
+                f"- {len(too_big)} need more shared memory than the target's {limit // 1024} KiB: the pruning's "
+                "estimate (the pipeline's tiles) let them through, the compiled kernel needs more; the autotuner "
+                "skips a config that cannot launch."
             ),
             (
                 f"- {len(fastest)} of the {len(half)} aligned bf16/fp16 GEMM pairs use {mma}; {len(spilling)} spill registers "
@@ -613,7 +614,7 @@ def main() -> None:
     if divmod(TARGETS[args.target][0], 10) < FP8_CAPABILITY:  # the launcher refuses FP8 there in one line
         launches = [launch for launch in launches if "fp8" not in launch["kernel"]]
         note = f"\n- The FP8 kernel's launches are left out: {args.target} has no e4m3 tensor cores (a launch says so)."
-    # Every config of every launch: about 45 minutes on two cores for every dtype, so no time limit here.
+    # Every config the pruning keeps, of every launch: 6-16 minutes on two cores for every dtype, so no time limit here.
     results = compile_launches(launches, triton_dir=args.triton, target=args.target, timeout=None)
     if sorted(args.dtypes) != sorted(DTYPES):
         note += f"\n- Only the {', '.join(args.dtypes)} launches (`--dtypes {' '.join(args.dtypes)}`)."
