@@ -293,7 +293,10 @@ def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str
 def _as_launched_on(constants: dict, target: str) -> dict:
     """A launch's constexprs (recorded under the interpreter, which has every TMA feature) as the
     launcher sets them on ``target``: gathered rows read by TMA only where TMA gathers (Blackwell)."""
-    if constants.get("GATHER_A") and constants.get("A_TMA") and TARGETS[target][0] < 100:
+    from moe_kernels.tuning import TMA_GATHER_CAPABILITY
+
+    gathers = divmod(TARGETS[target][0], 10) >= TMA_GATHER_CAPABILITY
+    if constants.get("GATHER_A") and constants.get("A_TMA") and not gathers:
         return constants | {"A_TMA": False}
     return constants
 

@@ -186,10 +186,14 @@ def has_tma(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+# The compute capability from which TMA gathers rows (Blackwell; ptxas refuses it before sm_100).
+TMA_GATHER_CAPABILITY = (10, 0)
+
+
 @functools.cache
 def has_tma_gather(device: torch.device) -> bool:
     """Whether ``device``'s TMA gathers rows (Blackwell and newer); the interpreter emulates it."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (10, 0)
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= TMA_GATHER_CAPABILITY
 
 
 def tma_ready(t: torch.Tensor) -> bool:
