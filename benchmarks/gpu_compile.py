@@ -156,7 +156,10 @@ def _machine_code(cubin: bytes, target: str) -> dict:
 
 def _instructions_and_loops(sass: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
     """``sass``'s (``nvdisasm -c`` output) instructions as ``(address, text)``, and its loops as
-    ``(start, end)`` addresses: a backward ``BRA`` and the label it jumps to."""
+    ``(start, end)`` addresses: a backward ``BRA`` and the label it jumps to, where the code
+    between can run on into the branch. ptxas places the retry of a barrier wait after the
+    kernel's last ``EXIT`` and branches from there back to the wait: a backward branch over an
+    unconditional ``EXIT`` is that return, not a loop."""
     labels, branches, instructions, pending = {}, [], [], []
     for line in sass.splitlines():
         if label := re.match(r"^(\.L\w+):", line):
@@ -168,7 +171,12 @@ def _instructions_and_loops(sass: str) -> tuple[list[tuple[int, str]], list[tupl
             if target := re.search(r"\bBRA\b.*`\((\.L\w+)\)", text):
                 branches.append((address, target.group(1)))
             instructions.append((address, text))
-    loops = [(labels[target], address) for address, target in branches if labels.get(target, address) < address]
+    exits = [address for address, text in instructions if re.match(r"EXIT\b", text)]
+    loops = [
+        (labels[target], address)
+        for address, target in branches
+        if labels.get(target, address) < address and not any(labels[target] <= e < address for e in exits)
+    ]
     return instructions, loops
 
 
@@ -197,10 +205,16 @@ def longest_loop_opcodes(sass: str) -> dict[str, int]:
 
 def _k_loop(sass: str) -> tuple[list[tuple[int, str]], tuple[int, int] | None]:
     """``sass``'s instructions and its K loop: the innermost loop that holds a tensor-core
-    instruction (``HMMA``, ``HGMMA``, Blackwell's ``UTC*MMA``), also inside a persistent kernel's
-    loop over tiles; None where no loop multiplies."""
+    instruction (``HMMA``, ``HGMMA``, Blackwell's ``UTC*MMA``) or, in a kernel without one (dots
+    on CUDA cores), an ``FFMA``; also inside a persistent kernel's loop over tiles. None where no
+    loop multiplies."""
     instructions, loops = _instructions_and_loops(sass)
-    multiplies = [a for a, text in instructions if re.search(r"MMA\b|MMA\.", text.split()[0] if text else "")]
+    opcodes = dict((a, re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]) for a, text in instructions if text)
+    multiplies = [a for a, op in opcodes.items() if re.search(r"MMA\b|MMA\.", op)]
+    multiplies = multiplies or [a for a, op in opcodes.items() if op.startswith("FFMA")]
+    # Blackwell issues each MMA from one elected thread, in a loop of its own that branches back
+    # while any thread has not issued (``BRA.U.ANY``): not a loop over K.
+    loops = [(s, e) for s, e in loops if not opcodes[e].startswith("BRA.U.ANY")]
     with_mma = [(s, e) for s, e in loops if any(s <= a <= e for a in multiplies)]
     return instructions, min(with_mma, key=lambda loop: loop[1] - loop[0]) if with_mma else None
 
@@ -229,8 +243,8 @@ def _mma_kind(ptx: str) -> str:
 
 
 def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str] | None = None) -> list[dict]:
-    """Compile one recorded launch with the smallest autotune config of each design or, for
-    ``full_report``, with every config the GPU's autotuner compiles for it (``gpu_candidates``;
+    """Compile one recorded launch with the smallest config of each design its pruning keeps or,
+    for ``full_report``, with every config the GPU's autotuner compiles for it (``gpu_candidates``;
     of ``designs`` only, if given), adding ptxas's register and spill counts and what the machine code shows (this
     process must have imported triton without the interpreter)."""
     import triton
@@ -254,7 +268,8 @@ def _compile_one(launch: dict, full_report: bool, target: str, designs: list[str
         # the launcher found b unreadable by TMA (B_TMA).
         tma = launch["constants"].get("B_TMA", False) and TARGETS[target][0] >= 90
         configs = [c for c in configs if (tma or design_of(c) != "tma") and design_of(c) in (designs or DESIGNS)]
-        configs = gpu_candidates(kernel, configs, launch, target) if full_report else smallest_of_each_design(configs)
+        configs = gpu_candidates(kernel, configs, launch, target)
+        configs = configs if full_report else smallest_of_each_design(configs)
     while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn
     gpu = GPUTarget("cuda", TARGETS[target][0], 32)
@@ -303,8 +318,9 @@ def _as_launched_on(constants: dict, target: str) -> dict:
 
 def gpu_candidates(kernel, configs: list, launch: dict, target: str) -> list:
     """The configs ``kernel``'s autotuner compiles for ``launch`` on ``target``: its
-    ``early_config_prune`` given the launch's pointer dtypes (as empty meta tensors), its
-    constexprs and the target's shared memory."""
+    ``early_config_prune`` given the launch's pointer dtypes (as empty meta tensors), its strides
+    (16 where Triton specialized them as divisible by 16, else 24), its constexprs, and the
+    target's compute capability and shared memory."""
     from moe_kernels import tuning
 
     prune = getattr(kernel, "early_config_prune", None)
@@ -315,7 +331,16 @@ def gpu_candidates(kernel, configs: list, launch: dict, target: str) -> list:
         for name, kind in launch["signature"].items()
         if kind[1:] in _POINTEES and kind.startswith("*")
     }
-    with mock.patch.object(tuning, "shared_memory_limit", lambda device: TARGETS[target][1]):
+    named |= {
+        name: 16 if name in launch["attrs"] else 24
+        for name, kind in launch["signature"].items()
+        if name.startswith("stride") and kind != "constexpr"
+    }
+    compute, shared = TARGETS[target]
+    with (
+        mock.patch.object(tuning, "shared_memory_limit", lambda device: shared),
+        mock.patch.object(tuning, "capability", lambda device: divmod(compute, 10)),
+    ):
         return prune(configs, named, **launch["constants"])
 
 
@@ -533,6 +558,9 @@ def summary(results: list[dict]) -> str:
     tiled = [r for r in tensor_core if not r["config"].get("TMA")]
     loop_spilling = [r for r in tiled if r["loop_spills"]]
     fastest = [r for r in half if r["mma"] == mma]
+    gemms = [r for r in compiled if "grouped" in r["kernel"] and r["shared_bytes"] <= limit]
+    k_spilling = [r for r in gemms if r.get("k_loop_spills")]
+    unfound = [r for r in gemms if r.get("k_step") is None and r.get("loop_spills")]
     return "\n".join(
         [
             (
@@ -559,6 +587,12 @@ def summary(results: list[dict]) -> str:
                 "design those run on every K step; the others, after the loop, once per tile."
             ),
             _persistent_line(persistent, results, mma, target),
+            (
+                f"- **{len(k_spilling)} of the {len(gemms)} GEMM pairs that fit (every design, dtype and launch, "
+                "aligned or not) spill inside their K loop** (*K-loop spills*: the innermost loop holding the MMA, "
+                "or the FFMA where the dots run on CUDA cores); the pruning drops the configs that do, per "
+                f"launch and GPU generation. {len(unfound)} spill in a loop where no K loop was found."
+            ),
             (
                 "- *aligned*: every runtime stride is a multiple of 16 elements, as at real model sizes; the "
                 "unaligned launches (rows of 16 x 24) show the fallback Triton takes without 16-byte alignment."

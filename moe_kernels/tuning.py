@@ -4,11 +4,13 @@ the tables of tuned configs shipped per GPU) and the switches between kernel des
 waiting for a GPU to time them.
 
 The autotuner benchmarks every candidate left for a launch's key the first time it sees that
-key. ``early_config_prune`` (``row_candidates``, ``wgrad_candidates``) drops, before any compile,
-the candidates whose software pipeline does not fit in shared memory and, for fp32 with IEEE
-products (CUDA cores), the tiles that spill. ``MOE_KERNELS_AUTOTUNE=0`` keeps the smallest
-candidate only (correctness runs compile each kernel once); under the Triton interpreter, which
-cannot benchmark, one small config serves.
+key. ``early_config_prune`` (``row_candidates``, ``fp8_candidates``, ``wgrad_candidates``) drops,
+before any compile, the candidates whose software pipeline does not fit in shared memory and those
+that ptxas spills inside the K loop for that launch on that GPU generation (``capability``): the
+compile tables (``benchmarks/gpu_compile.py``, for sm_80, sm_90a and sm_100a) found them, and
+each rule says where. fp32 with IEEE products runs on CUDA cores and has configs of its own.
+``MOE_KERNELS_AUTOTUNE=0`` keeps the smallest candidate only (correctness runs compile each kernel
+once); under the Triton interpreter, which cannot benchmark, one small config serves.
 
 On a GPU with a table (``configs/<GPU name>.json``, written by ``benchmarks/gpu_check.py`` after
 it autotuned on that GPU), a launch whose key the table lists compiles the config listed and
@@ -95,11 +97,24 @@ def pipeline_size(config: triton.Config) -> int:
 
 def autotune_configs(gpu: list[triton.Config], interpreter: list[triton.Config]) -> list[triton.Config]:
     """The autotuner's candidates: ``gpu`` (with ``MOE_KERNELS_AUTOTUNE=0``, only the smallest
-    of each design), or under the interpreter, which cannot benchmark and runs every program in
-    Python, the small ``interpreter`` configs (one per design; the pruning keeps one)."""
+    of each design and the CUDA-core ones), or under the interpreter, which cannot benchmark and
+    runs every program in Python, the small ``interpreter`` configs (one per design; the pruning
+    keeps one)."""
     if INTERPRET:
         return interpreter
-    return gpu if AUTOTUNE else smallest_of_each_design(gpu)
+    if AUTOTUNE:
+        return gpu
+    return smallest_of_each_design([c for c in gpu if not cuda_core(c)]) + [c for c in gpu if cuda_core(c)]
+
+
+def _same(a: triton.Config, b: triton.Config) -> bool:
+    """Whether two configs are the same tiles, warps, stages and design."""
+    return (a.kwargs, a.num_warps, a.num_stages) == (b.kwargs, b.num_warps, b.num_stages)
+
+
+def cuda_core(config: triton.Config) -> bool:
+    """Whether ``config`` is one of the tiles for dots on CUDA cores (``CUDA_CORE_CONFIGS``)."""
+    return any(_same(config, other) for other in CUDA_CORE_CONFIGS)
 
 
 def smallest_of_each_design(configs: list[triton.Config]) -> list[triton.Config]:
@@ -181,9 +196,18 @@ _CHOICES: dict[tuple[triton.runtime.Autotuner, str | None], dict] = {}
 
 
 @functools.cache
+def capability(device: torch.device) -> tuple[int, int]:
+    """``device``'s compute capability, which the pruning reads (Hopper's, (9, 0), for a device
+    that is not a GPU: the interpreter)."""
+    if device.type != "cuda":
+        return (9, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
 def has_tma(device: torch.device) -> bool:
     """Whether ``device`` has TMA (Hopper and newer); the interpreter emulates it."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type != "cuda" or capability(device) >= (9, 0)
 
 
 # The compute capability from which TMA gathers rows (Blackwell; ptxas refuses it before sm_100).
@@ -193,7 +217,7 @@ TMA_GATHER_CAPABILITY = (10, 0)
 @functools.cache
 def has_tma_gather(device: torch.device) -> bool:
     """Whether ``device``'s TMA gathers rows (Blackwell and newer); the interpreter emulates it."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= TMA_GATHER_CAPABILITY
+    return device.type != "cuda" or capability(device) >= TMA_GATHER_CAPABILITY
 
 
 def tma_ready(t: torch.Tensor) -> bool:
@@ -216,6 +240,15 @@ def persistent_programs(device: torch.device) -> int:
 
 
 # Candidates for Hopper-class GPUs, as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+# The tiles for fp32 with IEEE products, whose dots run on CUDA cores as unrolled FMA chains,
+# which the tensor-core launches never take: the row kernel's 64x64 stepping 32 in K, and 32x32
+# for the GLU forward's two accumulators; the weight gradient's 16 rows per step. On the A100
+# ptxas gives a 64x64x64 tile 32 registers and thousands of spill instructions per K step (the
+# sm_80 compile table), and the GLU forward spills at 64x64x32; Hopper and Blackwell at neither.
+ROW_CUDA_CORE_CONFIG = designed(config(64, 64, 32, 4, 3), "tiled")
+GLU_FORWARD_CUDA_CORE_CONFIG = designed(config(32, 32, 64, 4, 3), "tiled")
+WGRAD_CUDA_CORE_CONFIG = designed(config(16, 64, 64, 4, 4), "tiled")
+CUDA_CORE_CONFIGS = [ROW_CUDA_CORE_CONFIG, GLU_FORWARD_CUDA_CORE_CONFIG, WGRAD_CUDA_CORE_CONFIG]
 # Row kernel: BLOCK_M rows x BLOCK_N columns, BLOCK_K reduction. The BLOCK_K=32 ones are for
 # fp32 (TF32), whose 64-wide K steps leave room in shared memory for little more than 64x64
 # tiles once a GLU loads two B tiles; ``row_candidates`` picks per launch. The persistent design
@@ -228,7 +261,7 @@ ROW_GPU_CONFIGS = [
     designed(config(*c), "tma")
     for c in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
               (128, 128, 32, 8, 3)]
-]  # fmt: skip
+] + [ROW_CUDA_CORE_CONFIG, GLU_FORWARD_CUDA_CORE_CONFIG]  # fmt: skip
 # Weight-gradient kernel: BLOCK_K x BLOCK_N output tile, BLOCK_M rows of reduction per step.
 # A step of 64 (often gathered) rows is short next to a load's latency: the 4-stage config keeps
 # three steps of copies in flight.
@@ -237,85 +270,143 @@ WGRAD_GPU_CONFIGS = [
     for design in DESIGNS
     for c in [(64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3),
               (64, 64, 64, 4, 4)]
-]  # fmt: skip
+] + [WGRAD_CUDA_CORE_CONFIG]  # fmt: skip
 # FP8 row kernel: the K step is one scale block of 128 (the activations are quantized per step).
-# Its SwiGLU form holds two accumulators, the step's product and the fp32 A tile being quantized:
-# at 128x128 (8 warps), or 64x128 and 128x64 with 4 warps, ptxas spills inside the K loop; these
-# do not but 128x128, which ``fp8_candidates`` keeps for the single-projection forms of 2-byte inputs.
-# Its TMA design is tried at the three larger tiles.
-FP8_GPU_CONFIGS = [
-    designed(config(*c), "tiled")
-    for c in [(128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 64, 128, 4, 4)]
-] + [designed(config(*c), "tma") for c in [(128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3)]]
+# Its TMA design is tried at the three larger tiles. The 8-warp 64x64 tiles serve fp32 inputs,
+# whose A tile, quantized in registers, makes every other tile spill (``fp8_candidates``).
+FP8_GPU_CONFIGS = (
+    [
+        designed(config(*c), "tiled")
+        for c in [(128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 64, 128, 4, 4)]
+    ]
+    + [designed(config(*c), "tma") for c in [(128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3)]]
+    + [designed(config(64, 64, 128, 8, 3), design) for design in DESIGNS]
+)
 ROW_CONFIGS = autotune_configs(ROW_GPU_CONFIGS, [designed(config(32, 32, 32, 4, 1), design) for design in DESIGNS])
 FP8_CONFIGS = autotune_configs(FP8_GPU_CONFIGS, [designed(config(32, 32, 128, 4, 1), design) for design in DESIGNS])
 WGRAD_CONFIGS = autotune_configs(WGRAD_GPU_CONFIGS, [designed(config(32, 32, 32, 4, 1), design) for design in DESIGNS])
 # The narrowest column tile of the row kernels: the routing weights' gradient of the input-gradient
 # GEMM (``WEIGHT_GRAD_IN_EPILOGUE``) gets one plane per column tile, so at most cdiv(N, this).
-NARROWEST_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in [*ROW_CONFIGS, *FP8_CONFIGS])
+# The GLU forward's CUDA-core tile never computes it.
+NARROWEST_BLOCK_N = min(
+    c.kwargs["BLOCK_N"] for c in [*ROW_CONFIGS, *FP8_CONFIGS] if not _same(c, GLU_FORWARD_CUDA_CORE_CONFIG)
+)
 
 
-def _candidates(
-    configs: list[triton.Config], element_size: int, precision: str, pipeline, outputs, limit: int
-) -> list[triton.Config]:
-    """The configs worth compiling for one launch: those whose pipeline (``pipeline(config)``
-    elements) fits in the ``limit`` bytes of shared memory and, for fp32 with IEEE products, which run on CUDA cores,
-    those of at most 64x64 outputs per tile (``outputs(config)``): ptxas spills tens of KB per thread
-    above that. The smallest config if none qualifies."""
+def _outputs(c: triton.Config) -> int:
+    """A row kernel config's outputs per tile."""
+    return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
 
-    def worth(config: triton.Config) -> bool:
-        fits = pipeline(config) * element_size <= limit
-        cuda_cores = element_size == 4 and precision == "ieee"
-        return fits and (not cuda_cores or outputs(config) <= 64 * 64)
 
-    return [config for config in configs if worth(config)] or [min(configs, key=pipeline_size)]
+def _fitting(configs: list[triton.Config], element_size: int, pipeline, limit: int) -> list[triton.Config]:
+    """Those of ``configs`` whose pipeline (``pipeline(config)`` elements) fits in the ``limit``
+    bytes of shared memory; the smallest config if none does."""
+    fitting = [c for c in configs if pipeline(c) * element_size <= limit]
+    return fitting or [min(configs, key=pipeline_size)]
+
+
+def _cuda_cores(configs: list[triton.Config], wanted: triton.Config, element_size: int, precision: str):
+    """For fp32 with IEEE products (dots on CUDA cores), ``wanted`` if ``configs`` has it (None
+    under the interpreter, whose configs are its own); otherwise None."""
+    if element_size != 4 or precision != "ieee":
+        return None
+    return [c for c in configs if _same(c, wanted)] or None
+
+
+def _tensor_core(configs: list[triton.Config]) -> list[triton.Config]:
+    return [c for c in configs if not cuda_core(c)] or configs
+
+
+def aligned(named_args: dict) -> bool:
+    """Whether every stride argument is 1 or a multiple of 16 elements, as Triton specializes them:
+    below that it cannot prove a row 16-byte aligned and loads element by element."""
+    strides = [v for name, v in named_args.items() if name.startswith("stride") and isinstance(v, int)]
+    return all(v == 1 or v % 16 == 0 for v in strides)
 
 
 def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The row kernel's candidates (``early_config_prune``): the GLU forward loads two B tiles per
-    K step, a K step narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps, the GLU
-    gradient's epilogue leaves no registers for 128x256; the designs in play are ``by_design``'s."""
-    size = named_args["a_ptr"].element_size()
-    configs = by_design(configs, kwargs["B_TMA"])
-    b_tiles = 2 if kwargs["GLU"] and kwargs["EPILOGUE"] == "act" else 1
+    """The row kernel's candidates (``early_config_prune``). Beyond fitting in shared memory (the
+    GLU forward loads two B tiles per K step) and the designs in play (``by_design``): a K step
+    narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps, and the tiles ptxas spills
+    inside the K loop for the launch on the GPU's generation (``capability``; the compile tables'
+    counts) are dropped; CUDA-core launches take their own tiles."""
+    a = named_args["a_ptr"]
+    size, arch = a.element_size(), capability(a.device)
+    glu_forward = kwargs["GLU"] and kwargs["EPILOGUE"] == "act"
+    wanted = GLU_FORWARD_CUDA_CORE_CONFIG if glu_forward else ROW_CUDA_CORE_CONFIG
+    if cuda_core := _cuda_cores(configs, wanted, size, kwargs["PRECISION"]):
+        return cuda_core
+    configs = _tensor_core(by_design(configs, kwargs["B_TMA"]))
     configs = [c for c in configs if c.kwargs["BLOCK_K"] * size >= 128] or configs
     if kwargs["GLU"] and kwargs["EPILOGUE"] == "act_grad":
-        # The GLU gradient's epilogue holds three fp32 tiles (dh and both pre-activation halves): at
-        # 128x256 the persistent loop spills inside its K loop (sm_90a), smaller tiles do not.
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or configs
+        # The GLU gradient's epilogue holds three fp32 tiles (dh and both pre-activation halves):
+        # 128x256 spills in the persistent loop's K loop (sm_90a), and with TF32 products so does
+        # the persistent 128x64 of 4 warps (1-2 spill instructions per step, sm_90a).
+        configs = [c for c in configs if _outputs(c) <= 128 * 128] or configs
+        if size == 4 and arch[0] == 9:
+            configs = [
+                c for c in configs if not (design_of(c) == "tma" and c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)
+            ]
+    if glu_forward and arch < (9, 0):
+        # mma.sync keeps both accumulators in registers: the 4-warp 128x64 and 64x128 spill (14
+        # and 2 per step, sm_80), and with GPT-OSS's clamp and caps the 8-warp 128x128 too (54).
+        extras = kwargs["CLAMP"] or kwargs["GATE_CAP"] or kwargs["UP_CAP"]
+        configs = [c for c in configs if _outputs(c) <= 64 * 64 or (c.num_warps == 8 and not extras)] or configs
+    if not aligned(named_args):
+        # Rows loaded element by element: every tiled tile above 64x64 spills inside the K loop
+        # on some target (29-510 per step with b transposed on sm_90a), 64x64 on none.
+        configs = [c for c in configs if design_of(c) == "tma" or _outputs(c) <= 64 * 64] or configs
+    b_tiles = 2 if glu_forward else 1
 
     def pipeline(c: triton.Config) -> int:
         return c.num_stages * (c.kwargs["BLOCK_M"] + b_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
 
-    outputs = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
-    limit = shared_memory_limit(named_args["a_ptr"].device)
-    return _candidates(configs, size, kwargs["PRECISION"], pipeline, outputs, limit)
+    return _fitting(configs, size, pipeline, shared_memory_limit(a.device))
 
 
 def fp8_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The FP8 kernel's candidates (``early_config_prune``): its 128x128 tile spills inside the K
-    loop (about 200 spill instructions per step, from the sm_90a compile tables) where it holds
-    two accumulators (the GLU forward) or quantizes a 4-byte A tile (fp32 inputs), and in its TMA
-    design where it keeps a GLU's pre-activation for the gradient's epilogue (about 50); the
-    smaller tiles do not. The designs in play are ``by_design``'s."""
+    """The FP8 kernel's candidates (``early_config_prune``), the tiles that spill inside its K loop
+    dropped (the designs in play are ``by_design``'s). fp32 inputs, whose A tile is quantized in
+    registers, take the 8-warp 64x64 tiles: every other spills (5-61 per step, sm_90a). The
+    128x128 tile spills where it holds two accumulators (the GLU forward: about 200 per step,
+    sm_90a) and in the TMA design where it keeps a GLU's pre-activation for the gradient's
+    epilogue (about 50), or, on Hopper, stores the pre-activation of a single projection (1)."""
     configs = by_design(configs, kwargs["B_TMA"])
-    heavy = kwargs["GLU"] or named_args["a_ptr"].element_size() == 4
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128]
-    return small if heavy and small else configs
+    fp32_tiles = [c for c in configs if _outputs(c) == 64 * 64 and c.num_warps == 8]
+    if named_args["a_ptr"].element_size() == 4:
+        return fp32_tiles or configs
+    configs = [c for c in configs if c not in fp32_tiles] or configs
+    if kwargs["GLU"]:
+        configs = [c for c in configs if _outputs(c) < 128 * 128] or configs
+    if kwargs["STORE_PREACT"] and capability(named_args["a_ptr"].device)[0] == 9:
+        configs = [c for c in configs if not (design_of(c) == "tma" and _outputs(c) == 128 * 128)] or configs
+    return configs
 
 
 def wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The weight-gradient kernel's candidates (``early_config_prune``): each step loads a
     BLOCK_M x BLOCK_K tile of a and a BLOCK_M x BLOCK_N tile of b into a BLOCK_K x BLOCK_N tile;
-    the designs in play are ``by_design``'s."""
+    the designs in play are ``by_design``'s, CUDA-core launches take their own tile, and the
+    tiles that spill inside the K loop are dropped."""
 
     def pipeline(c: triton.Config) -> int:
         return c.num_stages * c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_N"])
 
     a = named_args["a_ptr"]
-    configs = by_design(configs, kwargs["A_TMA"] or kwargs["B_TMA"])
-    outputs = lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]  # noqa: E731
-    return _candidates(configs, a.element_size(), kwargs["PRECISION"], pipeline, outputs, shared_memory_limit(a.device))
+    size, arch = a.element_size(), capability(a.device)
+    if cuda_core := _cuda_cores(configs, WGRAD_CUDA_CORE_CONFIG, size, kwargs["PRECISION"]):
+        return cuda_core
+    configs = _tensor_core(by_design(configs, kwargs["A_TMA"] or kwargs["B_TMA"]))
+    if kwargs["SCALE"]:
+        # The tiled design scales each gathered b tile in registers: with TF32 the 4-warp 64x128
+        # output spills (27-28 per step, sm_90a and sm_100a), and on Blackwell the 128-row step
+        # at 128x128 (25-51).
+        def spills(c: triton.Config) -> bool:
+            wide = c.num_warps == 4 and c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] > 64 * 64
+            return design_of(c) == "tiled" and ((size == 4 and wide) or (arch[0] >= 10 and c.kwargs["BLOCK_M"] == 128))
+
+        configs = [c for c in configs if not spills(c)] or configs
+    return _fitting(configs, size, pipeline, shared_memory_limit(a.device))
 
 
 # The kernels read row counts from ``offsets``; ``M_BUCKET``, the row count rounded up to a power

@@ -126,6 +126,63 @@ def test_the_k_loop_is_the_innermost_loop_that_multiplies():
     assert (count_loop_spills(NESTED), count_k_loop_spills(NESTED), count_k_loop_spills(SASS)) == (1, 0, 1)
 
 
+RETRY = """
+        /*0000*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P6, [UR25], R2 ;
+        /*0010*/              @!P6 BRA `(.L_x_9) ;
+.L_x_19:
+        /*0020*/                   STL [R1], R24 ;
+        /*0030*/                   STG.E [R2], R24 ;
+        /*0040*/                   EXIT ;
+.L_x_9:
+        /*0050*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P6, [UR25], R2 ;
+        /*0060*/              @!P6 BRA `(.L_x_9) ;
+        /*0070*/                   BRA `(.L_x_19) ;
+"""
+
+
+def test_a_waits_retry_path_is_not_a_loop():
+    """ptxas puts a barrier wait's retry after the kernel's last EXIT and branches back to the
+    wait from there: the epilogue between is run once, its spill is not in a loop."""
+    assert count_loop_spills(RETRY) == 0
+    assert longest_loop_opcodes(RETRY) == {"SYNCS": 1, "BRA": 1}
+
+
+CUDA_CORES = """
+.L_x_0:
+        /*0000*/                   LDS.128 R4, [R2] ;
+        /*0010*/                   FFMA R8, R4, R5, R8 ;
+        /*0020*/                   LDL R9, [R1] ;
+        /*0030*/              @P0 BRA `(.L_x_0) ;
+        /*0040*/                   EXIT ;
+"""
+
+
+ELECTED = """
+.L_x_0:
+        /*0000*/                   UTMALDG.2D [UR8], [UR4] ;
+        /*0010*/                   LDL R9, [R1] ;
+.L_x_1:
+        /*0020*/               @P2 ELECT P1, URZ, PT ;
+        /*0030*/                   @UP3 UTCHMMA tmem[UR5], gdesc[UR16], tmem[UR20], tmem[UR8], idesc[UR9], !UPT ;
+        /*0040*/               @P2 BRA.U.ANY `(.L_x_1) ;
+        /*0050*/              @P0 BRA `(.L_x_0) ;
+        /*0060*/                   EXIT ;
+"""
+
+
+def test_blackwells_elected_mma_issue_is_not_the_k_loop():
+    """Blackwell issues each MMA from one elected thread in a loop of its own (a predicated
+    ``UTC*MMA``, ``BRA.U.ANY`` back): the K loop is the loop around it."""
+    assert k_loop_opcodes(ELECTED) == {"UTMALDG": 1, "LDL": 1, "ELECT": 1, "UTCHMMA": 1, "BRA": 2}
+    assert count_k_loop_spills(ELECTED) == 1
+
+
+def test_a_cuda_core_kernels_k_loop_is_the_loop_of_its_ffmas():
+    """Where the dots run on CUDA cores there is no MMA: the K loop is the innermost loop of FFMAs."""
+    assert k_loop_opcodes(CUDA_CORES) == {"LDS": 1, "FFMA": 1, "LDL": 1, "BRA": 1}
+    assert count_k_loop_spills(CUDA_CORES) == 1
+
+
 def test_the_tables_compile_the_configs_the_gpus_pruning_keeps():
     """An fp32 GEMM with TF32 products (4-byte tiles): the A100's 163 KiB of shared memory keep
     fewer of the candidates than Hopper's 227 KiB, each fitting its target."""
@@ -144,6 +201,25 @@ def test_the_tables_compile_the_configs_the_gpus_pruning_keeps():
         sizes = [c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 4 for c in configs]
         assert configs and max(sizes) <= TARGETS[target][1], target
     assert {id(c) for c in kept["sm_80"]} < {id(c) for c in kept["sm_90a"]}
+
+
+def test_the_tables_prune_for_each_targets_generation_and_alignment():
+    """The tables run the pruning as each target's GPU would: a bf16 SwiGLU forward on the A100
+    (its accumulators in registers) keeps fewer tiles than on Hopper, and strides Triton did not
+    specialize as multiples of 16 keep the tiled design at 64x64."""
+    offsets = torch.tensor([10, 24], dtype=torch.int32)
+    a, b = torch.randn(24, 32, dtype=torch.bfloat16), torch.randn(2, 32, 64, dtype=torch.bfloat16)
+    (launch,) = record_launches(lambda: grouped_mm_triton(a, b, offsets))
+    kernel = grouped_mm_kernel
+    while not hasattr(kernel, "early_config_prune"):
+        kernel = kernel.fn
+    glu = launch | {"constants": launch["constants"] | {"GLU": True, "EPILOGUE": "act"}}
+    shapes = lambda configs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs}  # noqa: E731
+    tiled = [c for c in tuning.ROW_GPU_CONFIGS if tuning.design_of(c) == "tiled"]
+    assert shapes(gpu_candidates(kernel, tiled, glu, "sm_80")) == {(128, 128, 8), (64, 64, 4)}
+    assert (128, 64, 4) in shapes(gpu_candidates(kernel, tiled, glu, "sm_90a"))
+    unaligned = launch | {"attrs": {k: v for k, v in launch["attrs"].items() if not k.startswith("stride")}}
+    assert shapes(gpu_candidates(kernel, tiled, unaligned, "sm_90a")) == {(64, 64, 4)}
 
 
 @pytest.mark.parametrize("target", ["sm_80", "sm_100a"])

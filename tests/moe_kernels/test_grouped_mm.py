@@ -167,7 +167,9 @@ def test_autotune_candidates_fit_each_launch():
         (64, 128, 32),
     }
     assert (128, 128, 64) in rows(torch.float32, precision="tf32")
-    assert rows(torch.float32, glu=True, epilogue="act") == rows(torch.float32) == {(64, 64, 64)}
+    # IEEE products run on CUDA cores: tiles of their own, smaller for the GLU's two accumulators.
+    assert rows(torch.float32) == rows(torch.float32, glu=True, epilogue="act_grad") == {(64, 64, 32)}
+    assert rows(torch.float32, glu=True, epilogue="act") == {(32, 32, 64)}
     # The persistent design, where b is TMA-ready, at its larger tiles; else the tiled one.
     with tuning.use_design("tma"):
         assert rows(torch.bfloat16, glu=True, epilogue="act", b_tma=True) == {
@@ -180,24 +182,29 @@ def test_autotune_candidates_fit_each_launch():
 
     def wgrad(dtype, precision="ieee"):
         named = {"a_ptr": torch.empty(1, dtype=dtype)}
-        return _tiles(wgrad_candidates(WGRAD_GPU_CONFIGS, named, PRECISION=precision, A_TMA=False, B_TMA=False))
+        return _tiles(
+            wgrad_candidates(WGRAD_GPU_CONFIGS, named, PRECISION=precision, A_TMA=False, B_TMA=False, SCALE=False)
+        )
 
-    assert wgrad(torch.bfloat16) == _tiles(WGRAD_GPU_CONFIGS)
-    assert wgrad(torch.float32, "tf32") == _tiles(WGRAD_GPU_CONFIGS) - {(128, 128, 128)}
-    assert wgrad(torch.float32) == {(64, 64, 64)}
+    tensor_cores = _tiles(WGRAD_GPU_CONFIGS) - {(16, 64, 64)}
+    assert wgrad(torch.bfloat16) == tensor_cores
+    assert wgrad(torch.float32, "tf32") == tensor_cores - {(128, 128, 128)}
+    assert wgrad(torch.float32) == {(16, 64, 64)}
 
     def fp8(dtype, glu=False, epilogue="none"):
         named = {"a_ptr": torch.empty(1, dtype=dtype)}
-        return _tiles(fp8_candidates(FP8_GPU_CONFIGS, named, GLU=glu, EPILOGUE=epilogue, B_TMA=False))
+        return fp8_candidates(FP8_GPU_CONFIGS, named, GLU=glu, EPILOGUE=epilogue, B_TMA=False, STORE_PREACT=False)
 
-    # The FP8 kernel's 128x128 tile spills in its K loop for the GLU forms and fp32 inputs.
-    assert fp8(torch.bfloat16) == _tiles(FP8_GPU_CONFIGS)
+    # The FP8 kernel's 128x128 tile spills in its K loop for the GLU forms; fp32 inputs take the
+    # 8-warp 64x64 tile, which the others never do.
+    assert _tiles(fp8(torch.bfloat16)) == _tiles(FP8_GPU_CONFIGS)
+    assert all(c.num_warps == 4 for c in fp8(torch.bfloat16) if c.kwargs["BLOCK_N"] == 64 == c.kwargs["BLOCK_M"])
     assert (
-        fp8(torch.bfloat16, glu=True, epilogue="act")
-        == fp8(torch.bfloat16, glu=True, epilogue="act_grad")
-        == fp8(torch.float32)
+        _tiles(fp8(torch.bfloat16, glu=True, epilogue="act"))
+        == _tiles(fp8(torch.bfloat16, glu=True, epilogue="act_grad"))
         == _tiles(FP8_GPU_CONFIGS) - {(128, 128, 128)}
     )
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in fp8(torch.float32)] == [(64, 64, 8)]
 
 
 def test_the_candidates_fit_the_gpus_own_shared_memory(monkeypatch):
@@ -212,5 +219,6 @@ def test_the_candidates_fit_the_gpus_own_shared_memory(monkeypatch):
         PRECISION="ieee",
         A_TMA=False,
         B_TMA=False,
+        SCALE=False,
     )
-    assert _tiles(a100) == _tiles(tuning.WGRAD_GPU_CONFIGS) - {(128, 128, 128)}
+    assert _tiles(a100) == _tiles(tuning.WGRAD_GPU_CONFIGS) - {(128, 128, 128), (16, 64, 64)}

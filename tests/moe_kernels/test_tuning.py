@@ -150,7 +150,101 @@ def test_the_gpu_candidates_that_spill_in_their_k_loop_are_pruned(design):
         plain = tuning.row_candidates(tuning.ROW_GPU_CONFIGS, named, GLU=False, EPILOGUE="act_grad", **options)
         assert (128, 256) in tiles(plain)
         for epilogue in ("act", "act_grad"):
-            fp8 = tuning.fp8_candidates(tuning.FP8_GPU_CONFIGS, named, GLU=True, EPILOGUE=epilogue, B_TMA=True)
+            fp8 = tuning.fp8_candidates(
+                tuning.FP8_GPU_CONFIGS, named, GLU=True, EPILOGUE=epilogue, B_TMA=True, STORE_PREACT=False
+            )
             assert (128, 128) not in tiles(fp8) and tiles(fp8) and {tuning.design_of(c) for c in fp8} == {design}
-        fp8 = tuning.fp8_candidates(tuning.FP8_GPU_CONFIGS, named, GLU=False, EPILOGUE="none", B_TMA=True)
+        fp8 = tuning.fp8_candidates(
+            tuning.FP8_GPU_CONFIGS, named, GLU=False, EPILOGUE="none", B_TMA=True, STORE_PREACT=False
+        )
         assert (128, 128) in tiles(fp8)
+
+
+ROW_LAUNCH = dict(
+    GLU=False, EPILOGUE="none", PRECISION="ieee", B_TMA=True, CLAMP=False, GATE_CAP=0.0, UP_CAP=0.0, STORE_PREACT=False
+)
+
+
+def _shapes(configs) -> set[tuple]:
+    return {
+        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, tuning.design_of(c))
+        for c in configs
+    }
+
+
+@pytest.mark.parametrize("arch", [(8, 0), (9, 0), (10, 0)])
+def test_the_pruning_drops_what_spills_on_each_gpu_generation(monkeypatch, arch):
+    """The compile tables' K-loop spills, per GPU generation: the A100's GLU forward (two mma.sync
+    accumulators in registers) keeps the 4-warp 64x64 and the 8-warp 128x128 (only 64x64 with the
+    clamp and caps); Hopper drops TF32's persistent 128x64 GLU gradient and the FP8 persistent
+    128x128 storing a pre-activation; the tiled weight gradient that scales b drops TF32's
+    4-warp 64x128 output everywhere and the 128-row step on Blackwell."""
+    monkeypatch.setattr(tuning, "capability", lambda device: arch)
+    monkeypatch.setattr(tuning, "INTERPRET", False)  # both designs in play, as on a GPU
+    bf16, fp32 = ({"a_ptr": torch.empty(1, dtype=dtype)} for dtype in (torch.bfloat16, torch.float32))
+    with tuning.use_design(None):
+        glu = _shapes(
+            tuning.row_candidates(tuning.ROW_GPU_CONFIGS, bf16, **ROW_LAUNCH | dict(GLU=True, EPILOGUE="act"))
+        )
+        clamped = ROW_LAUNCH | dict(GLU=True, EPILOGUE="act", CLAMP=True)
+        clamp = _shapes(tuning.row_candidates(tuning.ROW_GPU_CONFIGS, bf16, **clamped))
+        if arch < (9, 0):
+            assert {s[:4] for s in glu} == {(128, 128, 64, 8), (64, 64, 64, 4)}
+            assert {s[:4] for s in clamp} == {(64, 64, 64, 4)}
+        else:
+            assert (128, 64, 64, 4, "tiled") in glu and clamp == glu
+        grad = ROW_LAUNCH | dict(GLU=True, EPILOGUE="act_grad", PRECISION="tf32")
+        tf32_grad = _shapes(tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **grad))
+        assert ((128, 64, 64, 4, "tma") in tf32_grad) == (arch[0] != 9) and (64, 128, 64, 4, "tma") in tf32_grad
+        fp8 = ROW_LAUNCH | dict(EPILOGUE="act", STORE_PREACT=True)
+        stored = _shapes(tuning.fp8_candidates(tuning.FP8_GPU_CONFIGS, bf16, **fp8))
+        assert ((128, 128, 128, 8, "tma") in stored) == (arch[0] != 9) and (128, 128, 128, 8, "tiled") in stored
+        wgrad = dict(PRECISION="tf32", A_TMA=True, B_TMA=False, SCALE=True)
+        scaled = _shapes(tuning.wgrad_candidates(tuning.WGRAD_GPU_CONFIGS, fp32, **wgrad))
+        assert (64, 128, 64, 4, "tiled") not in scaled and (64, 128, 64, 4, "tma") in scaled
+        scaled = _shapes(tuning.wgrad_candidates(tuning.WGRAD_GPU_CONFIGS, bf16, **wgrad | dict(PRECISION="ieee")))
+        assert ((128, 128, 128, 8, "tiled") in scaled) == (arch[0] < 10) and (128, 128, 128, 8, "tma") in scaled
+        unscaled = _shapes(tuning.wgrad_candidates(tuning.WGRAD_GPU_CONFIGS, fp32, **wgrad | dict(SCALE=False)))
+        assert (64, 128, 64, 4, "tiled") in unscaled
+
+
+def test_rows_not_16_aligned_keep_the_tiled_design_at_64x64(monkeypatch):
+    """A stride Triton cannot prove a multiple of 16 elements loads rows element by element: the
+    tiled design spills inside its K loop above 64x64 (sm_90a: 29-510 instructions per step with
+    b transposed); the persistent design, which loads b by TMA, keeps its tiles."""
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    named = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "stride_am": 24, "stride_ak": 1, "stride_bk": 1}
+    with tuning.use_design(None):
+        unaligned = _shapes(tuning.row_candidates(tuning.ROW_GPU_CONFIGS, named, **ROW_LAUNCH))
+        aligned = _shapes(tuning.row_candidates(tuning.ROW_GPU_CONFIGS, named | {"stride_am": 48}, **ROW_LAUNCH))
+    assert {s for s in unaligned if s[4] == "tiled"} == {(64, 64, 64, 4, "tiled")}
+    assert {s for s in unaligned if s[4] == "tma"} == {s for s in aligned if s[4] == "tma"}
+    assert (128, 128, 64, 8, "tiled") in aligned
+
+
+def test_cuda_core_tiles_serve_ieee_fp32_only():
+    """fp32 with IEEE products runs its dots on CUDA cores, in tiles of its own (none spills on
+    sm_80, sm_90a or sm_100a); tensor-core launches never take those; with MOE_KERNELS_AUTOTUNE=0
+    they stay beside the smallest config of each design."""
+    fp32, bf16 = ({"a_ptr": torch.empty(1, dtype=dtype)} for dtype in (torch.float32, torch.bfloat16))
+    assert tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **ROW_LAUNCH) == [tuning.ROW_CUDA_CORE_CONFIG]
+    glu = ROW_LAUNCH | dict(GLU=True, EPILOGUE="act")
+    assert tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **glu) == [tuning.GLU_FORWARD_CUDA_CORE_CONFIG]
+    wgrad = dict(PRECISION="ieee", A_TMA=False, B_TMA=False, SCALE=False)
+    assert tuning.wgrad_candidates(tuning.WGRAD_GPU_CONFIGS, fp32, **wgrad) == [tuning.WGRAD_CUDA_CORE_CONFIG]
+    with tuning.use_design(None):
+        for dtype, precision in ((bf16, "ieee"), (fp32, "tf32")):
+            kept = tuning.row_candidates(tuning.ROW_GPU_CONFIGS, dtype, **ROW_LAUNCH | dict(PRECISION=precision))
+            assert kept and not any(tuning.cuda_core(c) for c in kept)
+            kept = tuning.wgrad_candidates(tuning.WGRAD_GPU_CONFIGS, dtype, **wgrad | dict(PRECISION=precision))
+            assert kept and not any(tuning.cuda_core(c) for c in kept)
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patch:
+        patch.setattr(tuning, "INTERPRET", False)
+        patch.setattr(tuning, "AUTOTUNE", False)
+        smallest = tuning.autotune_configs(tuning.ROW_GPU_CONFIGS, [])
+    assert [c for c in smallest if tuning.cuda_core(c)] == [
+        tuning.ROW_CUDA_CORE_CONFIG,
+        tuning.GLU_FORWARD_CUDA_CORE_CONFIG,
+    ]
+    assert {tuning.design_of(c) for c in smallest if not tuning.cuda_core(c)} == set(tuning.DESIGNS)
