@@ -27,7 +27,9 @@ Each part can run alone (``--parts``), in order:
   rows to slot order instead of each token gathering its rows in the combine
   (``tuning.GATHER_COMBINE`` off), and on a GPU whose TMA gathers rows (Blackwell)
   ``triton-pointer-gather``, the TMA design reading gathered rows by pointer loads instead
-  (``tuning.TMA_GATHER`` off), each also as a ratio to ``triton``'s.
+  (``tuning.TMA_GATHER`` off), and ``triton-pointer-store``, the TMA design storing its outputs
+  by pointer stores instead of TMA stores (``tuning.TMA_STORE`` off), each also as a ratio to
+  ``triton``'s.
 - ``profile``: one forward+backward of the ``triton`` layer at three of those shapes, broken
   down kernel by kernel with ``torch.profiler`` (at the first, ``triton-prescaled`` and
   ``fp8-train`` too), and each grouped GEMM launch (the forward's two,
@@ -93,6 +95,7 @@ from moe_kernels.tuning import (
     TABLES,
     TUNED_KERNELS,
     device_slug,
+    has_tma,
     has_tma_gather,
     tuned_table,
     write_table,
@@ -256,9 +259,10 @@ SWITCHES = {
     "saved-out": ("WEIGHT_GRAD_IN_EPILOGUE", False),
     "scattered": ("GATHER_COMBINE", False),
     "pointer-gather": ("TMA_GATHER", False),
+    "pointer-store": ("TMA_STORE", False),
 }
 # Switches that change nothing on a GPU without the feature they turn off.
-NEEDS = {"pointer-gather": has_tma_gather}
+NEEDS = {"pointer-gather": has_tma_gather, "pointer-store": has_tma}
 
 
 @contextlib.contextmanager
@@ -287,6 +291,7 @@ BACKEND_OF = {
     "triton-saved-out": "triton",
     "triton-scattered": "triton",
     "triton-pointer-gather": "triton",
+    "triton-pointer-store": "triton",
     "triton-tiled": "triton",
 }
 

@@ -140,16 +140,19 @@ def disassemble(cubin: bytes, target: str = "sm_90a") -> str | None:
 
 def _machine_code(cubin: bytes, target: str) -> dict:
     """From the kernel's SASS: its spill instructions inside loops (``count_loop_spills``), its
-    TMA loads (``UTMALDG``), those that gather rows (Blackwell's ``UTMALDG.2D.GATHER4``) and the
-    instructions of its K loop (``k_loop_opcodes``); None each without nvdisasm."""
+    TMA loads (``UTMALDG``), those that gather rows (Blackwell's ``UTMALDG.2D.GATHER4``), its TMA
+    stores (``UTMASTG``) and the instructions of its K loop (``k_loop_opcodes``); None each
+    without nvdisasm."""
     sass = disassemble(cubin, target)
     if sass is None:
-        return {"loop_spills": None, "k_loop_spills": None, "tma_loads": None, "tma_gathers": None, "k_step": None}
+        keys = ("loop_spills", "k_loop_spills", "tma_loads", "tma_gathers", "tma_stores", "k_step")
+        return dict.fromkeys(keys)
     return {
         "loop_spills": count_loop_spills(sass),
         "k_loop_spills": count_k_loop_spills(sass),
         "tma_loads": len(re.findall(r"\bUTMALDG\b", sass)),
         "tma_gathers": len(re.findall(r"\bUTMALDG\.\w+\.GATHER4\b", sass)),
+        "tma_stores": len(re.findall(r"\bUTMASTG\b", sass)),
         "k_step": sum(k_loop_opcodes(sass).values()) or None,
     }
 
@@ -488,8 +491,8 @@ def table(results: list[dict]) -> str:
     """A markdown table of ``compile_launches`` results; fits the target's limits or says why not."""
     lines = [
         "kernel | dtype | variant | aligned | config | compiles | tensor cores | registers | spill bytes | spills in loops"
-        " | K-loop spills | TMA loads | K step | shared KiB",
-        "---|---|---|---|---|---|---|---|---|---|---|---|---|---",
+        " | K-loop spills | TMA loads | TMA stores | K step | shared KiB",
+        "---|---|---|---|---|---|---|---|---|---|---|---|---|---|---",
     ]
     for r in results:
         variant = " ".join(
@@ -498,14 +501,14 @@ def table(results: list[dict]) -> str:
         config = " ".join(f"{k}={v}" for k, v in r["config"].items())
         head = f"{r['kernel']} | {r['dtype']} | {variant} | {'yes' if r['aligned'] else 'no'} | {config}"
         if not r["ok"]:
-            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | | | | | |")
+            lines.append(f"{head} | **no**: {r['error'].splitlines()[0][:160]} | | | | | | | | |")
             continue
         shared = f"{r['shared_bytes'] / 1024:.0f}" + (
             " (over the limit)" if r["shared_bytes"] > TARGETS[r["target"]][1] else ""
         )
         code = " | ".join(
             "?" if r.get(key) is None else str(r[key])
-            for key in ("loop_spills", "k_loop_spills", "tma_loads", "k_step")
+            for key in ("loop_spills", "k_loop_spills", "tma_loads", "tma_stores", "k_step")
         )
         lines.append(f"{head} | yes | {r['mma']} | {r['registers']} | {r['spill_bytes']} | {code} | {shared}")
     return "\n".join(lines)
@@ -532,6 +535,8 @@ def _persistent_line(persistent: list[dict], results: list[dict], mma: str, targ
         f"{sum(bool(r['tma_loads']) for r in persistent)} load by TMA (`UTMALDG` in the SASS), "
         f"{sum(bool(r.get('tma_gathers')) for r in persistent)} of them gathering rows by TMA "
         "(`UTMALDG.2D.GATHER4`: the gathered launches, on Blackwell only), "
+        f"{sum(bool(r.get('tma_stores')) for r in persistent)} store by TMA (`UTMASTG`: those whose output rows "
+        "are not scattered), "
         f"{sum(bool(r.get('k_loop_spills')) for r in persistent)} spill inside the K loop (*K-loop spills*; those in "
         f"its loop over tiles, {sum(bool(r['loop_spills']) for r in persistent)}, are the epilogue's, once per tile); "
         "its K step (*K step*: the "

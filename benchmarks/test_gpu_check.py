@@ -20,7 +20,7 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     backends = {key.split(" | ")[1] for key in report["timings"]}
     assert backends == {
         "triton", "triton-tiled", "triton-prescaled", "triton-saved-out", "triton-scattered", "triton-pointer-gather",
-        "torch", "dense-eq", "expert-choice", "fp8", "fp8-nmajor", "fp8-train",
+        "triton-pointer-store", "torch", "dense-eq", "expert-choice", "fp8", "fp8-nmajor", "fp8-train",
     }  # fmt: skip
     trained = {
         key: row for key, row in report["timings"].items() if not key.endswith(("fp8", "nmajor"))
@@ -31,7 +31,9 @@ def test_smoke_run_checks_and_times_every_backend(tmp_path):
     assert all(
         row["fwd+bwd / triton"] > 0
         for key, row in report["timings"].items()
-        if key.endswith(("fp8-train", "tiled", "prescaled", "saved-out", "scattered", "pointer-gather"))
+        if key.endswith(
+            ("fp8-train", "tiled", "prescaled", "saved-out", "scattered", "pointer-gather", "pointer-store")
+        )
     )
     assert report["check errors"]["fp32"]["moe_ffn swiglu dw_in"] < 1e-5
     assert report["check errors"]["fp32"]["moe_ffn swiglu biased prescaled dw_out"] < 1e-5

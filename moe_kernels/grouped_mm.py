@@ -124,9 +124,15 @@ def _launch_rows(
     # Which operands the TMA design may read by TMA (gathered rows by TMA gathers, on Blackwell). A
     # TMA box starts 16-byte aligned along the contiguous dim: a GLU's up half, at column N, too.
     up_aligned = products == 1 or num_cols * b.element_size() % 16 == 0
+    # It stores c (and the pre-activation) by TMA where their rows are not scattered and TMA can
+    # write them (tuning.TMA_STORE): a GLU's second half, at column N, 16-byte aligned too.
+    stored = [c, preact] if store_preact else [c]
+    halves_aligned = gate is None or all(num_cols * t.element_size() % 16 == 0 for t in stored)
+    c_tma = c_rows is None and halves_aligned and all(_rows_tma_ready(t) for t in stored)
     options |= dict(
         A_TMA=_rows_tma_ready(a) and (a_rows is None or (tuning.TMA_GATHER and has_tma_gather(a.device))),
         B_TMA=tma_ready(b) and has_tma(b.device) and up_aligned, B_TRANSPOSED=b.stride(2) != 1,
+        C_TMA=tuning.TMA_STORE and c_tma,
     )  # fmt: skip
     _allow_descriptors()
     with _annotated(kernel, 2 * num_rows * num_cols * K * products, rows=num_rows, N=num_cols * products, K=K):
@@ -333,6 +339,7 @@ def grouped_mm_wgrad(
             PRECISION=_precision(a.dtype),
             A_TMA=K > 0 and a_rows is None and _rows_tma_ready(a),
             B_TMA=b_rows is None and _rows_tma_ready(b),
+            C_TMA=tuning.TMA_STORE and K > 0 and c.stride(2) == 1 and tma_ready(c) and has_tma(c.device),
         )
     return c, None if summed is None else summed.to(out_dtype)
 

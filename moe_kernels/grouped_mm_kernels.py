@@ -84,16 +84,37 @@ def _row_tile(offsets_ptr, a_rows_ptr, N, E, GATHER_A: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
+def _store_rows(ptr, value, rm, rn, row_ok, col_ok, width, stride_m, stride_n, TMA_STORE: tl.constexpr):
+    """Store a row tile's ``value`` at rows ``rm``, columns ``rn`` of ``ptr`` (``width`` columns):
+    by pointers, or with TMA_STORE (rows contiguous per group, the columns unit-stride) through a
+    TMA descriptor whose rows end at the tile's group's end, so that the rows past it, the next
+    group's, are left as they are."""
+    if TMA_STORE:
+        row_start = tl.min(rm, axis=0).to(tl.int32)
+        row_end = row_start + tl.sum(row_ok.to(tl.int32), axis=0)
+        desc = tl.make_tensor_descriptor(
+            ptr, shape=[row_end, width], strides=[stride_m, 1], block_shape=[value.shape[0], value.shape[1]]
+        )
+        desc.store([row_start, tl.min(rn, axis=0).to(tl.int32)], value)
+    else:
+        tl.store(ptr + rm.to(tl.int64)[:, None] * stride_m + rn[None, :] * stride_n, value,
+                 mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+
+
+@triton.jit
 def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
               preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
               scale_grad_ptr, stride_sg,
               EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GLU: tl.constexpr, CLAMP: tl.constexpr,
               LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr, GATE_CAP: tl.constexpr,
               UP_CAP: tl.constexpr, STORE_PREACT: tl.constexpr,
-              SCATTER_C: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, SCALE_GRAD: tl.constexpr):  # fmt: skip
+              SCATTER_C: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, SCALE_GRAD: tl.constexpr,
+              TMA_STORE: tl.constexpr):  # fmt: skip
     """A row tile's fp32 product (``acc``, and ``acc_up`` for a GLU's up projection) through the
-    bias, the row scale and the epilogue of ``grouped_mm_kernel``, stored: shared by its bf16 and
-    FP8 forms, which differ only in their K loops."""
+    bias, the row scale and the epilogue of ``grouped_mm_kernel``, stored (with TMA_STORE, c and
+    the pre-activation through TMA descriptors: ``_store_rows``): shared by its bf16 and FP8
+    forms, which differ only in their K loops."""
+    tl.static_assert(not (TMA_STORE and SCATTER_C), "scattered rows are stored by pointers")
     mask = row_ok[:, None] & col_ok[None, :]
     preact_ptrs = preact_ptr + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :] * stride_pn
     if EPILOGUE == "act_grad":
@@ -119,26 +140,30 @@ def _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, 
         slots = tl.load(scale_rows_ptr + rm, mask=row_ok, other=0)
         acc *= tl.load(scale_ptr + slots, mask=row_ok, other=0.0)[:, None]
     c_rows = _rows(c_rows_ptr, rm, row_ok, SCATTER_C)
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_ty = c_ptr.dtype.element_ty
     if EPILOGUE == "act":
         if STORE_PREACT:
-            tl.store(preact_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=mask)
+            p_ty = preact_ptr.dtype.element_ty
+            _store_rows(preact_ptr, acc.to(p_ty), rm, rn, row_ok, col_ok, N, stride_pm, stride_pn, TMA_STORE)
             if GLU:
-                tl.store(preact_ptrs + N * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=mask)
+                _store_rows(preact_ptr + N * stride_pn, acc_up.to(p_ty), rm, rn, row_ok, col_ok, N, stride_pm,
+                            stride_pn, TMA_STORE)  # fmt: skip
         if GLU:
             out = glu(acc, acc_up, ACTIVATION, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP)
         else:
             out = act(acc, ACTIVATION)
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+        _store_rows(c_ptr, out.to(c_ty), c_rows, rn, row_ok, col_ok, N, stride_cm, stride_cn, TMA_STORE)
     elif EPILOGUE == "act_grad":
         if GLU:
             d_gate, d_up = glu_grad(acc, pre, up, ACTIVATION, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP)
-            tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
-            tl.store(c_ptrs + N * stride_cn, d_up.to(c_ptr.dtype.element_ty), mask=mask)
+            _store_rows(c_ptr, d_gate.to(c_ty), c_rows, rn, row_ok, col_ok, N, stride_cm, stride_cn, TMA_STORE)
+            _store_rows(c_ptr + N * stride_cn, d_up.to(c_ty), c_rows, rn, row_ok, col_ok, N, stride_cm, stride_cn,
+                        TMA_STORE)  # fmt: skip
         else:
-            tl.store(c_ptrs, (acc * act_grad(pre, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+            d_pre = (acc * act_grad(pre, ACTIVATION)).to(c_ty)
+            _store_rows(c_ptr, d_pre, c_rows, rn, row_ok, col_ok, N, stride_cm, stride_cn, TMA_STORE)
     else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        _store_rows(c_ptr, acc.to(c_ty), c_rows, rn, row_ok, col_ok, N, stride_cm, stride_cn, TMA_STORE)
 
 
 @triton.jit
@@ -264,6 +289,7 @@ def grouped_mm_kernel(
     A_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
     B_TRANSPOSED: tl.constexpr,
+    C_TMA: tl.constexpr,
     # Tiles, and the design (``tuning.DESIGNS``): tiled, or TMA (persistent, with TMA loads)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -294,7 +320,9 @@ def grouped_mm_kernel(
     readable by TMA. With A_TMA (rows 16-byte aligned) a is read through a descriptor over its
     ``[A_ROWS, K]`` rows too: a tile's rows past its group are the next group's, and the
     epilogue's row mask drops them; gathered rows (GATHER_A) by TMA gathers, which only Blackwell
-    has (the launcher sets A_TMA for them there alone: elsewhere they keep pointer loads).
+    has (the launcher sets A_TMA for them there alone: elsewhere they keep pointer loads). With
+    C_TMA (rows not scattered, c and the pre-activation TMA-ready) the TMA design stores them by
+    TMA too, each tile through a descriptor that ends at its group's last row.
     """
     if TMA:
         tl.static_assert(B_TMA, "the TMA design reads b by TMA: its pruning keeps it from other launches")
@@ -326,7 +354,8 @@ def grouped_mm_kernel(
             _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
                       preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e,
                       stride_bias_n, scale_grad_ptr, stride_sg, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA,
-                      UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD)  # fmt: skip
+                      UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD,
+                      C_TMA)  # fmt: skip
     else:
         group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
             offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
@@ -352,7 +381,8 @@ def grouped_mm_kernel(
         _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
                   preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
                   scale_grad_ptr, stride_sg, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP,
-                  UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD)  # fmt: skip
+                  UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD,
+                  False)  # fmt: skip
 
 
 @triton.jit
@@ -458,6 +488,7 @@ def grouped_mm_fp8_kernel(
     A_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
     B_TRANSPOSED: tl.constexpr,
+    C_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -471,7 +502,7 @@ def grouped_mm_fp8_kernel(
     accumulator. With EXACT_CAST (the interpreter) the e4m3 rounding is done in fp32 first.
 
     Its TMA design is ``grouped_mm_kernel``'s: one program per SM walking the tile schedule, b (and
-    a, with A_TMA) read by TMA; the scales keep pointer loads."""
+    a, with A_TMA) read by TMA, c (with C_TMA) stored by TMA; the scales keep pointer loads."""
     if TMA:
         tl.static_assert(B_TMA, "the TMA design reads b by TMA: its pruning keeps it from other launches")
         starts, ends, tile_ends, num_n, num_tiles, a_src, b_src = _persistent_schedule(
@@ -490,7 +521,8 @@ def grouped_mm_fp8_kernel(
             _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
                       preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e,
                       stride_bias_n, scale_grad_ptr, stride_sg, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA,
-                      UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD)  # fmt: skip
+                      UP_OFFSET, GATE_CAP, UP_CAP, STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD,
+                      C_TMA)  # fmt: skip
         return
     group, rm, rn, row_ok, col_ok, a_rows = _row_tile(
         offsets_ptr, a_rows_ptr, N, E, GATHER_A, BLOCK_M, BLOCK_N, BLOCK_E
@@ -506,7 +538,8 @@ def grouped_mm_fp8_kernel(
     _epilogue(acc, acc_up, group, rm, rn, row_ok, col_ok, N, c_ptr, c_rows_ptr, stride_cm, stride_cn,
               preact_ptr, stride_pm, stride_pn, scale_ptr, scale_rows_ptr, bias_ptr, stride_bias_e, stride_bias_n,
               scale_grad_ptr, stride_sg, EPILOGUE, ACTIVATION, GLU, CLAMP, LIMIT, ALPHA, UP_OFFSET, GATE_CAP, UP_CAP,
-              STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD)  # fmt: skip
+              STORE_PREACT, SCATTER_C, SCALE, BIAS, SCALE_GRAD,
+              False)  # fmt: skip
 
 
 @triton.jit
@@ -611,6 +644,7 @@ def grouped_wgrad_kernel(
     PRECISION: tl.constexpr,
     A_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
+    C_TMA: tl.constexpr,
     # Tiles: BLOCK_K x BLOCK_N of the output, BLOCK_M rows of reduction per step; the design
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -631,7 +665,8 @@ def grouped_wgrad_kernel(
 
     The TMA design (``tuning.DESIGNS``) reads a (with A_TMA) and b (with B_TMA: each not
     gathered, rows 16-byte aligned, on a GPU with TMA) through TMA descriptors over their rows
-    instead; a gathered operand keeps pointer loads. Its loop runs over the group's full row
+    instead, and stores the output tile through a descriptor over ``c [E, K, N]`` (with C_TMA);
+    a gathered operand keeps pointer loads. Its loop runs over the group's full row
     tiles unmasked, then one masked step for the partial tile (``_wgrad_tma_step``). A tile by
     TMA past the group reads the next group's rows, whose products a's zeroed rows drop: where
     only b is read by TMA, a non-finite value in those rows of b would still make this group's
@@ -709,7 +744,13 @@ def grouped_wgrad_kernel(
                 rm + BLOCK_M, row_end, a_rows_ptr, b_rows_ptr, scale_ptr, scale_rows_ptr, GATHER_A, GATHER_B, SCALE
             )
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    c_ptrs = c_ptr + group.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
+    if TMA and C_TMA:
+        c_desc = tl.make_tensor_descriptor(
+            c_ptr, shape=[E, K, N], strides=[stride_ce, stride_ck, 1], block_shape=[1, BLOCK_K, BLOCK_N]
+        )
+        c_desc.store([group, pid_k * BLOCK_K, (pid % num_n) * BLOCK_N], acc.to(c_ptr.dtype.element_ty)[None, :, :])
+    else:
+        c_ptrs = c_ptr + group.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
     if sums_bias:
         tl.store(bias_grad_ptr + group.to(tl.int64) * stride_db_e + rn, bias_acc, mask=n_ok)

@@ -69,6 +69,12 @@ GATHER_COMBINE = True
 # times both on a GPU that has it.
 TMA_GATHER = True
 
+# Whether the TMA design stores its outputs that are contiguous per group by TMA (the row
+# kernels' expert-major rows and pre-activation, each tile through a descriptor that ends at its
+# group's last row; the weight gradients' tiles of ``[E, K, N]``), instead of pointer stores.
+# ``benchmarks/gpu_check.py`` times both.
+TMA_STORE = True
+
 # ``MOE_KERNELS_AUTOTUNE=0`` keeps one config per kernel on the GPU, the smallest: correctness
 # runs then compile each kernel once instead of once per candidate.
 AUTOTUNE = os.environ.get("MOE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")

@@ -162,3 +162,29 @@ def test_use_design_restores_the_autotuners_choices():
     with pytest.raises(ValueError, match="design must be one of"):
         with tuning.use_design("warp-specialized"):
             pass
+
+
+def test_outputs_stored_by_tma_end_at_their_group(tma, monkeypatch):
+    """The TMA design stores the expert-major rows, the pre-activation and the weight gradients by
+    TMA (C_TMA), each row tile through a descriptor that ends at its group's last row: a tile that
+    overhangs the next group's rows, stored after the programs that wrote them (three programs,
+    32-row tiles: groups of 5, 40, 3 and 30 rows), leaves them intact. With ``TMA_STORE`` off,
+    pointer stores and the same results."""
+    launches = record_launches(
+        lambda: test_ffn.test_moe_ffn_matches_reference("triton", torch.float32, "swiglu", *test_ffn.CASES[0])
+    )
+    stored = {launch["kernel"] for launch in launches if launch["constants"].get("C_TMA")}
+    assert {"grouped_mm_kernel", "grouped_wgrad_kernel"} <= stored
+    x = torch.randn(78, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, 16, 32, device=DEVICE, requires_grad=True)
+    offsets = torch.tensor([5, 45, 48, 78], device=DEVICE, dtype=torch.int32)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w)]
+    want = reference.grouped_mm(*leaves, offsets)
+    grad = torch.randn_like(want)
+    wanted = grads(want, leaves, grad)
+    for store in (True, False):
+        monkeypatch.setattr(tuning, "TMA_STORE", store)
+        y = mk.grouped_mm(x, w, offsets, backend="triton")
+        assert_close_to_reference(y, want, torch.float32, "y")
+        for got, ref, name in zip(grads(y, [x, w], grad), wanted, ("dx", "dw")):
+            assert_close_to_reference(got, ref, torch.float32, name)
