@@ -125,10 +125,12 @@ def _launch_rows(
     # TMA box starts 16-byte aligned along the contiguous dim: a GLU's up half, at column N, too.
     up_aligned = products == 1 or num_cols * b.element_size() % 16 == 0
     # It stores c (and the pre-activation) by TMA where their rows are not scattered and TMA can
-    # write them (tuning.TMA_STORE): a GLU's second half, at column N, 16-byte aligned too.
+    # write them (tuning.TMA_STORE): a GLU's up half, at column N, 16-byte aligned too. Not the
+    # activation's gradient: its epilogue holds three fp32 tiles at 255 registers, and the TMA
+    # store's staging made the K loop spill (1-2 instructions per step at five configs, sm_90a).
     stored = [c, preact] if store_preact else [c]
     halves_aligned = gate is None or all(num_cols * t.element_size() % 16 == 0 for t in stored)
-    c_tma = c_rows is None and halves_aligned and all(_rows_tma_ready(t) for t in stored)
+    c_tma = epilogue != "act_grad" and c_rows is None and halves_aligned and all(_rows_tma_ready(t) for t in stored)
     options |= dict(
         A_TMA=_rows_tma_ready(a) and (a_rows is None or (tuning.TMA_GATHER and has_tma_gather(a.device))),
         B_TMA=tma_ready(b) and has_tma(b.device) and up_aligned, B_TRANSPOSED=b.stride(2) != 1,

@@ -321,8 +321,9 @@ def grouped_mm_kernel(
     ``[A_ROWS, K]`` rows too: a tile's rows past its group are the next group's, and the
     epilogue's row mask drops them; gathered rows (GATHER_A) by TMA gathers, which only Blackwell
     has (the launcher sets A_TMA for them there alone: elsewhere they keep pointer loads). With
-    C_TMA (rows not scattered, c and the pre-activation TMA-ready) the TMA design stores them by
-    TMA too, each tile through a descriptor that ends at its group's last row.
+    C_TMA (rows not scattered, c and the pre-activation TMA-ready; not the act_grad epilogue) the
+    TMA design stores them by TMA too, each tile through a descriptor that ends at its group's
+    last row.
     """
     if TMA:
         tl.static_assert(B_TMA, "the TMA design reads b by TMA: its pruning keeps it from other launches")

@@ -332,7 +332,8 @@ def aligned(named_args: dict) -> bool:
 
 def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The row kernel's candidates (``early_config_prune``). Beyond fitting in shared memory (the
-    GLU forward loads two B tiles per K step) and the designs in play (``by_design``): a K step
+    GLU forward loads two B tiles per K step; a TMA store stages the output tile) and the designs
+    in play (``by_design``): a K step
     narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps, and the tiles ptxas spills
     inside the K loop for the launch on the GPU's generation (``capability``; the compile tables'
     counts) are dropped; CUDA-core launches take their own tiles."""
@@ -365,7 +366,8 @@ def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     b_tiles = 2 if glu_forward else 1
 
     def pipeline(c: triton.Config) -> int:
-        return c.num_stages * (c.kwargs["BLOCK_M"] + b_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
+        staged = _outputs(c) if kwargs["C_TMA"] and design_of(c) == "tma" else 0  # the TMA store's tile
+        return c.num_stages * (c.kwargs["BLOCK_M"] + b_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] + staged
 
     return _fitting(configs, size, pipeline, shared_memory_limit(a.device))
 
@@ -391,12 +393,14 @@ def fp8_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 def wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The weight-gradient kernel's candidates (``early_config_prune``): each step loads a
-    BLOCK_M x BLOCK_K tile of a and a BLOCK_M x BLOCK_N tile of b into a BLOCK_K x BLOCK_N tile;
+    BLOCK_M x BLOCK_K tile of a and a BLOCK_M x BLOCK_N tile of b into a BLOCK_K x BLOCK_N tile
+    (which a TMA store stages in shared memory too);
     the designs in play are ``by_design``'s, CUDA-core launches take their own tile, and the
     tiles that spill inside the K loop are dropped."""
 
     def pipeline(c: triton.Config) -> int:
-        return c.num_stages * c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_N"])
+        staged = c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] if kwargs["C_TMA"] and design_of(c) == "tma" else 0
+        return c.num_stages * c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_N"]) + staged
 
     a = named_args["a_ptr"]
     size, arch = a.element_size(), capability(a.device)

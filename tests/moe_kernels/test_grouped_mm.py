@@ -151,7 +151,7 @@ def test_autotune_candidates_fit_each_launch():
 
     def rows(dtype, glu=False, epilogue="none", precision="ieee", b_tma=False):
         named = {"a_ptr": torch.empty(1, dtype=dtype)}
-        options = dict(GLU=glu, EPILOGUE=epilogue, PRECISION=precision, B_TMA=b_tma)
+        options = dict(GLU=glu, EPILOGUE=epilogue, PRECISION=precision, B_TMA=b_tma, C_TMA=b_tma)
         return _tiles(row_candidates(ROW_GPU_CONFIGS, named, **options))
 
     bf16_glu = rows(torch.bfloat16, glu=True, epilogue="act")
@@ -183,7 +183,9 @@ def test_autotune_candidates_fit_each_launch():
     def wgrad(dtype, precision="ieee"):
         named = {"a_ptr": torch.empty(1, dtype=dtype)}
         return _tiles(
-            wgrad_candidates(WGRAD_GPU_CONFIGS, named, PRECISION=precision, A_TMA=False, B_TMA=False, SCALE=False)
+            wgrad_candidates(
+                WGRAD_GPU_CONFIGS, named, PRECISION=precision, A_TMA=False, B_TMA=False, SCALE=False, C_TMA=True
+            )
         )
 
     tensor_cores = _tiles(WGRAD_GPU_CONFIGS) - {(16, 64, 64)}
@@ -220,5 +222,6 @@ def test_the_candidates_fit_the_gpus_own_shared_memory(monkeypatch):
         A_TMA=False,
         B_TMA=False,
         SCALE=False,
+        C_TMA=True,
     )
     assert _tiles(a100) == _tiles(tuning.WGRAD_GPU_CONFIGS) - {(128, 128, 128), (16, 64, 64)}

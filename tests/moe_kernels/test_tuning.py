@@ -142,7 +142,7 @@ def test_the_gpu_candidates_that_spill_in_their_k_loop_are_pruned(design):
     """From the sm_90a compile tables: the GLU gradient's epilogue at 128x256 (row kernel) and the
     FP8 kernel's GLU forms at 128x128 spill inside the K loop; the other tiles stay candidates."""
     named = {"a_ptr": torch.randn(4, 4, dtype=torch.bfloat16)}
-    options = dict(B_TMA=True, PRECISION="tf32")
+    options = dict(B_TMA=True, C_TMA=False, PRECISION="tf32")
     tiles = lambda configs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs}  # noqa: E731
     with tuning.use_design(design):
         rows = tuning.row_candidates(tuning.ROW_GPU_CONFIGS, named, GLU=True, EPILOGUE="act_grad", **options)
@@ -161,7 +161,15 @@ def test_the_gpu_candidates_that_spill_in_their_k_loop_are_pruned(design):
 
 
 ROW_LAUNCH = dict(
-    GLU=False, EPILOGUE="none", PRECISION="ieee", B_TMA=True, CLAMP=False, GATE_CAP=0.0, UP_CAP=0.0, STORE_PREACT=False
+    GLU=False,
+    EPILOGUE="none",
+    PRECISION="ieee",
+    B_TMA=True,
+    C_TMA=True,
+    CLAMP=False,
+    GATE_CAP=0.0,
+    UP_CAP=0.0,
+    STORE_PREACT=False,
 )
 
 
@@ -193,13 +201,13 @@ def test_the_pruning_drops_what_spills_on_each_gpu_generation(monkeypatch, arch)
             assert {s[:4] for s in clamp} == {(64, 64, 64, 4)}
         else:
             assert (128, 64, 64, 4, "tiled") in glu and clamp == glu
-        grad = ROW_LAUNCH | dict(GLU=True, EPILOGUE="act_grad", PRECISION="tf32")
+        grad = ROW_LAUNCH | dict(GLU=True, EPILOGUE="act_grad", PRECISION="tf32", C_TMA=False)
         tf32_grad = _shapes(tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **grad))
         assert ((128, 64, 64, 4, "tma") in tf32_grad) == (arch[0] != 9) and (64, 128, 64, 4, "tma") in tf32_grad
         fp8 = ROW_LAUNCH | dict(EPILOGUE="act", STORE_PREACT=True)
         stored = _shapes(tuning.fp8_candidates(tuning.FP8_GPU_CONFIGS, bf16, **fp8))
         assert ((128, 128, 128, 8, "tma") in stored) == (arch[0] != 9) and (128, 128, 128, 8, "tiled") in stored
-        wgrad = dict(PRECISION="tf32", A_TMA=True, B_TMA=False, SCALE=True)
+        wgrad = dict(PRECISION="tf32", A_TMA=True, B_TMA=False, SCALE=True, C_TMA=True)
         scaled = _shapes(tuning.wgrad_candidates(tuning.WGRAD_GPU_CONFIGS, fp32, **wgrad))
         assert (64, 128, 64, 4, "tiled") not in scaled and (64, 128, 64, 4, "tma") in scaled
         scaled = _shapes(tuning.wgrad_candidates(tuning.WGRAD_GPU_CONFIGS, bf16, **wgrad | dict(PRECISION="ieee")))
@@ -230,7 +238,7 @@ def test_cuda_core_tiles_serve_ieee_fp32_only():
     assert tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **ROW_LAUNCH) == [tuning.ROW_CUDA_CORE_CONFIG]
     glu = ROW_LAUNCH | dict(GLU=True, EPILOGUE="act")
     assert tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **glu) == [tuning.GLU_FORWARD_CUDA_CORE_CONFIG]
-    wgrad = dict(PRECISION="ieee", A_TMA=False, B_TMA=False, SCALE=False)
+    wgrad = dict(PRECISION="ieee", A_TMA=False, B_TMA=False, SCALE=False, C_TMA=True)
     assert tuning.wgrad_candidates(tuning.WGRAD_GPU_CONFIGS, fp32, **wgrad) == [tuning.WGRAD_CUDA_CORE_CONFIG]
     with tuning.use_design(None):
         for dtype, precision in ((bf16, "ieee"), (fp32, "tf32")):
@@ -248,3 +256,16 @@ def test_cuda_core_tiles_serve_ieee_fp32_only():
         tuning.GLU_FORWARD_CUDA_CORE_CONFIG,
     ]
     assert {tuning.design_of(c) for c in smallest if not tuning.cuda_core(c)} == set(tuning.DESIGNS)
+
+
+def test_a_tma_store_stages_its_tile_in_shared_memory(monkeypatch):
+    """The TMA design's TMA store stages the output tile in shared memory: an fp32 (TF32) tile of
+    128x128 takes 64 KiB beside its 3-stage pipeline's 192 KiB, over Hopper's 227 KiB (the sm_90a
+    compile table: 256 KiB), so with C_TMA that config is not a candidate; with pointer stores it is."""
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    fp32 = {"a_ptr": torch.empty(1, dtype=torch.float32)}
+    launch = ROW_LAUNCH | dict(PRECISION="tf32")
+    with tuning.use_design("tma"):
+        stored = _shapes(tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **launch))
+        pointers = _shapes(tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **launch | dict(C_TMA=False)))
+    assert (128, 128, 64, 8, "tma") in pointers - stored and (128, 128, 32, 8, "tma") in stored
