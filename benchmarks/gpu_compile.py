@@ -213,7 +213,7 @@ def _k_loop(sass: str) -> tuple[list[tuple[int, str]], tuple[int, int] | None]:
     loop multiplies."""
     instructions, loops = _instructions_and_loops(sass)
     opcodes = dict((a, re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]) for a, text in instructions if text)
-    multiplies = [a for a, op in opcodes.items() if re.search(r"MMA\b|MMA\.", op)]
+    multiplies = [a for a, op in opcodes.items() if op.split(".")[0].endswith("MMA")]  # not HFMA2.MMA, a move
     multiplies = multiplies or [a for a, op in opcodes.items() if op.startswith("FFMA")]
     # Blackwell issues each MMA from one elected thread, in a loop of its own that branches back
     # while any thread has not issued (``BRA.U.ANY``): not a loop over K.

@@ -333,10 +333,9 @@ def aligned(named_args: dict) -> bool:
 def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The row kernel's candidates (``early_config_prune``). Beyond fitting in shared memory (the
     GLU forward loads two B tiles per K step; a TMA store stages the output tile) and the designs
-    in play (``by_design``): a K step
-    narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds steps, and the tiles ptxas spills
-    inside the K loop for the launch on the GPU's generation (``capability``; the compile tables'
-    counts) are dropped; CUDA-core launches take their own tiles."""
+    in play (``by_design``): a K step narrower than 128 bytes (a bf16 BLOCK_K of 32) only adds
+    steps, and the tiles ptxas spills inside the K loop for the launch on the GPU's generation
+    (``capability``; the compile tables' counts) are dropped; CUDA-core launches take their own."""
     a = named_args["a_ptr"]
     size, arch = a.element_size(), capability(a.device)
     glu_forward = kwargs["GLU"] and kwargs["EPILOGUE"] == "act"
@@ -348,12 +347,18 @@ def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     if kwargs["GLU"] and kwargs["EPILOGUE"] == "act_grad":
         # The GLU gradient's epilogue holds three fp32 tiles (dh and both pre-activation halves):
         # 128x256 spills in the persistent loop's K loop (sm_90a), and with TF32 products so does
-        # the persistent 128x64 of 4 warps (1-2 spill instructions per step, sm_90a).
+        # the persistent 128x64 of 4 warps (1-2 spill instructions per step, sm_90a and sm_100a),
+        # with GPT-OSS's clamp and caps the persistent 128x128x64 too (1, both).
         configs = [c for c in configs if _outputs(c) <= 128 * 128] or configs
-        if size == 4 and arch[0] == 9:
-            configs = [
-                c for c in configs if not (design_of(c) == "tma" and c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)
-            ]
+        if size == 4 and arch >= (9, 0):
+            extras = kwargs["CLAMP"] or kwargs["GATE_CAP"] or kwargs["UP_CAP"]
+
+            def spills(c: triton.Config) -> bool:
+                tiles = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+                heavy = c.num_warps == 4 or (extras and tiles == (128, 128, 64))
+                return design_of(c) == "tma" and c.kwargs["BLOCK_M"] == 128 and heavy
+
+            configs = [c for c in configs if not spills(c)] or configs
     if glu_forward and arch < (9, 0):
         # mma.sync keeps both accumulators in registers: the 4-warp 128x64 and 64x128 spill (14
         # and 2 per step, sm_80), and with GPT-OSS's clamp and caps the 8-warp 128x128 too (54).
@@ -394,9 +399,8 @@ def fp8_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 def wgrad_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The weight-gradient kernel's candidates (``early_config_prune``): each step loads a
     BLOCK_M x BLOCK_K tile of a and a BLOCK_M x BLOCK_N tile of b into a BLOCK_K x BLOCK_N tile
-    (which a TMA store stages in shared memory too);
-    the designs in play are ``by_design``'s, CUDA-core launches take their own tile, and the
-    tiles that spill inside the K loop are dropped."""
+    (which a TMA store stages in shared memory too); the designs in play are ``by_design``'s,
+    CUDA-core launches take their own tile, and the tiles that spill inside the K loop are dropped."""
 
     def pipeline(c: triton.Config) -> int:
         staged = c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] if kwargs["C_TMA"] and design_of(c) == "tma" else 0

@@ -184,8 +184,9 @@ def _shapes(configs) -> set[tuple]:
 def test_the_pruning_drops_what_spills_on_each_gpu_generation(monkeypatch, arch):
     """The compile tables' K-loop spills, per GPU generation: the A100's GLU forward (two mma.sync
     accumulators in registers) keeps the 4-warp 64x64 and the 8-warp 128x128 (only 64x64 with the
-    clamp and caps); Hopper drops TF32's persistent 128x64 GLU gradient and the FP8 persistent
-    128x128 storing a pre-activation; the tiled weight gradient that scales b drops TF32's
+    clamp and caps); Hopper and Blackwell drop TF32's persistent 128x64 GLU gradient (and its
+    128x128, with the clamp), Hopper the FP8 persistent 128x128 storing a pre-activation; the
+    tiled weight gradient that scales b drops TF32's
     4-warp 64x128 output everywhere and the 128-row step on Blackwell."""
     monkeypatch.setattr(tuning, "capability", lambda device: arch)
     monkeypatch.setattr(tuning, "INTERPRET", False)  # both designs in play, as on a GPU
@@ -203,7 +204,9 @@ def test_the_pruning_drops_what_spills_on_each_gpu_generation(monkeypatch, arch)
             assert (128, 64, 64, 4, "tiled") in glu and clamp == glu
         grad = ROW_LAUNCH | dict(GLU=True, EPILOGUE="act_grad", PRECISION="tf32", C_TMA=False)
         tf32_grad = _shapes(tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **grad))
-        assert ((128, 64, 64, 4, "tma") in tf32_grad) == (arch[0] != 9) and (64, 128, 64, 4, "tma") in tf32_grad
+        assert ((128, 64, 64, 4, "tma") in tf32_grad) == (arch < (9, 0)) and (64, 128, 64, 4, "tma") in tf32_grad
+        clamp_grad = _shapes(tuning.row_candidates(tuning.ROW_GPU_CONFIGS, fp32, **grad | dict(CLAMP=True)))
+        assert ((128, 128, 64, 8, "tma") in clamp_grad) == (arch < (9, 0)) and (128, 128, 64, 8, "tma") in tf32_grad
         fp8 = ROW_LAUNCH | dict(EPILOGUE="act", STORE_PREACT=True)
         stored = _shapes(tuning.fp8_candidates(tuning.FP8_GPU_CONFIGS, bf16, **fp8))
         assert ((128, 128, 128, 8, "tma") in stored) == (arch[0] != 9) and (128, 128, 128, 8, "tiled") in stored
