@@ -190,10 +190,13 @@ def count_loop_spills(sass: str) -> int:
     return sum(any(start <= a <= end for start, end in loops) for a in spills)
 
 
+def _opcode(text: str) -> str:
+    """An instruction's opcode with its modifiers (``HGMMA.64x128x16.F32.BF16``), predicate dropped."""
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+
+
 def _opcodes(instructions: list[tuple[int, str]], start: int, end: int) -> dict[str, int]:
-    opcodes = [
-        re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for a, text in instructions if start <= a <= end
-    ]
+    opcodes = [_opcode(text).split(".")[0] for a, text in instructions if start <= a <= end]
     return dict(collections.Counter(opcodes).most_common())
 
 
@@ -212,7 +215,7 @@ def _k_loop(sass: str) -> tuple[list[tuple[int, str]], tuple[int, int] | None]:
     on CUDA cores), an ``FFMA``; also inside a persistent kernel's loop over tiles. None where no
     loop multiplies."""
     instructions, loops = _instructions_and_loops(sass)
-    opcodes = dict((a, re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]) for a, text in instructions if text)
+    opcodes = {a: _opcode(text) for a, text in instructions if text}
     multiplies = [a for a, op in opcodes.items() if op.split(".")[0].endswith("MMA")]  # not HFMA2.MMA, a move
     multiplies = multiplies or [a for a, op in opcodes.items() if op.startswith("FFMA")]
     # Blackwell issues each MMA from one elected thread, in a loop of its own that branches back

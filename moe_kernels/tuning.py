@@ -323,6 +323,11 @@ def _tensor_core(configs: list[triton.Config]) -> list[triton.Config]:
     return [c for c in configs if not cuda_core(c)] or configs
 
 
+def _clamped(launch: dict) -> bool:
+    """Whether a GLU launch has GPT-OSS's clamp or softcaps in its epilogue."""
+    return bool(launch["CLAMP"] or launch["GATE_CAP"] or launch["UP_CAP"])
+
+
 def aligned(named_args: dict) -> bool:
     """Whether every stride argument is 1 or a multiple of 16 elements, as Triton specializes them:
     below that it cannot prove a row 16-byte aligned and loads element by element."""
@@ -351,19 +356,18 @@ def row_candidates(configs: list[triton.Config], named_args: dict, **kwargs) -> 
         # with GPT-OSS's clamp and caps the persistent 128x128x64 too (1, both).
         configs = [c for c in configs if _outputs(c) <= 128 * 128] or configs
         if size == 4 and arch >= (9, 0):
-            extras = kwargs["CLAMP"] or kwargs["GATE_CAP"] or kwargs["UP_CAP"]
 
             def spills(c: triton.Config) -> bool:
                 tiles = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
-                heavy = c.num_warps == 4 or (extras and tiles == (128, 128, 64))
+                heavy = c.num_warps == 4 or (_clamped(kwargs) and tiles == (128, 128, 64))
                 return design_of(c) == "tma" and c.kwargs["BLOCK_M"] == 128 and heavy
 
             configs = [c for c in configs if not spills(c)] or configs
     if glu_forward and arch < (9, 0):
         # mma.sync keeps both accumulators in registers: the 4-warp 128x64 and 64x128 spill (14
         # and 2 per step, sm_80), and with GPT-OSS's clamp and caps the 8-warp 128x128 too (54).
-        extras = kwargs["CLAMP"] or kwargs["GATE_CAP"] or kwargs["UP_CAP"]
-        configs = [c for c in configs if _outputs(c) <= 64 * 64 or (c.num_warps == 8 and not extras)] or configs
+        eight = not _clamped(kwargs)  # the 8-warp 128x128 keeps its accumulators without the extras
+        configs = [c for c in configs if _outputs(c) <= 64 * 64 or (eight and c.num_warps == 8)] or configs
     if not aligned(named_args):
         # Rows loaded element by element: every tiled tile above 64x64 spills inside the K loop
         # on some target (29-510 per step with b transposed on sm_90a), 64x64 on none.
